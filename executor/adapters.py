@@ -1,0 +1,142 @@
+"""Where each supported architecture keeps its MoE blocks, routers and experts.
+
+Architectures differ only by this small table: the attribute of the router in
+a block, how the router selects experts, and where expert ``i``'s weights are
+(packed 3D tensors in transformers 5's Mixtral family, per-expert modules in
+Switch Transformers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from executor.routing import MaskedRouter, MaskedTop1Router, Select, select_sigmoid_group_topk, select_softmax_topk
+from swapmoe.layout import LayerLayout, ModelLayout
+
+
+class UnsupportedModel(ValueError):
+    """The checkpoint's layout is not one the executor can serve."""
+
+
+def _packed_expert(experts: nn.Module, i: int) -> list[torch.Tensor]:
+    return [experts.gate_up_proj[i], experts.down_proj[i]]
+
+
+def _module_expert(experts: nn.Module, i: int) -> list[torch.Tensor]:
+    return list(experts[f"expert_{i}"].parameters())
+
+
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    router_attr: str
+    router_class: type[MaskedRouter]
+    select: Select | None
+    expert_tensors: Callable[[nn.Module, int], list[torch.Tensor]]
+
+
+_PACKED_SOFTMAX = Adapter("gate", MaskedRouter, select_softmax_topk, _packed_expert)
+ADAPTERS: dict[str, Adapter] = {
+    "mixtral": _PACKED_SOFTMAX,
+    "qwen2_moe": _PACKED_SOFTMAX,
+    "qwen3_moe": _PACKED_SOFTMAX,
+    "olmoe": _PACKED_SOFTMAX,
+    "deepseek_v3": Adapter("gate", MaskedRouter, select_sigmoid_group_topk, _packed_expert),
+    "switch_transformers": Adapter("router", MaskedTop1Router, None, _module_expert),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MoeBlock:
+    """One MoE block of a loaded model."""
+
+    name: str
+    module: nn.Module
+    num_experts: int
+    top_k: int
+
+    @property
+    def experts(self) -> nn.Module:
+        return self.module.experts
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    model_type = getattr(model.config, "model_type", "?")
+    if model_type not in ADAPTERS:
+        raise UnsupportedModel(
+            f"model class {type(model).__name__} (model_type {model_type!r}) is not supported; "
+            f"supported model types: {', '.join(sorted(ADAPTERS))}"
+        )
+    return ADAPTERS[model_type]
+
+
+def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
+    """The model's MoE blocks in forward order (encoder before decoder)."""
+    adapter = adapter_for(model)
+    blocks = []
+    for name, module in model.named_modules():
+        router = getattr(module, adapter.router_attr, None)
+        if router is None or not hasattr(module, "experts") or isinstance(module, MaskedRouter):
+            continue
+        router = router.router if isinstance(router, MaskedRouter) else router
+        blocks.append(MoeBlock(name, module, router.num_experts, getattr(router, "top_k", 1)))
+    if not blocks:
+        raise UnsupportedModel(f"model class {type(model).__name__} has no MoE block with a router and experts")
+    return blocks
+
+
+def expert_nbytes(adapter: Adapter, block: MoeBlock, expert: int) -> int:
+    return sum(t.numel() * t.element_size() for t in adapter.expert_tensors(block.experts, expert))
+
+
+def expert_norms(adapter: Adapter, block: MoeBlock) -> torch.Tensor:
+    """||E_i|| per expert: the Frobenius norm over all of expert i's weights."""
+    with torch.no_grad():
+        return torch.stack([
+            torch.sqrt(sum(t.float().pow(2).sum() for t in adapter.expert_tensors(block.experts, i)))
+            for i in range(block.num_experts)
+        ])
+
+
+def describe(model: nn.Module) -> ModelLayout:
+    """The model's layout: MoE layers, bytes per expert, and dense bytes (all the rest)."""
+    adapter = adapter_for(model)
+    blocks = find_moe_blocks(model)
+    layers = tuple(
+        LayerLayout(i, b.name, b.num_experts, b.top_k, expert_nbytes(adapter, b, 0)) for i, b in enumerate(blocks)
+    )
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    config = model.config
+    return ModelLayout(
+        architecture=config.model_type,
+        model_class=type(model).__name__,
+        layers=layers,
+        dense_bytes=total - sum(l.num_experts * l.bytes_per_expert for l in layers),
+        dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
+        vocab_size=config.vocab_size,
+        max_positions=_max_positions(config),
+    )
+
+
+def _max_positions(config) -> int:
+    for attr in ("max_position_embeddings", "n_positions", "max_length"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    return 0
+
+
+def install_masked_routers(model: nn.Module) -> list[MaskedRouter]:
+    """Wrap every MoE block's router in a MaskedRouter (idempotent); returns them in layer order."""
+    adapter = adapter_for(model)
+    routers = []
+    for block in find_moe_blocks(model):
+        current = getattr(block.module, adapter.router_attr)
+        if not isinstance(current, MaskedRouter):
+            current = adapter.router_class(current, adapter.select, expert_norms(adapter, block))
+            setattr(block.module, adapter.router_attr, current)
+        routers.append(current)
+    return routers

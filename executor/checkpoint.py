@@ -1,0 +1,41 @@
+"""Load a Hugging Face MoE checkpoint directory with transformers' own loading code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from executor.adapters import ADAPTERS, UnsupportedModel
+
+
+class CheckpointError(ValueError):
+    """The directory is not a loadable checkpoint."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model: object
+    tokenizer: object
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError) as error:
+        raise UnsupportedModel(f"cannot read the model config in {path}: {error}") from error
+    if config.model_type not in ADAPTERS:
+        names = ", ".join(getattr(config, "architectures", None) or [config.model_type])
+        raise UnsupportedModel(
+            f"model class {names} (model_type {config.model_type!r}) is not supported; "
+            f"supported model types: {', '.join(sorted(ADAPTERS))}"
+        )
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(path, local_files_only=True, dtype="auto").to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return Checkpoint(path, model, tokenizer)

@@ -1,0 +1,250 @@
+"""The executor's engine: one model, its virtual experts, its budget, its plan.
+
+Forward passes and plan changes take turns under one lock, so a plan or a
+budget change lands between two forward passes and never inside one. This is
+the walking skeleton of the runtime: the whole checkpoint is loaded and the
+resident set is enforced by masked gating; the expert store, slot pool and
+asynchronous swaps replace the full load in the runtime issue.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import psutil
+import torch
+
+from executor import memory
+from executor.adapters import describe, install_masked_routers
+from executor.checkpoint import load_checkpoint
+from executor.generation import GenerationRequest, IncrementalText, generate_ids
+from executor.metrics import ServingStats
+from executor.telemetry import TelemetryHub
+from swapmoe.layout import DeviceInfo
+from swapmoe.memory import MemoryReport
+from swapmoe.plan import InvalidField, Plan, PlanResult, even_split, validate_plan
+from swapmoe.sizes import format_size
+from swapmoe.v1 import telemetry_pb2 as tpb
+
+DEFAULT_MAX_CONTEXT = 2048
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model_dir: Path
+    budget_bytes: int
+    node_id: str = field(default_factory=socket.gethostname)
+    device: str = "cpu"
+    # Longest prompt + completion; 0 means the model's limit, at most DEFAULT_MAX_CONTEXT.
+    max_context: int = 0
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One streamed piece of a generation; the last one has ``finish_reason`` set."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str = ""  # "", "length", "stop", "eos" or "context_full"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, hub: TelemetryHub | None = None):
+        self.config = config
+        self.hub = hub or TelemetryHub(config.node_id)
+        checkpoint = load_checkpoint(config.model_dir, config.device)
+        self.model, self.tokenizer = checkpoint.model, checkpoint.tokenizer
+        self.routers = install_masked_routers(self.model)
+        self.layout = describe(self.model)
+        limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
+        self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
+        dtype_bytes = next(self.model.parameters()).element_size()
+        self.kv_bytes = memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes)
+        self.activation_bytes = memory.activation_bytes(self.model.config, self.max_context, dtype_bytes)
+        self.min_budget_bytes = self._fixed_bytes() + self.layout.expert_bytes([1] * self.layout.num_layers)
+        self._check_budget(config.budget_bytes)
+        self.budget_bytes = config.budget_bytes
+        self.device_info = _device_info(config.device)
+        self.stats = ServingStats()
+        self._step_lock = threading.Lock()  # forward passes vs. plan/budget changes
+        self._request_lock = threading.Lock()  # one generation at a time in the skeleton
+        self.plan = Plan(0, self._fitting_experts(self.budget_bytes), origin="executor:initial even split")
+        self.achieved: tuple[int, ...] = ()
+        self._apply_residency(self.plan)
+        self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}")
+
+    # --- memory -----------------------------------------------------------------
+    def _fixed_bytes(self) -> int:
+        return self.layout.dense_bytes + self.kv_bytes + self.activation_bytes
+
+    def _fitting_experts(self, budget: int) -> tuple[int, ...]:
+        return even_split(self.layout, budget - self._fixed_bytes())
+
+    def plan_bytes(self, experts_per_layer) -> int:
+        return self._fixed_bytes() + self.layout.expert_bytes(experts_per_layer)
+
+    def _check_budget(self, budget: int) -> None:
+        if budget < self.min_budget_bytes:
+            raise InvalidField(
+                "budget_bytes",
+                f"{format_size(budget)} is below this model's minimum of {format_size(self.min_budget_bytes)} "
+                f"({self.min_budget_bytes} bytes: dense weights, one expert per layer, KV cache and activations)",
+            )
+
+    def memory(self) -> MemoryReport:
+        return MemoryReport(
+            budget_bytes=self.budget_bytes,
+            dense_bytes=self.layout.dense_bytes,
+            expert_bytes=self.layout.expert_bytes(self.achieved),
+            kv_cache_bytes=self.kv_bytes,
+            activation_bytes=self.activation_bytes,
+            process_rss_bytes=memory.process_rss(),
+            process_peak_rss_bytes=memory.process_peak_rss(),
+        )
+
+    # --- plans and budgets ------------------------------------------------------
+    def apply_plan(self, plan: Plan) -> PlanResult:
+        """ACK or NACK a well-formed plan; raises InvalidField for a malformed one."""
+        start = time.perf_counter_ns()
+        validate_plan(plan, self.layout)
+        reason = ""
+        if plan.version <= self.plan.version:
+            reason = f"plan.version {plan.version} is not newer than the current plan's version {self.plan.version}"
+        elif (need := self.plan_bytes(plan.experts_per_layer)) > self.budget_bytes:
+            reason = (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
+                      f"{format_size(self.budget_bytes)} ({self.budget_bytes} bytes)")
+        if reason:
+            self.hub.event(tpb.Event.KIND_PLAN_REJECTED, reason, plan_version=plan.version)
+            return PlanResult(plan.version, False, reason, memory=self.memory())
+        with self._step_lock:
+            self._apply_residency(plan)
+        self.hub.event(tpb.Event.KIND_PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}",
+                       plan_version=plan.version)
+        return PlanResult(plan.version, True, "", self.achieved, self.memory(), time.perf_counter_ns() - start)
+
+    def set_budget(self, budget: int, reason: str = "") -> int:
+        """Apply a new budget at once, shrinking the plan if it no longer fits; returns the old budget."""
+        self._check_budget(budget)
+        with self._step_lock:
+            previous, self.budget_bytes = self.budget_bytes, budget
+            if self.plan_bytes(self.plan.experts_per_layer) > budget:
+                fit = self._fitting_experts(budget)
+                kept = tuple(min(a, b) for a, b in zip(fit, self.plan.experts_per_layer))
+                self._apply_residency(Plan(self.plan.version, kept, self.plan.update_frequency,
+                                           self.plan.strategy, "executor:shrunk for budget"))
+        self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
+                       f"budget {format_size(previous)} -> {format_size(budget)}" + (f": {reason}" if reason else ""),
+                       previous_budget_bytes=previous, budget_bytes=budget)
+        return previous
+
+    def _apply_residency(self, plan: Plan) -> None:
+        """Keep each layer's most important experts so far (ties: largest ||E_i||). Caller holds the step lock."""
+        for router, kept in zip(self.routers, plan.experts_per_layer):
+            score = router.importance + router.expert_norms.double() * 1e-12
+            router.set_resident(torch.topk(score, kept).indices.tolist())
+        self.plan = plan
+        self.achieved = tuple(int(r.resident.sum()) for r in self.routers)
+
+    def expert_stats(self) -> list[tuple[list[int], list[float], list[int]]]:
+        """Per layer: cumulative activations, cumulative importance, resident experts."""
+        with self._step_lock:
+            return [(*r.stats(), r.resident.nonzero().flatten().tolist()) for r in self.routers]
+
+    # --- generation -------------------------------------------------------------
+    def tokenize(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
+        """Stream a completion; closing the iterator (a cancelled client) stops the work."""
+        if len(request.prompt_ids) >= self.max_context:
+            raise InvalidField("prompt", f"has {len(request.prompt_ids)} tokens; the context window is "
+                                         f"{self.max_context}, leaving no room to generate")
+        vocab = self.layout.vocab_size
+        if vocab and max(request.prompt_ids) >= vocab:
+            raise InvalidField("prompt.token_ids", f"token id {max(request.prompt_ids)} is outside the vocabulary (size {vocab})")
+        enqueued = time.perf_counter_ns()
+        self.stats.queued(+1)
+        try:
+            self._request_lock.acquire()
+        finally:
+            self.stats.queued(-1)
+        try:
+            yield from self._generate(request, enqueued)
+        finally:
+            self._request_lock.release()
+
+    def _generate(self, request: GenerationRequest, enqueued: int) -> Iterator[Chunk]:
+        start = time.perf_counter_ns()
+        room = self.max_context - len(request.prompt_ids)
+        finish = "length" if request.max_new_tokens <= room else "context_full"
+        tokens = generate_ids(self.model, request.prompt_ids, min(request.max_new_tokens, room),
+                              request.sampling, between_steps=self._between_steps)
+        eos = _eos_ids(self.model, self.tokenizer)
+        text = IncrementalText(request.stop)
+        generated: list[int] = []
+        times: list[int] = []
+        for token in _locked(tokens, self._step_lock):
+            times.append(time.perf_counter_ns())
+            self.stats.token(times[-1] - times[-2] if len(times) > 1 else None)
+            if len(times) == 1:
+                self.stats.first_token(times[0] - start)
+            generated.append(token)
+            if token in eos:
+                finish = "eos"
+                break
+            delta, stopped = text.update(self._decode(generated))
+            yield Chunk([token], delta)
+            if stopped:
+                finish = "stop"
+                break
+        tail = "" if finish == "stop" else text.flush(self._decode(generated))
+        self.stats.finished()
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        yield Chunk([], tail, finish, len(request.prompt_ids), len(generated), dict(
+            queue_ns=start - enqueued,
+            time_to_first_token_ns=times[0] - start if times else 0,
+            mean_inter_token_ns=sum(gaps) // len(gaps) if gaps else 0,
+            total_ns=time.perf_counter_ns() - start,
+        ))
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _between_steps(self) -> None:
+        """Runs between forward passes (the runtime issue does resident-set updates here)."""
+
+
+def _locked(tokens: Iterator[int], lock: threading.Lock) -> Iterator[int]:
+    """Yield each token, computing it (a forward pass) under ``lock``."""
+    while True:
+        with lock:
+            token = next(tokens, None)
+        if token is None:
+            return
+        yield token
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = model.generation_config.eos_token_id if model.generation_config else None
+    ids = ids if ids is not None else tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {ids}
+
+
+def _device_info(device: str) -> DeviceInfo:
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return DeviceInfo("cuda", props.name, props.total_memory, os.cpu_count() or 1, socket.gethostname())
+    return DeviceInfo("cpu", platform.processor() or platform.machine(), psutil.virtual_memory().total,
+                      len(os.sched_getaffinity(0)), socket.gethostname())

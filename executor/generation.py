@@ -1,0 +1,158 @@
+"""Token-by-token generation with a KV cache: sampling, stop sequences, streamed text.
+
+Pure helpers first (sampling parameters, next-token choice, incremental text),
+then the loop that drives a transformers model one forward pass at a time so a
+caller can stream each token as soon as it exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+from swapmoe.plan import InvalidField
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """temperature 0 is greedy; top_p 1 and top_k 0 disable those filters."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise InvalidField("sampling.temperature", f"must be >= 0, got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise InvalidField("sampling.top_p", f"must be between 0 and 1, got {self.top_p}")
+        if self.top_k < 0:
+            raise InvalidField("sampling.top_k", f"must be >= 0, got {self.top_k}")
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int = 64
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.prompt_ids:
+            raise InvalidField("prompt", "is empty: give text or at least one token id")
+        if self.max_new_tokens < 1:
+            raise InvalidField("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise InvalidField("stop", "stop sequences must not be empty strings")
+
+
+def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Next token from last-position logits [V]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / params.temperature
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if 0 < params.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the first
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class IncrementalText:
+    """Turns the growing decoded text into safe-to-send deltas.
+
+    Holds back an incomplete UTF-8 character (decoded as U+FFFD) and any tail
+    that could still become a stop sequence, so a stop sequence is never sent.
+    """
+
+    def __init__(self, stop: tuple[str, ...]):
+        self.stop = stop
+        self.sent = 0
+
+    def update(self, text: str) -> tuple[str, bool]:
+        """(new text to send, whether a stop sequence ended the generation)."""
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            return self._advance(text, min(hits)), True
+        end = len(text)
+        while end > self.sent and text[end - 1] == "\ufffd":
+            end -= 1
+        for s in self.stop:
+            for n in range(min(len(s) - 1, end - self.sent), 0, -1):
+                if text[end - n:end] == s[:n]:
+                    end -= n
+                    break
+        return self._advance(text, end), False
+
+    def flush(self, text: str) -> str:
+        return self._advance(text, len(text))
+
+    def _advance(self, text: str, end: int) -> str:
+        delta = text[self.sent:max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return delta
+
+
+@torch.inference_mode()
+def generate_ids(
+    model,
+    prompt_ids: tuple[int, ...],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    between_steps: Callable[[], None] = lambda: None,
+) -> Iterator[int]:
+    """Yields generated token ids one by one (prefill, then one decode step per token).
+
+    ``between_steps`` runs between forward passes: the engine applies plans and
+    resident-set updates there, never inside one.
+    """
+    generator = None
+    if sampling.temperature > 0:
+        generator = torch.Generator()
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    device = next(model.parameters()).device
+    prompt = torch.tensor([list(prompt_ids)], device=device)
+    step = _seq2seq_step(model, prompt) if model.config.is_encoder_decoder else _causal_step(model, prompt)
+    logits = step(None)
+    for _ in range(max_new_tokens):
+        token = choose_token(logits, sampling, generator)
+        yield token
+        between_steps()
+        logits = step(token)
+
+
+def _causal_step(model, prompt: torch.Tensor):
+    """Decoder-only models: prefill the prompt, then feed one token at a time."""
+    past = None
+
+    def step(token: int | None) -> torch.Tensor:
+        nonlocal past
+        ids = prompt if token is None else torch.tensor([[token]], device=prompt.device)
+        out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        return out.logits[0, -1]
+
+    return step
+
+
+def _seq2seq_step(model, prompt: torch.Tensor):
+    """Encoder-decoder models: encode once, then decode from the start token."""
+    encoded = model.get_encoder()(input_ids=prompt)
+    past = None
+    start = model.config.decoder_start_token_id or 0
+
+    def step(token: int | None) -> torch.Tensor:
+        nonlocal past
+        ids = torch.tensor([[start if token is None else token]], device=prompt.device)
+        out = model(encoder_outputs=encoded, decoder_input_ids=ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        return out.logits[0, -1]
+
+    return step

@@ -1,0 +1,53 @@
+"""Process memory as the OS reports it, and the reserves a forward pass needs.
+
+The KV cache and activation reserves are estimates sized for the longest
+context the executor accepts, so a request can never push memory past what
+the budget accounted for.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+import psutil
+
+
+def process_rss() -> int:
+    return psutil.Process(os.getpid()).memory_info().rss
+
+
+def process_peak_rss() -> int:
+    """Peak RSS since the process started (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def kv_cache_bytes(config, max_context: int, dtype_bytes: int) -> int:
+    """Keys and values of every attention layer for ``max_context`` positions."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "num_layers", 0)
+    if getattr(text, "is_encoder_decoder", False):
+        layers += getattr(text, "num_decoder_layers", layers)  # self- and cross-attention caches
+    heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_attention_heads", None) \
+        or getattr(text, "num_heads", 1)
+    head_dim = getattr(text, "head_dim", None) or getattr(text, "d_kv", None) \
+        or text.hidden_size // (getattr(text, "num_attention_heads", None) or heads)
+    if getattr(text, "kv_lora_rank", None):  # DeepSeek MLA caches full keys/values in transformers
+        head_dim = (text.qk_nope_head_dim + text.qk_rope_head_dim + text.v_head_dim) // 2
+    return 2 * layers * heads * head_dim * max_context * dtype_bytes
+
+
+def activation_bytes(config, max_context: int, dtype_bytes: int) -> int:
+    """Workspace of one forward pass over ``max_context`` tokens: hidden states, the widest
+    MLP, the attention scores of one layer and one row of logits."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = getattr(text, "hidden_size", None) or text.d_model
+    inner = max(
+        getattr(text, "intermediate_size", 0) or 0,
+        getattr(text, "moe_intermediate_size", 0) or 0,
+        getattr(text, "d_ff", 0) or 0,
+        hidden * 4,
+    )
+    heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
+    per_token = 6 * hidden + 3 * inner + heads * max_context
+    return (per_token * max_context + 2 * text.vocab_size) * dtype_bytes

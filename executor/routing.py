@@ -1,0 +1,117 @@
+"""Masked gating (paper section 3.2, Fig. 5) and expert importance (Eq. 1).
+
+``MaskedRouter`` wraps a model's own router. It always runs the original
+router first, so with every expert resident its output is the original's,
+bit for bit; when some experts are absent it re-selects from the same raw
+logits with the absent experts excluded. Importance is accumulated from the
+*unmasked* choice, so experts that are wanted but absent still count.
+
+Legend: T = tokens, E = experts, K = experts per token, H = hidden size.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+# (router, raw logits [T, E], resident [E] bool) -> (weights [T, K], index [T, K])
+Select = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def select_softmax_topk(router: nn.Module, logits: torch.Tensor, resident: torch.Tensor):
+    """Mixtral, Qwen2/3-MoE, OLMoE: softmax over resident experts, top-k, optional renormalization."""
+    probs = torch.softmax(logits.masked_fill(~resident, float("-inf")), dim=-1, dtype=torch.float)
+    top_value, top_index = torch.topk(probs, router.top_k, dim=-1)
+    if getattr(router, "norm_topk_prob", True):
+        top_value = top_value / top_value.sum(dim=-1, keepdim=True)
+    return top_value.to(logits.dtype), _absent_to_sentinel(top_index, resident)
+
+
+def select_sigmoid_group_topk(router: nn.Module, logits: torch.Tensor, resident: torch.Tensor):
+    """DeepSeek-V3: sigmoid scores with bias correction and group-limited top-k, over resident experts."""
+    scores = logits.float().sigmoid()
+    choice = (scores + router.e_score_correction_bias).masked_fill(~resident, float("-inf"))
+    per_group = router.num_experts // router.num_group
+    grouped = choice.view(-1, router.num_group, per_group)
+    group_scores = grouped.topk(min(2, per_group), dim=-1)[0].nan_to_num(neginf=-1e30).sum(dim=-1)
+    group_idx = torch.topk(group_scores, k=router.topk_group, dim=-1, sorted=False)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+    choice = choice.masked_fill(~group_mask.repeat_interleave(per_group, dim=-1), float("-inf"))
+    index = torch.topk(choice, k=router.top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, index)
+    if router.norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * router.routed_scaling_factor, _absent_to_sentinel(index, resident)
+
+
+def _absent_to_sentinel(index: torch.Tensor, resident: torch.Tensor) -> torch.Tensor:
+    """Picks of absent experts (when fewer than K are resident) become ``E``, which experts skip."""
+    return torch.where(resident[index], index, resident.numel())
+
+
+class MaskedRouter(nn.Module):
+    """Wraps a packed-experts router (``forward(hidden) -> (logits, weights, index)``)."""
+
+    def __init__(self, router: nn.Module, select: Select, expert_norms: torch.Tensor):
+        super().__init__()
+        self.router = router
+        self.select = select
+        self.register_buffer("expert_norms", expert_norms.float(), persistent=False)  # [E]: ||E_i||
+        self.register_buffer("resident", torch.ones_like(expert_norms, dtype=torch.bool), persistent=False)
+        self.all_resident = True
+        num_experts = expert_norms.numel()
+        self.num_experts = num_experts  # MoE blocks read these from their router
+        self.top_k = getattr(router, "top_k", 1)
+        self.register_buffer("activations", torch.zeros(num_experts, dtype=torch.long), persistent=False)
+        self.register_buffer("importance", torch.zeros(num_experts, dtype=torch.double), persistent=False)
+
+    def set_resident(self, experts: list[int]) -> None:
+        mask = torch.zeros_like(self.resident)
+        mask[experts] = True
+        self.resident = mask
+        self.all_resident = bool(mask.all())
+
+    def forward(self, hidden: torch.Tensor):
+        logits, weights, index = self.router(hidden)
+        hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
+        self.record(hidden_2d, weights, index)
+        if self.all_resident:
+            return logits, weights, index
+        weights, index = self.select(self.router, logits.reshape(hidden_2d.shape[0], -1), self.resident)
+        return logits, weights, index
+
+    @torch.no_grad()
+    def record(self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
+        """Eq. 1: importance_i += sum over tokens routed to i of ||x|| * |G(x)_i| * ||E_i||."""
+        token_norms = hidden.float().norm(dim=-1, keepdim=True)  # [T, 1]
+        contrib = (token_norms * weights.float().abs()).reshape(-1).double()
+        flat = index.reshape(-1)
+        valid = flat < self.expert_norms.numel()
+        flat, contrib = flat[valid], contrib[valid]
+        self.activations.index_add_(0, flat, torch.ones_like(flat))
+        self.importance.index_add_(0, flat, contrib * self.expert_norms[flat].double())
+
+    def stats(self) -> tuple[list[int], list[float]]:
+        """Cumulative activations and importance per expert; readers take differences."""
+        return self.activations.tolist(), self.importance.tolist()
+
+
+class MaskedTop1Router(MaskedRouter):
+    """Switch Transformers: ``forward(hidden [B,S,H]) -> (dispatch one-hot [B,S,E], prob [B,S,1], logits)``."""
+
+    def forward(self, hidden: torch.Tensor):
+        dispatch, probs, logits = self.router(hidden)
+        chosen = dispatch.argmax(dim=-1)
+        routed = dispatch.sum(dim=-1) > 0  # tokens within capacity
+        index = torch.where(routed, chosen, self.expert_norms.numel()).reshape(-1, 1)
+        self.record(hidden.reshape(-1, hidden.shape[-1]), probs.reshape(-1, 1), index)
+        if self.all_resident:
+            return dispatch, probs, logits
+        router = self.router
+        masked = logits.masked_fill(~self.resident, float("-inf"))
+        masked_probs = torch.softmax(masked, dim=-1, dtype=router.dtype).to(hidden.dtype)
+        one_hot = nn.functional.one_hot(masked_probs.argmax(dim=-1), num_classes=router.num_experts)
+        one_hot = one_hot * (torch.cumsum(one_hot, dim=-2) <= router.expert_capacity)
+        return one_hot, masked_probs.max(dim=-1).values.unsqueeze(-1), logits

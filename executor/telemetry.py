@@ -1,0 +1,110 @@
+"""Fan-out of telemetry events to subscribers that never slow the producer.
+
+Each subscriber has a bounded queue; when it is full the oldest event is
+dropped and counted, and the count travels with the next event delivered
+(``TelemetryEvent.dropped``). Publishing never blocks.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from swapmoe.v1 import telemetry_pb2 as tpb
+
+ALL_TOPICS = frozenset(t for t in tpb.Topic.values() if t != tpb.TOPIC_UNSPECIFIED)
+_PAYLOAD_TOPIC = {
+    "memory": tpb.TOPIC_MEMORY,
+    "throughput": tpb.TOPIC_THROUGHPUT,
+    "experts": tpb.TOPIC_EXPERTS,
+    "swaps": tpb.TOPIC_SWAPS,
+    "plan": tpb.TOPIC_PLAN,
+    "event": tpb.TOPIC_EVENTS,
+}
+
+
+def topic_of(event: tpb.TelemetryEvent) -> int:
+    return _PAYLOAD_TOPIC[event.WhichOneof("payload")]
+
+
+class Subscription:
+    """One subscriber's queue; ``next`` numbers events and reports drops."""
+
+    def __init__(self, topics: frozenset[int], capacity: int):
+        self.topics = topics
+        self._queue: collections.deque = collections.deque(maxlen=capacity)
+        self._ready = threading.Condition()
+        self._dropped = 0
+        self._sequence = 0
+        self.closed = False
+
+    def offer(self, event: tpb.TelemetryEvent) -> None:
+        with self._ready:
+            if len(self._queue) == self._queue.maxlen:
+                self._dropped += 1  # deque drops the oldest
+            self._queue.append(event)
+            self._ready.notify()
+
+    def next(self, timeout: float) -> tpb.TelemetryEvent | None:
+        """The next event, or None after ``timeout`` seconds or once closed."""
+        with self._ready:
+            if not self._queue and not self.closed:
+                self._ready.wait(timeout)
+            if not self._queue:
+                return None
+            return self._stamp(self._queue.popleft())
+
+    def stamp(self, event: tpb.TelemetryEvent) -> tpb.TelemetryEvent:
+        with self._ready:
+            return self._stamp(event)
+
+    def _stamp(self, event: tpb.TelemetryEvent) -> tpb.TelemetryEvent:
+        self._sequence += 1
+        out = tpb.TelemetryEvent()
+        out.CopyFrom(event)
+        out.sequence, out.dropped, self._dropped = self._sequence, self._dropped, 0
+        return out
+
+    def close(self) -> None:
+        with self._ready:
+            self.closed = True
+            self._ready.notify_all()
+
+
+class TelemetryHub:
+    def __init__(self, node_id: str = ""):
+        self.node_id = node_id
+        self._subscribers: list[Subscription] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, topics=(), capacity: int = 256) -> Subscription:
+        subscription = Subscription(frozenset(topics) or ALL_TOPICS, capacity)
+        with self._lock:
+            self._subscribers.append(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        subscription.close()
+        with self._lock:
+            if subscription in self._subscribers:
+                self._subscribers.remove(subscription)
+
+    def make(self, **payload) -> tpb.TelemetryEvent:
+        return tpb.TelemetryEvent(node_id=self.node_id, timestamp_ns=time.time_ns(), **payload)
+
+    def publish(self, event: tpb.TelemetryEvent) -> None:
+        topic = topic_of(event)
+        with self._lock:
+            targets = [s for s in self._subscribers if topic in s.topics]
+        for subscription in targets:
+            subscription.offer(event)
+
+    def event(self, kind: int, message: str, **fields) -> None:
+        self.publish(self.make(event=tpb.Event(kind=kind, message=message, **fields)))
+
+    def close_all(self) -> None:
+        with self._lock:
+            subscribers, self._subscribers = self._subscribers, []
+        for subscription in subscribers:
+            subscription.close()

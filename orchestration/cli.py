@@ -1,0 +1,211 @@
+"""The ``swapmoe`` command: servers, a client, the control node and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from swapmoe.sizes import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _serve_until_signalled(server, name: str) -> None:
+    """Print the bound address, then serve until SIGINT/SIGTERM and drain in-flight calls."""
+    print(f"{name} listening on {server.address}", flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    print(f"{name} shutting down", flush=True)
+    server.stop()
+
+
+class _Running:
+    """A started rpc.Server plus the address clients use, and what to stop with it."""
+
+    def __init__(self, server, host: str, on_stop=()):
+        self.server, self.address, self.on_stop = server, f"{host}:{server.port}", on_stop
+
+    def stop(self):
+        for fn in self.on_stop:
+            fn()
+        self.server.stop()
+
+
+def executor_serve(args) -> None:
+    from executor.engine import Engine, EngineConfig
+    from executor.planner_link import PlannerLink
+    from executor.server import serve
+
+    config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context)
+    if args.node_id:
+        config.node_id = args.node_id
+    engine = Engine(config)
+    server = serve(engine, f"{args.host}:{args.port}")
+    address = f"{args.host}:{server.port}"
+    stops = [engine.hub.close_all]  # ends Subscribe streams so shutdown can drain
+    if args.planner:
+        link = PlannerLink(engine, args.planner, address).start()
+        stops.append(link.stop)
+    _serve_until_signalled(_Running(server, args.host, stops), "executor")
+
+
+def planner_serve(args) -> None:
+    from planner_service.server import serve
+
+    server, _ = serve(f"{args.host}:{args.port}")
+    _serve_until_signalled(_Running(server, args.host), "planner")
+
+
+def fleet_serve(args) -> None:
+    from orchestration.fleet import serve
+
+    server = serve(args.planner, f"{args.host}:{args.port}")
+    _serve_until_signalled(_Running(server, args.host), "fleet")
+
+
+def fleet_nodes(args) -> None:
+    from orchestration import client
+
+    client.print_nodes(args.fleet)
+
+
+def fleet_rollout(args) -> None:
+    from orchestration import client
+
+    sys.exit(client.rollout(args.fleet, args.nodes, args.experts, args.wait))
+
+
+def fleet_status(args) -> None:
+    from orchestration import client
+
+    client.print_rollout(client.get_rollout(args.fleet, args.rollout_id))
+
+
+def generate(args) -> None:
+    from orchestration import client
+
+    client.stream_generation(args.executor, args.prompt, max_new_tokens=args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                             seed=args.seed, stop=args.stop)
+
+
+def describe(args) -> None:
+    from orchestration import client
+
+    client.print_description(args.executor)
+
+
+def set_budget(args) -> None:
+    from orchestration import client
+
+    client.set_budget(args.executor, args.budget, args.reason)
+
+
+def demo(args) -> None:
+    from orchestration.demo import run_demo
+
+    sys.exit(run_demo(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swapmoe", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def server(sub, help_text, default_port):
+        p = sub.add_parser("serve", help=help_text)
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port}; 0 picks a free one)")
+        return p
+
+    executor = commands.add_parser("executor", help="the on-device executor").add_subparsers(dest="action", required=True)
+    p = server(executor, "serve a checkpoint within a memory budget", 50051)
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--budget", required=True, type=_size, help="memory budget, e.g. 512MiB, 2GiB, 1.5GB")
+    p.add_argument("--planner", help="planner address to dial out to (host:port)")
+    p.add_argument("--node-id", help="stable identity of this executor (default: host name)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
+    p.add_argument("--max-context", type=int, default=0, help="longest prompt + completion (default: model limit, <= 2048)")
+    p.set_defaults(func=executor_serve)
+
+    planner = commands.add_parser("planner", help="the planner service").add_subparsers(dest="action", required=True)
+    server(planner, "serve the planner", 50052).set_defaults(func=planner_serve)
+
+    fleet = commands.add_parser("fleet", help="the control node").add_subparsers(dest="action", required=True)
+    p = server(fleet, "serve the control node", 50053)
+    p.add_argument("--planner", action="append", required=True, help="planner address (repeatable)")
+    p.set_defaults(func=fleet_serve)
+    p = fleet.add_parser("nodes", help="list executors across planners")
+    p.add_argument("--fleet", required=True, help="control node address")
+    p.set_defaults(func=fleet_nodes)
+    p = fleet.add_parser("rollout", help="push a plan to the fleet")
+    p.add_argument("--fleet", required=True, help="control node address")
+    p.add_argument("--nodes", type=lambda s: s.split(","), default=[], help="comma-separated node ids (default: all)")
+    p.add_argument("--experts", type=_counts, help="experts per layer, e.g. 4,4,4 (default: planner decides)")
+    p.add_argument("--wait", type=float, default=30, help="seconds to wait for the outcome (0: do not wait)")
+    p.set_defaults(func=fleet_rollout)
+    p = fleet.add_parser("status", help="show a rollout")
+    p.add_argument("--fleet", required=True)
+    p.add_argument("rollout_id")
+    p.set_defaults(func=fleet_status)
+
+    p = commands.add_parser("generate", help="stream a completion from an executor")
+    p.add_argument("--executor", default="127.0.0.1:50051")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("prompt")
+    p.set_defaults(func=generate)
+
+    p = commands.add_parser("describe", help="show an executor's model, budget and plan")
+    p.add_argument("--executor", default="127.0.0.1:50051")
+    p.set_defaults(func=describe)
+
+    p = commands.add_parser("budget", help="change an executor's memory budget")
+    p.add_argument("--executor", default="127.0.0.1:50051")
+    p.add_argument("--reason", default="")
+    p.add_argument("budget", type=_size)
+    p.set_defaults(func=set_budget)
+
+    p = commands.add_parser("demo", help="planner + executor + a streamed generation under a budget")
+    p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
+    p.add_argument("--budget", help="memory budget (default: 60%% of what the model needs in full)")
+    p.add_argument("--prompt", default="def fibonacci(n):")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.set_defaults(func=demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except ValueError as error:  # bad input that argparse could not see (e.g. budget below minimum)
+        print(f"swapmoe: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

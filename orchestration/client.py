@@ -1,0 +1,111 @@
+"""Client-side helpers behind the ``swapmoe`` commands: call a server, print what it says."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import grpc
+
+from swapmoe import rpc
+from swapmoe.sizes import format_size
+from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
+                        planner_pb2 as ppb)
+
+
+def executor_stub(address: str) -> executor_pb2_grpc.ExecutorServiceStub:
+    return executor_pb2_grpc.ExecutorServiceStub(rpc.channel(address))
+
+
+def fleet_stub(address: str) -> fleet_pb2_grpc.FleetServiceStub:
+    return fleet_pb2_grpc.FleetServiceStub(rpc.channel(address))
+
+
+def stream_generation(address: str, prompt: str, out=sys.stdout, **params) -> epb.GenerateResponse:
+    """Print tokens as they arrive; returns the final chunk (finish reason, usage, timings)."""
+    sampling = epb.SamplingParams(temperature=params.get("temperature", 0.0), top_p=params.get("top_p", 1.0),
+                                  top_k=params.get("top_k", 0))
+    if params.get("seed") is not None:
+        sampling.seed = params["seed"]
+    request = epb.GenerateRequest(text=prompt, max_new_tokens=params.get("max_new_tokens", 64), sampling=sampling,
+                                  stop=params.get("stop", []))
+    out.write(prompt)
+    last = None
+    for chunk in executor_stub(address).Generate(request, timeout=300):
+        out.write(chunk.text)
+        out.flush()
+        last = chunk
+    out.write("\n")
+    t = last.timings
+    print(f"[{epb.FinishReason.Name(last.finish_reason)}] {last.usage.completion_tokens} tokens, "
+          f"first token {t.time_to_first_token_ns / 1e6:.1f} ms, "
+          f"{1e9 / t.mean_inter_token_ns if t.mean_inter_token_ns else 0:.1f} tokens/s", file=out)
+    return last
+
+
+def memory_line(m: common_pb2.MemoryReport) -> str:
+    return (f"accounted {format_size(m.accounted_bytes)} of budget {format_size(m.budget_bytes)} "
+            f"(dense {format_size(m.dense_bytes)}, experts {format_size(m.expert_bytes)}, "
+            f"KV {format_size(m.kv_cache_bytes)}, activations {format_size(m.activation_bytes)}); "
+            f"process RSS {format_size(m.process_rss_bytes)}")
+
+
+def print_description(address: str) -> None:
+    d = executor_stub(address).Describe(epb.DescribeRequest(), timeout=30)
+    layout = d.layout
+    print(f"node {d.node_id} on {d.device.kind} ({d.device.name})")
+    print(f"model {layout.model_class} ({layout.architecture}, {layout.dtype}): {len(layout.layers)} MoE layers, "
+          f"{format_size(layout.total_bytes)} in full, dense {format_size(layout.dense_bytes)}")
+    for layer in layout.layers:
+        print(f"  layer {layer.index} {layer.module}: {layer.num_experts} experts x "
+              f"{format_size(layer.bytes_per_expert)}, top-{layer.top_k}, resident "
+              f"{d.achieved_experts_per_layer[layer.index]}")
+    print(f"budget {format_size(d.budget_bytes)} (minimum {format_size(d.min_budget_bytes)}); plan v{d.plan.version} "
+          f"{list(d.plan.experts_per_layer)} from {d.plan.origin!r}")
+    print(memory_line(d.memory))
+
+
+def set_budget(address: str, budget: int, reason: str = "") -> None:
+    r = executor_stub(address).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason=reason), timeout=30)
+    print(f"budget {format_size(r.previous_budget_bytes)} -> {format_size(r.budget_bytes)}; "
+          f"resident experts {list(r.achieved_experts_per_layer)}")
+    print(memory_line(r.memory))
+
+
+def print_nodes(address: str) -> None:
+    for node in fleet_stub(address).ListNodes(fpb.ListNodesRequest(), timeout=30).nodes:
+        s = node.status
+        print(f"{s.node_id:20} planner={node.planner} connected={s.connected} budget={format_size(s.budget_bytes)} "
+              f"plan=v{s.acked_plan.version} {list(s.acked_plan.experts_per_layer)} "
+              f"state={ppb.PlanState.Name(s.state)}")
+
+
+def get_rollout(address: str, rollout_id: str) -> fpb.Rollout:
+    return fleet_stub(address).GetRollout(fpb.GetRolloutRequest(rollout_id=rollout_id), timeout=30)
+
+
+def print_rollout(rollout: fpb.Rollout) -> None:
+    print(f"{rollout.rollout_id}: {fpb.RolloutState.Name(rollout.state)} "
+          f"(acked {rollout.acked}, nacked {rollout.nacked}, pending {rollout.pending})")
+    for node in rollout.nodes:
+        s = node.status
+        print(f"  {s.node_id}: desired v{s.desired_plan.version} {list(s.desired_plan.experts_per_layer)}, "
+              f"acked v{s.acked_plan.version}, {ppb.PlanState.Name(s.state)} {s.last_result.reason}")
+
+
+def rollout(address: str, nodes: list[str], experts: list[int] | None, wait_s: float) -> int:
+    """Start a rollout and wait for its outcome; exit status 0 when it succeeded."""
+    request = fpb.StartRolloutRequest(node_ids=nodes, timeout_ms=int(wait_s * 1000) or 30_000)
+    if experts:
+        request.plan.CopyFrom(common_pb2.Plan(experts_per_layer=experts))
+    try:
+        status = fleet_stub(address).StartRollout(request, timeout=60)
+    except grpc.RpcError as error:
+        print(f"swapmoe: rollout failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + wait_s
+    while status.state == fpb.ROLLOUT_STATE_IN_PROGRESS and time.monotonic() < deadline:
+        time.sleep(0.2)
+        status = get_rollout(address, status.rollout_id)
+    print_rollout(status)
+    return 0 if status.state == fpb.ROLLOUT_STATE_SUCCEEDED else 1

@@ -1,0 +1,173 @@
+from swapmoe.v1 import common_pb2 as _common_pb2
+from swapmoe.v1 import telemetry_pb2 as _telemetry_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
+    FINISH_REASON_LENGTH: _ClassVar[FinishReason]
+    FINISH_REASON_STOP: _ClassVar[FinishReason]
+    FINISH_REASON_EOS: _ClassVar[FinishReason]
+    FINISH_REASON_CONTEXT_FULL: _ClassVar[FinishReason]
+FINISH_REASON_UNSPECIFIED: FinishReason
+FINISH_REASON_LENGTH: FinishReason
+FINISH_REASON_STOP: FinishReason
+FINISH_REASON_EOS: FinishReason
+FINISH_REASON_CONTEXT_FULL: FinishReason
+
+class TokenIds(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SamplingParams(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("text", "token_ids", "max_new_tokens", "sampling", "stop", "request_id")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: TokenIds
+    max_new_tokens: int
+    sampling: SamplingParams
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    request_id: str
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("token_ids", "text", "finish_reason", "usage", "timings")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    finish_reason: FinishReason
+    usage: _common_pb2.Usage
+    timings: _common_pb2.Timings
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[_common_pb2.Timings, _Mapping]] = ...) -> None: ...
+
+class SubscribeRequest(_message.Message):
+    __slots__ = ("interval_ms", "topics")
+    INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    interval_ms: int
+    topics: _containers.RepeatedScalarFieldContainer[_telemetry_pb2.Topic]
+    def __init__(self, interval_ms: _Optional[int] = ..., topics: _Optional[_Iterable[_Union[_telemetry_pb2.Topic, str]]] = ...) -> None: ...
+
+class ApplyPlanRequest(_message.Message):
+    __slots__ = ("plan",)
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    plan: _common_pb2.Plan
+    def __init__(self, plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
+
+class SetBudgetRequest(_message.Message):
+    __slots__ = ("budget_bytes", "reason")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    reason: str
+    def __init__(self, budget_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SetBudgetResponse(_message.Message):
+    __slots__ = ("previous_budget_bytes", "budget_bytes", "memory", "plan", "achieved_experts_per_layer")
+    PREVIOUS_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    previous_budget_bytes: int
+    budget_bytes: int
+    memory: _common_pb2.MemoryReport
+    plan: _common_pb2.Plan
+    achieved_experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, previous_budget_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DescribeRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeResponse(_message.Message):
+    __slots__ = ("node_id", "layout", "device", "budget_bytes", "min_budget_bytes", "plan", "achieved_experts_per_layer", "memory")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    layout: _common_pb2.ModelLayout
+    device: _common_pb2.DeviceInfo
+    budget_bytes: int
+    min_budget_bytes: int
+    plan: _common_pb2.Plan
+    achieved_experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    memory: _common_pb2.MemoryReport
+    def __init__(self, node_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ...) -> None: ...
+
+class ProfileRequest(_message.Message):
+    __slots__ = ("token_counts", "repeats")
+    TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    token_counts: _containers.RepeatedScalarFieldContainer[int]
+    repeats: int
+    def __init__(self, token_counts: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ...) -> None: ...
+
+class ComputeSample(_message.Message):
+    __slots__ = ("tokens", "expert_forward_ns")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    tokens: int
+    expert_forward_ns: int
+    def __init__(self, tokens: _Optional[int] = ..., expert_forward_ns: _Optional[int] = ...) -> None: ...
+
+class ProfileResult(_message.Message):
+    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes")
+    EXPERT_LOAD_NS_FIELD_NUMBER: _ClassVar[int]
+    LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LOAD_TIER_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    expert_load_ns: int
+    load_bytes_per_second: float
+    load_tier: str
+    compute: _containers.RepeatedCompositeFieldContainer[ComputeSample]
+    bytes_per_expert: _containers.RepeatedScalarFieldContainer[int]
+    dense_bytes: int
+    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ...) -> None: ...
+
+class ProfileProgress(_message.Message):
+    __slots__ = ("fraction", "stage", "result")
+    FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    fraction: float
+    stage: str
+    result: ProfileResult
+    def __init__(self, fraction: _Optional[float] = ..., stage: _Optional[str] = ..., result: _Optional[_Union[ProfileResult, _Mapping]] = ...) -> None: ...

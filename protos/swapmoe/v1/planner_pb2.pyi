@@ -1,0 +1,129 @@
+from swapmoe.v1 import common_pb2 as _common_pb2
+from swapmoe.v1 import telemetry_pb2 as _telemetry_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class PlanState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_STATE_UNSPECIFIED: _ClassVar[PlanState]
+    PLAN_STATE_PENDING: _ClassVar[PlanState]
+    PLAN_STATE_ACKED: _ClassVar[PlanState]
+    PLAN_STATE_NACKED: _ClassVar[PlanState]
+PLAN_STATE_UNSPECIFIED: PlanState
+PLAN_STATE_PENDING: PlanState
+PLAN_STATE_ACKED: PlanState
+PLAN_STATE_NACKED: PlanState
+
+class Registration(_message.Message):
+    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MIN_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_PLAN_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    device: _common_pb2.DeviceInfo
+    budget_bytes: int
+    min_budget_bytes: int
+    layout: _common_pb2.ModelLayout
+    current_plan: _common_pb2.Plan
+    executor_address: str
+    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ...) -> None: ...
+
+class BudgetChange(_message.Message):
+    __slots__ = ("previous_budget_bytes", "budget_bytes", "reason")
+    PREVIOUS_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    previous_budget_bytes: int
+    budget_bytes: int
+    reason: str
+    def __init__(self, previous_budget_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class ExecutorMessage(_message.Message):
+    __slots__ = ("registration", "telemetry", "budget_change", "plan_result")
+    REGISTRATION_FIELD_NUMBER: _ClassVar[int]
+    TELEMETRY_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_RESULT_FIELD_NUMBER: _ClassVar[int]
+    registration: Registration
+    telemetry: _telemetry_pb2.TelemetryEvent
+    budget_change: BudgetChange
+    plan_result: _common_pb2.PlanResult
+    def __init__(self, registration: _Optional[_Union[Registration, _Mapping]] = ..., telemetry: _Optional[_Union[_telemetry_pb2.TelemetryEvent, _Mapping]] = ..., budget_change: _Optional[_Union[BudgetChange, _Mapping]] = ..., plan_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("telemetry_interval_ms", "topics")
+    TELEMETRY_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    TOPICS_FIELD_NUMBER: _ClassVar[int]
+    telemetry_interval_ms: int
+    topics: _containers.RepeatedScalarFieldContainer[_telemetry_pb2.Topic]
+    def __init__(self, telemetry_interval_ms: _Optional[int] = ..., topics: _Optional[_Iterable[_Union[_telemetry_pb2.Topic, str]]] = ...) -> None: ...
+
+class PlannerMessage(_message.Message):
+    __slots__ = ("welcome", "plan")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    plan: _common_pb2.Plan
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
+
+class ExecutorStatus(_message.Message):
+    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_PLAN_FIELD_NUMBER: _ClassVar[int]
+    ACKED_PLAN_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    connected: bool
+    budget_bytes: int
+    layout: _common_pb2.ModelLayout
+    device: _common_pb2.DeviceInfo
+    desired_plan: _common_pb2.Plan
+    acked_plan: _common_pb2.Plan
+    state: PlanState
+    last_result: _common_pb2.PlanResult
+    memory: _common_pb2.MemoryReport
+    last_seen_ns: int
+    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ...) -> None: ...
+
+class PlanStatusRequest(_message.Message):
+    __slots__ = ("node_ids",)
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PlanStatusResponse(_message.Message):
+    __slots__ = ("executors",)
+    EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    executors: _containers.RepeatedCompositeFieldContainer[ExecutorStatus]
+    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ...) -> None: ...
+
+class PushPlanRequest(_message.Message):
+    __slots__ = ("node_ids", "plan")
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    plan: _common_pb2.Plan
+    def __init__(self, node_ids: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
+
+class PushPlanResponse(_message.Message):
+    __slots__ = ("executors",)
+    EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    executors: _containers.RepeatedCompositeFieldContainer[ExecutorStatus]
+    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ...) -> None: ...

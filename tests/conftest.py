@@ -1,0 +1,33 @@
+"""Session-wide fixtures: tiny real checkpoints on disk, and an engine serving one."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Mixtral saved with save_pretrained (model + tokenizer)."""
+    return save_tiny_model("mixtral", tmp_path_factory.mktemp("tiny-mixtral"))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dirs(tmp_path_factory):
+    """Builds tiny checkpoints of any supported architecture on demand, once each."""
+    built = {}
+
+    def get(arch: str):
+        if arch not in built:
+            built[arch] = save_tiny_model(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
+        return built[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_model_dir):
+    from executor.engine import Engine, EngineConfig
+
+    return Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="test-node"))

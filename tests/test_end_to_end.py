@@ -1,0 +1,160 @@
+"""The walking skeleton: planner, executor and control node as separate processes on loopback."""
+
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+
+from orchestration.processes import spawn, swapmoe_command
+from swapmoe import rpc
+from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
+                        planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb)
+
+NODE = "edge-1"
+
+
+def wait_until(condition, timeout=60, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_model_dir, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("logs")
+    services = {}
+    try:
+        services["planner"] = spawn("planner", ["planner", "serve", "--port", "0"], log_dir=logs)
+        services["executor"] = spawn("executor", [
+            "executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB", "--port", "0",
+            "--planner", services["planner"].address, "--node-id", NODE], log_dir=logs)
+        services["fleet"] = spawn("fleet", ["fleet", "serve", "--port", "0", "--planner",
+                                            services["planner"].address], log_dir=logs)
+        yield services
+    finally:
+        for service in reversed(list(services.values())):
+            service.stop()
+
+
+def executor(cluster):
+    return executor_pb2_grpc.ExecutorServiceStub(rpc.channel(cluster["executor"].address))
+
+
+def planner(cluster):
+    return planner_pb2_grpc.PlannerServiceStub(rpc.channel(cluster["planner"].address))
+
+
+def fleet(cluster):
+    return fleet_pb2_grpc.FleetServiceStub(rpc.channel(cluster["fleet"].address))
+
+
+def node_status(cluster):
+    """The planner's view of the executor; None while the planner does not know it (yet)."""
+    try:
+        return planner(cluster).GetPlanStatus(ppb.PlanStatusRequest(node_ids=[NODE]), timeout=5).executors[0]
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return None
+
+
+def collect(stream, into: list) -> threading.Thread:
+    """Read a server stream into a list on a thread, until it is cancelled."""
+
+    def read():
+        try:
+            into.extend(stream)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.CANCELLED, error
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_the_executor_registers_and_acks_the_planners_first_plan(cluster):
+    status = wait_until(lambda: (s := node_status(cluster)) and s.state == ppb.PLAN_STATE_ACKED and s,
+                        what="the first plan's ACK")
+    assert status.connected and status.layout.architecture == "mixtral"
+    assert status.acked_plan.version >= 1 and status.last_result.accepted
+    described = executor(cluster).Describe(epb.DescribeRequest(), timeout=5)
+    assert described.plan.version == status.acked_plan.version
+
+
+def test_a_client_streams_a_generation(cluster):
+    chunks = list(executor(cluster).Generate(epb.GenerateRequest(text="import sys", max_new_tokens=8), timeout=60))
+    assert len([t for c in chunks for t in c.token_ids]) == chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].finish_reason != epb.FINISH_REASON_UNSPECIFIED
+
+
+def test_a_fleet_rollout_is_acked_and_telemetry_reports_it(cluster):
+    wait_until(lambda: node_status(cluster).state == ppb.PLAN_STATE_ACKED, what="the first plan")
+    events = []
+    stream = executor(cluster).Subscribe(epb.SubscribeRequest(interval_ms=100, topics=[tpb.TOPIC_EVENTS]))
+    collect(stream, events)
+    rollout = fleet(cluster).StartRollout(fpb.StartRolloutRequest(
+        node_ids=[NODE], plan=common_pb2.Plan(experts_per_layer=[2, 3])), timeout=10)
+    final = wait_until(lambda: (r := fleet(cluster).GetRollout(
+        fpb.GetRolloutRequest(rollout_id=rollout.rollout_id), timeout=5)).state != fpb.ROLLOUT_STATE_IN_PROGRESS and r,
+        what="the rollout")
+    assert final.state == fpb.ROLLOUT_STATE_SUCCEEDED and final.acked == 1
+    assert list(executor(cluster).Describe(epb.DescribeRequest(), timeout=5).achieved_experts_per_layer) == [2, 3]
+    wait_until(lambda: any(e.event.kind == tpb.Event.KIND_PLAN_APPLIED for e in events), what="the event")
+    stream.cancel()
+
+
+def test_fleet_rejects_malformed_plans_and_unknown_nodes(cluster):
+    with pytest.raises(grpc.RpcError) as error:
+        fleet(cluster).StartRollout(fpb.StartRolloutRequest(plan=common_pb2.Plan(experts_per_layer=[1])), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "plan.experts_per_layer" in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        fleet(cluster).StartRollout(fpb.StartRolloutRequest(node_ids=["nope"]), timeout=10)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in error.value.details()
+    nodes = fleet(cluster).ListNodes(fpb.ListNodesRequest(), timeout=10).nodes
+    assert [n.status.node_id for n in nodes] == [NODE]
+
+
+def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
+    d = executor(cluster).Describe(epb.DescribeRequest(), timeout=5)
+    budget = d.min_budget_bytes + 2 * sum(l.bytes_per_expert for l in d.layout.layers)  # three per layer
+    before = node_status(cluster).desired_plan.version
+    executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="test"), timeout=10)
+    status = wait_until(lambda: (s := node_status(cluster)).desired_plan.version > before
+                        and s.state == ppb.PLAN_STATE_ACKED and s, what="the replan")
+    assert list(status.acked_plan.experts_per_layer) == [3, 3] and status.budget_bytes == budget
+    executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=1 << 30), timeout=10)
+
+
+def test_the_executor_keeps_its_plan_while_the_planner_is_away_and_resyncs(cluster, tmp_path):
+    old = cluster["planner"]
+    port = old.address.rsplit(":", 1)[1]
+    kept = executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
+    assert old.stop() == 0, "the planner should shut down gracefully"
+    time.sleep(1.0)
+    during = executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
+    assert during == kept
+    list(executor(cluster).Generate(epb.GenerateRequest(text="still serving", max_new_tokens=3), timeout=30))
+    cluster["planner"] = spawn("planner", ["planner", "serve", "--port", port], log_dir=tmp_path)
+    status = wait_until(lambda: (s := node_status(cluster)) and s.connected and s.state == ppb.PLAN_STATE_ACKED and s,
+                        timeout=30, what="the resync")
+    assert status.acked_plan.version >= kept.version
+    assert executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan == status.acked_plan
+
+
+def test_malformed_budget_on_the_command_line_is_a_clear_error(tiny_model_dir):
+    result = subprocess.run(swapmoe_command("executor", "serve", "--model", str(tiny_model_dir), "--budget", "lots"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--budget: malformed size 'lots'" in result.stderr
+
+
+def test_budget_below_the_model_minimum_on_the_command_line_is_a_clear_error(tiny_model_dir):
+    result = subprocess.run(swapmoe_command("executor", "serve", "--model", str(tiny_model_dir), "--budget", "1KiB"),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "below this model's minimum" in result.stderr
