@@ -36,6 +36,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
             f"supported model types: {', '.join(sorted(ADAPTERS))}"
         )
     auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(path, local_files_only=True, dtype="auto").to(device).eval()
+    # The eager experts forward skips the index E that masked gating uses for "no resident
+    # expert"; transformers' grouped_mm default only masks it under expert parallelism.
+    model = auto.from_pretrained(path, local_files_only=True, dtype="auto",
+                                 experts_implementation="eager").to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Checkpoint(path, model, tokenizer)

@@ -3,7 +3,6 @@ cut, the planner's new plan acknowledged, and a streamed generation under the bu
 
 from __future__ import annotations
 
-import os
 import tempfile
 import threading
 import time
@@ -15,18 +14,15 @@ from swapmoe import rpc
 from swapmoe.sizes import format_size, parse_size
 from swapmoe.v1 import executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
-DEMO_CACHE = Path(os.environ.get("SWAPMOE_CACHE", Path.home() / ".cache" / "swapmoe"))
-
 
 def default_model() -> Path:
-    """The embedded demo model: a tiny Mixtral built from a transformers config, saved once."""
-    from models.tiny import save_tiny_model
+    """The embedded demo model: the bundled swapmoe-lm checkpoint (models/swapmoe-lm)."""
+    from models.evaluate import LM_DIR
 
-    path = DEMO_CACHE / "demo-tiny-mixtral"
-    if not (path / "config.json").exists():
-        print(f"building the demo model in {path} ...", flush=True)
-        save_tiny_model("mixtral", path)
-    return path
+    if not (LM_DIR / "config.json").exists():
+        raise FileNotFoundError(f"the bundled checkpoint is missing from {LM_DIR}; "
+                                "train it with python -m models.training.train_lm or pass --model")
+    return LM_DIR
 
 
 def _checkpoint_bytes(model: Path) -> int:

@@ -57,6 +57,29 @@ def test_masked_gating_never_routes_to_an_absent_expert(arch, checkpoint_dirs):
     assert chosen and set(chosen) <= set(resident)
 
 
+def test_masked_gating_is_the_routers_softmax_renormalized_over_resident_experts(checkpoint_dirs):
+    """Paper Fig. 5 on Mixtral: top-k of softmax(logits) restricted to resident experts."""
+    model = load_checkpoint(checkpoint_dirs("mixtral")).model
+    routers = install_masked_routers(model)
+    block = find_moe_blocks(model)[0].module
+    resident = [1, 2, 6]
+    routers[0].set_resident(resident)
+    x = torch.randn(1, 5, model.config.hidden_size)
+    with torch.no_grad():
+        ours = block(x)
+        logits = x[0] @ routers[0].router.weight.T
+        logits[:, [e for e in range(8) if e not in resident]] = float("-inf")
+        weights, index = torch.topk(torch.softmax(logits, dim=-1), 2)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        experts = block.experts
+        expected = torch.zeros_like(x[0])
+        for t in range(5):
+            for w, e in zip(weights[t], index[t]):
+                gate, up = (x[0, t] @ experts.gate_up_proj[e].T).chunk(2)
+                expected[t] += w * ((torch.nn.functional.silu(gate) * up) @ experts.down_proj[e].T)
+    torch.testing.assert_close(ours[0], expected, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_importance_counts_wanted_experts_even_when_absent(arch, checkpoint_dirs):
     model = load_checkpoint(checkpoint_dirs(arch)).model

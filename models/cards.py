@@ -1,0 +1,155 @@
+"""Model cards for the bundled checkpoints, written from measured figures (``models.evaluate``)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from models.evaluate import LM_DIR, SWITCH_DIR
+
+DATA = """\
+## Data
+
+Real text nobody in this project wrote, read offline from the machine (`models/corpus.py`):
+
+| domain | source | license |
+|---|---|---|
+| code | CPython 3.11 standard library sources | PSF License 2.0 |
+| prose | Perl core module documentation, rendered from POD by `pod2text` | Artistic License or GPL (Perl's terms) |
+| manual | Debian manual pages, sections 1 and 8, rendered by `man` | each package's free license (`/usr/share/doc/<package>/copyright`) |
+
+Documents (one source file each) are split into training and held-out sets by a hash of their
+name, so no held-out document was trained on. Held-out excerpts ship in `models/data/eval/`
+(see `models/data/SOURCES.md`).
+"""
+
+
+_STATISTICS = (
+    ("repeat-activation rate, consecutive tokens", "repeat_rate", "repeat_chance", "chance"),
+    ("usage similarity, consecutive inputs (histogram intersection)", "next_input_similarity",
+     "random_input_similarity", "random pairs of inputs"),
+    ("share of a document's routing on its top 25% experts", "doc_top25_share", "corpus_top25_share",
+     "whole corpus"),
+    ("effective experts used by a document (exp entropy)", "doc_effective_experts", "corpus_effective_experts",
+     "whole corpus"),
+)
+
+
+def _routing_table(r: dict, control: dict | None = None) -> str:
+    head = "| statistic (mean over MoE layers) | measured | reference | reference is |"
+    rule = "|---|---|---|---|"
+    if control:
+        head, rule = head + " untrained model: measured / reference |", rule + "---|"
+    lines = [head, rule]
+    for title, measured, reference, meaning in _STATISTICS:
+        row = f"| {title} | {r[measured]:.3f} | {r[reference]:.3f} | {meaning} |"
+        if control:
+            row += f" {control[measured]:.3f} / {control[reference]:.3f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def lm_card(results: dict) -> str:
+    ppl = results["perplexity"]
+    r = results["routing"]
+    table = "\n".join(f"| {d} | {ppl[d]:.2f} | {results['eval_texts'][d]} |" for d in ppl)
+    top = "\n".join(f"| {d} | {', '.join(map(str, e))} |" for d, e in r["middle_layer_top_experts"].items())
+    return f"""# swapmoe-lm
+
+A small decoder-only Mixture-of-Experts language model in the standard transformers
+`MixtralForCausalLM` class: 6 layers, 16 experts per layer, top-2 routing, hidden size 128,
+{results['parameters'] / 1e6:.2f} M parameters (float32), a byte-level BPE tokenizer of
+{results['uniform_perplexity']} tokens trained with `tokenizers`. It is the embedded default model
+of `swapmoe demo` and the model behind SwapMoE's quality measurements.
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("models/swapmoe-lm")
+tokenizer = AutoTokenizer.from_pretrained("models/swapmoe-lm")
+```
+
+{DATA}
+## Training
+
+`python -m models.training.train_lm` (seeded, CPU only, resumable, a progress bar): 2400 steps
+of 16 windows of 256 tokens, each window's domain drawn uniformly; AdamW, peak learning rate
+2e-3, cosine decay, load-balancing loss 0.01.
+
+## Held-out perplexity
+
+Reproduce: `python -m models.evaluate lm` (rewrites this card and `eval_results.json`).
+
+| domain | perplexity | held-out texts |
+|---|---|---|
+{table}
+
+A uniform distribution over the vocabulary has perplexity {results['uniform_perplexity']}.
+
+## Routing: does the paper's premise hold?
+
+Measured on the held-out texts; the last column is the same configuration with random weights,
+the control for what token statistics alone produce.
+
+{_routing_table(r, results['untrained_routing'])}
+
+Mean Jensen-Shannon divergence between the expert usage of two domains:
+{r['domain_js_divergence']:.3f} bits (0 = identical usage). Most-used experts of the middle MoE layer:
+
+| domain | top experts |
+|---|---|
+{top}
+"""
+
+
+def switch_card(results: dict) -> str:
+    examples = "\n".join(f"| `{e['name']}` | {e['reference']} | {e['prediction']} |" for e in results["examples"])
+    return f"""# swapmoe-switch
+
+A small Switch Transformers encoder-decoder (`SwitchTransformersForConditionalGeneration`, the
+paper's model family): 4 encoder and 4 decoder layers, every other one a sparse layer of 16
+top-1 experts, d_model 128, {results['parameters'] / 1e6:.2f} M parameters (float32). It
+summarizes a Python function's code into the first line of its docstring. It shares the
+tokenizer of `swapmoe-lm`.
+
+```python
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+model = AutoModelForSeq2SeqLM.from_pretrained("models/swapmoe-switch")
+```
+
+{DATA}
+Summarization pairs come from functions of the code domain that have a docstring whose first
+line has 3 to 20 words; the docstring is removed from the body. Held-out pairs come only from
+held-out modules.
+
+## Training
+
+`python -m models.training.train_switch` (seeded, CPU only, resumable, a progress bar): 2000
+steps of 24 pairs, sources up to 192 tokens; AdamW, peak learning rate 1.5e-3, cosine decay,
+router load-balancing loss 0.01 and z-loss 0.001.
+
+## Rouge-2 on held-out functions
+
+Reproduce: `python -m models.evaluate switch` (rewrites this card and `eval_results.json`).
+Rouge-2 F1 from the `rouge-score` package, stemmed, greedy decoding, {results['pairs']} pairs.
+
+| summarizer | Rouge-2 |
+|---|---|
+| swapmoe-switch | {results['rouge2']:.4f} |
+| trivial baseline: the function's name as words | {results['baseline_rouge2']:.4f} |
+
+| function | reference | prediction |
+|---|---|---|
+{examples}
+
+## Routing of the encoder's sparse layers
+
+{_routing_table(results['routing'])}
+"""
+
+
+def write(model: str, results: dict) -> Path:
+    directory = LM_DIR if model == "lm" else SWITCH_DIR
+    (directory / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    card = directory / "README.md"
+    card.write_text(lm_card(results) if model == "lm" else switch_card(results))
+    return card

@@ -1,0 +1,209 @@
+"""Measure the bundled checkpoints and write their model cards.
+
+    python -m models.evaluate lm        # perplexity per domain + routing statistics -> swapmoe-lm/README.md
+    python -m models.evaluate switch    # Rouge-2 vs a trivial baseline + routing -> swapmoe-switch/README.md
+
+Everything is computed on the held-out sets shipped in ``models/data/eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from executor.adapters import adapter_for, find_moe_blocks
+from models import routing_stats as rs
+from models.corpus import DOMAINS, load_eval, name_baseline
+
+MODELS = Path(__file__).resolve().parent
+LM_DIR = MODELS / "swapmoe-lm"
+SWITCH_DIR = MODELS / "swapmoe-switch"
+WINDOW = 256
+
+
+class RoutingRecorder:
+    """Records each MoE layer's chosen experts [tokens, k] on every forward pass."""
+
+    def __init__(self, model):
+        adapter = adapter_for(model)
+        self.blocks = find_moe_blocks(model)
+        self.calls: list[list[np.ndarray]] = [[] for _ in self.blocks]
+        for n, block in enumerate(self.blocks):
+            router = getattr(block.module, adapter.router_attr)
+            router.register_forward_hook(lambda _m, _i, out, n=n: self.calls[n].append(_choices(out)))
+
+    def take(self) -> list[np.ndarray]:
+        """Choices per layer since the last call."""
+        out = [np.concatenate(c) if c else np.zeros((0, 1), dtype=int) for c in self.calls]
+        for c in self.calls:
+            c.clear()
+        return out
+
+
+def _choices(out) -> np.ndarray:
+    first = out[0]
+    if first.dim() == 3 and first.shape[-1] == out[2].shape[-1]:  # Switch: one-hot dispatch [B, S, E]
+        return out[2].reshape(-1, out[2].shape[-1]).argmax(-1, keepdim=True).numpy()
+    return out[2].reshape(-1, out[2].shape[-1]).numpy()  # (logits, weights, index [T, k])
+
+
+def load(path: Path, seq2seq: bool = False):
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    model = auto.from_pretrained(path, local_files_only=True, experts_implementation="eager").eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+@torch.inference_mode()
+def perplexity_and_routing(model, tokenizer, texts: list[str], recorder: RoutingRecorder):
+    """Token-weighted perplexity over non-overlapping windows, and each text's routing per layer."""
+    nll, count, per_text = 0.0, 0, []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+        for start in range(0, len(ids) - 1, WINDOW):
+            window = ids[start:start + WINDOW + 1][None]
+            if window.shape[1] < 2:
+                continue
+            loss = model(input_ids=window[:, :-1], labels=window[:, :-1]).loss  # labels shift inside
+            n = window.shape[1] - 2
+            nll, count = nll + loss.item() * n, count + n
+        per_text.append(recorder.take())
+    return math.exp(nll / count), per_text
+
+
+def routing_summary(per_input: dict[str, list[list[np.ndarray]]], num_experts: int) -> dict:
+    """The premise statistics, averaged over layers. ``per_input[domain][input][layer]`` = choices."""
+    layers = len(next(iter(per_input.values()))[0])
+    out = defaultdict(list)
+    for layer in range(layers):
+        domain_usage = {}
+        usages_by_domain = {}
+        for domain, inputs in per_input.items():
+            choices = [inp[layer] for inp in inputs if len(inp[layer])]
+            domain_usage[domain] = rs.usage(np.concatenate(choices), num_experts)
+            usages_by_domain[domain] = [rs.usage(c, num_experts) for c in choices]
+            out["repeat_rate"].append(np.mean([rs.repeat_rate(c, num_experts) for c in choices]))
+            out["repeat_chance"].append(np.mean([rs.chance_repeat_rate(np.concatenate(choices), num_experts)]))
+            out["doc_top25_share"] += [rs.top_share(u) for u in usages_by_domain[domain]]
+            out["doc_effective_experts"] += [rs.effective_experts(u) for u in usages_by_domain[domain]]
+            out["next_input_similarity"].append(rs.consecutive_input_similarity(usages_by_domain[domain]))
+        everything = np.mean(list(domain_usage.values()), axis=0)
+        out["corpus_top25_share"].append(rs.top_share(everything))
+        out["corpus_effective_experts"].append(rs.effective_experts(everything))
+        pool = [u for us in usages_by_domain.values() for u in us]
+        out["random_input_similarity"].append(rs.random_pair_similarity(pool, seed=layer))
+        names = sorted(domain_usage)
+        out["domain_js_divergence"] += [rs.jensen_shannon(domain_usage[a], domain_usage[b])
+                                        for i, a in enumerate(names) for b in names[i + 1:]]
+        if layer == layers // 2:
+            out["middle_layer_top_experts"] = {d: [int(e) for e in np.argsort(u)[::-1][:3]]
+                                               for d, u in domain_usage.items()}
+            out["middle_layer_usage"] = {d: [round(float(x), 4) for x in u] for d, u in domain_usage.items()}
+    return {k: (float(np.mean(v)) if isinstance(v, list) and v and not isinstance(v[0], list) else v)
+            for k, v in out.items()}
+
+
+def evaluate_lm(path: Path = LM_DIR) -> dict:
+    model, tokenizer = load(path)
+    recorder = RoutingRecorder(model)
+    started = time.monotonic()
+    perplexity, routing = {}, {}
+    for domain in DOMAINS:
+        rows = load_eval(domain)
+        perplexity[domain], routing[domain] = perplexity_and_routing(model, tokenizer, [r["text"] for r in rows],
+                                                                     recorder)
+    return dict(
+        perplexity=perplexity,
+        uniform_perplexity=len(tokenizer),
+        eval_texts={d: len(load_eval(d)) for d in DOMAINS},
+        routing=routing_summary(routing, recorder.blocks[0].num_experts),
+        untrained_routing=untrained_routing(model, tokenizer),
+        parameters=sum(p.numel() for p in model.parameters()),
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def untrained_routing(model, tokenizer) -> dict:
+    """The same statistics for a randomly initialized model of the same configuration: the
+    control that separates what training taught the routers from what token statistics alone give."""
+    torch.manual_seed(0)
+    control = type(model)(model.config).eval()
+    recorder = RoutingRecorder(control)
+    routing = {d: perplexity_and_routing(control, tokenizer, [r["text"] for r in load_eval(d)], recorder)[1]
+               for d in DOMAINS}
+    return routing_summary(routing, recorder.blocks[0].num_experts)
+
+
+@torch.inference_mode()
+def summarize(model, tokenizer, bodies: list[str], batch: int = 16, max_new_tokens: int = 40) -> list[str]:
+    out = []
+    for start in range(0, len(bodies), batch):
+        enc = tokenizer(bodies[start:start + batch], add_special_tokens=False, truncation=True, max_length=191,
+                        padding=True, return_tensors="pt")
+        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        out += tokenizer.batch_decode(ids, skip_special_tokens=True)
+    return [o.strip() for o in out]
+
+
+def rouge2(predictions: list[str], references: list[str]) -> float:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
+    return float(np.mean([scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(predictions, references)]))
+
+
+def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
+    model, tokenizer = load(path, seq2seq=True)
+    recorder = RoutingRecorder(model)
+    pairs = load_eval("summarization")
+    started = time.monotonic()
+    predictions = summarize(model, tokenizer, [p["body"] for p in pairs])
+    recorder.take()
+    per_input = []
+    with torch.inference_mode():  # encoder routing per input, for the premise statistics
+        for p in pairs:
+            ids = tokenizer(p["body"], add_special_tokens=False, truncation=True, max_length=191,
+                            return_tensors="pt")["input_ids"]
+            model.get_encoder()(input_ids=ids)
+            per_input.append(recorder.take()[:len(_encoder_blocks(recorder))])
+    references = [p["summary"] for p in pairs]
+    return dict(
+        rouge2=rouge2(predictions, references),
+        baseline_rouge2=rouge2([name_baseline(p["name"]) for p in pairs], references),
+        pairs=len(pairs),
+        examples=[dict(name=p["name"], reference=r, prediction=q)
+                  for p, r, q in list(zip(pairs, references, predictions))[:8]],
+        routing=routing_summary({"code": per_input}, recorder.blocks[0].num_experts),
+        parameters=sum(p.numel() for p in model.parameters()),
+        seconds=round(time.monotonic() - started, 1),
+    )
+
+
+def _encoder_blocks(recorder: RoutingRecorder) -> list:
+    return [b for b in recorder.blocks if b.name.startswith("encoder.")]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", choices=["lm", "switch"])
+    parser.add_argument("--no-card", action="store_true", help="print the figures, do not rewrite the card")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    from models import cards
+
+    results = evaluate_lm() if args.model == "lm" else evaluate_switch()
+    print(json.dumps(results, indent=2))
+    if not args.no_card:
+        path = cards.write(args.model, results)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

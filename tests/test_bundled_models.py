@@ -1,0 +1,80 @@
+"""The bundled checkpoints: real MoE models trained here, loaded like off-the-shelf ones."""
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+from executor.engine import Engine, EngineConfig
+from executor.generation import GenerationRequest
+from models import evaluate
+from models.corpus import DOMAINS, load_eval, name_baseline
+from models.domains import classify
+
+pytestmark = pytest.mark.skipif(not (evaluate.LM_DIR / "model.safetensors").exists()
+                                or not (evaluate.SWITCH_DIR / "model.safetensors").exists(),
+                                reason="bundled checkpoints not trained yet")
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return evaluate.load(evaluate.LM_DIR)
+
+
+@pytest.fixture(scope="module")
+def switch():
+    return evaluate.load(evaluate.SWITCH_DIR, seq2seq=True)
+
+
+@pytest.mark.parametrize("directory, auto, cls", [
+    (evaluate.LM_DIR, AutoModelForCausalLM, "MixtralForCausalLM"),
+    (evaluate.SWITCH_DIR, AutoModelForSeq2SeqLM, "SwitchTransformersForConditionalGeneration"),
+])
+def test_checkpoints_load_with_the_auto_classes_and_generate(directory, auto, cls):
+    assert (directory / "model.safetensors").stat().st_size <= 25 * 2**20
+    model = auto.from_pretrained(directory)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert type(model).__name__ == cls
+    ids = tokenizer("def read_file(path):", return_tensors="pt")["input_ids"]
+    out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[-1] > (0 if model.config.is_encoder_decoder else ids.shape[-1])
+
+
+def test_the_lm_has_a_real_search_space(lm):
+    config = lm[0].config
+    assert 6 <= config.num_hidden_layers <= 8 and config.num_local_experts >= 16 and config.num_experts_per_tok == 2
+
+
+def test_held_out_perplexity_is_far_below_uniform(lm):
+    model, tokenizer = lm
+    recorder = evaluate.RoutingRecorder(model)
+    for domain in DOMAINS:
+        texts = [row["text"] for row in load_eval(domain)[:12]]
+        perplexity, _ = evaluate.perplexity_and_routing(model, tokenizer, texts, recorder)
+        assert perplexity < len(tokenizer) / 20, f"{domain}: perplexity {perplexity:.1f}"
+
+
+def test_switch_rouge2_is_well_above_the_name_baseline(switch):
+    model, tokenizer = switch
+    pairs = load_eval("summarization")[:120]
+    references = [p["summary"] for p in pairs]
+    ours = evaluate.rouge2(evaluate.summarize(model, tokenizer, [p["body"] for p in pairs]), references)
+    baseline = evaluate.rouge2([name_baseline(p["name"]) for p in pairs], references)
+    assert ours >= 2 * baseline and ours - baseline >= 0.04, (ours, baseline)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(EngineConfig(evaluate.LM_DIR, budget_bytes=1 << 30, node_id="bundled"))
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_generated_text_reads_like_the_domain_of_its_prompt(engine, domain):
+    """Continue held-out excerpts through the executor; the continuation is classified by a
+    character-trigram model of the held-out data, independent of the LM."""
+    rows = load_eval(domain)[:4]
+    agree = 0
+    for row in rows:
+        prompt = row["text"][:300]
+        chunks = engine.generate(GenerationRequest(engine.tokenize(prompt), max_new_tokens=48))
+        continuation = "".join(c.text for c in chunks)
+        agree += classify(continuation) == domain
+    assert agree >= 3, f"only {agree} of {len(rows)} continuations read like {domain}"
