@@ -30,22 +30,41 @@ def _module_expert(experts: nn.Module, i: int) -> list[torch.Tensor]:
     return list(experts[f"expert_{i}"].parameters())
 
 
+# How an expert is stored on disk by save_pretrained: the key of one part of expert ``e`` of a
+# block, and, per runtime tensor, the disk parts concatenated (dim 0) to make it.
+_QWEN_PARTS = (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",)))
+_MIXTRAL_PARTS = (("gate_up_proj", ("w1", "w3")), ("down_proj", ("w2",)))
+_SWITCH_PARTS = (("wi", ("wi",)), ("wo", ("wo",)))
+
+
 @dataclass(frozen=True, slots=True)
 class Adapter:
     router_attr: str
     router_class: type[MaskedRouter]
     select: Select | None
     expert_tensors: Callable[[nn.Module, int], list[torch.Tensor]]
+    disk_parts: tuple = _QWEN_PARTS
+    disk_key: str = "{block}.experts.{expert}.{part}.weight"
+    disk_block_rename: tuple[str, str] = ("", "")  # runtime block path fragment -> disk fragment
+
+    def disk_keys(self, block: str, expert: int) -> list[tuple[str, tuple[str, ...]]]:
+        """(runtime tensor name, disk keys concatenated to make it) for one expert."""
+        if self.disk_block_rename[0]:
+            block = block.replace(*self.disk_block_rename)
+        return [(name, tuple(self.disk_key.format(block=block, expert=expert, part=p) for p in parts))
+                for name, parts in self.disk_parts]
 
 
 _PACKED_SOFTMAX = Adapter("gate", MaskedRouter, select_softmax_topk, _packed_expert)
 ADAPTERS: dict[str, Adapter] = {
-    "mixtral": _PACKED_SOFTMAX,
+    "mixtral": Adapter("gate", MaskedRouter, select_softmax_topk, _packed_expert, _MIXTRAL_PARTS,
+                       disk_block_rename=(".mlp", ".block_sparse_moe")),
     "qwen2_moe": _PACKED_SOFTMAX,
     "qwen3_moe": _PACKED_SOFTMAX,
     "olmoe": _PACKED_SOFTMAX,
     "deepseek_v3": Adapter("gate", MaskedRouter, select_sigmoid_group_topk, _packed_expert),
-    "switch_transformers": Adapter("router", MaskedTop1Router, None, _module_expert),
+    "switch_transformers": Adapter("router", MaskedTop1Router, None, _module_expert, _SWITCH_PARTS,
+                                   "{block}.experts.expert_{expert}.{part}.weight"),
 }
 
 

@@ -9,6 +9,7 @@ asynchronous swaps replace the full load in the runtime issue.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -80,6 +81,7 @@ class Engine:
         self._request_lock = threading.Lock()  # one generation at a time in the skeleton
         self.plan = Plan(0, self._fitting_experts(self.budget_bytes), origin="executor:initial even split")
         self.achieved: tuple[int, ...] = ()
+        self._tokens_since_update = 0
         self._apply_residency(self.plan)
         self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}")
 
@@ -190,23 +192,26 @@ class Engine:
         tokens = generate_ids(self.model, request.prompt_ids, min(request.max_new_tokens, room),
                               request.sampling, between_steps=self._between_steps)
         eos = _eos_ids(self.model, self.tokenizer)
+        self._tokens_since_update = self.plan.update_frequency  # a new input: update after its prefill
         text = IncrementalText(request.stop)
         generated: list[int] = []
         times: list[int] = []
-        for token in _locked(tokens, self._step_lock):
-            times.append(time.perf_counter_ns())
-            self.stats.token(times[-1] - times[-2] if len(times) > 1 else None)
-            if len(times) == 1:
-                self.stats.first_token(times[0] - start)
-            generated.append(token)
-            if token in eos:
-                finish = "eos"
-                break
-            delta, stopped = text.update(self._decode(generated))
-            yield Chunk([token], delta)
-            if stopped:
-                finish = "stop"
-                break
+        with contextlib.closing(tokens):  # frees the KV cache at once when the client goes away
+            for token in _locked(tokens, self._step_lock):
+                times.append(time.perf_counter_ns())
+                self.stats.token(times[-1] - times[-2] if len(times) > 1 else None)
+                if len(times) == 1:
+                    self.stats.first_token(times[0] - start)
+                generated.append(token)
+                if token in eos:
+                    finish = "eos"
+                    yield Chunk([token], "")
+                    break
+                delta, stopped = text.update(self._decode(generated))
+                yield Chunk([token], delta)
+                if stopped:
+                    finish = "stop"
+                    break
         tail = "" if finish == "stop" else text.flush(self._decode(generated))
         self.stats.finished()
         gaps = [b - a for a, b in zip(times, times[1:])]
@@ -221,7 +226,14 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _between_steps(self) -> None:
-        """Runs between forward passes (the runtime issue does resident-set updates here)."""
+        """Between forward passes (step lock held): every ``update_frequency`` tokens the resident
+        set moves to the most important experts (paper section 3.2). In this skeleton every
+        expert is in memory, so an update is a new mask; the runtime issue makes it real loads."""
+        self._tokens_since_update += 1
+        frequency = self.plan.update_frequency
+        if frequency and self._tokens_since_update >= frequency:
+            self._tokens_since_update = 0
+            self._apply_residency(self.plan)
 
 
 def _locked(tokens: Iterator[int], lock: threading.Lock) -> Iterator[int]:

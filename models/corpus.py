@@ -173,6 +173,28 @@ def summary_pairs() -> tuple[list[SummaryPair], list[SummaryPair]]:
     return ([p for d in train for p in function_pairs(d)], [p for d in held_out for p in function_pairs(d)])
 
 
+def _extra_python_files() -> list[Path]:
+    """Python sources of Debian's Python packages and of the pip/setuptools that ship with CPython."""
+    site = Path(sysconfig.get_paths()["stdlib"]) / "site-packages"
+    roots = [Path("/usr/lib/python3/dist-packages"), *(site / n for n in ("pip", "setuptools", "pkg_resources"))]
+    return sorted(p for root in roots if root.is_dir() for p in root.rglob("*.py")
+                  if not {"test", "tests"} & set(p.parts) and not p.name.startswith("test_"))
+
+
+def extra_summary_pairs() -> list[SummaryPair]:
+    """More training pairs for the summarizer, from outside the standard library (training only:
+    held-out pairs all come from held-out CPython modules). Pairs whose code or summary equals a
+    held-out pair's (vendored copies) are dropped."""
+    _, held = summary_pairs()
+    seen = {p.body for p in held} | {p.summary for p in held}
+    pairs = []
+    for path in _extra_python_files():
+        doc = Document("code", f"extra:{path}", "the package's license (Debian main / pip, setuptools: MIT)",
+                       path.read_text(encoding="utf-8", errors="replace")[:MAX_DOC_CHARS])
+        pairs += [p for p in function_pairs(doc) if p.body not in seen and p.summary not in seen]
+    return pairs
+
+
 def name_baseline(name: str) -> str:
     """The trivial summarizer: the function's name as words (``get_user_name`` -> ``get user name``)."""
     return " ".join(part for part in name.strip("_").split("_") if part)

@@ -16,8 +16,11 @@ def _trigrams(text: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _model() -> dict[str, tuple[Counter, int]]:
-    return {d: (counts := Counter(t for row in load_eval(d) for t in _trigrams(row["text"])), sum(counts.values()))
-            for d in DOMAINS}
+    """Per-domain trigram counts over the same number of characters, so that no domain's
+    smoothing is looser than another's just because it has less text."""
+    texts = {d: "\n".join(row["text"] for row in load_eval(d)) for d in DOMAINS}
+    size = min(len(t) for t in texts.values())
+    return {d: (counts := Counter(_trigrams(t[:size])), sum(counts.values())) for d, t in texts.items()}
 
 
 def domain_scores(text: str) -> dict[str, float]:

@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 from executor.adapters import adapter_for, find_moe_blocks
 from models import routing_stats as rs
 from models.corpus import DOMAINS, load_eval, name_baseline
+from models.training.train_switch import MAX_SOURCE
 
 MODELS = Path(__file__).resolve().parent
 LM_DIR = MODELS / "swapmoe-lm"
@@ -67,12 +68,12 @@ def perplexity_and_routing(model, tokenizer, texts: list[str], recorder: Routing
     nll, count, per_text = 0.0, 0, []
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-        for start in range(0, len(ids) - 1, WINDOW):
-            window = ids[start:start + WINDOW + 1][None]
-            if window.shape[1] < 2:
+        for start in range(0, len(ids), WINDOW):
+            window = ids[start:start + WINDOW][None]
+            n = window.shape[1] - 1  # predicted tokens (transformers shifts the labels)
+            if n < 1:
                 continue
-            loss = model(input_ids=window[:, :-1], labels=window[:, :-1]).loss  # labels shift inside
-            n = window.shape[1] - 2
+            loss = model(input_ids=window, labels=window).loss
             nll, count = nll + loss.item() * n, count + n
         per_text.append(recorder.take())
     return math.exp(nll / count), per_text
@@ -145,7 +146,7 @@ def untrained_routing(model, tokenizer) -> dict:
 def summarize(model, tokenizer, bodies: list[str], batch: int = 16, max_new_tokens: int = 40) -> list[str]:
     out = []
     for start in range(0, len(bodies), batch):
-        enc = tokenizer(bodies[start:start + batch], add_special_tokens=False, truncation=True, max_length=191,
+        enc = tokenizer(bodies[start:start + batch], add_special_tokens=False, truncation=True, max_length=MAX_SOURCE - 1,
                         padding=True, return_tensors="pt")
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)
@@ -169,7 +170,7 @@ def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
     per_input = []
     with torch.inference_mode():  # encoder routing per input, for the premise statistics
         for p in pairs:
-            ids = tokenizer(p["body"], add_special_tokens=False, truncation=True, max_length=191,
+            ids = tokenizer(p["body"], add_special_tokens=False, truncation=True, max_length=MAX_SOURCE - 1,
                             return_tensors="pt")["input_ids"]
             model.get_encoder()(input_ids=ids)
             per_input.append(recorder.take()[:len(_encoder_blocks(recorder))])

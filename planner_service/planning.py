@@ -14,13 +14,16 @@ def reserve_bytes(layout: ModelLayout, min_budget_bytes: int) -> int:
     return max(0, min_budget_bytes - layout.dense_bytes - layout.expert_bytes([1] * layout.num_layers))
 
 
+DEFAULT_UPDATE_FREQUENCY = 4  # tokens between resident-set updates, until profiling picks one
+
+
 def even_split_plan(layout: ModelLayout, budget_bytes: int, min_budget_bytes: int, version: int) -> Plan:
-    """The most experts per layer that fit the budget, spread evenly."""
+    """The most experts per layer that fit the budget, spread evenly, updated every few tokens."""
     available = budget_bytes - layout.dense_bytes - reserve_bytes(layout, min_budget_bytes)
     return Plan(
         version=version,
         experts_per_layer=even_split(layout, available),
-        update_frequency=0,
+        update_frequency=DEFAULT_UPDATE_FREQUENCY,
         strategy=Strategy.MASKED_GATING,
         origin=f"planner:even-split budget={format_size(budget_bytes)}",
     )

@@ -1,6 +1,6 @@
 """Train the bundled decoder-only MoE language model (Mixtral family) on the three domains.
 
-    python -m models.training.train_lm            # ~1 h on 2 CPU cores; resumes if interrupted
+    python -m models.training.train_lm            # ~40 min on 2 CPU cores; resumes if interrupted
     python -m models.training.train_lm --fresh    # start over
 
 Writes ``models/swapmoe-lm`` (safetensors, HF layout, tokenizer) loadable with the Auto classes.

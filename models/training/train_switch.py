@@ -1,7 +1,7 @@
 """Train the bundled Switch Transformers summarizer: a Python function's code -> the first
 line of its docstring (held-out functions come from held-out modules).
 
-    python -m models.training.train_switch            # ~1 h on 2 CPU cores; resumes if interrupted
+    python -m models.training.train_switch            # ~16 min on 2 CPU cores; resumes if interrupted
     python -m models.training.train_switch --fresh    # start over
 
 Writes ``models/swapmoe-switch`` (safetensors, HF layout, tokenizer).
@@ -14,15 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+from transformers import AutoModelForCausalLM, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from models.corpus import CACHE, summary_pairs
+from models.corpus import CACHE, extra_summary_pairs, summary_pairs
 from models.tokenizer import EOS_ID, PAD_ID, train_tokenizer
 from models.training.loop import TrainConfig, train
 
 OUTPUT = Path(__file__).resolve().parents[1] / "swapmoe-switch"
+LM_DIR = Path(__file__).resolve().parents[1] / "swapmoe-lm"
 WORK = CACHE.parent / "train" / "switch"
-MAX_SOURCE = 192
+MAX_SOURCE = 96
 MAX_TARGET = 40
 BATCH = 24
 
@@ -34,7 +35,7 @@ def model_config(vocab_size: int) -> SwitchTransformersConfig:
         num_layers=4, num_decoder_layers=4, num_sparse_encoder_layers=2, num_sparse_decoder_layers=2,
         num_experts=16, expert_capacity=MAX_SOURCE,  # capacity = longest input: no token is dropped
         router_aux_loss_coef=0.01, router_z_loss_coef=0.001, router_jitter_noise=0.0,
-        dropout_rate=0.1, pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
+        dropout_rate=0.0, pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
         tie_word_embeddings=True,
     )
 
@@ -56,29 +57,42 @@ def batch_maker(sources, targets, seed: int):
         picks = rng.integers(0, len(sources), BATCH)
         input_ids = pad([sources[i] for i in picks], PAD_ID)
         return dict(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(),
-                    labels=pad([targets[i] for i in picks], -100))
+                    labels=pad([targets[i] for i in picks], -100),
+                    output_router_logits=True)  # adds the load-balancing and z losses; without them routing collapses
 
     return batch_for
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--embeddings-from", type=Path, default=LM_DIR,
+                        help="initialize token embeddings from this LM (same tokenizer); empty to skip")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = train_tokenizer(seed=args.seed)
     train_pairs, held_out = summary_pairs()
-    print(f"{len(train_pairs)} training pairs, {len(held_out)} held out")
+    extra = extra_summary_pairs()
+    print(f"{len(train_pairs)} training pairs from CPython and {len(extra)} from other Python packages; "
+          f"{len(held_out)} held out")
+    train_pairs += extra
     sources, targets = encode_pairs(tokenizer, train_pairs)
     torch.manual_seed(args.seed)
     model = SwitchTransformersForConditionalGeneration(model_config(len(tokenizer)))
+    if args.embeddings_from:
+        # Same tokenizer and width: starting from the LM's token embeddings gives the encoder a
+        # meaningful token space at step 0, so cross-attention learns within a CPU-hour.
+        lm = AutoModelForCausalLM.from_pretrained(args.embeddings_from, local_files_only=True)
+        with torch.no_grad():
+            model.shared.weight.copy_(lm.get_input_embeddings().weight)
+        del lm
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     train(model, batch_maker(sources, targets, args.seed),
-          TrainConfig(steps=args.steps, lr=1.5e-3, threads=args.threads, seed=args.seed), WORK,
+          TrainConfig(steps=args.steps, lr=3e-3, threads=args.threads, seed=args.seed), WORK,
           resume=not args.fresh)
     model.generation_config.decoder_start_token_id = PAD_ID
     model.generation_config.eos_token_id = EOS_ID
