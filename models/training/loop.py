@@ -6,6 +6,7 @@ run resumed from a checkpoint sees exactly the batches an uninterrupted run woul
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from dataclasses import dataclass
@@ -78,3 +79,23 @@ def train(model: torch.nn.Module, batch_for: Callable[[int], dict], config: Trai
         log(f"trained steps {start}..{config.steps} in {time.monotonic() - began:.0f} s, "
             f"final loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")
     return losses
+
+
+def arguments(description: str, steps: int, output: Path) -> argparse.ArgumentParser:
+    """The command-line options every training script shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser.add_argument("--output", type=Path, default=output)
+    return parser
+
+
+def save_checkpoint(model, tokenizer, output: Path, eos_id: int, pad_id: int) -> None:
+    """Save in the Hugging Face layout (safetensors + tokenizer), ready for the Auto classes."""
+    model.generation_config.eos_token_id = eos_id
+    model.generation_config.pad_token_id = pad_id
+    model.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    print(f"saved {output}")

@@ -8,7 +8,6 @@ Writes ``models/swapmoe-lm`` (safetensors, HF layout, tokenizer) loadable with t
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from transformers import MixtralConfig, MixtralForCausalLM
 
 from models.corpus import CACHE, DOMAINS, split
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
-from models.training.loop import TrainConfig, train
+from models.training.loop import TrainConfig, arguments, save_checkpoint, train
 
 OUTPUT = Path(__file__).resolve().parents[1] / "swapmoe-lm"
 WORK = CACHE.parent / "train" / "lm"
@@ -68,13 +67,7 @@ def batch_maker(streams: dict[str, np.ndarray], seed: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=2400)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__, steps=2400, output=OUTPUT).parse_args(argv)
     torch.set_num_threads(args.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     tokenizer = train_tokenizer(seed=args.seed)
@@ -89,11 +82,7 @@ def main(argv=None) -> None:
                                                               seed=args.seed), WORK, resume=not args.fresh)
     model.config.output_router_logits = False
     model.config._experts_implementation = None
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"saved {args.output}")
+    save_checkpoint(model, tokenizer, args.output, EOS_ID, PAD_ID)
 
 
 if __name__ == "__main__":

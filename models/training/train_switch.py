@@ -9,7 +9,6 @@ Writes ``models/swapmoe-switch`` (safetensors, HF layout, tokenizer).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from transformers import AutoModelForCausalLM, SwitchTransformersConfig, SwitchT
 
 from models.corpus import CACHE, extra_summary_pairs, summary_pairs
 from models.tokenizer import EOS_ID, PAD_ID, train_tokenizer
-from models.training.loop import TrainConfig, train
+from models.training.loop import TrainConfig, arguments, save_checkpoint, train
 
 OUTPUT = Path(__file__).resolve().parents[1] / "swapmoe-switch"
 LM_DIR = Path(__file__).resolve().parents[1] / "swapmoe-lm"
@@ -64,14 +63,9 @@ def batch_maker(sources, targets, seed: int):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=5000)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint")
+    parser = arguments(__doc__, steps=5000, output=OUTPUT)
     parser.add_argument("--embeddings-from", type=Path, default=LM_DIR,
                         help="initialize token embeddings from this LM (same tokenizer); empty to skip")
-    parser.add_argument("--output", type=Path, default=OUTPUT)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     tokenizer = train_tokenizer(seed=args.seed)
@@ -84,8 +78,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     model = SwitchTransformersForConditionalGeneration(model_config(len(tokenizer)))
     if args.embeddings_from:
-        # Same tokenizer and width: starting from the LM's token embeddings gives the encoder a
-        # meaningful token space at step 0, so cross-attention learns within a CPU-hour.
+        # Same tokenizer and width: start from the LM's token embeddings rather than noise.
         lm = AutoModelForCausalLM.from_pretrained(args.embeddings_from, local_files_only=True)
         with torch.no_grad():
             model.shared.weight.copy_(lm.get_input_embeddings().weight)
@@ -95,11 +88,7 @@ def main(argv=None) -> None:
           TrainConfig(steps=args.steps, lr=3e-3, threads=args.threads, seed=args.seed), WORK,
           resume=not args.fresh)
     model.generation_config.decoder_start_token_id = PAD_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = PAD_ID
-    model.save_pretrained(args.output)
-    tokenizer.save_pretrained(args.output)
-    print(f"saved {args.output}")
+    save_checkpoint(model, tokenizer, args.output, EOS_ID, PAD_ID)
 
 
 if __name__ == "__main__":
