@@ -146,7 +146,9 @@ tokenizer, same width).
 **Status: not good enough yet.** The model has learned the style of docstring summaries but
 conditions on its input only weakly: many held-out functions get the same generic summary (see
 the examples). Two earlier runs did no better (from scratch, 2500 steps, 192-token sources:
-Rouge-2 0.017, and 0.016 with collapsed routing when the router losses were off).
+Rouge-2 0.017, and 0.016 with collapsed routing when the router losses were off). Training
+longer does not help as it is: 9000 steps reach a training loss of 2.3 but a held-out Rouge-2
+of 0.013, memorizing the training pairs.
 
 ## Rouge-2 on held-out functions
 

@@ -135,7 +135,10 @@ def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
 def test_the_executor_keeps_its_plan_while_the_planner_is_away_and_resyncs(cluster, tmp_path):
     old = cluster["planner"]
     port = old.address.rsplit(":", 1)[1]
+    settled = wait_until(lambda: (s := node_status(cluster)) and s.state == ppb.PLAN_STATE_ACKED and s,
+                         what="earlier plans to settle")  # e.g. the replan after the last budget change
     kept = executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
+    assert kept == settled.acked_plan
     assert old.stop() == 0, "the planner should shut down gracefully"
     time.sleep(1.0)
     during = executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
