@@ -130,6 +130,8 @@ def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
                         and s.state == ppb.PLAN_STATE_ACKED and s, what="the replan")
     assert list(status.acked_plan.experts_per_layer) == [3, 3] and status.budget_bytes == budget
     executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=1 << 30), timeout=10)
+    wait_until(lambda: (s := node_status(cluster)).budget_bytes == 1 << 30 and s.state == ppb.PLAN_STATE_ACKED,
+               what="the replan for the restored budget")
 
 
 def test_the_executor_keeps_its_plan_while_the_planner_is_away_and_resyncs(cluster, tmp_path):
