@@ -21,8 +21,8 @@ class Checkpoint:
     tokenizer: object
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
-    path = Path(path)
+def read_config(path: Path):
+    """The checkpoint's config, if it is a layout the executor supports (else UnsupportedModel)."""
     if not (path / "config.json").is_file():
         raise CheckpointError(f"{path} is not a checkpoint directory (no config.json)")
     try:
@@ -35,7 +35,16 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
             f"model class {names} (model_type {config.model_type!r}) is not supported; "
             f"supported model types: {', '.join(sorted(ADAPTERS))}"
         )
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return config
+
+
+def auto_class(config):
+    return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
+    path = Path(path)
+    auto = auto_class(read_config(path))
     # The eager experts forward skips the index E that masked gating uses for "no resident
     # expert"; transformers' grouped_mm default only masks it under expert parallelism.
     model = auto.from_pretrained(path, local_files_only=True, dtype="auto",

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from executor.adapters import ADAPTERS, UnsupportedModel, adapter_for, find_moe_blocks
+from executor.adapters import UnsupportedModel, adapter_for, find_moe_blocks
+from executor.checkpoint import auto_class, read_config
 
 ALIGN = 4096
 FORMAT = 1
@@ -71,12 +71,9 @@ class Manifest:
 
 def meta_model(checkpoint: Path):
     """The model's skeleton on the meta device: module structure and shapes, no memory."""
-    config = AutoConfig.from_pretrained(checkpoint, local_files_only=True)
-    if config.model_type not in ADAPTERS:
-        raise UnsupportedModel(f"model_type {config.model_type!r} is not supported")
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    config = read_config(checkpoint)
     with torch.device("meta"):
-        return auto.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+        return auto_class(config).from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
 
 
 class _Checkpoint:
