@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from executor.routing import MaskedRouter, MaskedTop1Router, Select, select_sigmoid_group_topk, select_softmax_topk
+from executor.slot_experts import OneHot, Packed
 from swapmoe.layout import LayerLayout, ModelLayout
 
 
@@ -46,6 +47,7 @@ class Adapter:
     disk_parts: tuple = _QWEN_PARTS
     disk_key: str = "{block}.experts.{expert}.{part}.weight"
     disk_block_rename: tuple[str, str] = ("", "")  # runtime block path fragment -> disk fragment
+    slots: type = Packed  # how routing reaches the experts module (see executor.slot_experts)
 
     def disk_keys(self, block: str, expert: int) -> list[tuple[str, tuple[str, ...]]]:
         """(runtime tensor name, disk keys concatenated to make it) for one expert."""
@@ -64,7 +66,7 @@ ADAPTERS: dict[str, Adapter] = {
     "olmoe": _PACKED_SOFTMAX,
     "deepseek_v3": Adapter("gate", MaskedRouter, select_sigmoid_group_topk, _packed_expert),
     "switch_transformers": Adapter("router", MaskedTop1Router, None, _module_expert, _SWITCH_PARTS,
-                                   "{block}.experts.expert_{expert}.{part}.weight"),
+                                   "{block}.experts.expert_{expert}.{part}.weight", slots=OneHot),
 }
 
 
@@ -148,14 +150,16 @@ def _max_positions(config) -> int:
     return 0
 
 
-def install_masked_routers(model: nn.Module) -> list[MaskedRouter]:
-    """Wrap every MoE block's router in a MaskedRouter (idempotent); returns them in layer order."""
+def install_masked_routers(model: nn.Module, norms: list[torch.Tensor] | None = None) -> list[MaskedRouter]:
+    """Wrap every MoE block's router in a MaskedRouter (idempotent); returns them in layer order.
+    ``norms`` (||E_i|| per layer) are computed from the experts' weights when not given."""
     adapter = adapter_for(model)
     routers = []
-    for block in find_moe_blocks(model):
+    for layer, block in enumerate(find_moe_blocks(model)):
         current = getattr(block.module, adapter.router_attr)
         if not isinstance(current, MaskedRouter):
-            current = adapter.router_class(current, adapter.select, expert_norms(adapter, block))
+            norm = norms[layer] if norms is not None else expert_norms(adapter, block)
+            current = adapter.router_class(current, adapter.select, norm)
             setattr(block.module, adapter.router_attr, current)
         routers.append(current)
     return routers

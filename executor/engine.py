@@ -1,10 +1,9 @@
 """The executor's engine: one model, its virtual experts, its budget, its plan.
 
 Forward passes and plan changes take turns under one lock, so a plan or a
-budget change lands between two forward passes and never inside one. This is
-the walking skeleton of the runtime: the whole checkpoint is loaded and the
-resident set is enforced by masked gating; the expert store, slot pool and
-asynchronous swaps replace the full load in the runtime issue.
+budget change lands between two forward passes and never inside one. The model
+never exists whole in memory: dense weights plus each layer's slots
+(``executor.runtime``), sized by the plan within the budget.
 """
 
 from __future__ import annotations
@@ -17,16 +16,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import psutil
 import torch
 
+from transformers import AutoTokenizer
+
 from executor import memory
-from executor.adapters import describe, install_masked_routers
-from executor.checkpoint import load_checkpoint
 from executor.generation import GenerationRequest, IncrementalText, generate_ids
 from executor.metrics import ServingStats
+from executor.runtime import VirtualExperts
 from executor.telemetry import TelemetryHub
 from swapmoe.layout import DeviceInfo
 from swapmoe.memory import MemoryReport
@@ -45,6 +45,8 @@ class EngineConfig:
     device: str = "cpu"
     # Longest prompt + completion; 0 means the model's limit, at most DEFAULT_MAX_CONTEXT.
     max_context: int = 0
+    store_root: Path | None = None  # where the expert store is built; None: executor.store.default_root()
+    max_loads_per_update: int = 1  # per layer: how far one update moves the resident set
 
 
 @dataclass(slots=True)
@@ -63,10 +65,10 @@ class Engine:
     def __init__(self, config: EngineConfig, hub: TelemetryHub | None = None):
         self.config = config
         self.hub = hub or TelemetryHub(config.node_id)
-        checkpoint = load_checkpoint(config.model_dir, config.device)
-        self.model, self.tokenizer = checkpoint.model, checkpoint.tokenizer
-        self.routers = install_masked_routers(self.model)
-        self.layout = describe(self.model)
+        self.runtime = VirtualExperts(config.model_dir, config.device, config.store_root,
+                                      max_loads_per_update=config.max_loads_per_update)
+        self.model, self.layout = self.runtime.model, self.runtime.layout
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
         limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
         self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
         dtype_bytes = next(self.model.parameters()).element_size()
@@ -87,7 +89,7 @@ class Engine:
 
     # --- memory -----------------------------------------------------------------
     def _fixed_bytes(self) -> int:
-        return self.layout.dense_bytes + self.kv_bytes + self.activation_bytes
+        return self.layout.dense_bytes + self.runtime.staging_bytes + self.kv_bytes + self.activation_bytes
 
     def _fitting_experts(self, budget: int) -> tuple[int, ...]:
         return even_split(self.layout, budget - self._fixed_bytes())
@@ -107,7 +109,7 @@ class Engine:
         return MemoryReport(
             budget_bytes=self.budget_bytes,
             dense_bytes=self.layout.dense_bytes,
-            expert_bytes=self.layout.expert_bytes(self.achieved),
+            expert_bytes=self.runtime.slot_bytes() + self.runtime.staging_bytes,
             kv_cache_bytes=self.kv_bytes,
             activation_bytes=self.activation_bytes,
             process_rss_bytes=memory.process_rss(),
@@ -150,17 +152,23 @@ class Engine:
         return previous
 
     def _apply_residency(self, plan: Plan) -> None:
-        """Keep each layer's most important experts so far (ties: largest ||E_i||). Caller holds the step lock."""
-        for router, kept in zip(self.routers, plan.experts_per_layer):
-            score = router.importance + router.expert_norms.double() * 1e-12
-            router.set_resident(torch.topk(score, kept).indices.tolist())
+        """Give each layer the plan's slots (shrinking keeps the most important experts) and its
+        strategy. Caller holds the step lock."""
+        if plan.strategy is not self.runtime.strategy:
+            self.runtime.set_strategy(plan.strategy)
+        if tuple(plan.experts_per_layer) != self.runtime.capacities:
+            self.runtime.resize(plan.experts_per_layer)
         self.plan = plan
-        self.achieved = tuple(int(r.resident.sum()) for r in self.routers)
+        self.achieved = self.runtime.capacities
 
     def expert_stats(self) -> list[tuple[list[int], list[float], list[int]]]:
         """Per layer: cumulative activations, cumulative importance, resident experts."""
         with self._step_lock:
-            return [(*r.stats(), r.resident.nonzero().flatten().tolist()) for r in self.routers]
+            return [(*layer.router.stats(), layer.pool.resident) for layer in self.runtime.layers]
+
+    def swap_stats(self) -> tuple[int, int, float]:
+        """Cumulative expert loads, bytes read and seconds spent reading."""
+        return self.runtime.io.snapshot()
 
     # --- generation -------------------------------------------------------------
     def tokenize(self, text: str) -> tuple[int, ...]:
@@ -226,14 +234,18 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _between_steps(self) -> None:
-        """Between forward passes (step lock held): every ``update_frequency`` tokens the resident
-        set moves to the most important experts (paper section 3.2). In this skeleton every
-        expert is in memory, so an update is a new mask; the runtime issue makes it real loads."""
+        """Between forward passes (step lock held): finished loads become usable, and every
+        ``update_frequency`` tokens the resident set moves toward the most important experts
+        by background loads (paper section 3.2). Frequency 0 keeps the resident set static."""
+        self.runtime.poll()
         self._tokens_since_update += 1
         frequency = self.plan.update_frequency
         if frequency and self._tokens_since_update >= frequency:
             self._tokens_since_update = 0
-            self._apply_residency(self.plan)
+            self.runtime.update()
+
+    def close(self) -> None:
+        self.runtime.close()
 
 
 def _locked(tokens: Iterator[int], lock: threading.Lock) -> Iterator[int]:

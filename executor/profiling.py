@@ -1,7 +1,7 @@
 """On-device measurements for the profiler: expert load time, compute time, memory per expert.
 
-The skeleton measures loads from host memory (a copy of the expert's tensors);
-the runtime issue measures its real tier (disk or pinned host memory).
+Loads are timed on the tier the executor really loads from: one expert read from
+the expert store (``O_DIRECT`` from disk on a CPU device).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from executor.adapters import adapter_for, find_moe_blocks
+from executor.adapters import find_moe_blocks
 from swapmoe.v1 import executor_pb2 as epb
 
 
@@ -27,31 +27,36 @@ def _median_ns(fn, repeats: int) -> int:
 
 
 def _expert_forward(block, tokens: int):
-    """One expert's forward over ``tokens`` random tokens, through the model's own experts module."""
-    dtype = next(block.module.parameters()).dtype
-    if isinstance(block.experts, nn.ModuleDict):  # per-expert modules (Switch)
-        expert = block.experts["expert_0"]
-        x = torch.randn(tokens, expert.wi.in_features, dtype=dtype)
+    """One expert's forward over ``tokens`` random tokens, through the model's own experts
+    module (slot 0 of the block's virtual experts)."""
+    inner = block.experts.inner
+    dtype = next(inner.parameters()).dtype
+    device = next(inner.parameters()).device
+    if isinstance(inner, nn.ModuleDict):  # per-expert modules (Switch)
+        expert = inner["expert_0"]
+        x = torch.randn(tokens, expert.wi.in_features, dtype=dtype, device=device)
         return lambda: expert(x)
-    x = torch.randn(tokens, block.experts.gate_up_proj.shape[-1], dtype=dtype)
-    index = torch.zeros(tokens, 1, dtype=torch.long)
-    weights = torch.ones(tokens, 1, dtype=dtype)
-    return lambda: block.experts(x, index, weights)
+    x = torch.randn(tokens, inner.gate_up_proj.shape[-1], dtype=dtype, device=device)
+    index = torch.zeros(tokens, 1, dtype=torch.long, device=device)
+    weights = torch.ones(tokens, 1, dtype=dtype, device=device)
+    return lambda: inner(x, index, weights)
 
 
 @torch.inference_mode()
 def profile(engine, token_counts: tuple[int, ...], repeats: int) -> Iterator[epb.ProfileProgress]:
-    adapter = adapter_for(engine.model)
     block = find_moe_blocks(engine.model)[0]
     steps = 1 + len(token_counts)
     yield epb.ProfileProgress(fraction=0.0, stage="expert load")
-    tensors = adapter.expert_tensors(block.experts, 0)
-    nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    load_ns = max(1, _median_ns(lambda: [t.clone() for t in tensors], repeats))
+    store = engine.runtime.store
+    buffer = store.buffer(0)
+    experts = store.manifest.layers[0].num_experts
+    reads = iter(range(10**9))
+    nbytes = store.manifest.layers[0].expert_bytes
+    load_ns = max(1, _median_ns(lambda: store.read_into(0, next(reads) % experts, buffer), repeats))
     result = epb.ProfileResult(
         expert_load_ns=load_ns,
         load_bytes_per_second=nbytes / (load_ns / 1e9),
-        load_tier="host-memory",
+        load_tier=engine.runtime.tier,
         bytes_per_expert=[l.bytes_per_expert for l in engine.layout.layers],
         dense_bytes=engine.layout.dense_bytes,
     )

@@ -59,6 +59,7 @@ class TelemetryReporter:
         self.engine = engine
         self._tokens = (time.monotonic(), engine.stats.tokens_total)
         self._experts = None
+        self._swaps = engine.swap_stats()
 
     def reports(self, topics: frozenset[int]) -> list[tpb.TelemetryEvent]:
         engine, hub, out = self.engine, self.engine.hub, []
@@ -69,7 +70,7 @@ class TelemetryReporter:
         if tpb.TOPIC_EXPERTS in topics:
             out.append(hub.make(experts=self._experts_report()))
         if tpb.TOPIC_SWAPS in topics:
-            out.append(hub.make(swaps=tpb.SwapReport(tier="none (all experts loaded)")))
+            out.append(hub.make(swaps=self._swaps_report()))
         if tpb.TOPIC_PLAN in topics:
             out.append(hub.make(plan=tpb.PlanReport(plan=convert.plan_to_pb(engine.plan),
                                                     achieved_experts_per_layer=engine.achieved)))
@@ -81,6 +82,12 @@ class TelemetryReporter:
         then, tokens = self._tokens
         self._tokens = (now, snap["tokens_total"])
         return tpb.ThroughputReport(tokens_per_second=(snap["tokens_total"] - tokens) / max(now - then, 1e-9), **snap)
+
+    def _swaps_report(self) -> tpb.SwapReport:
+        (loads, nbytes, seconds), (pl, pb, ps) = self.engine.swap_stats(), self._swaps
+        self._swaps = (loads, nbytes, seconds)
+        return tpb.SwapReport(experts_loaded=loads - pl, bytes_loaded=nbytes - pb, load_ns=int((seconds - ps) * 1e9),
+                              experts_loaded_total=loads, tier=self.engine.runtime.tier)
 
     def _experts_report(self) -> tpb.ExpertReport:
         stats = self.engine.expert_stats()

@@ -1,29 +1,38 @@
 """The expert store: every (layer, expert) of a checkpoint addressable for one fast read.
 
-``build_store`` rewrites a Hugging Face checkpoint's routed experts once into an
-expert-major file: each expert's tensors, in the runtime's layout (e.g. Mixtral's
+``build_store`` rewrites a Hugging Face checkpoint once: its routed experts into an
+expert-major file, each expert's tensors in the runtime's layout (e.g. Mixtral's
 ``w1``/``w3`` concatenated into ``gate_up_proj``), contiguous and aligned to 4 KiB, so a
-load is one ``pread``. It reads the checkpoint tensor by tensor and never holds more
-than one expert. ``ExpertStore`` reads experts back with ``O_DIRECT`` where the file
-system allows it, so the OS page cache does not quietly keep the model in RAM.
+load is one ``pread``; and the dense (non-expert) weights, under the runtime's names, into
+``dense.safetensors``. It reads the checkpoint tensor by tensor and never holds more than
+one expert. ``ExpertStore`` reads experts back with ``O_DIRECT`` where the file system
+allows it, so the OS page cache does not quietly keep the model in RAM.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from executor.adapters import UnsupportedModel, adapter_for, find_moe_blocks
 from executor.checkpoint import auto_class, read_config
 
 ALIGN = 4096
-FORMAT = 1
+FORMAT = 2
+
+
+def default_root() -> Path:
+    """Where stores are built: ``$SWAPMOE_STORE_ROOT``, else ``~/.cache/swapmoe/stores``."""
+    return Path(os.environ.get("SWAPMOE_STORE_ROOT") or Path.home() / ".cache" / "swapmoe" / "stores")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +50,7 @@ class LayerSpec:
     expert_bytes: int  # payload of one expert
     stride: int  # expert_bytes rounded up to ALIGN
     offset: int  # of expert 0 in the file
+    norms: tuple[float, ...]  # ||E_i|| per expert (Frobenius, over all of the expert's weights)
 
     def expert_offset(self, expert: int) -> int:
         return self.offset + expert * self.stride
@@ -52,7 +62,9 @@ class Manifest:
     model_class: str
     dtype: str
     layers: tuple[LayerSpec, ...]
+    dense_bytes: int = 0
     file: str = "experts.bin"
+    dense_file: str = "dense.safetensors"
     format: int = FORMAT
 
     def save(self, directory: Path) -> None:
@@ -65,8 +77,9 @@ class Manifest:
             raise ValueError(f"{directory}: expert store format {raw.get('format')} is not {FORMAT}")
         layers = tuple(LayerSpec(l["module"], l["num_experts"], tuple(PartSpec(p["name"], tuple(p["shape"]),
                                                                                p["nbytes"]) for p in l["parts"]),
-                                 l["expert_bytes"], l["stride"], l["offset"]) for l in raw["layers"])
-        return cls(raw["architecture"], raw["model_class"], raw["dtype"], layers, raw["file"], raw["format"])
+                                 l["expert_bytes"], l["stride"], l["offset"], tuple(l["norms"])) for l in raw["layers"])
+        return cls(raw["architecture"], raw["model_class"], raw["dtype"], layers, raw["dense_bytes"],
+                   raw["file"], raw["dense_file"], raw["format"])
 
 
 def meta_model(checkpoint: Path):
@@ -89,6 +102,9 @@ class _Checkpoint:
                 self.where = {k: single for k in f.keys()}
         self._open = {}
 
+    def has(self, key: str) -> bool:
+        return key in self.where
+
     def get(self, key: str) -> torch.Tensor:
         if key not in self.where:
             raise UnsupportedModel(f"checkpoint has no tensor {key!r}: its expert layout is not the one expected")
@@ -99,17 +115,18 @@ class _Checkpoint:
 
 
 def build_store(checkpoint: Path, out: Path) -> Manifest:
-    """Write ``out/experts.bin`` and ``out/manifest.json`` from ``checkpoint``'s routed experts."""
+    """Write ``out/experts.bin``, ``out/dense.safetensors`` and ``out/manifest.json`` from ``checkpoint``."""
     checkpoint, out = Path(checkpoint), Path(out)
     model = meta_model(checkpoint)
     adapter = adapter_for(model)
     source = _Checkpoint(checkpoint)
+    blocks = find_moe_blocks(model)
     out.mkdir(parents=True, exist_ok=True)
     layers, offset = [], 0
     tmp = out / "experts.bin.tmp"
     with open(tmp, "wb") as f:
-        for block in find_moe_blocks(model):
-            parts, stride = None, None
+        for block in blocks:
+            parts, stride, norms = None, None, []
             for expert in range(block.num_experts):
                 tensors = [(name, torch.cat([source.get(k) for k in keys], dim=0).contiguous())
                            for name, keys in adapter.disk_keys(block.name, expert)]
@@ -117,16 +134,66 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
                 if parts is None:
                     parts = tuple(PartSpec(n, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors)
                     stride = -(-len(payload) // ALIGN) * ALIGN
+                norms.append(float(sum(t.double().pow(2).sum() for _, t in tensors) ** 0.5))
                 f.write(payload + bytes(stride - len(payload)))
-            layers.append(LayerSpec(block.name, block.num_experts, parts, sum(p.nbytes for p in parts), stride, offset))
+            layers.append(LayerSpec(block.name, block.num_experts, parts, sum(p.nbytes for p in parts), stride,
+                                    offset, tuple(norms)))
             offset += stride * block.num_experts
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(out / "experts.bin")
+    dense = _dense_tensors(model, adapter, blocks, source)
+    save_file(dense, out / "dense.safetensors")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    manifest = Manifest(model.config.model_type, type(model).__name__, dtype, tuple(layers))
+    manifest = Manifest(model.config.model_type, type(model).__name__, dtype, tuple(layers),
+                        sum(t.numel() * t.element_size() for t in dense.values()))
     manifest.save(out)
     return manifest
+
+
+def _dense_tensors(model, adapter, blocks, source: _Checkpoint) -> dict[str, torch.Tensor]:
+    """The checkpoint's non-expert tensors under the runtime's names. A runtime tensor missing on
+    disk is left out: tied weights are re-tied on load, and anything else is reported there."""
+    experts = tuple(f"{b.name}.experts." for b in blocks)
+    dense = {}
+    for name in model.state_dict():
+        if name.startswith(experts):
+            continue
+        renamed = name.replace(*adapter.disk_block_rename) if adapter.disk_block_rename[0] else name
+        key = next((k for k in (name, renamed) if source.has(k)), None)
+        if key is not None:
+            dense[name] = source.get(key).contiguous()
+    return dense
+
+
+def fingerprint(checkpoint: Path) -> str:
+    """Changes when the checkpoint's config or weight files change (name, size, mtime)."""
+    checkpoint = Path(checkpoint)
+    digest = hashlib.sha256(f"format {FORMAT}\n".encode())
+    digest.update((checkpoint / "config.json").read_bytes())
+    for path in sorted(checkpoint.glob("*.safetensors*")):
+        stat = path.stat()
+        digest.update(f"{path.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def ensure_store(checkpoint: Path, root: Path | None = None, log=print) -> Path:
+    """The store for ``checkpoint`` under ``root``, built once (atomically: concurrent builders
+    each write a private directory and the first rename wins)."""
+    checkpoint = Path(checkpoint).resolve()
+    root = Path(root or default_root())
+    final = root / f"{checkpoint.name}-{fingerprint(checkpoint)}"
+    if (final / "manifest.json").exists():
+        return final
+    log(f"building the expert store for {checkpoint} in {final} (once per checkpoint)")
+    private = root / f".{final.name}.{os.getpid()}"
+    shutil.rmtree(private, ignore_errors=True)
+    build_store(checkpoint, private)
+    try:
+        private.rename(final)
+    except OSError:  # another process finished first
+        shutil.rmtree(private, ignore_errors=True)
+    return final
 
 
 class ExpertStore:
@@ -150,7 +217,11 @@ class ExpertStore:
 
     def buffer(self, layer: int) -> mmap.mmap:
         """A page-aligned buffer for one expert of ``layer`` (O_DIRECT needs aligned memory)."""
-        return mmap.mmap(-1, self.manifest.layers[layer].stride)
+        return self.buffer_of(self.manifest.layers[layer].stride)
+
+    @staticmethod
+    def buffer_of(nbytes: int) -> mmap.mmap:
+        return mmap.mmap(-1, nbytes)
 
     def read_into(self, layer: int, expert: int, buffer: mmap.mmap) -> int:
         """Read one expert into ``buffer``; returns the bytes read."""
@@ -168,7 +239,11 @@ class ExpertStore:
     def tensors(self, layer: int, buffer: mmap.mmap) -> dict[str, torch.Tensor]:
         """Views of the expert in ``buffer`` as its runtime tensors (no copy)."""
         spec = self.manifest.layers[layer]
-        raw = torch.frombuffer(buffer, dtype=torch.uint8, count=spec.expert_bytes)
+        return self.tensors_from(layer, torch.frombuffer(buffer, dtype=torch.uint8, count=spec.expert_bytes))
+
+    def tensors_from(self, layer: int, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of an expert laid out in the uint8 tensor ``raw`` (e.g. a pinned staging buffer)."""
+        spec = self.manifest.layers[layer]
         out, start = {}, 0
         for part in spec.parts:
             out[part.name] = raw[start:start + part.nbytes].view(self.dtype).view(part.shape)

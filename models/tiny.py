@@ -200,3 +200,15 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **config_overrides) -> 
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)
     return path
+
+
+SAMPLE_INPUT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 64, 128, 31, 2]])
+
+
+def sample_logits(model, arch: str, input_ids: torch.Tensor = SAMPLE_INPUT) -> torch.Tensor:
+    """One forward pass on a fixed input (seq2seq models decode its first half): the quantity
+    exactness tests compare between our runtime and unmodified transformers."""
+    with torch.inference_mode():
+        if is_encoder_decoder(arch):
+            return model(input_ids=input_ids, decoder_input_ids=input_ids[:, :input_ids.shape[1] // 2]).logits
+        return model(input_ids=input_ids).logits

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from models.tiny import save_tiny_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def store_root(tmp_path_factory):
+    """Expert stores built during the tests (also by executor processes they start) go here."""
+    root = tmp_path_factory.mktemp("stores")
+    os.environ["SWAPMOE_STORE_ROOT"] = str(root)
+    return root
 
 
 @pytest.fixture(scope="session")

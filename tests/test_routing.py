@@ -6,16 +6,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from executor.adapters import UnsupportedModel, describe, find_moe_blocks, install_masked_routers
 from executor.checkpoint import load_checkpoint
-from models.tiny import ARCHITECTURES, is_encoder_decoder
+from models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
 
-INPUT = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 8, 64, 128, 31, 2]])
-
-
-def _logits(model, arch):
-    with torch.no_grad():
-        if is_encoder_decoder(arch):
-            return model(input_ids=INPUT, decoder_input_ids=INPUT[:, :6]).logits
-        return model(input_ids=INPUT).logits
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -25,7 +17,7 @@ def test_with_every_expert_resident_logits_equal_the_unmodified_model(arch, chec
     reference = auto.from_pretrained(path).eval()
     ours = load_checkpoint(path).model
     install_masked_routers(ours)
-    torch.testing.assert_close(_logits(ours, arch), _logits(reference, arch), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample_logits(ours, arch), sample_logits(reference, arch), rtol=1e-5, atol=1e-5)
 
 
 def _capture_expert_choices(model):
@@ -52,7 +44,7 @@ def test_masked_gating_never_routes_to_an_absent_expert(arch, checkpoint_dirs):
     for router in routers:
         router.set_resident(resident)
     seen = _capture_expert_choices(model)
-    _logits(model, arch)
+    sample_logits(model, arch)
     chosen = torch.cat(seen).unique().tolist()
     assert chosen and set(chosen) <= set(resident)
 
@@ -86,7 +78,7 @@ def test_importance_counts_wanted_experts_even_when_absent(arch, checkpoint_dirs
     routers = install_masked_routers(model)
     for router in routers:
         router.set_resident([0])
-    _logits(model, arch)
+    sample_logits(model, arch)
     activations, importance = routers[0].stats()
     assert sum(activations) > 0
     assert any(a > 0 for a in activations[1:]), "absent experts the router wanted were not counted"

@@ -1,0 +1,162 @@
+"""Expert loads from the store into slots, on a background thread (paper section 3.2).
+
+A load reads one expert from disk (``O_DIRECT``: the page cache does not keep it) into a
+staging buffer, then copies it into its reserved slot. On CUDA the staging buffer is pinned
+and the copy runs on a side stream; the thread waits for the copy's event, so a load is
+reported finished only once its slot is completely written. Finished loads are collected by
+the runtime between forward passes, which is when a slot becomes visible to routing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from executor.store import ExpertStore
+
+
+@dataclass(slots=True)
+class Load:
+    layer: int
+    expert: int
+    slot: int
+    targets: dict[str, torch.Tensor]  # the slot's tensors, by store part name
+    epoch: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class LoadStats:
+    """Cumulative expert I/O (background and synchronous loads); thread-safe."""
+
+    loads: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        with self._lock:
+            self.loads += 1
+            self.nbytes += nbytes
+            self.seconds += seconds
+
+    def snapshot(self) -> tuple[int, int, float]:
+        with self._lock:
+            return self.loads, self.nbytes, self.seconds
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.nbytes / self.seconds if self.seconds else 0.0
+
+
+class Copier:
+    """Reads an expert from the store and writes it into slot tensors (one staging buffer)."""
+
+    def __init__(self, store: ExpertStore, device: torch.device, stats: LoadStats):
+        self.store = store
+        self.stats = stats
+        stride = max(l.stride for l in store.manifest.layers)
+        self.buffer = store.buffer_of(stride)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.pinned = torch.empty(stride, dtype=torch.uint8, pin_memory=True)
+            self.stream = torch.cuda.Stream(device)
+        self.staging_bytes = stride * (2 if self.cuda else 1)
+
+    def copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
+        """Load one expert into ``targets``; returns the bytes read."""
+        start = time.perf_counter()
+        nbytes = self._copy(layer, expert, targets)
+        self.stats.add(nbytes, time.perf_counter() - start)
+        return nbytes
+
+    def _copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
+        nbytes = self.store.read_into(layer, expert, self.buffer)
+        sources = self.store.tensors(layer, self.buffer)
+        with torch.no_grad():
+            if not self.cuda:
+                for name, target in targets.items():
+                    target.copy_(sources[name])
+                return nbytes
+            self.pinned[:nbytes].copy_(torch.frombuffer(self.buffer, dtype=torch.uint8, count=nbytes))
+            pinned = self.store.tensors_from(layer, self.pinned)
+            with torch.cuda.stream(self.stream):
+                for name, target in targets.items():
+                    target.copy_(pinned[name], non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            done.synchronize()  # the slot is whole before anyone hears of it; the staging buffer is free again
+        return nbytes
+
+
+class ExpertLoader:
+    """One background thread serving a queue of loads; the caller collects finished ones."""
+
+    def __init__(self, store: ExpertStore, device: torch.device, stats: LoadStats):
+        self._copier = Copier(store, device, stats)
+        self.staging_bytes = self._copier.staging_bytes
+        self._queue: deque[Load] = deque()
+        self._finished: list[Load] = []
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="expert-loader", daemon=True)
+        self._thread.start()
+
+    def submit(self, load: Load) -> None:
+        with self._cond:
+            self._queue.append(load)
+            self._cond.notify_all()
+
+    def finished(self) -> list[Load]:
+        """Loads completed since the last call (their slots are fully written)."""
+        with self._cond:
+            done, self._finished = self._finished, []
+        return done
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + self._busy
+
+    def quiesce(self) -> list[Load]:
+        """Drop queued loads and wait for the one in flight; returns the dropped ones."""
+        with self._cond:
+            dropped = list(self._queue)
+            self._queue.clear()
+            while self._busy:
+                self._cond.wait()
+        return dropped
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+                load = self._queue.popleft()
+                self._busy = True
+            try:
+                start = time.perf_counter()
+                load.nbytes = self._copier.copy(load.layer, load.expert, load.targets)
+                load.seconds = time.perf_counter() - start
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._finished.append(load)
+                    self._cond.notify_all()

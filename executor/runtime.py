@@ -1,0 +1,219 @@
+"""Virtual experts: a model whose MoE layers keep a budgeted, changing set of experts in slots.
+
+Per layer: a ``SlotPool`` (which expert is in which slot), the model's masked router
+(which resident experts a token may use; importance, Eq. 1) and ``SlotExperts`` (slot
+weights and the expert -> slot table). The resident set moves toward the most important
+experts by amortized background loads (``update``), made visible between forward passes
+(``poll``). Every method here is called between forward passes: the engine's step lock
+is held, so a mapping never changes inside one.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
+from executor.loader import Copier, ExpertLoader, Load, LoadStats
+from executor.routing import MaskedRouter
+from executor.skeleton import build_skeleton
+from executor.slot_experts import SlotExperts
+from executor.slots import SlotPool
+from executor.store import ExpertStore, ensure_store
+from swapmoe.plan import Strategy
+
+ROUTER_MODE = {Strategy.MASKED_GATING: "masked", Strategy.SKIP: "skip", Strategy.ON_DEMAND: "all"}
+
+
+@dataclass(slots=True)
+class Layer:
+    router: MaskedRouter
+    experts: SlotExperts
+    pool: SlotPool
+    scores: torch.Tensor  # decayed importance: what the resident set moves toward
+    seen: torch.Tensor  # the router's cumulative importance at the last update
+    recency: OrderedDict = field(default_factory=OrderedDict)  # on-demand: least recently used first
+
+
+@dataclass(slots=True)
+class SwapStats:
+    updates: int = 0
+    loads_started: int = 0
+    loads_finished: int = 0
+    evictions: int = 0
+    on_demand_loads: int = 0
+
+
+class VirtualExperts:
+    """The model, its slots per layer, and the loads that move experts in and out.
+
+    Construction builds the skeleton and reads the store's manifest; ``resize`` gives the
+    layers their slots and fills them (the model cannot run before that)."""
+
+    def __init__(self, checkpoint: Path, device: str = "cpu",
+                 store_root: Path | None = None, max_loads_per_update: int = 1, decay: float = 0.5, log=print):
+        self.device = torch.device(device)
+        store_dir = ensure_store(checkpoint, store_root, log=log)
+        self.store = ExpertStore(store_dir)
+        manifest = self.store.manifest
+        self.model = build_skeleton(Path(checkpoint), store_dir, manifest, self.device)
+        norms = [torch.tensor(l.norms) for l in manifest.layers]
+        self.routers = install_masked_routers(self.model, norms)
+        self.layout = describe(self.model)  # before slots replace the experts: all E per layer
+        kind = adapter_for(self.model).slots
+        self.layers: list[Layer] = []
+        for block, router, norm in zip(find_moe_blocks(self.model), self.routers, norms):
+            experts = SlotExperts(block.experts, kind, block.num_experts)
+            block.module.experts = experts
+            scores = norm.double() * 1e-9  # no traffic yet: prefer the largest experts
+            self.layers.append(Layer(router.to(self.device), experts, SlotPool(block.num_experts, 1), scores,
+                                     torch.zeros(block.num_experts, dtype=torch.double)))
+        self.max_loads_per_update = max_loads_per_update
+        self.decay = decay
+        self.strategy = Strategy.MASKED_GATING
+        self.stats = SwapStats()
+        self.io = LoadStats()
+        self._sync = Copier(self.store, self.device, self.io)  # on-demand and start-up loads
+        self.loader = ExpertLoader(self.store, self.device, self.io)
+        self._epoch = 0
+        self._filled = False
+
+    @property
+    def tier(self) -> str:
+        return "pinned host memory <- " + self.store.tier if self.device.type == "cuda" else self.store.tier
+
+    # --- what is where --------------------------------------------------------------
+    @property
+    def capacities(self) -> tuple[int, ...]:
+        """Slots per layer; empty before the first ``resize``."""
+        return tuple(l.pool.capacity for l in self.layers) if self._filled else ()
+
+    def resident(self) -> list[list[int]]:
+        return [l.pool.resident for l in self.layers]
+
+    @property
+    def staging_bytes(self) -> int:
+        return self.loader.staging_bytes + self._sync.staging_bytes
+
+    def slot_bytes(self) -> int:
+        return self.layout.expert_bytes(self.capacities) if self._filled else 0
+
+    def _publish(self, layer: Layer) -> None:
+        """Make the pool's ready experts the ones routing may use (between forward passes)."""
+        layer.experts.map(layer.pool.ready)
+        layer.router.set_resident(sorted(layer.pool.ready))
+
+    # --- plans: capacities and strategy ------------------------------------------------
+    def resize(self, capacities: Sequence[int]) -> None:
+        """Give each layer its number of slots: shrinking keeps the most important experts,
+        growing adds empty slots (filled at once when nothing is resident yet, else by updates)."""
+        self._settle()
+        first, self._filled = not self._filled, True
+        for index, (layer, capacity) in enumerate(zip(self.layers, capacities)):
+            pool = layer.pool
+            if first:
+                layer.pool = pool = SlotPool(pool.num_experts, capacity)
+                layer.experts.resize(capacity, {}, self.device)
+                wanted = sorted(pool.wanted(layer.scores.tolist(), capacity))  # index order: slot i = expert i when all fit
+                for expert, slot in pool.fill(wanted):
+                    self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+                    pool.finish_load(expert, layer.scores.tolist(), capacity)
+            elif capacity < pool.capacity:
+                moves = pool.shrink(capacity, layer.scores.tolist())
+                layer.experts.resize(capacity, moves, self.device)
+            elif capacity > pool.capacity:
+                keep = {slot: slot for slot in pool.ready.values()}
+                pool.grow(capacity)
+                layer.experts.resize(capacity, keep, self.device)
+            self._publish(layer)
+        if not first:
+            self.update(max_loads=max(capacities))
+
+    def set_strategy(self, strategy: Strategy) -> None:
+        self._settle()
+        self.strategy = strategy
+        for index, layer in enumerate(self.layers):
+            layer.router.mode = ROUTER_MODE[strategy]
+            layer.experts.load_now = (lambda experts, i=index: self._load_now(i, experts)) \
+                if strategy is Strategy.ON_DEMAND else None
+
+    # --- seamless updates (paper section 3.2) ------------------------------------------
+    def update(self, max_loads: int | None = None) -> int:
+        """Move each layer's resident set toward its most important experts: start up to
+        ``max_loads`` background loads per layer. Returns the loads started."""
+        self.poll()
+        if self.strategy is Strategy.ON_DEMAND:
+            return 0
+        self.stats.updates += 1
+        started = 0
+        for index, layer in enumerate(self.layers):
+            importance = layer.router.importance.detach().to("cpu", torch.double, copy=True)
+            layer.scores = layer.scores * self.decay + (importance - layer.seen)
+            layer.seen = importance
+            before = set(layer.pool.ready)
+            for expert, slot in layer.pool.begin_loads(layer.scores.tolist(), layer.pool.capacity,
+                                                       max_loads or self.max_loads_per_update):
+                self.loader.submit(Load(index, expert, slot, layer.experts.slot_tensors(slot), self._epoch))
+                started += 1
+            if set(layer.pool.ready) != before:  # a slot was freed for a load: stop routing to it now
+                self.stats.evictions += len(before - set(layer.pool.ready))
+                self._publish(layer)
+        self.stats.loads_started += started
+        return started
+
+    def poll(self) -> int:
+        """Make finished loads visible to routing; returns how many were."""
+        done = 0
+        for load in self.loader.finished():
+            layer = self.layers[load.layer]
+            if load.epoch != self._epoch or load.expert not in layer.pool.loading:
+                continue  # its slot was given up while it loaded
+            evicted = layer.pool.finish_load(load.expert, layer.scores.tolist(), layer.pool.capacity)
+            self.stats.evictions += len(evicted)
+            self._publish(layer)
+            done += 1
+        self.stats.loads_finished += done
+        return done
+
+    def _settle(self) -> None:
+        """Stop background loads (before slots move): queued ones are dropped, the one in
+        flight finishes and is kept."""
+        for load in self.loader.quiesce():
+            self.layers[load.layer].pool.cancel_load(load.expert)
+        self.poll()
+        self._epoch += 1
+        for layer in self.layers:
+            for expert in list(layer.pool.loading):
+                layer.pool.cancel_load(expert)
+
+    # --- on-demand strategy (exact; the LRU baseline) -------------------------------------
+    def _load_now(self, index: int, experts: list[int]) -> None:
+        """Synchronously make ``experts`` resident, evicting the least recently used others."""
+        layer = self.layers[index]
+        pool = layer.pool
+        for expert in pool.ready:
+            layer.recency.setdefault(expert, None)
+        changed = False
+        for expert in experts:
+            if expert not in pool.ready:
+                if not pool.free:
+                    victim = next(e for e in layer.recency if e in pool.ready and e not in experts)
+                    pool.evict(victim)
+                    layer.recency.pop(victim)
+                slot = pool.free.pop(0)
+                self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+                pool.ready[expert] = slot
+                self.stats.on_demand_loads += 1
+                changed = True
+            layer.recency[expert] = None
+            layer.recency.move_to_end(expert)
+        if changed:
+            self._publish(layer)
+
+    def close(self) -> None:
+        self.loader.close()
+        self.store.close()

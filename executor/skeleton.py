@@ -1,0 +1,60 @@
+"""The model without its routed experts: built on the meta device, dense weights loaded.
+
+The skeleton comes from the checkpoint's config with parameters on the meta device (no
+memory) and buffers real, so buffers that checkpoints do not store (e.g. rotary
+``inv_freq``) are computed as usual. Dense weights then come from the expert store's
+``dense.safetensors``; routed experts stay on meta until the runtime gives them slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from executor.adapters import UnsupportedModel, find_moe_blocks
+from executor.checkpoint import auto_class, read_config
+from executor.store import Manifest
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get meta parameters. torch.empty does not touch pages, so
+    building a large layer and moving it to meta costs no resident memory."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, param):
+        original(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device: torch.device) -> nn.Module:
+    """The model with dense weights on ``device`` and routed experts still on meta."""
+    config = read_config(checkpoint)
+    config._experts_implementation = "eager"  # masks the "no expert" index E (see executor.checkpoint)
+    dtype = getattr(torch, manifest.dtype)
+    with parameters_on_meta():
+        model = auto_class(config).from_config(config, dtype=dtype)
+    dense = load_file(store_dir / manifest.dense_file, device=str(device))
+    model.load_state_dict(dense, strict=False, assign=True)
+    model.tie_weights()
+    experts = tuple(f"{b.name}.experts." for b in find_moe_blocks(model))
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(experts)]
+    if missing:
+        raise UnsupportedModel(f"model class {type(model).__name__}: the checkpoint has no weights for "
+                               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for module in model.modules():  # buffers were built on the CPU
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None and buffer.device != device:
+                module._buffers[name] = buffer.to(device)
+    return model.eval()

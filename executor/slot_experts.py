@@ -1,0 +1,140 @@
+"""A MoE block's experts held in ``k`` slots instead of ``E`` (the paper's Virtual Experts).
+
+``SlotExperts`` replaces a block's ``experts`` module. The block keeps calling it with
+routing in *expert* space (from the masked router); it translates that routing to
+*slot* space through a table and calls the model's own experts module, whose weights
+now hold ``k`` slots. The table is replaced as a whole between forward passes, so a
+forward pass sees either the old mapping or the new one, never a mix.
+
+Two routing shapes exist: packed experts (Mixtral family) take ``index [T, K]`` with
+``E`` meaning "no expert"; Switch takes a one-hot ``dispatch [T, 1, E]``. ``Packed`` and
+``OneHot`` hide the difference.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class Packed:
+    """Routing ``index [T, K]`` in 0..E (E: no expert); weights are 3D ``[slots, ...]`` parameters."""
+
+    @staticmethod
+    def to_slots(index: torch.Tensor, slot_of: torch.Tensor, expert_in_slot: torch.Tensor) -> torch.Tensor:
+        return slot_of[index]
+
+    @staticmethod
+    def needed(index: torch.Tensor, num_experts: int) -> list[int]:
+        return torch.unique(index[index < num_experts]).tolist()
+
+    @staticmethod
+    def restrict(index: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Assignments to experts outside ``keep`` ([E+1] bool, False at E) become E."""
+        return torch.where(keep[index], index, keep.numel() - 1)
+
+    @staticmethod
+    def slot_tensors(inner: nn.Module, slot: int) -> dict[str, torch.Tensor]:
+        return {name: p[slot] for name, p in inner.named_parameters(recurse=False)}
+
+    @staticmethod
+    def resize(inner: nn.Module, capacity: int, moves: dict[int, int], device) -> None:
+        for name, old in list(inner.named_parameters(recurse=False)):
+            new = torch.empty((capacity, *old.shape[1:]), dtype=old.dtype, device=device)
+            if moves and old.device.type != "meta":
+                src, dst = zip(*sorted(moves.items()))
+                new[list(dst)] = old.data[list(src)]
+            setattr(inner, name, nn.Parameter(new, requires_grad=False))
+        inner.num_experts = capacity
+
+
+class OneHot:
+    """Routing ``dispatch [T, 1, E]`` one-hot; experts are modules ``expert_{slot}`` (Switch)."""
+
+    @staticmethod
+    def to_slots(dispatch: torch.Tensor, slot_of: torch.Tensor, expert_in_slot: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(dispatch, (0, 1))[..., expert_in_slot]
+
+    @staticmethod
+    def needed(dispatch: torch.Tensor, num_experts: int) -> list[int]:
+        return dispatch.sum(dim=(0, 1)).nonzero().flatten().tolist()
+
+    @staticmethod
+    def restrict(dispatch: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return dispatch * keep[:-1].to(dispatch.dtype)
+
+    @staticmethod
+    def slot_tensors(inner: nn.Module, slot: int) -> dict[str, torch.Tensor]:
+        return {name.removesuffix(".weight"): p for name, p in inner[f"expert_{slot}"].named_parameters()}
+
+    @staticmethod
+    def resize(inner: nn.ModuleDict, capacity: int, moves: dict[int, int], device) -> None:
+        old = {int(k.removeprefix("expert_")): inner[k] for k in list(inner.keys())}
+        template = next(iter(old.values()))
+        for key in list(inner.keys()):
+            del inner[key]
+        kept = {new: old[src] for src, new in moves.items()}
+        for slot in range(capacity):
+            module = kept.get(slot)
+            if module is None:
+                module = copy.deepcopy(template).to_empty(device=device)
+            inner[f"expert_{slot}"] = module
+        inner.num_experts = capacity
+
+
+class SlotExperts(nn.Module):
+    """``experts(hidden, routing, weights)`` over ``capacity`` slots, routing given in expert space."""
+
+    def __init__(self, inner: nn.Module, kind, num_experts: int):
+        super().__init__()
+        self.inner = inner
+        self.kind = kind
+        self.num_experts = num_experts
+        self.capacity = 0
+        self.slot_of = torch.zeros(num_experts + 1, dtype=torch.long)
+        self.expert_in_slot = torch.zeros(0, dtype=torch.long)
+        # On-demand strategy: ``load_now(experts)`` makes those experts resident before use.
+        self.load_now: Callable[[list[int]], None] | None = None
+
+    def resize(self, capacity: int, moves: dict[int, int], device) -> None:
+        self.kind.resize(self.inner, capacity, moves, device)
+        self.capacity = capacity
+
+    def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
+        return self.kind.slot_tensors(self.inner, slot)
+
+    def map(self, ready: dict[int, int]) -> None:
+        """Install a new expert -> slot mapping (experts absent from ``ready`` route nowhere)."""
+        slot_of = torch.full((self.num_experts + 1,), self.capacity, dtype=torch.long)
+        expert_in_slot = torch.full((self.capacity,), self.num_experts, dtype=torch.long)
+        for expert, slot in ready.items():
+            slot_of[expert], expert_in_slot[slot] = slot, expert
+        device = self._device()
+        self.slot_of, self.expert_in_slot = slot_of.to(device), expert_in_slot.to(device)
+
+    def forward(self, hidden: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.load_now is None:
+            return self.inner(hidden, self.kind.to_slots(routing, self.slot_of, self.expert_in_slot), weights)
+        return self._on_demand(hidden, routing, weights)
+
+    def _on_demand(self, hidden, routing, weights):
+        """Serve every routed expert exactly, loading misses, in groups that fit the slots."""
+        needed = self.kind.needed(routing, self.num_experts)
+        resident = set((self.slot_of[:-1] < self.capacity).nonzero().flatten().tolist())
+        needed.sort(key=lambda e: e not in resident)  # use what is there before loading more
+        out = None
+        for start in range(0, len(needed), self.capacity):
+            group = needed[start:start + self.capacity]
+            self.load_now(group)
+            keep = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=routing.device)
+            keep[group] = True
+            part = self.inner(hidden, self.kind.to_slots(self.kind.restrict(routing, keep), self.slot_of,
+                                                         self.expert_in_slot), weights)
+            out = part if out is None else out + part
+        return out if out is not None else torch.zeros_like(hidden)
+
+    def _device(self):
+        return next(self.inner.parameters()).device

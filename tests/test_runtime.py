@@ -1,0 +1,197 @@
+"""The virtual-experts runtime: slots loaded from the expert store, swapped while serving."""
+
+import threading
+
+import pytest
+import torch
+
+from executor.adapters import adapter_for, find_moe_blocks
+from executor.checkpoint import load_checkpoint
+from executor.engine import Engine, EngineConfig
+from executor.generation import GenerationRequest
+from executor.loader import Load
+from executor.runtime import VirtualExperts
+from models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
+from swapmoe.plan import Plan, Strategy
+
+
+
+@pytest.fixture
+def runtime_for(checkpoint_dirs, tmp_path):
+    made = []
+
+    def make(arch, capacities=None):
+        runtime = VirtualExperts(checkpoint_dirs(arch), store_root=tmp_path, log=lambda _: None)
+        runtime.resize(capacities or [l.num_experts for l in runtime.layout.layers])
+        made.append(runtime)
+        return runtime
+
+    yield make
+    for runtime in made:
+        runtime.close()
+
+
+def _half(runtime):
+    return [max(1, l.num_experts // 2) for l in runtime.layout.layers]
+
+
+def _assert_slots_hold_their_experts(runtime, reference):
+    adapter = adapter_for(reference)
+    for layer, block in zip(runtime.layers, find_moe_blocks(reference)):
+        assert layer.pool.ready, "a layer with no resident expert"
+        for expert, slot in layer.pool.ready.items():
+            want = adapter.expert_tensors(block.experts, expert)
+            got = list(layer.experts.slot_tensors(slot).values())
+            for g, w in zip(got, want, strict=True):
+                assert torch.equal(g, w.detach()), f"{block.name}: slot {slot} does not hold expert {expert}"
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_with_every_expert_in_a_slot_logits_equal_the_unmodified_model(arch, checkpoint_dirs, runtime_for):
+    reference = load_checkpoint(checkpoint_dirs(arch)).model
+    runtime = runtime_for(arch)
+    torch.testing.assert_close(sample_logits(runtime.model, arch), sample_logits(reference, arch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_on_demand_is_exact_with_half_the_slots(arch, checkpoint_dirs, runtime_for):
+    reference = load_checkpoint(checkpoint_dirs(arch)).model
+    runtime = runtime_for(arch)
+    runtime.resize([1] * runtime.layout.num_layers)  # one slot per layer: the hardest case
+    runtime.set_strategy(Strategy.ON_DEMAND)
+    torch.testing.assert_close(sample_logits(runtime.model, arch), sample_logits(reference, arch), rtol=1e-5, atol=1e-5)
+    assert runtime.stats.on_demand_loads > 0
+    _assert_slots_hold_their_experts(runtime, reference)
+
+
+def _slot_choices(runtime):
+    """Per layer, the slots each experts call is asked to run (in slot space)."""
+    seen = []
+    for index, layer in enumerate(runtime.layers):
+        def hook(module, args, index=index):
+            routing = args[1]
+            if routing.dim() == 3:  # one-hot over slots
+                slots = routing.reshape(-1, routing.shape[-1]).nonzero()[:, 1]
+            else:
+                slots = routing[routing < module.num_experts].flatten()
+            seen.append((index, slots.unique().tolist()))
+        layer.experts.inner.register_forward_pre_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("strategy", [Strategy.MASKED_GATING, Strategy.SKIP])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tokens_only_reach_slots_that_hold_a_ready_expert(arch, strategy, runtime_for):
+    runtime = runtime_for(arch, None)
+    runtime.resize(_half(runtime))
+    runtime.set_strategy(strategy)
+    runtime.update(max_loads=2)  # some slots are now being loaded in the background
+    seen = _slot_choices(runtime)
+    sample_logits(runtime.model, arch)
+    assert seen
+    for index, slots in seen:
+        ready_slots = set(runtime.layers[index].pool.ready.values())
+        assert set(slots) <= ready_slots
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "switch_transformers"])
+def test_after_many_swaps_every_slot_holds_exactly_its_expert(arch, checkpoint_dirs, runtime_for):
+    reference = load_checkpoint(checkpoint_dirs(arch)).model
+    runtime = runtime_for(arch)
+    runtime.resize(_half(runtime))
+    for step in range(12):
+        ids = torch.randint(3, 250, (1, 10), generator=torch.Generator().manual_seed(step))
+        with torch.inference_mode():
+            kw = dict(decoder_input_ids=ids[:, :4]) if is_encoder_decoder(arch) else {}
+            runtime.model(input_ids=ids, **kw)
+        runtime.update(max_loads=2)
+        runtime.loader.wait_idle(5)
+        runtime.poll()
+    assert runtime.stats.loads_finished > 4
+    _assert_slots_hold_their_experts(runtime, reference)
+
+
+def test_background_loads_never_change_a_concurrent_forward_pass(runtime_for):
+    runtime = runtime_for("mixtral")
+    runtime.resize(_half(runtime))
+    layer = runtime.layers[0]
+    reserved = max(layer.pool.ready)  # reserve a slot for loading, as an update does
+    layer.pool.evict(reserved)
+    slot = layer.pool.free.pop(0)
+    layer.pool.loading[reserved] = slot
+    runtime._publish(layer)
+    expected = sample_logits(runtime.model, "mixtral")
+    stop = threading.Event()
+
+    def hammer():  # keep rewriting the reserved slot with other experts
+        expert = 0
+        while not stop.is_set():
+            runtime.loader.submit(Load(0, expert % layer.pool.num_experts, slot, layer.experts.slot_tensors(slot), -1))
+            runtime.loader.wait_idle(1)
+            expert += 1
+
+    writer = threading.Thread(target=hammer)
+    writer.start()
+    try:
+        for _ in range(30):
+            torch.testing.assert_close(sample_logits(runtime.model, "mixtral"), expected, rtol=0, atol=0)
+    finally:
+        stop.set()
+        writer.join()
+    assert runtime.io.loads > 30
+
+
+def _generate(engine, n=24):
+    prompt = tuple(range(5, 25))
+    return [c for c in engine.generate(GenerationRequest(prompt, max_new_tokens=n))]
+
+
+def _model_tensor_bytes(model) -> int:
+    tensors = {t.data_ptr(): t for t in [*model.parameters(), *model.buffers()] if t.device.type != "meta"}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def test_a_checkpoint_bigger_than_the_budget_loads_and_generates(checkpoint_dirs):
+    probe = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30))
+    full = probe.layout.dense_bytes + probe.layout.expert_bytes([l.num_experts for l in probe.layout.layers])
+    budget = probe.plan_bytes([2] * probe.layout.num_layers)
+    probe.close()
+    engine = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=budget))
+    try:
+        assert budget < engine._fixed_bytes() + full - engine.layout.dense_bytes  # the whole model would not fit
+        assert engine.achieved == (2,) * engine.layout.num_layers
+        chunks = _generate(engine)
+        assert chunks[-1].completion_tokens == 24
+        assert engine.memory().accounted_bytes <= budget
+        assert _model_tensor_bytes(engine.model) <= engine.layout.dense_bytes + engine.runtime.slot_bytes()
+    finally:
+        engine.close()
+
+
+def test_the_budget_holds_across_swaps_and_live_budget_changes(checkpoint_dirs):
+    engine = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30))
+    try:
+        engine.apply_plan(Plan(1, _half(engine.runtime), update_frequency=2))
+        sizes = [engine.plan_bytes([n] * engine.layout.num_layers) for n in (3, 1, 4, 2, 8)]
+        for budget in sizes:
+            engine.set_budget(budget)
+            _generate(engine, 8)
+            report = engine.memory()
+            assert report.accounted_bytes <= budget
+            assert _model_tensor_bytes(engine.model) <= report.dense_bytes + engine.runtime.slot_bytes()
+        assert engine.runtime.stats.loads_started > 0
+    finally:
+        engine.close()
+
+
+def test_growing_the_budget_fills_the_new_slots_in_the_background(checkpoint_dirs):
+    engine = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30))
+    try:
+        engine.apply_plan(Plan(1, (1,) * engine.layout.num_layers, update_frequency=1))
+        engine.apply_plan(Plan(2, (4,) * engine.layout.num_layers, update_frequency=0))
+        assert [len(r) for r in engine.runtime.resident()] == [1] * engine.layout.num_layers
+        assert engine.runtime.loader.wait_idle(5)
+        _generate(engine, 1)  # finished loads become usable between forward passes
+        assert [len(r) for r in engine.runtime.resident()] == [4] * engine.layout.num_layers
+    finally:
+        engine.close()
