@@ -83,7 +83,6 @@ class Engine:
         self._request_lock = threading.Lock()  # one generation at a time in the skeleton
         self.plan = Plan(0, self._fitting_experts(self.budget_bytes), origin="executor:initial even split")
         self.achieved: tuple[int, ...] = ()
-        self._tokens_since_update = 0
         self._apply_residency(self.plan)
         self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}")
 
@@ -200,7 +199,7 @@ class Engine:
         tokens = generate_ids(self.model, request.prompt_ids, min(request.max_new_tokens, room),
                               request.sampling, between_steps=self._between_steps)
         eos = _eos_ids(self.model, self.tokenizer)
-        self._tokens_since_update = self.plan.update_frequency  # a new input: update after its prefill
+        self.runtime.begin_input()
         text = IncrementalText(request.stop)
         generated: list[int] = []
         times: list[int] = []
@@ -234,15 +233,8 @@ class Engine:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _between_steps(self) -> None:
-        """Between forward passes (step lock held): finished loads become usable, and every
-        ``update_frequency`` tokens the resident set moves toward the most important experts
-        by background loads (paper section 3.2). Frequency 0 keeps the resident set static."""
-        self.runtime.poll()
-        self._tokens_since_update += 1
-        frequency = self.plan.update_frequency
-        if frequency and self._tokens_since_update >= frequency:
-            self._tokens_since_update = 0
-            self.runtime.update()
+        """Between forward passes (step lock held): see ``VirtualExperts.between_passes``."""
+        self.runtime.between_passes(self.plan.update_frequency)
 
     def close(self) -> None:
         self.runtime.close()

@@ -81,6 +81,7 @@ class VirtualExperts:
         self.loader = ExpertLoader(self.store, self.device, self.io)
         self._epoch = 0
         self._filled = False
+        self._since_update = 0
 
     @property
     def tier(self) -> str:
@@ -142,6 +143,20 @@ class VirtualExperts:
                 if strategy is Strategy.ON_DEMAND else None
 
     # --- seamless updates (paper section 3.2) ------------------------------------------
+    def begin_input(self) -> None:
+        """A new input starts: update right after its prefill, when its routing is known."""
+        self._since_update = None
+
+    def between_passes(self, update_frequency: int) -> None:
+        """After each forward pass: finished loads become usable, and every ``update_frequency``
+        passes (0: never, a static resident set) the resident set moves toward importance."""
+        self.poll()
+        due = self._since_update is None or self._since_update + 1 >= update_frequency
+        self._since_update = (self._since_update or 0) + 1
+        if update_frequency and due:
+            self._since_update = 0
+            self.update()
+
     def update(self, max_loads: int | None = None) -> int:
         """Move each layer's resident set toward its most important experts: start up to
         ``max_loads`` background loads per layer. Returns the loads started."""

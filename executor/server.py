@@ -5,12 +5,10 @@ from __future__ import annotations
 import contextlib
 import time
 
-import grpc
 
 from executor.engine import Chunk, Engine
 from executor.generation import GenerationRequest, SamplingParams
 from executor.profiling import profile
-from executor.telemetry import TelemetryHub
 from swapmoe import convert, rpc
 from swapmoe.plan import InvalidField
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb

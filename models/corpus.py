@@ -157,7 +157,7 @@ def function_pairs(doc: Document, max_body_lines: int = 60) -> Iterator[SummaryP
         if not docstring or len(node.body) < 2:
             continue
         summary = docstring.strip().splitlines()[0].strip()
-        if not 3 <= len(summary.split()) <= 20 or summary.endswith(":") or not summary[:1].isalpha():  # ":param x: ..." is no summary
+        if not 3 <= len(summary.split()) <= 20 or summary.endswith(":"):
             continue
         start = node.body[1].lineno - 1  # first statement after the docstring
         body = textwrap.dedent("\n".join(lines[start:node.end_lineno]))

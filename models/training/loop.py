@@ -28,7 +28,6 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 100
     threads: int = 2
-    validate_every: int = 0  # with a ``validate`` callable: score every this many steps, keep the best
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -40,26 +39,21 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def train(model: torch.nn.Module, batch_for: Callable[[int], dict], config: TrainConfig, work_dir: Path,
-          resume: bool = True, log: Callable[[str], None] = print,
-          validate: Callable[[torch.nn.Module], float] | None = None) -> list[float]:
-    """Train ``model`` in place for ``config.steps`` steps; returns the loss of every step run.
-
-    With ``validate`` (higher is better), the model ends with the weights of its best-scoring
-    validation, not its last step: longer runs of a small model on little data memorize."""
+          resume: bool = True, log: Callable[[str], None] = print) -> list[float]:
+    """Train ``model`` in place for ``config.steps`` steps; returns the loss of every step run."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / "state.pt"
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.95))
-    best_path = work_dir / "best.pt"
-    start, best = 0, -math.inf
+    start = 0
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        start, best = state["step"], state.get("best", -math.inf)
+        start = state["step"]
         log(f"resumed from {state_path} at step {start}")
     model.train()
     losses = []
@@ -75,23 +69,12 @@ def train(model: torch.nn.Module, batch_for: Callable[[int], dict], config: Trai
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
-            if validate and config.validate_every and (step + 1) % config.validate_every == 0:
-                model.eval()
-                score = validate(model)
-                model.train()
-                if score > best:
-                    best = score
-                    torch.save(model.state_dict(), best_path)
-                log(f"step {step + 1}: validation {score:.4f} (best {best:.4f})")
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 tmp = state_path.with_suffix(".tmp")
                 torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                                rng=torch.get_rng_state(), step=step + 1, best=best), tmp)
+                                rng=torch.get_rng_state(), step=step + 1), tmp)
                 tmp.replace(state_path)
     model.eval()
-    if validate and best_path.exists():
-        model.load_state_dict(torch.load(best_path))
-        log(f"kept the best validated weights (score {best:.4f})")
     if losses:
         log(f"trained steps {start}..{config.steps} in {time.monotonic() - began:.0f} s, "
             f"final loss {sum(losses[-50:]) / len(losses[-50:]):.3f}")

@@ -1,0 +1,293 @@
+"""Virtual experts against the original model and the baselines, side by side in one run.
+
+    python -m benchmarks.runtime                 # both models, writes benchmarks/RESULTS-runtime.md
+    python -m benchmarks.runtime --quick         # fewer prompts, for a smoke run
+
+Configurations (all but "original" run in the executor's runtime, ``executor.runtime``):
+original (unmodified transformers, every expert), virtual experts at 100/75/50/25% of the
+experts (masked gating, an update every ``F`` tokens), pruning (the top-||E_i|| experts per
+layer, never swapped) and on-demand (an LRU cache of the same size that loads misses: exact).
+Prompts are interleaved across configurations so drift on a shared machine hits them alike.
+Peak memory is measured in a fresh process per configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from executor.checkpoint import load_checkpoint
+from executor.generation import SamplingParams, generate_ids
+from executor.runtime import VirtualExperts
+from models.corpus import DOMAINS, load_eval
+from swapmoe.plan import Strategy
+
+HERE = Path(__file__).resolve().parent
+REPORT = HERE / "RESULTS-runtime.md"
+BUNDLED_LM = HERE.parent / "models" / "swapmoe-lm"
+UPDATE_FREQUENCY = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    name: str
+    fraction: float = 1.0  # of each layer's experts kept in slots
+    strategy: Strategy = Strategy.MASKED_GATING
+    update_frequency: int = UPDATE_FREQUENCY
+    original: bool = False
+
+
+CONFIGS = (
+    Config("original", original=True),
+    Config("virtual 100%", 1.0),
+    Config("virtual 75%", 0.75),
+    Config("virtual 50%", 0.5),
+    Config("virtual 25%", 0.25),
+    Config("pruning 50% (= updates off)", 0.5, update_frequency=0),
+    Config("on-demand LRU 50%", 0.5, Strategy.ON_DEMAND, update_frequency=0),
+)
+
+
+class Subject:
+    """One configuration, loaded: a model and what runs between its forward passes."""
+
+    def __init__(self, config: Config, checkpoint: Path, store_root: Path):
+        self.config = config
+        self.runtime = None
+        if config.original:
+            self.model = load_checkpoint(checkpoint).model
+            return
+        self.runtime = VirtualExperts(checkpoint, store_root=store_root, log=lambda _: None)
+        self.runtime.resize([max(1, round(l.num_experts * config.fraction)) for l in self.runtime.layout.layers])
+        self.runtime.set_strategy(config.strategy)
+        self.model = self.runtime.model
+
+    def begin_input(self) -> None:
+        if self.runtime:
+            self.runtime.begin_input()
+
+    def between(self) -> None:
+        if self.runtime:
+            self.runtime.between_passes(self.config.update_frequency)
+
+    def io(self) -> tuple[int, int, float]:
+        return self.runtime.io.snapshot() if self.runtime else (0, 0, 0.0)
+
+    def accounted_bytes(self) -> int:
+        if self.runtime is None:
+            return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return self.runtime.layout.dense_bytes + self.runtime.slot_bytes() + self.runtime.staging_bytes
+
+
+def generate_timed(subject: Subject, prompt: list[int], new_tokens: int) -> list[int]:
+    """Token arrival times (ns), the first measured from the start of the prefill."""
+    subject.begin_input()
+    start = time.perf_counter_ns()
+    times = [start]
+    for _ in generate_ids(subject.model, tuple(prompt), new_tokens, SamplingParams(), subject.between):
+        times.append(time.perf_counter_ns())
+    return times
+
+
+@torch.inference_mode()
+def streaming_perplexity(subject: Subject, texts: list[list[int]], chunk: int) -> float:
+    """Perplexity with the resident set moving as the text streams by: ``chunk`` tokens per
+    forward pass (with a KV cache), the runtime's between-pass work after each."""
+    nll, count = 0.0, 0
+    for ids in texts:
+        subject.begin_input()
+        past = None
+        for start in range(0, len(ids) - 1, chunk):
+            piece = torch.tensor([ids[start:start + chunk + 1]])
+            inputs, targets = piece[:, :-1], piece[:, 1:]
+            out = subject.model(input_ids=inputs, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            nll -= logp.gather(-1, targets[..., None]).sum().item()
+            count += targets.numel()
+            subject.between()
+    return math.exp(nll / count)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts: list[list[int]] | None,
+                  new_tokens: int, store_root: Path) -> list[dict]:
+    subjects = [Subject(c, checkpoint, store_root) for c in tqdm(CONFIGS, desc=f"{label}: loading", unit="config")]
+    gaps = {c.name: [] for c in CONFIGS}
+    ttft = {c.name: [] for c in CONFIGS}
+    decode = {c.name: [0, 0] for c in CONFIGS}  # tokens, ns
+    for subject in subjects:  # warm-up: one short generation each
+        generate_timed(subject, prompts[0][:8], 4)
+    io_before = {s.config.name: s.io() for s in subjects}
+    for prompt in tqdm(prompts, desc=f"{label}: generating", unit="prompt"):
+        for subject in subjects:  # interleaved: every configuration sees the same moment of the machine
+            times = generate_timed(subject, prompt, new_tokens)
+            name = subject.config.name
+            ttft[name].append(times[1] - times[0])
+            gaps[name] += [b - a for a, b in zip(times[1:], times[2:])]
+            decode[name][0] += len(times) - 2
+            decode[name][1] += times[-1] - times[1]
+    rows = []
+    for subject in subjects:
+        name = subject.config.name
+        loads, nbytes, seconds = (a - b for a, b in zip(subject.io(), io_before[name]))
+        tokens = decode[name][0] + len(prompts)
+        rows.append(dict(
+            model=label, config=name,
+            tokens_per_second=decode[name][0] / (decode[name][1] / 1e9),
+            ttft_ms=statistics.median(ttft[name]) / 1e6,
+            itl_p50_ms=percentile(gaps[name], 0.50) / 1e6,
+            itl_p99_ms=percentile(gaps[name], 0.99) / 1e6,
+            loads_per_token=loads / tokens,
+            swap_mib_per_s=(nbytes / 2**20) / seconds if seconds else 0.0,
+            accounted_mib=subject.accounted_bytes() / 2**20,
+        ))
+    if texts:
+        for row, subject in zip(rows, tqdm(subjects, desc=f"{label}: perplexity", unit="config")):
+            row["perplexity"] = streaming_perplexity(subject, texts, chunk=UPDATE_FREQUENCY)
+    tier = next(s.runtime.tier for s in subjects if s.runtime)
+    for subject in subjects:
+        if subject.runtime:
+            subject.runtime.close()
+    for row in rows:
+        row["tier"] = tier
+    return rows
+
+
+def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_tokens: int) -> dict:
+    """Load one configuration in a fresh process, generate, report its peak RSS."""
+    code = ("import json,resource,sys;from pathlib import Path;import benchmarks.runtime as b;"
+            f"s=b.Subject(b.CONFIGS[{config_index}],Path({str(checkpoint)!r}),Path({str(store_root)!r}));"
+            f"b.generate_timed(s,list(range(5,37)),{new_tokens});"
+            "print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)))")
+    bare = ("import json,resource,torch,transformers,executor.runtime;"
+            "print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)))")
+    out = {}
+    for key, program in (("peak", code), ("bare", bare)):
+        done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                              cwd=HERE.parent, env={**os.environ, "TQDM_DISABLE": "1"})
+        out[key] = json.loads(done.stdout.strip().splitlines()[-1])["peak"]
+    return dict(peak_rss_mib=out["peak"] / 2**20, peak_above_libraries_mib=(out["peak"] - out["bare"]) / 2**20)
+
+
+def tiny_benchmark_model(directory: Path) -> Path:
+    """A random Mixtral with experts big enough that loading them is real I/O (1.5 MiB each)."""
+    from models.tiny import save_tiny_model
+
+    return save_tiny_model("mixtral", directory, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                           num_local_experts=16, num_attention_heads=4, num_key_value_heads=2)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| model | configuration | tokens/s | TTFT ms | ITL p50 ms | ITL p99 ms | perplexity | "
+            "loads/token | swap MiB/s | accounted MiB | peak RSS MiB | peak above libraries MiB |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
+        lines.append(f"| {r['model']} | {r['config']} | {r['tokens_per_second']:.1f} | {r['ttft_ms']:.1f} | "
+                     f"{r['itl_p50_ms']:.2f} | {r['itl_p99_ms']:.2f} | {ppl} | {r['loads_per_token']:.2f} | "
+                     f"{r['swap_mib_per_s']:.0f} | {r['accounted_mib']:.1f} | {r.get('peak_rss_mib', 0):.0f} | "
+                     f"{r.get('peak_above_libraries_mib', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> list[str]:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        by = {r["config"]: r for r in rows if r["model"] == model}
+        full = by["virtual 100%"]["tokens_per_second"] / by["original"]["tokens_per_second"]
+        vs_demand = by["virtual 50%"]["tokens_per_second"] / by["on-demand LRU 50%"]["tokens_per_second"]
+        itl = by["virtual 50%"]["itl_p99_ms"] / by["pruning 50% (= updates off)"]["itl_p99_ms"]
+        line = (f"- **{model}**: virtual 100% runs at {full:.2f}x the original's tokens/s (goal >= 0.95); "
+                f"virtual 50% at {vs_demand:.2f}x on-demand's (goal >= 3); p99 inter-token latency with updates "
+                f"on is {itl:.2f}x that with updates off (goal <= 1.2)")
+        if "perplexity" in by["virtual 50%"]:
+            line += (f"; perplexity at 50%: virtual {by['virtual 50%']['perplexity']:.2f}, pruning "
+                     f"{by['pruning 50% (= updates off)']['perplexity']:.2f}, on-demand (exact) "
+                     f"{by['on-demand LRU 50%']['perplexity']:.2f}")
+        out.append(line + ".")
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, no memory probes")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--report", type=Path, default=REPORT)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.prompts, args.new_tokens = 3, 16
+    torch.set_num_threads(args.threads)
+    from transformers import AutoTokenizer
+
+    work = Path(tempfile.mkdtemp(prefix="swapmoe-bench-"))
+    store_root = Path(os.environ.get("SWAPMOE_BENCH_STORES", HERE.parent / ".bench-stores"))
+    tokenizer = AutoTokenizer.from_pretrained(BUNDLED_LM)
+    held = [r["text"] for d in DOMAINS for r in load_eval(d)[:max(1, args.prompts // len(DOMAINS) + 1)]]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in held]
+    prompts = [ids[:48] for ids in encoded][:args.prompts]
+    texts = [ids[:192] for ids in encoded]
+    tiny = tiny_benchmark_model(work / "tiny-mixtral")
+    tiny_prompts = [[5 + (i * 7 + j) % 250 for j in range(48)] for i in range(args.prompts)]
+    models = [("tiny Mixtral 4x16 (random)", tiny, tiny_prompts, None),
+              ("swapmoe-lm 6x16 (bundled)", BUNDLED_LM, prompts, texts)]
+    rows = []
+    for label, path, model_prompts, model_texts in models:
+        rows += measure_model(label, path, model_prompts, model_texts, args.new_tokens, store_root)
+        if not args.quick:
+            for index, row in enumerate(tqdm([r for r in rows if r["model"] == label],
+                                             desc=f"{label}: peak memory", unit="config")):
+                row.update(peak_memory(path, index, store_root, 16))
+    report = render(rows, args)
+    print(report)
+    args.report.write_text(report)
+    args.report.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {args.report}")
+
+
+def render(rows: list[dict], args) -> str:
+    return "\n".join([
+        "# Runtime benchmark: virtual experts vs. original, pruning and on-demand",
+        "",
+        f"`python -m benchmarks.runtime` on {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{args.threads} threads; {args.prompts} prompts x {args.new_tokens} new tokens (greedy), "
+        f"configurations interleaved per prompt. Update frequency F = {UPDATE_FREQUENCY} tokens, "
+        "one expert per layer per update. Swap tier: " + rows[0]["tier"] + ".",
+        "",
+        table(rows),
+        "",
+        "Tokens/s counts decode steps (after the first token); TTFT is the median time to the first token "
+        "(prefill). Perplexity streams each held-out text (3 domains) through the runtime "
+        f"{UPDATE_FREQUENCY} tokens per forward pass, updates between passes. Swap MiB/s is bytes read / time "
+        "spent reading. Accounted = dense + slots + staging buffers (the original: all parameters). "
+        "Peak RSS is measured in a fresh process per configuration; 'above libraries' subtracts the peak of "
+        "a process that only imports torch, transformers and the runtime.",
+        "",
+        "## Against the goals",
+        "",
+        *goals(rows),
+        "",
+    ])
+
+
+if __name__ == "__main__":
+    main()
