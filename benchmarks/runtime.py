@@ -173,12 +173,11 @@ def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts:
 
 def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_tokens: int) -> dict:
     """Load one configuration in a fresh process, generate, report its peak RSS."""
-    code = ("import json,resource,sys;from pathlib import Path;import benchmarks.runtime as b;"
+    report = "from executor.memory import process_peak_rss as p;print(json.dumps(dict(peak=p())))"
+    code = ("import json;from pathlib import Path;import benchmarks.runtime as b;"
             f"s=b.Subject(b.CONFIGS[{config_index}],Path({str(checkpoint)!r}),Path({str(store_root)!r}));"
-            f"b.generate_timed(s,list(range(5,37)),{new_tokens});"
-            "print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)))")
-    bare = ("import json,resource,torch,transformers,executor.runtime;"
-            "print(json.dumps(dict(peak=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)))")
+            f"b.generate_timed(s,list(range(5,37)),{new_tokens});" + report)
+    bare = "import json,torch,transformers,executor.runtime;" + report
     out = {}
     for key, program in (("peak", code), ("bare", bare)):
         done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
@@ -187,12 +186,12 @@ def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_token
     return dict(peak_rss_mib=out["peak"] / 2**20, peak_above_libraries_mib=(out["peak"] - out["bare"]) / 2**20)
 
 
-def tiny_benchmark_model(directory: Path) -> Path:
-    """A random Mixtral with experts big enough that loading them is real I/O (1.5 MiB each)."""
+def random_mixtral(directory: Path, hidden: int, intermediate: int) -> Path:
+    """A random Mixtral, 4 layers x 16 experts, of the given width (saved, then served from disk)."""
     from models.tiny import save_tiny_model
 
-    return save_tiny_model("mixtral", directory, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                           num_local_experts=16, num_attention_heads=4, num_key_value_heads=2)
+    return save_tiny_model("mixtral", directory, hidden_size=hidden, intermediate_size=intermediate,
+                           num_hidden_layers=4, num_local_experts=16, num_attention_heads=8, num_key_value_heads=2)
 
 
 def table(rows: list[dict]) -> str:
@@ -228,7 +227,7 @@ def goals(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, no memory probes")
+    parser.add_argument("--quick", action="store_true", help="3 prompts, 16 tokens, no memory probes, no wide model")
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2)
@@ -246,10 +245,12 @@ def main(argv=None) -> None:
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in held]
     prompts = [ids[:48] for ids in encoded][:args.prompts]
     texts = [ids[:192] for ids in encoded]
-    tiny = tiny_benchmark_model(work / "tiny-mixtral")
-    tiny_prompts = [[5 + (i * 7 + j) % 250 for j in range(48)] for i in range(args.prompts)]
-    models = [("tiny Mixtral 4x16 (random)", tiny, tiny_prompts, None),
-              ("swapmoe-lm 6x16 (bundled)", BUNDLED_LM, prompts, texts)]
+    synthetic = [[5 + (i * 7 + j) % 250 for j in range(48)] for i in range(args.prompts)]
+    models = [("tiny Mixtral 4x16, 1.5 MiB experts (random)", random_mixtral(work / "tiny", 256, 512), synthetic, None),
+              ("swapmoe-lm 6x16, 192 KiB experts (bundled)", BUNDLED_LM, prompts, texts)]
+    if not args.quick:
+        models.append(("wide Mixtral 4x16, 24 MiB experts (random)", random_mixtral(work / "wide", 1024, 2048),
+                       synthetic[:max(2, args.prompts // 2)], None))
     rows = []
     for label, path, model_prompts, model_texts in models:
         rows += measure_model(label, path, model_prompts, model_texts, args.new_tokens, store_root)

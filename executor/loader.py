@@ -76,6 +76,8 @@ class Copier:
         return nbytes
 
     def _copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
+        if self.store.can_read_into(layer, targets):  # disk -> slot by DMA: no CPU copy at all
+            return self.store.read_into_tensors(layer, expert, targets)
         nbytes = self.store.read_into(layer, expert, self.buffer)
         sources = self.store.tensors(layer, self.buffer)
         with torch.no_grad():

@@ -18,7 +18,15 @@ def process_rss() -> int:
 
 
 def process_peak_rss() -> int:
-    """Peak RSS since the process started (Linux reports ru_maxrss in KiB)."""
+    """Peak RSS of this process image. Linux's VmHWM starts afresh at exec; ru_maxrss (the
+    fallback, in KiB) would include the parent's peak at fork time."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

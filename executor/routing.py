@@ -67,8 +67,11 @@ class MaskedRouter(nn.Module):
         num_experts = expert_norms.numel()
         self.num_experts = num_experts  # MoE blocks read these from their router
         self.top_k = getattr(router, "top_k", 1)
-        self.register_buffer("activations", torch.zeros(num_experts, dtype=torch.long), persistent=False)
-        self.register_buffer("importance", torch.zeros(num_experts, dtype=torch.double), persistent=False)
+        # Cumulative counters with one extra entry for the "no expert" index E, so recording needs
+        # no masking; per-pass contributions wait in ``_pending`` and are summed when read.
+        self.register_buffer("_activations", torch.zeros(num_experts + 1, dtype=torch.long), persistent=False)
+        self.register_buffer("_importance", torch.zeros(num_experts + 1, dtype=torch.double), persistent=False)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def set_resident(self, experts: list[int]) -> None:
         mask = torch.zeros_like(self.resident)
@@ -89,14 +92,35 @@ class MaskedRouter(nn.Module):
 
     @torch.no_grad()
     def record(self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
-        """Eq. 1: importance_i += sum over tokens routed to i of ||x|| * |G(x)_i| * ||E_i||."""
-        token_norms = hidden.float().norm(dim=-1, keepdim=True)  # [T, 1]
-        contrib = (token_norms * weights.float().abs()).reshape(-1).double()
-        flat = index.reshape(-1)
-        valid = flat < self.expert_norms.numel()
-        flat, contrib = flat[valid], contrib[valid]
-        self.activations.index_add_(0, flat, torch.ones_like(flat))
-        self.importance.index_add_(0, flat, contrib * self.expert_norms[flat].double())
+        """Eq. 1: importance_i += sum over tokens routed to i of ||x|| * |G(x)_i| * ||E_i||.
+        Per pass this only computes ||x|| * |G(x)_i|; the sums are done in ``flush``."""
+        contrib = hidden.float().norm(dim=-1, keepdim=True) * weights.float().abs()  # [T, K]
+        self._pending.append((index.reshape(-1), contrib.reshape(-1)))
+        if len(self._pending) >= 64:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        index = torch.cat([i for i, _ in self._pending])
+        contrib = torch.cat([c for _, c in self._pending]).double()
+        self._pending.clear()
+        norms = torch.nn.functional.pad(self.expert_norms, (0, 1)).double()  # ||E_i||, 0 for "no expert"
+        self._activations.index_add_(0, index, torch.ones_like(index))
+        self._importance.index_add_(0, index, contrib * norms[index])
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """Cumulative importance per expert [E] (paper Eq. 1)."""
+        self.flush()
+        return self._importance[:-1]
+
+    @property
+    def activations(self) -> torch.Tensor:
+        """Cumulative tokens routed per expert [E] (by the unmasked router)."""
+        self.flush()
+        return self._activations[:-1]
 
     def stats(self) -> tuple[list[int], list[float]]:
         """Cumulative activations and importance per expert; readers take differences."""

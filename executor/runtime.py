@@ -166,6 +166,8 @@ class VirtualExperts:
         self.stats.updates += 1
         started = 0
         for index, layer in enumerate(self.layers):
+            if len(layer.pool.ready) == layer.pool.num_experts:
+                continue  # every expert resident: nothing can move
             importance = layer.router.importance.detach().to("cpu", torch.double, copy=True)
             layer.scores = layer.scores * self.decay + (importance - layer.seen)
             layer.seen = importance

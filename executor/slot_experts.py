@@ -14,10 +14,23 @@ Two routing shapes exist: packed experts (Mixtral family) take ``index [T, K]`` 
 from __future__ import annotations
 
 import copy
+import math
+import mmap
 from typing import Callable
 
 import torch
 from torch import nn
+
+
+def page_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Uninitialized memory; on the CPU page-aligned (an anonymous mapping), so slots can be
+    filled by ``O_DIRECT`` reads with no staging copy. Pages are committed as slots fill."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
 
 
 class Packed:
@@ -43,7 +56,7 @@ class Packed:
     @staticmethod
     def resize(inner: nn.Module, capacity: int, moves: dict[int, int], device) -> None:
         for name, old in list(inner.named_parameters(recurse=False)):
-            new = torch.empty((capacity, *old.shape[1:]), dtype=old.dtype, device=device)
+            new = page_aligned_empty((capacity, *old.shape[1:]), old.dtype, torch.device(device))
             if moves and old.device.type != "meta":
                 src, dst = zip(*sorted(moves.items()))
                 new[list(dst)] = old.data[list(src)]
@@ -96,6 +109,7 @@ class SlotExperts(nn.Module):
         self.capacity = 0
         self.slot_of = torch.zeros(num_experts + 1, dtype=torch.long)
         self.expert_in_slot = torch.zeros(0, dtype=torch.long)
+        self.identity = False
         # On-demand strategy: ``load_now(experts)`` makes those experts resident before use.
         self.load_now: Callable[[list[int]], None] | None = None
 
@@ -108,14 +122,18 @@ class SlotExperts(nn.Module):
 
     def map(self, ready: dict[int, int]) -> None:
         """Install a new expert -> slot mapping (experts absent from ``ready`` route nowhere)."""
-        slot_of = torch.full((self.num_experts + 1,), self.capacity, dtype=torch.long)
-        expert_in_slot = torch.full((self.capacity,), self.num_experts, dtype=torch.long)
+        slot_of = [self.capacity] * (self.num_experts + 1)
+        expert_in_slot = [self.num_experts] * self.capacity
         for expert, slot in ready.items():
             slot_of[expert], expert_in_slot[slot] = slot, expert
         device = self._device()
-        self.slot_of, self.expert_in_slot = slot_of.to(device), expert_in_slot.to(device)
+        self.identity = len(ready) == self.num_experts == self.capacity and all(e == s for e, s in ready.items())
+        self.slot_of = torch.tensor(slot_of, device=device)
+        self.expert_in_slot = torch.tensor(expert_in_slot, device=device)
 
     def forward(self, hidden: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.identity:  # every expert in its own slot: routing is already in slot space
+            return self.inner(hidden, routing, weights)
         if self.load_now is None:
             return self.inner(hidden, self.kind.to_slots(routing, self.slot_of, self.expert_in_slot), weights)
         return self._on_demand(hidden, routing, weights)

@@ -225,11 +225,28 @@ class ExpertStore:
 
     def read_into(self, layer: int, expert: int, buffer: mmap.mmap) -> int:
         """Read one expert into ``buffer``; returns the bytes read."""
+        return self._read(layer, expert, [memoryview(buffer)[:self.manifest.layers[layer].stride]])
+
+    def can_read_into(self, layer: int, targets: dict[str, torch.Tensor]) -> bool:
+        """Whether ``read_into_tensors`` can fill these tensors straight from disk: CPU tensors,
+        contiguous, page-aligned, one per part, each a whole number of pages (for O_DIRECT)."""
+        parts = self.manifest.layers[layer].parts
+        return (self.direct and [p.name for p in parts] == list(targets)
+                and all(t.device.type == "cpu" and t.is_contiguous() and t.data_ptr() % ALIGN == 0
+                        and t.numel() * t.element_size() == p.nbytes and p.nbytes % ALIGN == 0
+                        for p, t in zip(parts, targets.values())))
+
+    def read_into_tensors(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
+        """Read one expert straight into its runtime tensors (one ``preadv``, no staging copy)."""
+        views = [memoryview(t.detach().view(torch.uint8).reshape(-1).numpy()) for t in targets.values()]
+        return self._read(layer, expert, views)
+
+    def _read(self, layer: int, expert: int, views: list[memoryview]) -> int:
         spec = self.manifest.layers[layer]
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"layer {layer} has no expert {expert}")
         offset = spec.expert_offset(expert)
-        done = os.preadv(self._fd, [memoryview(buffer)[:spec.stride]], offset)
+        done = os.preadv(self._fd, views, offset)
         if done < spec.expert_bytes:
             raise OSError(f"short read of expert ({layer}, {expert}): {done} of {spec.expert_bytes} bytes")
         if not self.direct:
