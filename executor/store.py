@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from executor.adapters import UnsupportedModel, adapter_for, find_moe_blocks
 from executor.checkpoint import auto_class, read_config
@@ -124,7 +125,9 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
     out.mkdir(parents=True, exist_ok=True)
     layers, offset = [], 0
     tmp = out / "experts.bin.tmp"
-    with open(tmp, "wb") as f:
+    progress = tqdm(total=sum(b.num_experts for b in blocks), desc="building the expert store", unit="expert",
+                    disable=None)  # disabled when stderr is not a terminal
+    with open(tmp, "wb") as f, progress:
         for block in blocks:
             parts, stride, norms = None, None, []
             for expert in range(block.num_experts):
@@ -136,6 +139,7 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
                     stride = -(-len(payload) // ALIGN) * ALIGN
                 norms.append(float(sum(t.double().pow(2).sum() for _, t in tensors) ** 0.5))
                 f.write(payload + bytes(stride - len(payload)))
+                progress.update()
             layers.append(LayerSpec(block.name, block.num_experts, parts, sum(p.nbytes for p in parts), stride,
                                     offset, tuple(norms)))
             offset += stride * block.num_experts
