@@ -9,21 +9,25 @@ never exists whole in memory: dense weights plus each layer's slots
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
+import queue
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import psutil
 import torch
 
 from transformers import AutoTokenizer
 
-from executor import memory
+from executor import memory, plan_file
+from executor.admission import Admission
 from executor.generation import GenerationRequest, IncrementalText, generate_ids
 from executor.metrics import ServingStats
 from executor.runtime import VirtualExperts
@@ -35,6 +39,7 @@ from swapmoe.sizes import format_size
 from swapmoe.v1 import telemetry_pb2 as tpb
 
 DEFAULT_MAX_CONTEXT = 2048
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -46,7 +51,11 @@ class EngineConfig:
     # Longest prompt + completion; 0 means the model's limit, at most DEFAULT_MAX_CONTEXT.
     max_context: int = 0
     store_root: Path | None = None  # where the expert store is built; None: executor.store.default_root()
+    max_queue: int = 64  # generation requests that may wait for their turn (more: RESOURCE_EXHAUSTED)
+    state_dir: Path | None = None  # where the last acknowledged plan is kept, to resume it after a restart
     max_loads_per_update: int = 1  # per layer: how far one update moves the resident set
+    # torch intra-op threads; 0: all cores but one, which is left to gRPC, telemetry and expert loads.
+    threads: int = 0
 
 
 @dataclass(slots=True)
@@ -65,6 +74,7 @@ class Engine:
     def __init__(self, config: EngineConfig, hub: TelemetryHub | None = None):
         self.config = config
         self.hub = hub or TelemetryHub(config.node_id)
+        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) - 1))
         self.runtime = VirtualExperts(config.model_dir, config.device, config.store_root,
                                       max_loads_per_update=config.max_loads_per_update)
         self.model, self.layout = self.runtime.model, self.runtime.layout
@@ -80,11 +90,32 @@ class Engine:
         self.device_info = _device_info(config.device)
         self.stats = ServingStats()
         self._step_lock = threading.Lock()  # forward passes vs. plan/budget changes
-        self._request_lock = threading.Lock()  # one generation at a time in the skeleton
+        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # see _stepped
+        self.admission = Admission(config.max_queue)  # one generation at a time, FIFO, bounded
         self.plan = Plan(0, self._fitting_experts(self.budget_bytes), origin="executor:initial even split")
+        resumed, note = self._saved_plan()
+        self.plan = resumed or self.plan
         self.achieved: tuple[int, ...] = ()
         self._apply_residency(self.plan)
-        self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}")
+        self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
+                       plan_version=self.plan.version)
+
+    def _saved_plan(self) -> tuple[Plan | None, str]:
+        """The last acknowledged plan from ``state_dir`` if it still applies, and what happened."""
+        if self.config.state_dir is None:
+            return None, "no state directory: starting from an even split"
+        try:
+            plan = plan_file.load(self.config.state_dir)
+            if plan is None:
+                return None, "no saved plan: starting from an even split"
+            validate_plan(plan, self.layout)
+        except ValueError as error:
+            log.warning("ignoring the saved plan: %s", error)
+            return None, f"ignored the saved plan ({error})"
+        if (need := self.plan_bytes(plan.experts_per_layer)) > self.budget_bytes:
+            return None, (f"ignored saved plan {plan.version}: it needs {format_size(need)}, "
+                          f"over the budget of {format_size(self.budget_bytes)}")
+        return plan, f"resumed saved plan {plan.version} {list(plan.experts_per_layer)}"
 
     # --- memory -----------------------------------------------------------------
     def _fixed_bytes(self) -> int:
@@ -131,6 +162,8 @@ class Engine:
             return PlanResult(plan.version, False, reason, memory=self.memory())
         with self._step_lock:
             self._apply_residency(plan)
+        if self.config.state_dir is not None:
+            plan_file.save(self.config.state_dir, plan)
         self.hub.event(tpb.Event.KIND_PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}",
                        plan_version=plan.version)
         return PlanResult(plan.version, True, "", self.achieved, self.memory(), time.perf_counter_ns() - start)
@@ -173,8 +206,10 @@ class Engine:
     def tokenize(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, request: GenerationRequest) -> Iterator[Chunk]:
-        """Stream a completion; closing the iterator (a cancelled client) stops the work."""
+    def generate(self, request: GenerationRequest, cancelled: Callable[[], bool] = lambda: False) -> Iterator[Chunk]:
+        """Stream a completion. Closing the iterator stops the work; so does ``cancelled()``
+        turning true (a client gone or past its deadline), checked while the request waits
+        and between tokens. Raises Busy when too many requests wait already."""
         if len(request.prompt_ids) >= self.max_context:
             raise InvalidField("prompt", f"has {len(request.prompt_ids)} tokens; the context window is "
                                          f"{self.max_context}, leaving no room to generate")
@@ -184,15 +219,17 @@ class Engine:
         enqueued = time.perf_counter_ns()
         self.stats.queued(+1)
         try:
-            self._request_lock.acquire()
+            self.admission.acquire(cancelled)
         finally:
             self.stats.queued(-1)
+        self.stats.running(+1)
         try:
-            yield from self._generate(request, enqueued)
+            yield from self._generate(request, enqueued, cancelled)
         finally:
-            self._request_lock.release()
+            self.stats.running(-1)
+            self.admission.release()
 
-    def _generate(self, request: GenerationRequest, enqueued: int) -> Iterator[Chunk]:
+    def _generate(self, request: GenerationRequest, enqueued: int, cancelled: Callable[[], bool]) -> Iterator[Chunk]:
         start = time.perf_counter_ns()
         room = self.max_context - len(request.prompt_ids)
         finish = "length" if request.max_new_tokens <= room else "context_full"
@@ -203,9 +240,13 @@ class Engine:
         text = IncrementalText(request.stop)
         generated: list[int] = []
         times: list[int] = []
-        with contextlib.closing(tokens):  # frees the KV cache at once when the client goes away
-            for token in _locked(tokens, self._step_lock):
-                times.append(time.perf_counter_ns())
+        steps = _run_ahead(tokens, self._step_lock, self._forward_thread, eos)
+        # Closing frees the KV cache at once when the client goes away (steps first, then tokens).
+        with contextlib.closing(tokens), contextlib.closing(steps):
+            for token, computed in steps:
+                if cancelled():
+                    return
+                times.append(computed)
                 self.stats.token(times[-1] - times[-2] if len(times) > 1 else None)
                 if len(times) == 1:
                     self.stats.first_token(times[0] - start)
@@ -237,17 +278,45 @@ class Engine:
         self.runtime.between_passes(self.plan.update_frequency)
 
     def close(self) -> None:
+        self._forward_thread.shutdown(wait=True)
         self.runtime.close()
 
 
-def _locked(tokens: Iterator[int], lock: threading.Lock) -> Iterator[int]:
-    """Yield each token, computing it (a forward pass) under ``lock``."""
-    while True:
-        with lock:
-            token = next(tokens, None)
-        if token is None:
-            return
-        yield token
+def _run_ahead(tokens: Iterator[int], lock: threading.Lock, worker: ThreadPoolExecutor,
+               eos: set[int]) -> Iterator[tuple[int, int]]:
+    """Yield (token, when it was computed), computing tokens on the one ``worker`` thread, each
+    forward pass under ``lock``, ahead of the consumer until it closes this iterator or EOS.
+
+    The model always runs on the same thread whichever RPC thread serves the request (torch's
+    intra-op thread team is per calling thread; teams left spinning by many request threads
+    steal the cores from the one doing the work), and the next forward pass overlaps with
+    decoding and sending the previous token."""
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+
+    def produce():
+        try:
+            while not stop.is_set():
+                with lock:
+                    token = next(tokens, None)
+                if token is None:
+                    break
+                out.put((token, time.perf_counter_ns()))
+                if token in eos:
+                    break
+        except BaseException as error:  # handed to the consumer
+            out.put((error, 0))
+        out.put((None, 0))
+
+    job = worker.submit(produce)
+    try:
+        while (item := out.get())[0] is not None:
+            if isinstance(item[0], BaseException):
+                raise item[0]
+            yield item
+    finally:
+        stop.set()
+        job.result()  # the step in flight finishes before the caller closes ``tokens``
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -6,6 +6,7 @@ import contextlib
 import time
 
 
+from executor.admission import Cancelled
 from executor.engine import Chunk, Engine
 from executor.generation import GenerationRequest, SamplingParams
 from executor.profiling import profile
@@ -103,12 +104,17 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         self.engine = engine
 
     def Generate(self, request, context):
-        chunks = self.engine.generate(request_from_pb(request, self.engine))
-        with contextlib.closing(chunks):  # a cancelled client stops the generation here
-            for chunk in chunks:
-                if not context.is_active():
-                    return
-                yield chunk_to_pb(chunk)
+        # A client that cancels or passes its deadline stops the work: while queued, between
+        # tokens, and by closing the stream.
+        chunks = self.engine.generate(request_from_pb(request, self.engine), cancelled=lambda: not context.is_active())
+        with contextlib.closing(chunks):
+            try:
+                for chunk in chunks:
+                    if not context.is_active():
+                        return
+                    yield chunk_to_pb(chunk)
+            except Cancelled:
+                return
 
     def Subscribe(self, request, context):
         if request.interval_ms and request.interval_ms < 10:

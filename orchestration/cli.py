@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from swapmoe.sizes import parse_size
 
@@ -16,6 +17,16 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _counts(text: str) -> list[int]:
@@ -39,13 +50,14 @@ def _serve_until_signalled(server, name: str) -> None:
 class _Running:
     """A started rpc.Server plus the address clients use, and what to stop with it."""
 
-    def __init__(self, server, host: str, on_stop=()):
+    def __init__(self, server, host: str, on_stop=(), drain_seconds: float = 5.0):
         self.server, self.address, self.on_stop = server, f"{host}:{server.port}", on_stop
+        self.drain_seconds = drain_seconds
 
     def stop(self):
         for fn in self.on_stop:
             fn()
-        self.server.stop()
+        self.server.stop(self.drain_seconds)
 
 
 def executor_serve(args) -> None:
@@ -53,7 +65,8 @@ def executor_serve(args) -> None:
     from executor.planner_link import PlannerLink
     from executor.server import serve
 
-    config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context)
+    config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context,
+                          max_queue=args.max_queue, state_dir=args.state_dir, threads=args.threads)
     if args.node_id:
         config.node_id = args.node_id
     engine = Engine(config)
@@ -63,7 +76,13 @@ def executor_serve(args) -> None:
     if args.planner:
         link = PlannerLink(engine, args.planner, address).start()
         stops.append(link.stop)
-    _serve_until_signalled(_Running(server, args.host, stops), "executor")
+    if args.metrics_port is not None:
+        from executor.prometheus import serve_metrics
+
+        metrics = serve_metrics(engine, args.host, args.metrics_port)
+        print(f"metrics on http://{args.host}:{metrics.server_port}/metrics", flush=True)
+        stops.append(metrics.shutdown)
+    _serve_until_signalled(_Running(server, args.host, stops, args.drain_seconds), "executor")
 
 
 def planner_serve(args) -> None:
@@ -143,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="stable identity of this executor (default: host name)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--max-context", type=int, default=0, help="longest prompt + completion (default: model limit, <= 2048)")
+    p.add_argument("--max-queue", type=_non_negative, default=64,
+                   help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
+    p.add_argument("--threads", type=_non_negative, default=0,
+                   help="torch threads (default 0: all cores but one, left to gRPC and expert loads)")
+    p.add_argument("--state-dir", type=Path, help="keep the last acknowledged plan here and resume it on restart")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, let in-flight streams finish for up to this long (default 30)")
     p.set_defaults(func=executor_serve)
 
     planner = commands.add_parser("planner", help="the planner service").add_subparsers(dest="action", required=True)

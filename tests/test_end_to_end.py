@@ -3,6 +3,7 @@
 import subprocess
 import threading
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -163,3 +164,26 @@ def test_budget_below_the_model_minimum_on_the_command_line_is_a_clear_error(tin
     result = subprocess.run(swapmoe_command("executor", "serve", "--model", str(tiny_model_dir), "--budget", "1KiB"),
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "below this model's minimum" in result.stderr
+
+
+def test_a_restarted_executor_process_resumes_its_plan_and_serves_metrics(tiny_model_dir, tmp_path):
+    args = ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB", "--port", "0",
+            "--state-dir", str(tmp_path / "state"), "--metrics-port", "0", "--drain-seconds", "5"]
+    first = spawn("executor-1", args, log_dir=tmp_path)
+    try:
+        with rpc.channel(first.address) as channel:
+            stub = executor_pb2_grpc.ExecutorServiceStub(channel)
+            assert stub.ApplyPlan(epb.ApplyPlanRequest(plan=common_pb2.Plan(version=4, experts_per_layer=[3, 2])),
+                                  timeout=10).accepted
+            list(stub.Generate(epb.GenerateRequest(text="count me", max_new_tokens=4), timeout=30))
+        url = next(line.split()[-1] for line in first.output if line.startswith("metrics on "))
+        assert "swapmoe:generation_tokens_total 4.0" in urllib.request.urlopen(url, timeout=10).read().decode()
+    finally:
+        assert first.stop() == 0, "the executor should drain and exit cleanly"
+    second = spawn("executor-2", args, log_dir=tmp_path)
+    try:
+        with rpc.channel(second.address) as channel:
+            described = executor_pb2_grpc.ExecutorServiceStub(channel).Describe(epb.DescribeRequest(), timeout=10)
+        assert described.plan.version == 4 and list(described.achieved_experts_per_layer) == [3, 2]
+    finally:
+        second.stop()
