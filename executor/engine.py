@@ -151,19 +151,20 @@ class Engine:
         """ACK or NACK a well-formed plan; raises InvalidField for a malformed one."""
         start = time.perf_counter_ns()
         validate_plan(plan, self.layout)
-        reason = ""
-        if plan.version <= self.plan.version:
-            reason = f"plan.version {plan.version} is not newer than the current plan's version {self.plan.version}"
-        elif (need := self.plan_bytes(plan.experts_per_layer)) > self.budget_bytes:
-            reason = (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
-                      f"{format_size(self.budget_bytes)} ({self.budget_bytes} bytes)")
+        with self._step_lock:  # checks and application together: concurrent plans and budgets serialize
+            reason = ""
+            if plan.version <= self.plan.version:
+                reason = f"plan.version {plan.version} is not newer than the current plan's version {self.plan.version}"
+            elif (need := self.plan_bytes(plan.experts_per_layer)) > self.budget_bytes:
+                reason = (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
+                          f"{format_size(self.budget_bytes)} ({self.budget_bytes} bytes)")
+            if not reason:
+                self._apply_residency(plan)
+                if self.config.state_dir is not None:
+                    plan_file.save(self.config.state_dir, plan)
         if reason:
             self.hub.event(tpb.Event.KIND_PLAN_REJECTED, reason, plan_version=plan.version)
             return PlanResult(plan.version, False, reason, memory=self.memory())
-        with self._step_lock:
-            self._apply_residency(plan)
-        if self.config.state_dir is not None:
-            plan_file.save(self.config.state_dir, plan)
         self.hub.event(tpb.Event.KIND_PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}",
                        plan_version=plan.version)
         return PlanResult(plan.version, True, "", self.achieved, self.memory(), time.perf_counter_ns() - start)

@@ -121,9 +121,11 @@ def generate_ids(
     prompt = torch.tensor([list(prompt_ids)], device=device)
     step = _seq2seq_step(model, prompt) if model.config.is_encoder_decoder else _causal_step(model, prompt)
     logits = step(None)
-    for _ in range(max_new_tokens):
+    for n in range(max_new_tokens):
         token = choose_token(logits, sampling, generator)
         yield token
+        if n + 1 == max_new_tokens:
+            return  # no forward pass for a token nobody will read
         between_steps()
         logits = step(token)
 

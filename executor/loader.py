@@ -9,6 +9,7 @@ the runtime between forward passes, which is when a slot becomes visible to rout
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 
 from executor.store import ExpertStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -28,6 +31,7 @@ class Load:
     epoch: int = 0
     nbytes: int = 0
     seconds: float = 0.0
+    error: BaseException | None = None  # set when the load failed: its slot holds no expert
 
 
 @dataclass(slots=True)
@@ -87,6 +91,8 @@ class Copier:
                 return nbytes
             self.pinned[:nbytes].copy_(torch.frombuffer(self.buffer, dtype=torch.uint8, count=nbytes))
             pinned = self.store.tensors_from(layer, self.pinned)
+            # The slot may have been read by kernels still queued on the compute stream.
+            self.stream.wait_stream(torch.cuda.current_stream(next(iter(targets.values())).device))
             with torch.cuda.stream(self.stream):
                 for name, target in targets.items():
                     target.copy_(pinned[name], non_blocking=True)
@@ -157,6 +163,9 @@ class ExpertLoader:
                 start = time.perf_counter()
                 load.nbytes = self._copier.copy(load.layer, load.expert, load.targets)
                 load.seconds = time.perf_counter() - start
+            except Exception as error:  # reported with the load; the thread serves on
+                log.warning("loading expert %d of layer %d failed: %s", load.expert, load.layer, error)
+                load.error = error
             finally:
                 with self._cond:
                     self._busy = False

@@ -46,6 +46,7 @@ class SwapStats:
     loads_finished: int = 0
     evictions: int = 0
     on_demand_loads: int = 0
+    failed_loads: int = 0
 
 
 class VirtualExperts:
@@ -189,6 +190,10 @@ class VirtualExperts:
             layer = self.layers[load.layer]
             if load.epoch != self._epoch or load.expert not in layer.pool.loading:
                 continue  # its slot was given up while it loaded
+            if load.error is not None:  # the slot holds no expert: free it, a later update retries
+                layer.pool.cancel_load(load.expert)
+                self.stats.failed_loads += 1
+                continue
             evicted = layer.pool.finish_load(load.expert, layer.scores.tolist(), layer.pool.capacity)
             self.stats.evictions += len(evicted)
             self._publish(layer)
@@ -222,7 +227,12 @@ class VirtualExperts:
                     pool.evict(victim)
                     layer.recency.pop(victim)
                 slot = pool.free.pop(0)
-                self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+                try:
+                    self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+                except Exception:
+                    pool.free.insert(0, slot)  # the slot is free again, and the evicted expert unmapped
+                    self._publish(layer)
+                    raise
                 pool.ready[expert] = slot
                 self.stats.on_demand_loads += 1
                 changed = True

@@ -11,11 +11,13 @@ allows it, so the OS page cache does not quietly keep the model in RAM.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
 import shutil
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -218,6 +220,14 @@ class ExpertStore:
         if not self.direct:
             self._fd = os.open(path, os.O_RDONLY)
         self.tier = "disk (O_DIRECT)" if self.direct else "disk (page cache dropped after reads)"
+        self._reopen = threading.Lock()
+
+    def _without_direct_io(self) -> None:
+        with self._reopen:
+            if self.direct:  # another thread may have switched already; the old descriptor stays open for it
+                self._fd = os.open(self.directory / self.manifest.file, os.O_RDONLY)
+                self.direct = False
+                self.tier = "disk (page cache dropped after reads)"
 
     def buffer(self, layer: int) -> mmap.mmap:
         """A page-aligned buffer for one expert of ``layer`` (O_DIRECT needs aligned memory)."""
@@ -250,7 +260,13 @@ class ExpertStore:
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"layer {layer} has no expert {expert}")
         offset = spec.expert_offset(expert)
-        done = os.preadv(self._fd, views, offset)
+        try:
+            done = os.preadv(self._fd, views, offset)
+        except OSError as error:
+            if not (self.direct and error.errno == errno.EINVAL):
+                raise
+            self._without_direct_io()  # the file system took O_DIRECT at open but not for reads
+            done = os.preadv(self._fd, views, offset)
         if done < spec.expert_bytes:
             raise OSError(f"short read of expert ({layer}, {expert}): {done} of {spec.expert_bytes} bytes")
         if not self.direct:

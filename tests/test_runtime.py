@@ -195,7 +195,55 @@ def test_growing_the_budget_fills_the_new_slots_in_the_background(checkpoint_dir
         engine.apply_plan(Plan(2, (4,) * engine.layout.num_layers, update_frequency=0))
         assert [len(r) for r in engine.runtime.resident()] == [1] * engine.layout.num_layers
         assert engine.runtime.loader.wait_idle(5)
-        _generate(engine, 1)  # finished loads become usable between forward passes
+        _generate(engine, 2)  # finished loads become usable between forward passes
         assert [len(r) for r in engine.runtime.resident()] == [4] * engine.layout.num_layers
     finally:
         engine.close()
+
+
+def _fail_once(monkeypatch, copier):
+    original = copier.copy
+    calls = []
+
+    def copy(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error (injected)")
+        return original(*args)
+
+    monkeypatch.setattr(copier, "copy", copy)
+    return calls
+
+
+def test_a_failed_background_load_is_never_published_and_the_loader_keeps_serving(monkeypatch, runtime_for,
+                                                                                  checkpoint_dirs):
+    runtime = runtime_for("mixtral")
+    runtime.resize(_half(runtime))
+    sample_logits(runtime.model, "mixtral")  # importance: some absent experts are now wanted
+    calls = _fail_once(monkeypatch, runtime.loader._copier)
+    assert runtime.update(max_loads=2) > 0
+    assert runtime.loader.wait_idle(5)
+    runtime.poll()
+    assert runtime.stats.failed_loads == 1
+    failed_layer, failed_expert = calls[0][0], calls[0][1]
+    layer = runtime.layers[failed_layer]
+    assert failed_expert not in layer.pool.ready and not layer.pool.loading
+    assert not layer.router.resident[failed_expert]
+    runtime.update(max_loads=2)  # the loader thread survived: later loads go through
+    assert runtime.loader.wait_idle(5)
+    runtime.poll()
+    _assert_slots_hold_their_experts(runtime, load_checkpoint(checkpoint_dirs("mixtral")).model)
+
+
+def test_a_failed_on_demand_load_raises_and_leaves_every_mapping_valid(monkeypatch, runtime_for, checkpoint_dirs):
+    reference = load_checkpoint(checkpoint_dirs("mixtral")).model
+    runtime = runtime_for("mixtral")
+    runtime.resize([2] * runtime.layout.num_layers)
+    runtime.set_strategy(Strategy.ON_DEMAND)
+    _fail_once(monkeypatch, runtime._sync)
+    with pytest.raises(OSError, match="injected"):
+        sample_logits(runtime.model, "mixtral")
+    _assert_slots_hold_their_experts(runtime, reference)
+    assert all(len(l.pool.ready) + len(l.pool.free) == l.pool.capacity for l in runtime.layers)
+    torch.testing.assert_close(sample_logits(runtime.model, "mixtral"), sample_logits(reference, "mixtral"),
+                               rtol=1e-5, atol=1e-5)
