@@ -54,6 +54,7 @@ class EngineConfig:
     max_queue: int = 64  # generation requests that may wait for their turn (more: RESOURCE_EXHAUSTED)
     state_dir: Path | None = None  # where the last acknowledged plan is kept, to resume it after a restart
     max_loads_per_update: int = 1  # per layer: how far one update moves the resident set
+    load_bandwidth: int = 0  # bytes/s cap on expert reads (0: none), to leave the device's storage to others
     # torch intra-op threads; 0: all cores but one, which is left to gRPC, telemetry and expert loads.
     threads: int = 0
 
@@ -76,7 +77,8 @@ class Engine:
         self.hub = hub or TelemetryHub(config.node_id)
         torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) - 1))
         self.runtime = VirtualExperts(config.model_dir, config.device, config.store_root,
-                                      max_loads_per_update=config.max_loads_per_update)
+                                      max_loads_per_update=config.max_loads_per_update,
+                                      load_bandwidth=config.load_bandwidth or None)
         self.model, self.layout = self.runtime.model, self.runtime.layout
         self.tokenizer = AutoTokenizer.from_pretrained(config.model_dir, local_files_only=True)
         limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT

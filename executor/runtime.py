@@ -56,10 +56,11 @@ class VirtualExperts:
     layers their slots and fills them (the model cannot run before that)."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu",
-                 store_root: Path | None = None, max_loads_per_update: int = 1, decay: float = 0.5, log=print):
+                 store_root: Path | None = None, max_loads_per_update: int = 1, decay: float = 0.5,
+                 load_bandwidth: float | None = None, log=print):
         self.device = torch.device(device)
         store_dir = ensure_store(checkpoint, store_root, log=log)
-        self.store = ExpertStore(store_dir)
+        self.store = ExpertStore(store_dir, bandwidth=load_bandwidth)
         manifest = self.store.manifest
         self.model = build_skeleton(Path(checkpoint), store_dir, manifest, self.device)
         norms = [torch.tensor(l.norms) for l in manifest.layers]
@@ -149,24 +150,31 @@ class VirtualExperts:
         self._since_update = None
 
     def between_passes(self, update_frequency: int) -> None:
-        """After each forward pass: finished loads become usable, and every ``update_frequency``
-        passes (0: never, a static resident set) the resident set moves toward importance."""
+        """After each forward pass: finished loads become usable, and each layer's resident set
+        moves toward importance once every ``update_frequency`` passes (0: never, a static
+        resident set). Layers take turns, a share of them after each pass, so the work of an
+        update is spread over the passes instead of landing on one token."""
         self.poll()
-        due = self._since_update is None or self._since_update + 1 >= update_frequency
-        self._since_update = (self._since_update or 0) + 1
-        if update_frequency and due:
+        if not update_frequency:
+            return
+        if self._since_update is None:  # right after a prefill: every layer
             self._since_update = 0
             self.update()
+            return
+        self._since_update += 1
+        turn = self._since_update % update_frequency
+        self.update(layers=[i for i in range(len(self.layers)) if i % update_frequency == turn])
 
-    def update(self, max_loads: int | None = None) -> int:
-        """Move each layer's resident set toward its most important experts: start up to
-        ``max_loads`` background loads per layer. Returns the loads started."""
+    def update(self, max_loads: int | None = None, layers: Sequence[int] | None = None) -> int:
+        """Move each layer's (or the given layers') resident set toward its most important
+        experts: start up to ``max_loads`` background loads per layer. Returns the loads started."""
         self.poll()
         if self.strategy is Strategy.ON_DEMAND:
             return 0
         self.stats.updates += 1
         started = 0
-        for index, layer in enumerate(self.layers):
+        for index in range(len(self.layers)) if layers is None else layers:
+            layer = self.layers[index]
             if len(layer.pool.ready) == layer.pool.num_experts:
                 continue  # every expert resident: nothing can move
             importance = layer.router.importance.detach().to("cpu", torch.double, copy=True)

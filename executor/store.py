@@ -18,6 +18,7 @@ import mmap
 import os
 import shutil
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -205,8 +206,13 @@ def ensure_store(checkpoint: Path, root: Path | None = None, log=print) -> Path:
 class ExpertStore:
     """Reads experts from an expert store; one ``pread`` per expert."""
 
-    def __init__(self, directory: Path, direct: bool = True):
+    def __init__(self, directory: Path, direct: bool = True, bandwidth: float | None = None):
+        """``bandwidth`` (bytes/s) caps reads, shared by all readers: to leave a device's storage to
+        its other users, or to stand in for a slower tier than this machine's (benchmarks)."""
         self.directory = Path(directory)
+        self.bandwidth = bandwidth
+        self._pace = threading.Lock()
+        self._tier_free_at = 0.0
         self.manifest = Manifest.load(self.directory)
         self.dtype = getattr(torch, self.manifest.dtype)
         path = self.directory / self.manifest.file
@@ -220,6 +226,8 @@ class ExpertStore:
         if not self.direct:
             self._fd = os.open(path, os.O_RDONLY)
         self.tier = "disk (O_DIRECT)" if self.direct else "disk (page cache dropped after reads)"
+        if bandwidth:
+            self.tier += f", capped at {bandwidth / 2**20:.0f} MiB/s"
         self._reopen = threading.Lock()
 
     def _without_direct_io(self) -> None:
@@ -260,6 +268,7 @@ class ExpertStore:
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"layer {layer} has no expert {expert}")
         offset = spec.expert_offset(expert)
+        done_by = self._reserve(spec.expert_bytes)
         try:
             done = os.preadv(self._fd, views, offset)
         except OSError as error:
@@ -271,7 +280,18 @@ class ExpertStore:
             raise OSError(f"short read of expert ({layer}, {expert}): {done} of {spec.expert_bytes} bytes")
         if not self.direct:
             os.posix_fadvise(self._fd, offset, spec.stride, os.POSIX_FADV_DONTNEED)
+        if done_by > (now := time.monotonic()):
+            time.sleep(done_by - now)
         return spec.expert_bytes
+
+    def _reserve(self, nbytes: int) -> float:
+        """When a read of ``nbytes`` may finish under the bandwidth cap (0: no cap)."""
+        if not self.bandwidth:
+            return 0.0
+        with self._pace:
+            start = max(time.monotonic(), self._tier_free_at)
+            self._tier_free_at = start + nbytes / self.bandwidth
+            return self._tier_free_at
 
     def tensors(self, layer: int, buffer: mmap.mmap) -> dict[str, torch.Tensor]:
         """Views of the expert in ``buffer`` as its runtime tensors (no copy)."""

@@ -66,7 +66,8 @@ def executor_serve(args) -> None:
     from executor.server import serve
 
     config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context,
-                          max_queue=args.max_queue, state_dir=args.state_dir, threads=args.threads)
+                          max_queue=args.max_queue, state_dir=args.state_dir, threads=args.threads,
+                          load_bandwidth=args.load_bandwidth)
     if args.node_id:
         config.node_id = args.node_id
     engine = Engine(config)
@@ -166,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--threads", type=_non_negative, default=0,
                    help="torch threads (default 0: all cores but one, left to gRPC and expert loads)")
+    p.add_argument("--load-bandwidth", type=_size, default=0,
+                   help="cap expert reads at this many bytes per second, e.g. 200MiB (default: no cap)")
     p.add_argument("--state-dir", type=Path, help="keep the last acknowledged plan here and resume it on restart")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
     p.add_argument("--drain-seconds", type=float, default=30.0,

@@ -1,5 +1,7 @@
 """The expert store: built tensor by tensor from a checkpoint, read back one expert per read."""
 
+import time
+
 import pytest
 import torch
 
@@ -41,3 +43,16 @@ def test_reading_an_expert_that_does_not_exist_is_an_error(checkpoint_dirs, tmp_
     store = ExpertStore(tmp_path / "store")
     with pytest.raises(IndexError, match="no expert 8"):
         store.read_into(0, 8, store.buffer(0))
+
+
+def test_a_bandwidth_cap_paces_reads(checkpoint_dirs, tmp_path):
+    manifest = build_store(checkpoint_dirs("mixtral"), tmp_path / "store")
+    nbytes = manifest.layers[0].expert_bytes
+    store = ExpertStore(tmp_path / "store", bandwidth=nbytes * 20)  # 20 experts a second
+    buffer = store.buffer(0)
+    started = time.monotonic()
+    for expert in range(5):
+        store.read_into(0, expert, buffer)
+    assert time.monotonic() - started >= 5 / 20 * 0.95  # never faster than the cap
+    assert "capped at" in store.tier
+    store.close()
