@@ -92,7 +92,7 @@ class Engine:
         self.device_info = _device_info(config.device)
         self.stats = ServingStats()
         self._step_lock = threading.Lock()  # forward passes vs. plan/budget changes
-        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # see _stepped
+        self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="forward")  # see _run_ahead
         self.admission = Admission(config.max_queue)  # one generation at a time, FIFO, bounded
         self.plan = Plan(0, self._fitting_experts(self.budget_bytes), origin="executor:initial even split")
         resumed, note = self._saved_plan()
@@ -220,16 +220,10 @@ class Engine:
         if vocab and max(request.prompt_ids) >= vocab:
             raise InvalidField("prompt.token_ids", f"token id {max(request.prompt_ids)} is outside the vocabulary (size {vocab})")
         enqueued = time.perf_counter_ns()
-        self.stats.queued(+1)
-        try:
-            self.admission.acquire(cancelled)
-        finally:
-            self.stats.queued(-1)
-        self.stats.running(+1)
+        self.admission.acquire(cancelled)
         try:
             yield from self._generate(request, enqueued, cancelled)
         finally:
-            self.stats.running(-1)
             self.admission.release()
 
     def _generate(self, request: GenerationRequest, enqueued: int, cancelled: Callable[[], bool]) -> Iterator[Chunk]:

@@ -47,8 +47,6 @@ class ServingStats:
         self._lock = threading.Lock()
         self.tokens_total = 0
         self.requests_total = 0
-        self.queue_depth = 0
-        self.requests_running = 0
         self._ttft = collections.deque(maxlen=window)
         self._itl = collections.deque(maxlen=window)
         self.ttft_histogram = Histogram(TTFT_BUCKETS)
@@ -70,14 +68,6 @@ class ServingStats:
         with self._lock:
             self.requests_total += 1
 
-    def queued(self, delta: int) -> None:
-        with self._lock:
-            self.queue_depth += delta
-
-    def running(self, delta: int) -> None:
-        with self._lock:
-            self.requests_running += delta
-
     def histograms(self) -> tuple[list[tuple[str, int]], float, list[tuple[str, int]], float]:
         """(TTFT buckets, TTFT sum, inter-token buckets, inter-token sum), consistent with each other."""
         with self._lock:
@@ -90,7 +80,6 @@ class ServingStats:
             return dict(
                 tokens_total=self.tokens_total,
                 requests_total=self.requests_total,
-                queue_depth=self.queue_depth,
                 time_to_first_token_p50_ns=percentile(self._ttft, 50),
                 inter_token_p50_ns=percentile(self._itl, 50),
                 inter_token_p99_ns=percentile(self._itl, 99),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-
 from executor.admission import Cancelled
 from executor.engine import Chunk, Engine
 from executor.generation import GenerationRequest, SamplingParams
@@ -80,7 +79,8 @@ class TelemetryReporter:
         now = time.monotonic()
         then, tokens = self._tokens
         self._tokens = (now, snap["tokens_total"])
-        return tpb.ThroughputReport(tokens_per_second=(snap["tokens_total"] - tokens) / max(now - then, 1e-9), **snap)
+        return tpb.ThroughputReport(tokens_per_second=(snap["tokens_total"] - tokens) / max(now - then, 1e-9),
+                                    queue_depth=self.engine.admission.waiting, **snap)
 
     def _swaps_report(self) -> tpb.SwapReport:
         (loads, nbytes, seconds), (pl, pb, ps) = self.engine.swap_stats(), self._swaps
@@ -110,8 +110,6 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         with contextlib.closing(chunks):
             try:
                 for chunk in chunks:
-                    if not context.is_active():
-                        return
                     yield chunk_to_pb(chunk)
             except Cancelled:
                 return
