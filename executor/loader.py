@@ -28,7 +28,6 @@ class Load:
     expert: int
     slot: int
     targets: dict[str, torch.Tensor]  # the slot's tensors, by store part name
-    epoch: int = 0
     nbytes: int = 0
     seconds: float = 0.0
     error: BaseException | None = None  # set when the load failed: its slot holds no expert

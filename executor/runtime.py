@@ -81,7 +81,6 @@ class VirtualExperts:
         self.io = LoadStats()
         self._sync = Copier(self.store, self.device, self.io)  # on-demand and start-up loads
         self.loader = ExpertLoader(self.store, self.device, self.io)
-        self._epoch = 0
         self._filled = False
         self._since_update = 0
 
@@ -183,7 +182,7 @@ class VirtualExperts:
             before = set(layer.pool.ready)
             for expert, slot in layer.pool.begin_loads(layer.scores.tolist(), layer.pool.capacity,
                                                        max_loads or self.max_loads_per_update):
-                self.loader.submit(Load(index, expert, slot, layer.experts.slot_tensors(slot), self._epoch))
+                self.loader.submit(Load(index, expert, slot, layer.experts.slot_tensors(slot)))
                 started += 1
             if set(layer.pool.ready) != before:  # a slot was freed for a load: stop routing to it now
                 self.stats.evictions += len(before - set(layer.pool.ready))
@@ -196,8 +195,8 @@ class VirtualExperts:
         done = 0
         for load in self.loader.finished():
             layer = self.layers[load.layer]
-            if load.epoch != self._epoch or load.expert not in layer.pool.loading:
-                continue  # its slot was given up while it loaded
+            if load.expert not in layer.pool.loading:
+                continue  # not a load this pool is waiting for
             if load.error is not None:  # the slot holds no expert: free it, a later update retries
                 layer.pool.cancel_load(load.expert)
                 self.stats.failed_loads += 1
@@ -211,14 +210,10 @@ class VirtualExperts:
 
     def _settle(self) -> None:
         """Stop background loads (before slots move): queued ones are dropped, the one in
-        flight finishes and is kept."""
+        flight finishes and is published, so no slot is left loading."""
         for load in self.loader.quiesce():
             self.layers[load.layer].pool.cancel_load(load.expert)
         self.poll()
-        self._epoch += 1
-        for layer in self.layers:
-            for expert in list(layer.pool.loading):
-                layer.pool.cancel_load(expert)
 
     # --- on-demand strategy (exact; the LRU baseline) -------------------------------------
     def _load_now(self, index: int, experts: list[int]) -> None:

@@ -130,7 +130,7 @@ def test_background_loads_never_change_a_concurrent_forward_pass(runtime_for):
     def hammer():  # keep rewriting the reserved slot with other experts
         expert = 0
         while not stop.is_set():
-            runtime.loader.submit(Load(0, expert % layer.pool.num_experts, slot, layer.experts.slot_tensors(slot), -1))
+            runtime.loader.submit(Load(0, expert % layer.pool.num_experts, slot, layer.experts.slot_tensors(slot)))
             runtime.loader.wait_idle(1)
             expert += 1
 
