@@ -49,10 +49,13 @@ class Adapter:
     disk_block_rename: tuple[str, str] = ("", "")  # runtime block path fragment -> disk fragment
     slots: type = Packed  # how routing reaches the experts module (see executor.slot_experts)
 
+    def disk_name(self, name: str) -> str:
+        """A runtime module or tensor path as ``save_pretrained`` names it on disk."""
+        return name.replace(*self.disk_block_rename) if self.disk_block_rename[0] else name
+
     def disk_keys(self, block: str, expert: int) -> list[tuple[str, tuple[str, ...]]]:
         """(runtime tensor name, disk keys concatenated to make it) for one expert."""
-        if self.disk_block_rename[0]:
-            block = block.replace(*self.disk_block_rename)
+        block = self.disk_name(block)
         return [(name, tuple(self.disk_key.format(block=block, expert=expert, part=p) for p in parts))
                 for name, parts in self.disk_parts]
 
@@ -107,6 +110,11 @@ def find_moe_blocks(model: nn.Module) -> list[MoeBlock]:
     if not blocks:
         raise UnsupportedModel(f"model class {type(model).__name__} has no MoE block with a router and experts")
     return blocks
+
+
+def expert_prefixes(blocks: list[MoeBlock]) -> tuple[str, ...]:
+    """Name prefixes of the routed experts' tensors (everything else is dense)."""
+    return tuple(f"{b.name}.experts." for b in blocks)
 
 
 def expert_nbytes(adapter: Adapter, block: MoeBlock, expert: int) -> int:

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from executor.adapters import UnsupportedModel, find_moe_blocks
+from executor.adapters import UnsupportedModel, expert_prefixes, find_moe_blocks
 from executor.checkpoint import auto_class, read_config
 from executor.store import Manifest
 
@@ -48,7 +48,7 @@ def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device
     dense = load_file(store_dir / manifest.dense_file, device=str(device))
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
-    experts = tuple(f"{b.name}.experts." for b in find_moe_blocks(model))
+    experts = expert_prefixes(find_moe_blocks(model))
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta" and not n.startswith(experts)]
     if missing:
         raise UnsupportedModel(f"model class {type(model).__name__}: the checkpoint has no weights for "

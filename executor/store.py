@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from executor.adapters import UnsupportedModel, adapter_for, find_moe_blocks
+from executor.adapters import UnsupportedModel, adapter_for, expert_prefixes, find_moe_blocks
 from executor.checkpoint import auto_class, read_config
 
 ALIGN = 4096
@@ -161,13 +161,12 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
 def _dense_tensors(model, adapter, blocks, source: _Checkpoint) -> dict[str, torch.Tensor]:
     """The checkpoint's non-expert tensors under the runtime's names. A runtime tensor missing on
     disk is left out: tied weights are re-tied on load, and anything else is reported there."""
-    experts = tuple(f"{b.name}.experts." for b in blocks)
+    experts = expert_prefixes(blocks)
     dense = {}
     for name in model.state_dict():
         if name.startswith(experts):
             continue
-        renamed = name.replace(*adapter.disk_block_rename) if adapter.disk_block_rename[0] else name
-        key = next((k for k in (name, renamed) if source.has(k)), None)
+        key = next((k for k in (name, adapter.disk_name(name)) if source.has(k)), None)
         if key is not None:
             dense[name] = source.get(key).contiguous()
     return dense
