@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from executor.checkpoint import load_checkpoint
 from executor.generation import SamplingParams, generate_ids
+from executor.metrics import percentile
 from executor.runtime import VirtualExperts
 from models.corpus import DOMAINS, load_eval
 from swapmoe.plan import Strategy
@@ -122,11 +123,6 @@ def streaming_perplexity(subject: Subject, texts: list[list[int]], chunk: int) -
     return math.exp(nll / count)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
 def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts: list[list[int]] | None,
                   new_tokens: int, store_root: Path, configs=CONFIGS, bandwidth: float | None = None) -> list[dict]:
     subjects = [Subject(c, checkpoint, store_root, bandwidth)
@@ -154,8 +150,8 @@ def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts:
             model=label, config=name,
             tokens_per_second=decode[name][0] / (decode[name][1] / 1e9),
             ttft_ms=statistics.median(ttft[name]) / 1e6,
-            itl_p50_ms=percentile(gaps[name], 0.50) / 1e6,
-            itl_p99_ms=percentile(gaps[name], 0.99) / 1e6,
+            itl_p50_ms=percentile(gaps[name], 50) / 1e6,
+            itl_p99_ms=percentile(gaps[name], 99) / 1e6,
             loads_per_token=loads / tokens,
             swap_mib_per_s=(nbytes / 2**20) / seconds if seconds else 0.0,
             accounted_mib=subject.accounted_bytes() / 2**20,

@@ -6,6 +6,7 @@ the expert store (``O_DIRECT`` from disk on a CPU device).
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import time
 from typing import Iterator
@@ -49,10 +50,9 @@ def profile(engine, token_counts: tuple[int, ...], repeats: int) -> Iterator[epb
     yield epb.ProfileProgress(fraction=0.0, stage="expert load")
     store = engine.runtime.store
     buffer = store.buffer(0)
-    experts = store.manifest.layers[0].num_experts
-    reads = iter(range(10**9))
+    experts = itertools.cycle(range(store.manifest.layers[0].num_experts))  # a different expert each read
     nbytes = store.manifest.layers[0].expert_bytes
-    load_ns = max(1, _median_ns(lambda: store.read_into(0, next(reads) % experts, buffer), repeats))
+    load_ns = max(1, _median_ns(lambda: store.read_into(0, next(experts), buffer), repeats))
     result = epb.ProfileResult(
         expert_load_ns=load_ns,
         load_bytes_per_second=nbytes / (load_ns / 1e9),
