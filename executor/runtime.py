@@ -64,11 +64,11 @@ class VirtualExperts:
         manifest = self.store.manifest
         self.model = build_skeleton(Path(checkpoint), store_dir, manifest, self.device)
         norms = [torch.tensor(l.norms) for l in manifest.layers]
-        self.routers = install_masked_routers(self.model, norms)
+        routers = install_masked_routers(self.model, norms)
         self.layout = describe(self.model)  # before slots replace the experts: all E per layer
         kind = adapter_for(self.model).slots
         self.layers: list[Layer] = []
-        for block, router, norm in zip(find_moe_blocks(self.model), self.routers, norms):
+        for block, router, norm in zip(find_moe_blocks(self.model), routers, norms):
             experts = SlotExperts(block.experts, kind, block.num_experts)
             block.module.experts = experts
             scores = norm.double() * 1e-9  # no traffic yet: prefer the largest experts
