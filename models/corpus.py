@@ -153,10 +153,10 @@ def function_pairs(doc: Document, max_body_lines: int = 60) -> Iterator[SummaryP
     for node in ast.walk(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        docstring = ast.get_docstring(node)
+        docstring = (ast.get_docstring(node) or "").strip()
         if not docstring or len(node.body) < 2:
             continue
-        summary = docstring.strip().splitlines()[0].strip()
+        summary = docstring.splitlines()[0].strip()
         if not 3 <= len(summary.split()) <= 20 or summary.endswith(":"):
             continue
         start = node.body[1].lineno - 1  # first statement after the docstring

@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from executor.adapters import adapter_for, find_moe_blocks
 from models import routing_stats as rs
-from models.corpus import DOMAINS, load_eval, name_baseline
+from models.corpus import DOMAINS, extra_summary_pairs, load_eval, name_baseline, summary_pairs
 from models.training.train_switch import MAX_SOURCE
 
 MODELS = Path(__file__).resolve().parent
@@ -153,11 +154,52 @@ def summarize(model, tokenizer, bodies: list[str], batch: int = 16, max_new_toke
     return [o.strip() for o in out]
 
 
-def rouge2(predictions: list[str], references: list[str]) -> float:
+def rouge2_scores(predictions: list[str], references: list[str]) -> np.ndarray:
+    """Rouge-2 F1 of each prediction (the `rouge-score` package, stemmed)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
-    return float(np.mean([scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(predictions, references)]))
+    return np.array([scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(predictions, references)])
+
+
+def rouge2(predictions: list[str], references: list[str]) -> float:
+    return float(rouge2_scores(predictions, references).mean())
+
+
+def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of mean(ours - theirs) over resampled pairs."""
+    rng = np.random.default_rng(seed)
+    gaps = (ours - theirs)[rng.integers(0, len(ours), (samples, len(ours)))].mean(1)
+    return float(np.quantile(gaps, 0.025)), float(np.quantile(gaps, 0.975))
+
+
+def retrieval_summaries(train: list, bodies: list[str]) -> list[str]:
+    """A non-neural reference: the summary of the training function whose code is most similar
+    (cosine of sublinear TF-IDF vectors over the code's lower-case words)."""
+    def terms(code: str) -> Counter:
+        return Counter(re.findall(r"[a-z]+", code.lower().replace("_", " ")))
+
+    docs = [terms(p.body) for p in train]
+    df = Counter(t for d in docs for t in d)
+    idf = {t: math.log((1 + len(docs)) / (1 + n)) + 1 for t, n in df.items()}
+
+    def vector(counts: Counter) -> dict[str, float]:
+        v = {t: (1 + math.log(c)) * idf[t] for t, c in counts.items() if t in idf}
+        norm = math.sqrt(sum(x * x for x in v.values())) or 1.0
+        return {t: x / norm for t, x in v.items()}
+
+    postings = defaultdict(list)
+    for i, d in enumerate(docs):
+        for t, x in vector(d).items():
+            postings[t].append((i, x))
+    out = []
+    for body in bodies:
+        scores = defaultdict(float)
+        for t, x in vector(terms(body)).items():
+            for i, y in postings[t]:
+                scores[i] += x * y
+        out.append(train[max(scores, key=scores.get)].summary if scores else "")
+    return out
 
 
 def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
@@ -175,9 +217,14 @@ def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
             model.get_encoder()(input_ids=ids)
             per_input.append(recorder.take()[:len(_encoder_blocks(recorder))])
     references = [p["summary"] for p in pairs]
+    ours = rouge2_scores(predictions, references)
+    baseline = rouge2_scores([name_baseline(p["name"]) for p in pairs], references)
     return dict(
-        rouge2=rouge2(predictions, references),
-        baseline_rouge2=rouge2([name_baseline(p["name"]) for p in pairs], references),
+        rouge2=float(ours.mean()),
+        baseline_rouge2=float(baseline.mean()),
+        gap_95ci=paired_bootstrap(ours, baseline),
+        retrieval_rouge2=rouge2(retrieval_summaries(summary_pairs()[0] + extra_summary_pairs(),
+                                                    [p["body"] for p in pairs]), references),
         pairs=len(pairs),
         examples=[dict(name=p["name"], reference=r, prediction=q)
                   for p, r, q in list(zip(pairs, references, predictions))[:8]],
