@@ -155,20 +155,21 @@ batch as span infilling on the same functions, with dropout 0.1 (validation Roug
 (5000 steps) before 4000 fine-tuning steps that keep the best validated checkpoint (held-out
 Rouge-2 0.012 greedy, 0.020 with 4 beams).
 
-What goes wrong: the encoder collapses. In this checkpoint its output at every position is nearly
-the same vector (mean cosine similarity between the positions of a function 0.95; the residual
-stream's norm grows to 80 times the embeddings'), so little of the source reaches the decoder. While the decoder
-cannot yet use the source, every encoder position receives the same gradient. A dense T5 of the
-same size collapses too (0.94 after 1500 steps, against 0.98 for this architecture), so this is not specific to the experts. A lower peak learning rate
-slows the collapse (cosine 0.995 at step 500 with 3e-3, 0.975 with 1e-3), and so does a
-masked-token loss on the encoder's output (0.76 at step 1000 with 5e-4 and weight 2). A run
-with both, plus 4 times the training pairs (47 k: adding the Python packages installed beside the
-project), identifiers read as lower-case words, and dropout 0.1 (4000 steps, 57 minutes)
-still reached only 0.015 held-out (validation 0.025 to 0.030). Adding a task that copies the code's words (a
+What goes wrong: the encoder collapses. In this checkpoint its output at every position is
+nearly the same vector (mean cosine similarity between the positions of a function 0.95; the
+residual stream's norm grows to 80 times the embeddings'), so little of the source reaches the
+decoder. While the decoder cannot yet use the source, every encoder position receives the same
+gradient. A dense T5 of the same size collapses too (0.94 after 1500 steps, against 0.98 for
+this architecture), so this is not specific to the experts. A lower peak learning rate slows the
+collapse (cosine 0.997 at step 500 with 3e-3, 0.974 with 1e-3), and so does a masked-token loss
+on the encoder's output (0.76 at step 1000 with 5e-4 and weight 2). A run with both, plus 4
+times the training pairs (47 k: adding the Python packages installed beside the project),
+identifiers read as lower-case words, and dropout 0.1 (4000 steps, 57 minutes) still reached
+only 0.015 held-out (validation 0.025 to 0.030). Adding a task that copies the code's words (a
 quarter of the examples) made the source matter sooner but reached 0.018 held-out. Both recipes
-are kept as a patch in `docs/experiments/`. The data
-itself supports far more: retrieving the summary of the training function with the most similar
-code (TF-IDF over its words) scores {results['retrieval_rouge2']:.3f} held-out (table below). The bottleneck is learning to read the
+are kept as a patch in `docs/experiments/`. The data itself supports far more: retrieving the
+summary of the training function with the most similar code (TF-IDF over its words) scores
+{results['retrieval_rouge2']:.3f} held-out (table below). The bottleneck is learning to read the
 source within an hour of two CPU cores.
 
 ## Rouge-2 on held-out functions

@@ -181,11 +181,10 @@ def _extra_python_files() -> list[Path]:
                   if not {"test", "tests"} & set(p.parts) and not p.name.startswith("test_"))
 
 
-def extra_summary_pairs() -> list[SummaryPair]:
+def extra_summary_pairs(held: list[SummaryPair]) -> list[SummaryPair]:
     """More training pairs for the summarizer, from outside the standard library (training only:
     held-out pairs all come from held-out CPython modules). Pairs whose code or summary equals a
-    held-out pair's (vendored copies) are dropped."""
-    _, held = summary_pairs()
+    ``held`` (out) pair's (vendored copies) are dropped."""
     seen = {p.body for p in held} | {p.summary for p in held}
     pairs = []
     for path in _extra_python_files():

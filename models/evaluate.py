@@ -219,12 +219,13 @@ def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
     references = [p["summary"] for p in pairs]
     ours = rouge2_scores(predictions, references)
     baseline = rouge2_scores([name_baseline(p["name"]) for p in pairs], references)
+    train, held_out = summary_pairs()  # the summarizer's training pairs, for the retrieval reference
+    retrieved = retrieval_summaries(train + extra_summary_pairs(held_out), [p["body"] for p in pairs])
     return dict(
         rouge2=float(ours.mean()),
         baseline_rouge2=float(baseline.mean()),
         gap_95ci=paired_bootstrap(ours, baseline),
-        retrieval_rouge2=rouge2(retrieval_summaries(summary_pairs()[0] + extra_summary_pairs(),
-                                                    [p["body"] for p in pairs]), references),
+        retrieval_rouge2=rouge2(retrieved, references),
         pairs=len(pairs),
         examples=[dict(name=p["name"], reference=r, prediction=q)
                   for p, r, q in list(zip(pairs, references, predictions))[:8]],

@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     tokenizer = train_tokenizer(seed=args.seed)
     train_pairs, held_out = summary_pairs()
-    extra = extra_summary_pairs()
+    extra = extra_summary_pairs(held_out)
     print(f"{len(train_pairs)} training pairs from CPython and {len(extra)} from other Python packages; "
           f"{len(held_out)} held out")
     train_pairs += extra
