@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sysconfig
 import textwrap
@@ -173,10 +174,23 @@ def summary_pairs() -> tuple[list[SummaryPair], list[SummaryPair]]:
     return ([p for d in train for p in function_pairs(d)], [p for d in held_out for p in function_pairs(d)])
 
 
+def code_as_words(code: str) -> str:
+    """The summarizer's view of code: identifiers split into lower-case words (``getFileName``,
+    ``get_file_name`` -> ``get file name``), punctuation set apart, whitespace collapsed. A
+    docstring is written in words, so a function's names then tokenize into the very tokens its
+    summary uses, and a window of source tokens covers more of the function than indentation allows."""
+    text = re.sub(r"([a-z0-9])([A-Z])", r"\1 \2", code).replace("_", " ")
+    return " ".join(re.sub(r"([^\w\s])", r" \1 ", text).lower().split())
+
+
 def _extra_python_files() -> list[Path]:
-    """Python sources of Debian's Python packages and of the pip/setuptools that ship with CPython."""
-    site = Path(sysconfig.get_paths()["stdlib"]) / "site-packages"
-    roots = [Path("/usr/lib/python3/dist-packages"), *(site / n for n in ("pip", "setuptools", "pkg_resources"))]
+    """Python sources of the packages installed beside this project (torch, transformers, ray, ...),
+    of Debian's Python packages, and of the pip/setuptools that ship with CPython. Which files these
+    are depends on the installed versions, so the training script prints how many pairs it found."""
+    paths = sysconfig.get_paths()
+    site = Path(paths["stdlib"]) / "site-packages"
+    roots = {Path(paths["purelib"]), Path(paths["platlib"]), Path("/usr/lib/python3/dist-packages"),
+             *(site / n for n in ("pip", "setuptools", "pkg_resources"))}
     return sorted(p for root in roots if root.is_dir() for p in root.rglob("*.py")
                   if not {"test", "tests"} & set(p.parts) and not p.name.startswith("test_"))
 
@@ -184,13 +198,17 @@ def _extra_python_files() -> list[Path]:
 def extra_summary_pairs(held: list[SummaryPair]) -> list[SummaryPair]:
     """More training pairs for the summarizer, from outside the standard library (training only:
     held-out pairs all come from held-out CPython modules). Pairs whose code or summary equals a
-    ``held`` (out) pair's (vendored copies) are dropped."""
+    ``held`` (out) pair's (vendored copies) are dropped, and so are repeated bodies (a package
+    vendored twice)."""
     seen = {p.body for p in held} | {p.summary for p in held}
     pairs = []
     for path in _extra_python_files():
-        doc = Document("code", f"extra:{path}", "the package's license (Debian main / pip, setuptools: MIT)",
-                       path.read_text(encoding="utf-8", errors="replace")[:MAX_DOC_CHARS])
-        pairs += [p for p in function_pairs(doc) if p.body not in seen and p.summary not in seen]
+        doc = Document("code", f"extra:{path}", "the package's own license (installed packages, Debian main, "
+                       "pip and setuptools)", path.read_text(encoding="utf-8", errors="replace")[:MAX_DOC_CHARS])
+        for pair in function_pairs(doc):
+            if pair.body not in seen and pair.summary not in seen:
+                seen.add(pair.body)
+                pairs.append(pair)
     return pairs
 
 

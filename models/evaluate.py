@@ -22,8 +22,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from executor.adapters import adapter_for, find_moe_blocks
 from models import routing_stats as rs
-from models.corpus import DOMAINS, extra_summary_pairs, load_eval, name_baseline, summary_pairs
-from models.training.train_switch import MAX_SOURCE
+from models.corpus import DOMAINS, SummaryPair, extra_summary_pairs, load_eval, name_baseline, summary_pairs
+from models.tokenizer import PAD_ID
+from models.training.train_switch import pad, source_ids
 
 MODELS = Path(__file__).resolve().parent
 LM_DIR = MODELS / "swapmoe-lm"
@@ -147,11 +148,27 @@ def untrained_routing(model, tokenizer) -> dict:
 def summarize(model, tokenizer, bodies: list[str], batch: int = 16, max_new_tokens: int = 40) -> list[str]:
     out = []
     for start in range(0, len(bodies), batch):
-        enc = tokenizer(bodies[start:start + batch], add_special_tokens=False, truncation=True, max_length=MAX_SOURCE - 1,
-                        padding=True, return_tensors="pt")
-        ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+        input_ids = pad([source_ids(tokenizer, body) for body in bodies[start:start + batch]], PAD_ID)
+        ids = model.generate(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(),
+                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         out += tokenizer.batch_decode(ids, skip_special_tokens=True)
     return [o.strip() for o in out]
+
+
+@torch.inference_mode()
+def source_losses(model, tokenizer, bodies: list[str], summaries: list[str]) -> tuple[float, float]:
+    """Loss of the summaries given each function's own code, and given the next function's code:
+    the gap is what the model reads from its input (none, for a decoder that ignores its source)."""
+    from models.training.train_switch import encode_pairs
+
+    sources, targets = encode_pairs(tokenizer, [SummaryPair("", "", b, s) for b, s in zip(bodies, summaries)])
+    labels = pad(targets, -100)
+
+    def loss(rows) -> float:
+        input_ids = pad(rows, PAD_ID)
+        return model(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(), labels=labels).loss.item()
+
+    return loss(sources), loss(sources[1:] + sources[:1])
 
 
 def rouge2_scores(predictions: list[str], references: list[str]) -> np.ndarray:
@@ -212,11 +229,10 @@ def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
     per_input = []
     with torch.inference_mode():  # encoder routing per input, for the premise statistics
         for p in pairs:
-            ids = tokenizer(p["body"], add_special_tokens=False, truncation=True, max_length=MAX_SOURCE - 1,
-                            return_tensors="pt")["input_ids"]
-            model.get_encoder()(input_ids=ids)
+            model.get_encoder()(input_ids=torch.tensor([source_ids(tokenizer, p["body"])]))
             per_input.append(recorder.take()[:len(_encoder_blocks(recorder))])
     references = [p["summary"] for p in pairs]
+    own, other = source_losses(model, tokenizer, [p["body"] for p in pairs], references)
     ours = rouge2_scores(predictions, references)
     baseline = rouge2_scores([name_baseline(p["name"]) for p in pairs], references)
     train, held_out = summary_pairs()  # the summarizer's training pairs, for the retrieval reference
@@ -225,6 +241,8 @@ def evaluate_switch(path: Path = SWITCH_DIR) -> dict:
         rouge2=float(ours.mean()),
         baseline_rouge2=float(baseline.mean()),
         gap_95ci=paired_bootstrap(ours, baseline),
+        loss_own_source=own,
+        loss_other_source=other,
         retrieval_rouge2=rouge2(retrieved, references),
         pairs=len(pairs),
         examples=[dict(name=p["name"], reference=r, prediction=q)

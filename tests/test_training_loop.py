@@ -37,3 +37,15 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     config = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
     assert learning_rate(config, 0) == 0.1 and learning_rate(config, 9) == 1.0
     assert learning_rate(config, 99) < 0.11 and learning_rate(config, 50) < 1.0
+
+
+def test_a_parameter_groups_lr_scale_multiplies_its_learning_rate(tmp_path):
+    model = build_tiny_model("mixtral")
+    embeddings = model.get_input_embeddings().weight
+    frozen = [p for p in model.parameters() if p is not embeddings]
+    before = [p.detach().clone() for p in frozen]
+    train(model, batches, TrainConfig(steps=2, warmup=1, threads=1), tmp_path,
+          param_groups=[dict(params=[embeddings]), dict(params=frozen, lr_scale=0.0, weight_decay=0.0)],
+          log=lambda _: None)
+    assert all(torch.equal(a, b) for a, b in zip(before, frozen))  # scaled to zero: untouched
+    assert not torch.equal(embeddings, build_tiny_model("mixtral").get_input_embeddings().weight)

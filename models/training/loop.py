@@ -39,14 +39,19 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def train(model: torch.nn.Module, batch_for: Callable[[int], dict], config: TrainConfig, work_dir: Path,
-          resume: bool = True, log: Callable[[str], None] = print) -> list[float]:
-    """Train ``model`` in place for ``config.steps`` steps; returns the loss of every step run."""
+          resume: bool = True, log: Callable[[str], None] = print,
+          param_groups: list[dict] | None = None, on_checkpoint: Callable[[int], None] | None = None) -> list[float]:
+    """Train ``model`` in place for ``config.steps`` steps; returns the loss of every step run.
+
+    ``param_groups`` (default: one group of all parameters) may set ``lr_scale``, a multiplier of the
+    scheduled learning rate, and their own ``weight_decay``. ``on_checkpoint(step)`` runs after each
+    checkpoint is saved (a validation pass, say)."""
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     work_dir.mkdir(parents=True, exist_ok=True)
     state_path = work_dir / "state.pt"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(param_groups or model.parameters(), lr=config.lr,
+                                  weight_decay=config.weight_decay, betas=(0.9, 0.95))
     start = 0
     if resume and state_path.exists():
         state = torch.load(state_path, weights_only=False)
@@ -61,7 +66,7 @@ def train(model: torch.nn.Module, batch_for: Callable[[int], dict], config: Trai
     with tqdm(range(start, config.steps), initial=start, total=config.steps, desc="training", unit="step") as bar:
         for step in bar:
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
+                group["lr"] = learning_rate(config, step) * group.get("lr_scale", 1.0)
             loss = model(**batch_for(step)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip)
@@ -74,6 +79,8 @@ def train(model: torch.nn.Module, batch_for: Callable[[int], dict], config: Trai
                 torch.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                 rng=torch.get_rng_state(), step=step + 1), tmp)
                 tmp.replace(state_path)
+                if on_checkpoint:
+                    on_checkpoint(step + 1)
     model.eval()
     if losses:
         log(f"trained steps {start}..{config.steps} in {time.monotonic() - began:.0f} s, "

@@ -1,22 +1,26 @@
 """Train the bundled Switch Transformers summarizer: a Python function's code -> the first
 line of its docstring (held-out functions come from held-out modules).
 
-    python -m models.training.train_switch            # ~16 min on 2 CPU cores; resumes if interrupted
+    python -m models.training.train_switch            # about 45 min on 2 CPU cores; resumes if interrupted
     python -m models.training.train_switch --fresh    # start over
 
-Writes ``models/swapmoe-switch`` (safetensors, HF layout, tokenizer).
+Writes ``models/swapmoe-switch`` (safetensors, HF layout, the LM's tokenizer). Every 500 steps it
+logs the validation loss with each function's own code and with another function's code (the gap
+is what the model reads from its input) and the validation Rouge-2.
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from models.corpus import CACHE, extra_summary_pairs, summary_pairs
-from models.tokenizer import EOS_ID, PAD_ID, train_tokenizer
+from models.corpus import CACHE, code_as_words, extra_summary_pairs, name_baseline, summary_pairs
+from models.tokenizer import EOS_ID, PAD_ID
 from models.training.loop import TrainConfig, arguments, save_checkpoint, train
 
 OUTPUT = Path(__file__).resolve().parents[1] / "swapmoe-switch"
@@ -25,6 +29,12 @@ WORK = CACHE.parent / "train" / "switch"
 MAX_SOURCE = 96
 MAX_TARGET = 40
 BATCH = 24
+STEPS = 4000
+LR = 1e-3
+RELATIVE_BIAS_LR_SCALE = 100.0
+NAME_SHARE = 0.2
+NAME_WARMUP = 600
+VALIDATION_PAIRS = 160
 
 
 def model_config(vocab_size: int) -> SwitchTransformersConfig:
@@ -39,10 +49,35 @@ def model_config(vocab_size: int) -> SwitchTransformersConfig:
     )
 
 
+def parameter_groups(model: torch.nn.Module, bias_lr_scale: float = RELATIVE_BIAS_LR_SCALE) -> list[dict]:
+    """The relative position biases learn ``bias_lr_scale`` times faster, without weight decay.
+
+    T5-family attention knows where a token is only through these biases: scalars added straight to
+    the attention logits. Under AdamW a parameter moves about one learning rate per step, so the few
+    logit units that a positional pattern needs ("look at the token after ``def``") take thousands
+    of steps at the rate the matrices want, and until then the decoder cannot find anything in its
+    source: it learns the summaries' language and ignores the code. ``benchmarks/source_probe.py``
+    measures this on a synthetic copy task."""
+    biases = [p for n, p in model.named_parameters() if "relative_attention_bias" in n]
+    rest = [p for n, p in model.named_parameters() if "relative_attention_bias" not in n]
+    return [dict(params=rest), dict(params=biases, lr_scale=bias_lr_scale, weight_decay=0.0)]
+
+
+def source_ids(tokenizer, code: str) -> list[int]:
+    """The model's input for a function: its code as words, cut to ``MAX_SOURCE`` tokens with EOS."""
+    return tokenizer(code_as_words(code), add_special_tokens=False)["input_ids"][:MAX_SOURCE - 1] + [EOS_ID]
+
+
 def encode_pairs(tokenizer, pairs) -> tuple[list[list[int]], list[list[int]]]:
-    sources = [tokenizer(p.body, add_special_tokens=False)["input_ids"][:MAX_SOURCE - 1] + [EOS_ID] for p in pairs]
+    sources = [source_ids(tokenizer, p.body) for p in pairs]
     targets = [tokenizer(p.summary, add_special_tokens=False)["input_ids"][:MAX_TARGET - 1] + [EOS_ID] for p in pairs]
     return sources, targets
+
+
+def name_targets(tokenizer, pairs) -> list[list[int]]:
+    """The auxiliary task's targets: each function's name as words (``getFileName`` -> ``get file name``)."""
+    return [tokenizer(code_as_words(name_baseline(p.name)), add_special_tokens=False)["input_ids"] + [EOS_ID]
+            for p in pairs]
 
 
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:
@@ -50,43 +85,78 @@ def pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
-def batch_maker(sources, targets, seed: int):
+def batch_maker(sources, targets, names, seed: int, name_share: float = NAME_SHARE, name_warmup: int = NAME_WARMUP):
+    """Batches of ``BATCH`` random functions. A ``name_share`` of them (all of them for the first
+    ``name_warmup`` steps) ask for the function's name instead of its summary: a task the decoder
+    can only do by finding the name in its source, which is the skill a summary needs first (most
+    summaries reuse the function's words), with a far stronger signal than the summaries give."""
     def batch_for(step: int) -> dict:
         rng = np.random.default_rng([seed, step])
-        picks = rng.integers(0, len(sources), BATCH)
-        input_ids = pad([sources[i] for i in picks], PAD_ID)
+        share = 1.0 if step < name_warmup else name_share
+        rows = [(sources[i], names[i]) if rng.random() < share else (sources[i], targets[i])
+                for i in rng.integers(0, len(sources), BATCH)]
+        input_ids = pad([source for source, _ in rows], PAD_ID)
         return dict(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(),
-                    labels=pad([targets[i] for i in picks], -100),
+                    labels=pad([target for _, target in rows], -100),
                     output_router_logits=True)  # adds the load-balancing and z losses; without them routing collapses
 
     return batch_for
 
 
+def split_validation(pairs: list, percent: int = 5) -> tuple[list, list]:
+    """(train, validation): the functions of a hashed ``percent`` of the training modules are kept
+    out of training to watch generalization (the held-out test modules are never looked at)."""
+    def validation(pair) -> bool:
+        module = pair.source.rsplit(":", 1)[0]
+        return int.from_bytes(hashlib.sha256(f"validation:{module}".encode()).digest()[:4], "big") % 100 < percent
+    return [p for p in pairs if not validation(p)], [p for p in pairs if validation(p)]
+
+
+def validator(model, tokenizer, pairs: list, every: int, log: Callable[[str], None] = print) -> Callable[[int], None]:
+    """Logs the validation loss with each function's own source and with another's (the gap is
+    what the model takes from its input) and greedy Rouge-2."""
+    from models.evaluate import rouge2, source_losses, summarize
+
+    bodies, summaries = [p.body for p in pairs], [p.summary for p in pairs]
+
+    def validate(step: int) -> None:
+        if step % every:
+            return
+        model.eval()
+        own, other = source_losses(model, tokenizer, bodies, summaries)
+        score = rouge2(summarize(model, tokenizer, bodies), summaries)
+        model.train()
+        log(f"step {step}: validation loss {own:.3f} (another function's source {other:.3f}), Rouge-2 {score:.4f}")
+
+    return validate
+
+
 def main(argv=None) -> None:
-    parser = arguments(__doc__, steps=5000, output=OUTPUT)
-    parser.add_argument("--embeddings-from", type=Path, default=LM_DIR,
-                        help="initialize token embeddings from this LM (same tokenizer); empty to skip")
+    parser = arguments(__doc__, steps=STEPS, output=OUTPUT)
+    parser.add_argument("--lr", type=float, default=LR, help="peak learning rate")
+    parser.add_argument("--bias-lr-scale", type=float, default=RELATIVE_BIAS_LR_SCALE,
+                        help="learning-rate multiplier of the relative position biases")
+    parser.add_argument("--name-share", type=float, default=NAME_SHARE,
+                        help="share of the examples that ask for the function's name instead of its summary")
+    parser.add_argument("--name-warmup", type=int, default=NAME_WARMUP,
+                        help="steps at the start in which every example asks for the name")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    tokenizer = train_tokenizer(seed=args.seed)
-    train_pairs, held_out = summary_pairs()
+    tokenizer = AutoTokenizer.from_pretrained(LM_DIR, local_files_only=True)  # one tokenizer for both models
+    cpython, held_out = summary_pairs()
+    cpython, validation = split_validation(cpython)
     extra = extra_summary_pairs(held_out)
-    print(f"{len(train_pairs)} training pairs from CPython and {len(extra)} from other Python packages; "
-          f"{len(held_out)} held out")
-    train_pairs += extra
-    sources, targets = encode_pairs(tokenizer, train_pairs)
+    print(f"{len(cpython)} training pairs from CPython and {len(extra)} from other Python packages; "
+          f"{len(validation)} for validation, {len(held_out)} held out")
+    sources, targets = encode_pairs(tokenizer, cpython + extra)
+    names = name_targets(tokenizer, cpython + extra)
     torch.manual_seed(args.seed)
     model = SwitchTransformersForConditionalGeneration(model_config(len(tokenizer)))
-    if args.embeddings_from:
-        # Same tokenizer and width: start from the LM's token embeddings rather than noise.
-        lm = AutoModelForCausalLM.from_pretrained(args.embeddings_from, local_files_only=True)
-        with torch.no_grad():
-            model.shared.weight.copy_(lm.get_input_embeddings().weight)
-        del lm
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
-    train(model, batch_maker(sources, targets, args.seed),
-          TrainConfig(steps=args.steps, lr=3e-3, threads=args.threads, seed=args.seed), WORK,
-          resume=not args.fresh)
+    train(model, batch_maker(sources, targets, names, args.seed, args.name_share, args.name_warmup),
+          TrainConfig(steps=args.steps, lr=args.lr, threads=args.threads, seed=args.seed), WORK, resume=not args.fresh,
+          param_groups=parameter_groups(model, args.bias_lr_scale),
+          on_checkpoint=validator(model, tokenizer, validation[:VALIDATION_PAIRS], every=500))
     model.generation_config.decoder_start_token_id = PAD_ID
     save_checkpoint(model, tokenizer, args.output, EOS_ID, PAD_ID)
 
