@@ -24,7 +24,7 @@ from executor.adapters import adapter_for, find_moe_blocks
 from models import routing_stats as rs
 from models.corpus import DOMAINS, SummaryPair, extra_summary_pairs, load_eval, name_baseline, summary_pairs
 from models.tokenizer import PAD_ID
-from models.training.train_switch import pad, source_ids
+from models.training.train_switch import encode_pairs, pad, source_ids
 
 MODELS = Path(__file__).resolve().parent
 LM_DIR = MODELS / "swapmoe-lm"
@@ -159,8 +159,6 @@ def summarize(model, tokenizer, bodies: list[str], batch: int = 16, max_new_toke
 def source_losses(model, tokenizer, bodies: list[str], summaries: list[str]) -> tuple[float, float]:
     """Loss of the summaries given each function's own code, and given the next function's code:
     the gap is what the model reads from its input (none, for a decoder that ignores its source)."""
-    from models.training.train_switch import encode_pairs
-
     sources, targets = encode_pairs(tokenizer, [SummaryPair("", "", b, s) for b, s in zip(bodies, summaries)])
     labels = pad(targets, -100)
 
