@@ -29,12 +29,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from executor.checkpoint import load_checkpoint
-from executor.generation import SamplingParams, generate_ids
-from executor.metrics import percentile
-from executor.runtime import VirtualExperts
-from models.corpus import DOMAINS, load_eval
-from swapmoe.plan import Strategy
+from swapmoe.executor.checkpoint import load_checkpoint
+from swapmoe.executor.generation import SamplingParams, generate_ids
+from swapmoe.executor.loader import LoadCounters
+from swapmoe.executor.metrics import percentile
+from swapmoe.executor.virtual_experts import VirtualExperts
+from swapmoe.models.corpus import DOMAINS, load_eval
+from swapmoe.core.plan import Strategy
 
 HERE = Path(__file__).resolve().parent
 REPORT = HERE / "RESULTS-runtime.md"
@@ -84,8 +85,8 @@ class Subject:
         if self.runtime:
             self.runtime.between_passes(self.config.update_frequency)
 
-    def io(self) -> tuple[int, int, float]:
-        return self.runtime.io.snapshot() if self.runtime else (0, 0, 0.0)
+    def io(self) -> LoadCounters:
+        return self.runtime.io.snapshot() if self.runtime else LoadCounters()
 
     def accounted_bytes(self) -> int:
         if self.runtime is None:
@@ -144,7 +145,8 @@ def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts:
     rows = []
     for subject in subjects:
         name = subject.config.name
-        loads, nbytes, seconds = (a - b for a, b in zip(subject.io(), io_before[name]))
+        since = subject.io() - io_before[name]
+        loads, nbytes, seconds = since.loads, since.nbytes, since.seconds
         tokens = decode[name][0] + len(prompts)
         rows.append(dict(
             model=label, config=name,
@@ -170,7 +172,7 @@ def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts:
 
 def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_tokens: int) -> dict:
     """Load one configuration in a fresh process, generate, report its peak RSS."""
-    report = "from executor.memory import process_peak_rss as p;print(json.dumps(dict(peak=p())))"
+    report = "from swapmoe.executor.memory import process_peak_rss as p;print(json.dumps(dict(peak=p())))"
     code = ("import json;from pathlib import Path;import benchmarks.runtime as b;"
             f"s=b.Subject(b.CONFIGS[{config_index}],Path({str(checkpoint)!r}),Path({str(store_root)!r}));"
             f"b.generate_timed(s,list(range(5,37)),{new_tokens});" + report)
@@ -185,7 +187,7 @@ def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_token
 
 def random_mixtral(directory: Path, hidden: int, intermediate: int) -> Path:
     """A random Mixtral, 4 layers x 16 experts, of the given width (saved, then served from disk)."""
-    from models.tiny import save_tiny_model
+    from swapmoe.models.tiny import save_tiny_model
 
     return save_tiny_model("mixtral", directory, hidden_size=hidden, intermediate_size=intermediate,
                            num_hidden_layers=4, num_local_experts=16, num_attention_heads=8, num_key_value_heads=2)

@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from executor.engine import Engine, EngineConfig
-from executor.generation import GenerationRequest
-from models.corpus import DOMAINS, load_eval
-from orchestration.processes import spawn
-from swapmoe import rpc
+from swapmoe.executor.engine import Engine, EngineConfig
+from swapmoe.executor.generation import GenerationRequest
+from swapmoe.models.corpus import DOMAINS, load_eval
+from swapmoe.orchestration.processes import spawn
+from swapmoe.rpc import transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     engine = Engine(EngineConfig(MODEL, BUDGET, max_queue=64))
     prompts = [engine.tokenizer.decode(engine.tokenize(t)[:32]) for t in texts]
     server = spawn("executor", ["executor", "serve", "--model", str(MODEL), "--budget", str(BUDGET), "--port", "0"])
-    channel = rpc.channel(server.address)
+    channel = transport.channel(server.address)
     stub = executor_pb2_grpc.ExecutorServiceStub(channel)
 
     def in_process(prompt):

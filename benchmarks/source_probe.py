@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
-from models.tokenizer import EOS_ID
-from models.training.loop import TrainConfig, train
-from models.training.train_switch import BATCH, LR, model_config, parameter_groups
+from swapmoe.models.tokenizer import EOS_ID
+from swapmoe.models.training.loop import TrainConfig, train
+from swapmoe.models.training.train_switch import BATCH, LR, model_config, parameter_groups
 
 HERE = Path(__file__).resolve().parent
 REPORT = HERE / "RESULTS-source-probe.md"

@@ -9,7 +9,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from swapmoe.rpc import Busy
+from swapmoe.core.errors import Busy
 
 
 class Cancelled(Exception):

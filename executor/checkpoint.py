@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from executor.adapters import ADAPTERS, UnsupportedModel
+from swapmoe.executor.adapters import ADAPTERS, UnsupportedModel
 
 
 class CheckpointError(ValueError):

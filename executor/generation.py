@@ -1,8 +1,8 @@
-"""Token-by-token generation with a KV cache: sampling, stop sequences, streamed text.
+"""Token-by-token generation with a KV cache: sampling parameters, the next token, the loop.
 
-Pure helpers first (sampling parameters, next-token choice, incremental text),
-then the loop that drives a transformers model one forward pass at a time so a
-caller can stream each token as soon as it exists.
+Pure helpers first (sampling parameters, next-token choice), then the loop that
+drives a transformers model one forward pass at a time so a caller can stream each
+token as soon as it exists. Turning tokens into text is ``executor.text``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from swapmoe.plan import InvalidField
+from swapmoe.core.errors import InvalidField
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,41 +63,6 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
         keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p  # always keeps the first
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))
-
-
-class IncrementalText:
-    """Turns the growing decoded text into safe-to-send deltas.
-
-    Holds back an incomplete UTF-8 character (decoded as U+FFFD) and any tail
-    that could still become a stop sequence, so a stop sequence is never sent.
-    """
-
-    def __init__(self, stop: tuple[str, ...]):
-        self.stop = stop
-        self.sent = 0
-
-    def update(self, text: str) -> tuple[str, bool]:
-        """(new text to send, whether a stop sequence ended the generation)."""
-        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
-        if hits:
-            return self._advance(text, min(hits)), True
-        end = len(text)
-        while end > self.sent and text[end - 1] == "\ufffd":
-            end -= 1
-        for s in self.stop:
-            for n in range(min(len(s) - 1, end - self.sent), 0, -1):
-                if text[end - n:end] == s[:n]:
-                    end -= n
-                    break
-        return self._advance(text, end), False
-
-    def flush(self, text: str) -> str:
-        return self._advance(text, len(text))
-
-    def _advance(self, text: str, end: int) -> str:
-        delta = text[self.sent:max(end, self.sent)]
-        self.sent = max(end, self.sent)
-        return delta
 
 
 @torch.inference_mode()

@@ -13,11 +13,11 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from executor.store import ExpertStore
+from swapmoe.executor.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -33,28 +33,33 @@ class Load:
     error: BaseException | None = None  # set when the load failed: its slot holds no expert
 
 
-@dataclass(slots=True)
-class LoadStats:
-    """Cumulative expert I/O (background and synchronous loads); thread-safe."""
+@dataclass(frozen=True, slots=True)
+class LoadCounters:
+    """Cumulative expert I/O at one moment; readers subtract two for what happened between."""
 
     loads: int = 0
     nbytes: int = 0
     seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __sub__(self, earlier: "LoadCounters") -> "LoadCounters":
+        return LoadCounters(self.loads - earlier.loads, self.nbytes - earlier.nbytes, self.seconds - earlier.seconds)
+
+
+class LoadStats:
+    """Cumulative expert I/O (background and synchronous loads); thread-safe."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counters = LoadCounters()
 
     def add(self, nbytes: int, seconds: float) -> None:
         with self._lock:
-            self.loads += 1
-            self.nbytes += nbytes
-            self.seconds += seconds
+            c = self._counters
+            self._counters = LoadCounters(c.loads + 1, c.nbytes + nbytes, c.seconds + seconds)
 
-    def snapshot(self) -> tuple[int, int, float]:
+    def snapshot(self) -> LoadCounters:
         with self._lock:
-            return self.loads, self.nbytes, self.seconds
-
-    @property
-    def bytes_per_second(self) -> float:
-        return self.nbytes / self.seconds if self.seconds else 0.0
+            return self._counters
 
 
 class Copier:
@@ -125,10 +130,6 @@ class ExpertLoader:
         with self._cond:
             done, self._finished = self._finished, []
         return done
-
-    def pending(self) -> int:
-        with self._cond:
-            return len(self._queue) + self._busy
 
     def quiesce(self) -> list[Load]:
         """Drop queued loads and wait for the one in flight; returns the dropped ones."""

@@ -15,10 +15,11 @@ import threading
 
 import grpc
 
-from executor.engine import Engine
-from executor.server import describe_pb
-from swapmoe import convert, rpc
-from swapmoe.plan import InvalidField, PlanResult
+from swapmoe.executor.engine import Engine
+from swapmoe.executor.server import describe_pb
+from swapmoe.rpc import convert, transport
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.plan import PlanResult
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class PlannerLink:
         return ppb.Registration(
             node_id=described.node_id, device=described.device, budget_bytes=described.budget_bytes,
             min_budget_bytes=described.min_budget_bytes, layout=described.layout,
-            current_plan=described.plan, executor_address=self.executor_address,
+            current_plan=described.plan, executor_address=self.executor_address, reserve=described.reserve,
         )
 
     def _session(self) -> None:
@@ -73,7 +74,7 @@ class PlannerLink:
         hub = self.engine.hub
         events = hub.subscribe([tpb.TOPIC_EVENTS])
         forwarder = threading.Thread(target=self._forward, args=(events, outbox), daemon=True)
-        with rpc.channel(self.planner_address) as channel:
+        with transport.channel(self.planner_address) as channel:
             self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox))
             forwarder.start()
             try:

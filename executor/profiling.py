@@ -1,7 +1,8 @@
 """On-device measurements for the profiler: expert load time, compute time, memory per expert.
 
-Loads are timed on the tier the executor really loads from: one expert read from
-the expert store (``O_DIRECT`` from disk on a CPU device).
+Loads are timed on the tier the executor really loads from: one expert read from the
+expert store (``O_DIRECT`` from disk on a CPU device). Results are plain data; the server
+turns them into protobuf.
 """
 
 from __future__ import annotations
@@ -9,13 +10,34 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
 from torch import nn
 
-from executor.adapters import find_moe_blocks
-from swapmoe.v1 import executor_pb2 as epb
+
+@dataclass(frozen=True, slots=True)
+class ComputeSample:
+    tokens: int
+    expert_forward_ns: int
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    expert_load_ns: int
+    load_bytes_per_second: float
+    load_tier: str
+    bytes_per_expert: list[int]
+    dense_bytes: int
+    compute: list[ComputeSample] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileProgress:
+    fraction: float
+    stage: str
+    result: ProfileResult | None = None
 
 
 def _median_ns(fn, repeats: int) -> int:
@@ -27,10 +49,9 @@ def _median_ns(fn, repeats: int) -> int:
     return int(statistics.median(times))
 
 
-def _expert_forward(block, tokens: int):
+def _expert_forward(inner: nn.Module, tokens: int):
     """One expert's forward over ``tokens`` random tokens, through the model's own experts
-    module (slot 0 of the block's virtual experts)."""
-    inner = block.experts.inner
+    module ``inner`` (slot 0 of a layer's virtual experts)."""
     dtype = next(inner.parameters()).dtype
     device = next(inner.parameters()).device
     if isinstance(inner, nn.ModuleDict):  # per-expert modules (Switch)
@@ -44,25 +65,26 @@ def _expert_forward(block, tokens: int):
 
 
 @torch.inference_mode()
-def profile(engine, token_counts: tuple[int, ...], repeats: int) -> Iterator[epb.ProfileProgress]:
-    block = find_moe_blocks(engine.model)[0]
+def profile(runtime, token_counts: tuple[int, ...], repeats: int) -> Iterator[ProfileProgress]:
+    """Measure ``runtime`` (a ``VirtualExperts``) on its first MoE layer, reporting progress."""
     steps = 1 + len(token_counts)
-    yield epb.ProfileProgress(fraction=0.0, stage="expert load")
-    store = engine.runtime.store
+    yield ProfileProgress(0.0, "expert load")
+    store = runtime.store
     buffer = store.buffer(0)
     experts = itertools.cycle(range(store.manifest.layers[0].num_experts))  # a different expert each read
     nbytes = store.manifest.layers[0].expert_bytes
     load_ns = max(1, _median_ns(lambda: store.read_into(0, next(experts), buffer), repeats))
-    result = epb.ProfileResult(
+    result = ProfileResult(
         expert_load_ns=load_ns,
         load_bytes_per_second=nbytes / (load_ns / 1e9),
-        load_tier=engine.runtime.tier,
-        bytes_per_expert=[l.bytes_per_expert for l in engine.layout.layers],
-        dense_bytes=engine.layout.dense_bytes,
+        load_tier=runtime.tier,
+        bytes_per_expert=[l.bytes_per_expert for l in runtime.layout.layers],
+        dense_bytes=runtime.layout.dense_bytes,
     )
+    inner = runtime.layers[0].experts.inner
     for n, tokens in enumerate(token_counts, start=1):
-        yield epb.ProfileProgress(fraction=n / steps, stage=f"expert compute, {tokens} tokens")
-        forward = _expert_forward(block, tokens)
+        yield ProfileProgress(n / steps, f"expert compute, {tokens} tokens")
+        forward = _expert_forward(inner, tokens)
         forward()  # warm-up
-        result.compute.add(tokens=tokens, expert_forward_ns=_median_ns(forward, repeats))
-    yield epb.ProfileProgress(fraction=1.0, stage="done", result=result)
+        result.compute.append(ComputeSample(tokens, _median_ns(forward, repeats)))
+    yield ProfileProgress(1.0, "done", result)

@@ -28,9 +28,9 @@ class EngineCollector:
         yield CounterMetricFamily(PREFIX + "request_success", "Generations that finished.",
                                   value=snap["requests_total"])
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Generation requests waiting for their turn.",
-                                value=engine.admission.waiting)
+                                value=engine.queue_depth)
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Generation requests being served.",
-                                value=engine.admission.running)
+                                value=engine.running)
         memory = engine.memory()
         for name, value, doc in (
             ("memory_budget_bytes", memory.budget_bytes, "The executor's memory budget."),
@@ -40,10 +40,10 @@ class EngineCollector:
             ("process_resident_memory_bytes", memory.process_rss_bytes, "Resident memory of the whole process."),
         ):
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
-        loads, nbytes, seconds = engine.swap_stats()
-        yield CounterMetricFamily(PREFIX + "expert_loads", "Experts loaded into slots.", value=loads)
-        yield CounterMetricFamily(PREFIX + "expert_load_bytes", "Bytes read to load experts.", value=nbytes)
-        yield CounterMetricFamily(PREFIX + "expert_load_seconds", "Time spent loading experts.", value=seconds)
+        loads = engine.load_counters()
+        yield CounterMetricFamily(PREFIX + "expert_loads", "Experts loaded into slots.", value=loads.loads)
+        yield CounterMetricFamily(PREFIX + "expert_load_bytes", "Bytes read to load experts.", value=loads.nbytes)
+        yield CounterMetricFamily(PREFIX + "expert_load_seconds", "Time spent loading experts.", value=loads.seconds)
         yield GaugeMetricFamily(PREFIX + "plan_version", "Version of the plan in force.", value=engine.plan.version)
 
 

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from swapmoe.core.plan import Strategy
+
 # (router, raw logits [T, E], resident [E] bool) -> (weights [T, K], index [T, K])
 Select = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
@@ -61,9 +63,10 @@ class MaskedRouter(nn.Module):
         self.register_buffer("expert_norms", expert_norms.float(), persistent=False)  # [E]: ||E_i||
         self.register_buffer("resident", torch.ones_like(expert_norms, dtype=torch.bool), persistent=False)
         self.all_resident = True
-        # What happens to an assignment to an absent expert: "masked" re-selects among resident
-        # experts (Fig. 5), "skip" drops it, "all" passes every choice on (on-demand loading).
-        self.mode = "masked"
+        # What happens to an assignment to an absent expert: masked gating re-selects among
+        # resident experts (Fig. 5), skip drops it, on demand passes every choice on (the
+        # experts module loads what is missing).
+        self.strategy = Strategy.MASKED_GATING
         num_experts = expert_norms.numel()
         self.num_experts = num_experts  # MoE blocks read these from their router
         self.top_k = getattr(router, "top_k", 1)
@@ -83,9 +86,9 @@ class MaskedRouter(nn.Module):
         logits, weights, index = self.router(hidden)
         hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
         self.record(hidden_2d, weights, index)
-        if self.all_resident or self.mode == "all":
+        if self.all_resident or self.strategy is Strategy.ON_DEMAND:
             return logits, weights, index
-        if self.mode == "skip":
+        if self.strategy is Strategy.SKIP:
             return logits, weights, _absent_to_sentinel(index, self.resident)
         weights, index = self.select(self.router, logits.reshape(hidden_2d.shape[0], -1), self.resident)
         return logits, weights, index
@@ -136,9 +139,9 @@ class MaskedTop1Router(MaskedRouter):
         routed = dispatch.sum(dim=-1) > 0  # tokens within capacity
         index = torch.where(routed, chosen, self.expert_norms.numel()).reshape(-1, 1)
         self.record(hidden.reshape(-1, hidden.shape[-1]), probs.reshape(-1, 1), index)
-        if self.all_resident or self.mode == "all":
+        if self.all_resident or self.strategy is Strategy.ON_DEMAND:
             return dispatch, probs, logits
-        if self.mode == "skip":
+        if self.strategy is Strategy.SKIP:
             return dispatch * self.resident.to(dispatch.dtype), probs, logits
         router = self.router
         masked = logits.masked_fill(~self.resident, float("-inf"))

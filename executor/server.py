@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import time
 
-from executor.admission import Cancelled
-from executor.engine import Chunk, Engine
-from executor.generation import GenerationRequest, SamplingParams
-from executor.profiling import profile
-from swapmoe import convert, rpc
-from swapmoe.plan import InvalidField
+from swapmoe.executor.admission import Cancelled
+from swapmoe.executor.engine import Engine
+from swapmoe.executor.generation import GenerationRequest, SamplingParams
+from swapmoe.executor.profiling import ProfileProgress
+from swapmoe.executor.telemetry import TelemetryReporter
+from swapmoe.executor.text import Chunk
+from swapmoe.rpc import convert, transport
+from swapmoe.core.errors import InvalidField
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
 SERVICE_NAME = epb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
@@ -48,55 +50,6 @@ def chunk_to_pb(chunk: Chunk) -> epb.GenerateResponse:
                                             completion_tokens=chunk.completion_tokens))
         msg.timings.CopyFrom(common_pb2.Timings(**chunk.timings))
     return msg
-
-
-class TelemetryReporter:
-    """Builds one subscriber's periodic reports; keeps its own previous counters for rates."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._tokens = (time.monotonic(), engine.stats.tokens_total)
-        self._experts = None
-        self._swaps = engine.swap_stats()
-
-    def reports(self, topics: frozenset[int]) -> list[tpb.TelemetryEvent]:
-        engine, hub, out = self.engine, self.engine.hub, []
-        if tpb.TOPIC_MEMORY in topics:
-            out.append(hub.make(memory=convert.memory_to_pb(engine.memory())))
-        if tpb.TOPIC_THROUGHPUT in topics:
-            out.append(hub.make(throughput=self._throughput()))
-        if tpb.TOPIC_EXPERTS in topics:
-            out.append(hub.make(experts=self._experts_report()))
-        if tpb.TOPIC_SWAPS in topics:
-            out.append(hub.make(swaps=self._swaps_report()))
-        if tpb.TOPIC_PLAN in topics:
-            out.append(hub.make(plan=tpb.PlanReport(plan=convert.plan_to_pb(engine.plan),
-                                                    achieved_experts_per_layer=engine.achieved)))
-        return out
-
-    def _throughput(self) -> tpb.ThroughputReport:
-        snap = self.engine.stats.snapshot()
-        now = time.monotonic()
-        then, tokens = self._tokens
-        self._tokens = (now, snap["tokens_total"])
-        return tpb.ThroughputReport(tokens_per_second=(snap["tokens_total"] - tokens) / max(now - then, 1e-9),
-                                    queue_depth=self.engine.admission.waiting, **snap)
-
-    def _swaps_report(self) -> tpb.SwapReport:
-        (loads, nbytes, seconds), (pl, pb, ps) = self.engine.swap_stats(), self._swaps
-        self._swaps = (loads, nbytes, seconds)
-        return tpb.SwapReport(experts_loaded=loads - pl, bytes_loaded=nbytes - pb, load_ns=int((seconds - ps) * 1e9),
-                              experts_loaded_total=loads, tier=self.engine.runtime.tier)
-
-    def _experts_report(self) -> tpb.ExpertReport:
-        stats = self.engine.expert_stats()
-        previous = self._experts or [([0] * len(a), [0.0] * len(i), r) for a, i, r in stats]
-        self._experts = stats
-        return tpb.ExpertReport(layers=[
-            tpb.LayerExperts(layer=n, activations=[x - y for x, y in zip(a, pa)],
-                             importance=[x - y for x, y in zip(i, pi)], resident=r)
-            for n, ((a, i, r), (pa, pi, _)) in enumerate(zip(stats, previous))
-        ])
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
@@ -158,10 +111,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         return describe_pb(self.engine)
 
     def Profile(self, request, context):
-        for progress in profile(self.engine, tuple(request.token_counts) or (1, 4, 16, 64), request.repeats or 5):
+        for progress in self.engine.profile(tuple(request.token_counts) or (1, 4, 16, 64), request.repeats or 5):
             if not context.is_active():
                 return
-            yield progress
+            yield progress_to_pb(progress)
 
 
 def describe_pb(engine: Engine) -> epb.DescribeResponse:
@@ -174,12 +127,23 @@ def describe_pb(engine: Engine) -> epb.DescribeResponse:
         plan=convert.plan_to_pb(engine.plan),
         achieved_experts_per_layer=engine.achieved,
         memory=convert.memory_to_pb(engine.memory()),
+        reserve=convert.reserve_to_pb(engine.memory_model.reserve),
     )
 
 
-def serve(engine: Engine, address: str = "127.0.0.1:0") -> rpc.Server:
+def progress_to_pb(progress: ProfileProgress) -> epb.ProfileProgress:
+    msg = epb.ProfileProgress(fraction=progress.fraction, stage=progress.stage)
+    if (r := progress.result) is not None:
+        msg.result.CopyFrom(epb.ProfileResult(
+            expert_load_ns=r.expert_load_ns, load_bytes_per_second=r.load_bytes_per_second, load_tier=r.load_tier,
+            compute=[epb.ComputeSample(tokens=c.tokens, expert_forward_ns=c.expert_forward_ns) for c in r.compute],
+            bytes_per_expert=r.bytes_per_expert, dense_bytes=r.dense_bytes))
+    return msg
+
+
+def serve(engine: Engine, address: str = "127.0.0.1:0") -> transport.Server:
     """Start ExecutorService (plus health and reflection) for ``engine``."""
-    return rpc.start_server(
+    return transport.start_server(
         lambda server: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(engine), server),
         [SERVICE_NAME],
         address,

@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from executor.adapters import UnsupportedModel, expert_prefixes, find_moe_blocks
-from executor.checkpoint import auto_class, read_config
-from executor.store import Manifest
+from swapmoe.executor.adapters import UnsupportedModel, expert_prefixes, find_moe_blocks
+from swapmoe.executor.checkpoint import auto_class, read_config
+from swapmoe.executor.store import Manifest
 
 
 @contextlib.contextmanager

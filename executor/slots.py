@@ -12,30 +12,52 @@ The slot pool is to experts what a block manager is to KV blocks.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 
 @dataclass(slots=True)
 class SlotPool:
+    """The slots of one layer and which expert each holds; the only writer of that state.
+
+    Others read ``ready``, ``loading`` and ``free`` (read-only views) and change them only
+    through the methods below. Hits and misses count on-demand lookups (``touch``)."""
+
     num_experts: int
     capacity: int
-    ready: dict[int, int] = field(default_factory=dict)  # expert -> slot, usable by forward passes
-    loading: dict[int, int] = field(default_factory=dict)  # expert -> slot, being written
-    free: list[int] = field(default_factory=list)
+    _ready: dict[int, int] = field(default_factory=dict, init=False)  # expert -> slot, usable by forward passes
+    _loading: dict[int, int] = field(default_factory=dict, init=False)  # expert -> slot, being written
+    _free: list[int] = field(default_factory=list, init=False)
+    # Ready experts, least recently used first (the on-demand strategy evicts from the front).
+    _recency: OrderedDict = field(default_factory=OrderedDict, init=False)
+    hits: int = field(default=0, init=False)
+    misses: int = field(default=0, init=False)
 
     def __post_init__(self):
         if not 1 <= self.capacity:
             raise ValueError(f"a layer needs at least one slot, got {self.capacity}")
-        if not self.free and not self.ready and not self.loading:
-            self.free = list(range(self.capacity))
+        self._free = list(range(self.capacity))
+
+    @property
+    def ready(self) -> Mapping[int, int]:
+        return MappingProxyType(self._ready)
+
+    @property
+    def loading(self) -> Mapping[int, int]:
+        return MappingProxyType(self._loading)
+
+    @property
+    def free(self) -> tuple[int, ...]:
+        return tuple(self._free)
 
     @property
     def resident(self) -> list[int]:
-        return sorted(self.ready)
+        return sorted(self._ready)
 
     def slot_of(self, expert: int) -> int | None:
-        return self.ready.get(expert)
+        return self._ready.get(expert)
 
     def wanted(self, scores: Sequence[float], target: int) -> list[int]:
         """The ``target`` most important experts (ties: lower index first)."""
@@ -50,65 +72,96 @@ class SlotPool:
         """
         target = min(target, self.capacity)
         wanted = self.wanted(scores, target)
-        missing = [e for e in wanted if e not in self.ready and e not in self.loading]
+        missing = [e for e in wanted if e not in self._ready and e not in self._loading]
         started = []
         for expert in missing[:max_loads]:
-            if not self.free:
+            if not self._free:
                 victims = self._victims(scores, wanted)
                 if not victims:
                     break
                 self.evict(victims[0])
-            slot = self.free.pop(0)
-            self.loading[expert] = slot
-            started.append((expert, slot))
+            started.append((expert, self._reserve(expert)))
         return started
 
     def finish_load(self, expert: int, scores: Sequence[float], target: int) -> list[int]:
         """The load of ``expert`` completed: make it usable, then evict down to ``target``
         resident experts (least important first). Returns the experts evicted."""
-        self.ready[expert] = self.loading.pop(expert)
+        self._commit(expert)
         wanted = self.wanted(scores, min(target, self.capacity))
         evicted = []
-        while len(self.ready) > target:
+        while len(self._ready) > target:
             victims = self._victims(scores, wanted) or self._victims(scores, [])
             self.evict(victims[0])
             evicted.append(victims[0])
         return evicted
 
     def cancel_load(self, expert: int) -> None:
-        self.free.append(self.loading.pop(expert))
+        """The load of ``expert`` will not complete: its slot is free again."""
+        self._free.append(self._loading.pop(expert))
 
     def evict(self, expert: int) -> None:
-        self.free.append(self.ready.pop(expert))
+        self._free.append(self._ready.pop(expert))
+        self._recency.pop(expert, None)
 
     def fill(self, experts: Sequence[int]) -> list[tuple[int, int]]:
         """Reserve slots for ``experts`` at start-up (no eviction); returns (expert, slot)."""
-        if len(experts) > len(self.free):
-            raise ValueError(f"{len(experts)} experts do not fit {len(self.free)} free slots")
-        out = [(e, self.free.pop(0)) for e in experts]
-        self.loading.update(out)
-        return out
+        if len(experts) > len(self._free):
+            raise ValueError(f"{len(experts)} experts do not fit {len(self._free)} free slots")
+        return [(e, self._reserve(e)) for e in experts]
 
     def shrink(self, capacity: int, scores: Sequence[float]) -> dict[int, int]:
         """Keep the ``capacity`` most important ready experts in slots renumbered 0..n-1, cancel
         loads in flight. Returns {old slot: new slot} for the experts kept (the caller copies them)."""
-        self.loading.clear()
-        keep = sorted(self.ready, key=lambda e: (-scores[e], e))[:capacity]
-        by_slot = sorted(keep, key=lambda e: self.ready[e])
-        moves = {self.ready[e]: new for new, e in enumerate(by_slot)}
-        self.ready = {e: new for new, e in enumerate(by_slot)}
+        self._loading.clear()
+        keep = sorted(self._ready, key=lambda e: (-scores[e], e))[:capacity]
+        by_slot = sorted(keep, key=lambda e: self._ready[e])
+        moves = {self._ready[e]: new for new, e in enumerate(by_slot)}
+        self._ready = {e: new for new, e in enumerate(by_slot)}
+        for expert in [e for e in self._recency if e not in self._ready]:
+            del self._recency[expert]
         self.capacity = capacity
-        self.free = list(range(len(keep), capacity))
+        self._free = list(range(len(keep), capacity))
         return moves
 
     def grow(self, capacity: int) -> list[int]:
         """Add free slots numbered after the existing ones; returns the new slot numbers."""
         new = list(range(self.capacity, capacity))
-        self.free += new
+        self._free += new
         self.capacity = max(self.capacity, capacity)
         return new
 
+    # --- on demand: least recently used ----------------------------------------------
+    def touch(self, expert: int) -> bool:
+        """A token needs ``expert`` now: count a hit (resident) or a miss, and mark it most
+        recently used. Returns whether it was resident."""
+        hit = expert in self._ready
+        self.hits += hit
+        self.misses += not hit
+        if hit:
+            self._recency.move_to_end(expert)
+        return hit
+
+    def begin_sync_load(self, expert: int, keep: Sequence[int]) -> int:
+        """Reserve a slot for a synchronous load of ``expert``: a free one, else the slot of the
+        least recently used ready expert outside ``keep`` (evicted now). Returns the slot;
+        ``finish_sync_load`` or ``cancel_load`` follows."""
+        if not self._free:
+            self.evict(next(e for e in self._recency if e not in keep))
+        return self._reserve(expert)
+
+    def finish_sync_load(self, expert: int) -> None:
+        self._commit(expert)
+
+    def _reserve(self, expert: int) -> int:
+        slot = self._free.pop(0)
+        self._loading[expert] = slot
+        return slot
+
+    def _commit(self, expert: int) -> None:
+        self._ready[expert] = self._loading.pop(expert)
+        self._recency[expert] = None
+        self._recency.move_to_end(expert)
+
     def _victims(self, scores: Sequence[float], wanted: Sequence[int]) -> list[int]:
         keep = set(wanted)
-        return sorted((e for e in self.ready if e not in keep), key=lambda e: (scores[e], e))
-
+        return sorted((e for e in self._ready if e not in keep), key=lambda e: (scores[e], e))

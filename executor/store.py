@@ -27,8 +27,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from executor.adapters import UnsupportedModel, adapter_for, expert_prefixes, find_moe_blocks
-from executor.checkpoint import auto_class, read_config
+from swapmoe.executor.adapters import UnsupportedModel, adapter_for, expert_prefixes, find_moe_blocks
+from swapmoe.executor.checkpoint import auto_class, read_config
 
 ALIGN = 4096
 FORMAT = 2

@@ -1,4 +1,5 @@
-"""Fan-out of telemetry events to subscribers that never slow the producer.
+"""Telemetry: events fanned out to subscribers that never slow the producer, and the
+periodic reports (memory, throughput, experts, swaps, plan) each subscriber receives.
 
 Each subscriber has a bounded queue; when it is full the oldest event is
 dropped and counted, and the count travels with the next event delivered
@@ -11,6 +12,7 @@ import collections
 import threading
 import time
 
+from swapmoe.rpc import convert
 from swapmoe.v1 import telemetry_pb2 as tpb
 
 ALL_TOPICS = frozenset(t for t in tpb.Topic.values() if t != tpb.TOPIC_UNSPECIFIED)
@@ -108,3 +110,56 @@ class TelemetryHub:
             subscribers, self._subscribers = self._subscribers, []
         for subscription in subscribers:
             subscription.close()
+
+
+class TelemetryReporter:
+    """Builds one subscriber's periodic reports from an engine; keeps its own previous
+    readings, so each report says what happened since the last one."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._tokens = (time.monotonic(), engine.stats.tokens_total)
+        self._activity = None
+        self._loads = engine.load_counters()
+
+    def reports(self, topics: frozenset[int]) -> list[tpb.TelemetryEvent]:
+        engine, hub, out = self.engine, self.engine.hub, []
+        if tpb.TOPIC_MEMORY in topics:
+            out.append(hub.make(memory=convert.memory_to_pb(engine.memory())))
+        if tpb.TOPIC_THROUGHPUT in topics:
+            out.append(hub.make(throughput=self._throughput()))
+        if tpb.TOPIC_EXPERTS in topics:
+            out.append(hub.make(experts=self._experts()))
+        if tpb.TOPIC_SWAPS in topics:
+            out.append(hub.make(swaps=self._swaps()))
+        if tpb.TOPIC_PLAN in topics:
+            out.append(hub.make(plan=tpb.PlanReport(plan=convert.plan_to_pb(engine.plan),
+                                                    achieved_experts_per_layer=engine.achieved)))
+        return out
+
+    def _throughput(self) -> tpb.ThroughputReport:
+        snap = self.engine.stats.snapshot()
+        now = time.monotonic()
+        then, tokens = self._tokens
+        self._tokens = (now, snap["tokens_total"])
+        return tpb.ThroughputReport(tokens_per_second=(snap["tokens_total"] - tokens) / max(now - then, 1e-9),
+                                    queue_depth=self.engine.queue_depth, **snap)
+
+    def _swaps(self) -> tpb.SwapReport:
+        total = self.engine.load_counters()
+        since, self._loads = total - self._loads, total
+        return tpb.SwapReport(experts_loaded=since.loads, bytes_loaded=since.nbytes, load_ns=int(since.seconds * 1e9),
+                              experts_loaded_total=total.loads, tier=self.engine.load_tier)
+
+    def _experts(self) -> tpb.ExpertReport:
+        now = self.engine.activity()
+        before, self._activity = self._activity, now
+        layers = []
+        for n, layer in enumerate(now):
+            last = before[n] if before else None
+            layers.append(tpb.LayerExperts(
+                layer=n,
+                activations=[x - y for x, y in zip(layer.activations, last.activations)] if last else layer.activations,
+                importance=[x - y for x, y in zip(layer.importance, last.importance)] if last else layer.importance,
+                resident=layer.resident))
+        return tpb.ExpertReport(layers=layers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.evaluate import LM_DIR, SWITCH_DIR
+from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
 
 DATA = """\
 ## Data
@@ -74,13 +74,13 @@ tokenizer = AutoTokenizer.from_pretrained("models/swapmoe-lm")
 {DATA}
 ## Training
 
-`python -m models.training.train_lm` (seeded, CPU only, resumable, a progress bar): 2400 steps
+`python -m swapmoe.models.training.train_lm` (seeded, CPU only, resumable, a progress bar): 2400 steps
 of 16 windows of 256 tokens, each window's domain drawn uniformly; AdamW, peak learning rate
 2e-3, cosine decay, load-balancing loss 0.01.
 
 ## Held-out perplexity
 
-Reproduce: `python -m models.evaluate lm` (rewrites this card and `eval_results.json`).
+Reproduce: `python -m swapmoe.models.evaluate lm` (rewrites this card and `eval_results.json`).
 
 | domain | perplexity | held-out texts |
 |---|---|---|
@@ -126,7 +126,7 @@ The model reads a function as lower-case words (`models.corpus.code_as_words`), 
 
 ```python
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-from models.corpus import code_as_words
+from swapmoe.models.corpus import code_as_words
 model = AutoModelForSeq2SeqLM.from_pretrained("models/swapmoe-switch")
 tokenizer = AutoTokenizer.from_pretrained("models/swapmoe-switch")
 ids = tokenizer(code_as_words("def read_file(path):\\n    return open(path).read()"), return_tensors="pt")
@@ -144,7 +144,7 @@ modules; a hashed 5% of the CPython training modules is kept out for validation.
 
 ## Training
 
-`python -m models.training.train_switch` (seeded, CPU only, resumable, a progress bar; about 45
+`python -m swapmoe.models.training.train_switch` (seeded, CPU only, resumable, a progress bar; about 45
 minutes on 2 cores, logging validation figures every 500 steps): 4000 steps of 24 examples.
 Sources are the function's code read as words (identifiers split, lower case), cut to 96
 tokens; AdamW, peak learning rate 1e-3, warm-up then cosine decay; router load-balancing loss
@@ -180,7 +180,7 @@ last 1000 steps), within the hour that the training budget allows.
 
 ## Rouge-2 on held-out functions
 
-Reproduce: `python -m models.evaluate switch` (rewrites this card and `eval_results.json`).
+Reproduce: `python -m swapmoe.models.evaluate switch` (rewrites this card and `eval_results.json`).
 Rouge-2 F1 from the `rouge-score` package, stemmed, greedy decoding, {results['pairs']} pairs.
 
 | summarizer | Rouge-2 |

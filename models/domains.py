@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from functools import lru_cache
 
-from models.corpus import DOMAINS, load_eval
+from swapmoe.models.corpus import DOMAINS, load_eval
 
 
 def _trigrams(text: str) -> list[str]:

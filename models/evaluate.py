@@ -1,7 +1,7 @@
 """Measure the bundled checkpoints and write their model cards.
 
-    python -m models.evaluate lm        # perplexity per domain + routing statistics -> swapmoe-lm/README.md
-    python -m models.evaluate switch    # Rouge-2 vs a trivial baseline + routing -> swapmoe-switch/README.md
+    python -m swapmoe.models.evaluate lm        # perplexity per domain + routing statistics -> swapmoe-lm/README.md
+    python -m swapmoe.models.evaluate switch    # Rouge-2 vs a trivial baseline + routing -> swapmoe-switch/README.md
 
 Everything is computed on the held-out sets shipped in ``models/data/eval``.
 """
@@ -20,15 +20,13 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from executor.adapters import adapter_for, find_moe_blocks
-from models import routing_stats as rs
-from models.corpus import DOMAINS, SummaryPair, extra_summary_pairs, load_eval, name_baseline, summary_pairs
-from models.tokenizer import PAD_ID
-from models.training.train_switch import encode_pairs, pad, source_ids
+from swapmoe.executor.adapters import adapter_for, find_moe_blocks
+from swapmoe.models import routing_stats as rs
+from swapmoe.models.corpus import DOMAINS, extra_summary_pairs, load_eval, name_baseline, summary_pairs
+from swapmoe.models import cards
+from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
+from swapmoe.models.summarization import rouge2, rouge2_scores, source_ids, source_losses, summarize
 
-MODELS = Path(__file__).resolve().parent
-LM_DIR = MODELS / "swapmoe-lm"
-SWITCH_DIR = MODELS / "swapmoe-switch"
 WINDOW = 256
 
 
@@ -144,43 +142,6 @@ def untrained_routing(model, tokenizer) -> dict:
     return routing_summary(routing, recorder.blocks[0].num_experts)
 
 
-@torch.inference_mode()
-def summarize(model, tokenizer, bodies: list[str], batch: int = 16, max_new_tokens: int = 40) -> list[str]:
-    out = []
-    for start in range(0, len(bodies), batch):
-        input_ids = pad([source_ids(tokenizer, body) for body in bodies[start:start + batch]], PAD_ID)
-        ids = model.generate(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        out += tokenizer.batch_decode(ids, skip_special_tokens=True)
-    return [o.strip() for o in out]
-
-
-@torch.inference_mode()
-def source_losses(model, tokenizer, bodies: list[str], summaries: list[str]) -> tuple[float, float]:
-    """Loss of the summaries given each function's own code, and given the next function's code:
-    the gap is what the model reads from its input (none, for a decoder that ignores its source)."""
-    sources, targets = encode_pairs(tokenizer, [SummaryPair("", "", b, s) for b, s in zip(bodies, summaries)])
-    labels = pad(targets, -100)
-
-    def loss(rows) -> float:
-        input_ids = pad(rows, PAD_ID)
-        return model(input_ids=input_ids, attention_mask=(input_ids != PAD_ID).long(), labels=labels).loss.item()
-
-    return loss(sources), loss(sources[1:] + sources[:1])
-
-
-def rouge2_scores(predictions: list[str], references: list[str]) -> np.ndarray:
-    """Rouge-2 F1 of each prediction (the `rouge-score` package, stemmed)."""
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True)
-    return np.array([scorer.score(r, p)["rouge2"].fmeasure for p, r in zip(predictions, references)])
-
-
-def rouge2(predictions: list[str], references: list[str]) -> float:
-    return float(rouge2_scores(predictions, references).mean())
-
-
 def paired_bootstrap(ours: np.ndarray, theirs: np.ndarray, samples: int = 10_000, seed: int = 0) -> tuple[float, float]:
     """95% interval of mean(ours - theirs) over resampled pairs."""
     rng = np.random.default_rng(seed)
@@ -261,8 +222,6 @@ def main(argv=None) -> None:
     parser.add_argument("--no-card", action="store_true", help="print the figures, do not rewrite the card")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    from models import cards
-
     results = evaluate_lm() if args.model == "lm" else evaluate_switch()
     print(json.dumps(results, indent=2))
     if not args.no_card:

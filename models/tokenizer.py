@@ -7,7 +7,7 @@ import random
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from models.corpus import DOMAINS, split
+from swapmoe.models.corpus import DOMAINS, split
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

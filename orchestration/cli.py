@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
-from swapmoe.sizes import parse_size
+from swapmoe.core.sizes import parse_size
 
 
 def _size(text: str) -> int:
@@ -48,7 +48,7 @@ def _serve_until_signalled(server, name: str) -> None:
 
 
 class _Running:
-    """A started rpc.Server plus the address clients use, and what to stop with it."""
+    """A started transport.Server plus the address clients use, and what to stop with it."""
 
     def __init__(self, server, host: str, on_stop=(), drain_seconds: float = 5.0):
         self.server, self.address, self.on_stop = server, f"{host}:{server.port}", on_stop
@@ -61,9 +61,9 @@ class _Running:
 
 
 def executor_serve(args) -> None:
-    from executor.engine import Engine, EngineConfig
-    from executor.planner_link import PlannerLink
-    from executor.server import serve
+    from swapmoe.executor.engine import Engine, EngineConfig
+    from swapmoe.executor.planner_link import PlannerLink
+    from swapmoe.executor.server import serve
 
     config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context,
                           max_queue=args.max_queue, state_dir=args.state_dir, threads=args.threads,
@@ -78,7 +78,7 @@ def executor_serve(args) -> None:
         link = PlannerLink(engine, args.planner, address).start()
         stops.append(link.stop)
     if args.metrics_port is not None:
-        from executor.prometheus import serve_metrics
+        from swapmoe.executor.prometheus import serve_metrics
 
         metrics = serve_metrics(engine, args.host, args.metrics_port)
         print(f"metrics on http://{args.host}:{metrics.server_port}/metrics", flush=True)
@@ -87,39 +87,39 @@ def executor_serve(args) -> None:
 
 
 def planner_serve(args) -> None:
-    from planner_service.server import serve
+    from swapmoe.planner_service.server import serve
 
     server, _ = serve(f"{args.host}:{args.port}")
     _serve_until_signalled(_Running(server, args.host), "planner")
 
 
 def fleet_serve(args) -> None:
-    from orchestration.fleet import serve
+    from swapmoe.orchestration.fleet import serve
 
     server = serve(args.planner, f"{args.host}:{args.port}")
     _serve_until_signalled(_Running(server, args.host), "fleet")
 
 
 def fleet_nodes(args) -> None:
-    from orchestration import client
+    from swapmoe.orchestration import client
 
     client.print_nodes(args.fleet)
 
 
 def fleet_rollout(args) -> None:
-    from orchestration import client
+    from swapmoe.orchestration import client
 
     sys.exit(client.rollout(args.fleet, args.nodes, args.experts, args.wait))
 
 
 def fleet_status(args) -> None:
-    from orchestration import client
+    from swapmoe.orchestration import client
 
     client.print_rollout(client.get_rollout(args.fleet, args.rollout_id))
 
 
 def generate(args) -> None:
-    from orchestration import client
+    from swapmoe.orchestration import client
 
     client.stream_generation(args.executor, args.prompt, max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -127,19 +127,19 @@ def generate(args) -> None:
 
 
 def describe(args) -> None:
-    from orchestration import client
+    from swapmoe.orchestration import client
 
     client.print_description(args.executor)
 
 
 def set_budget(args) -> None:
-    from orchestration import client
+    from swapmoe.orchestration import client
 
     client.set_budget(args.executor, args.budget, args.reason)
 
 
 def demo(args) -> None:
-    from orchestration.demo import run_demo
+    from swapmoe.orchestration.demo import run_demo
 
     sys.exit(run_demo(args))
 

@@ -7,18 +7,18 @@ import time
 
 import grpc
 
-from swapmoe import rpc
-from swapmoe.sizes import format_size
+from swapmoe.rpc import transport
+from swapmoe.core.sizes import format_size
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
                         planner_pb2 as ppb)
 
 
 def executor_stub(address: str) -> executor_pb2_grpc.ExecutorServiceStub:
-    return executor_pb2_grpc.ExecutorServiceStub(rpc.channel(address))
+    return executor_pb2_grpc.ExecutorServiceStub(transport.channel(address))
 
 
 def fleet_stub(address: str) -> fleet_pb2_grpc.FleetServiceStub:
-    return fleet_pb2_grpc.FleetServiceStub(rpc.channel(address))
+    return fleet_pb2_grpc.FleetServiceStub(transport.channel(address))
 
 
 def stream_generation(address: str, prompt: str, out=sys.stdout, **params) -> epb.GenerateResponse:

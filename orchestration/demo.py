@@ -8,20 +8,19 @@ import threading
 import time
 from pathlib import Path
 
-from orchestration import client
-from orchestration.processes import spawn
-from swapmoe import rpc
-from swapmoe.sizes import format_size, parse_size
+from swapmoe.orchestration import client
+from swapmoe.orchestration.processes import spawn
+from swapmoe.rpc import transport
+from swapmoe.core.sizes import format_size, parse_size
+from swapmoe.models.bundled import LM_DIR
 from swapmoe.v1 import executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 
 def default_model() -> Path:
     """The embedded demo model: the bundled swapmoe-lm checkpoint (models/swapmoe-lm)."""
-    from models.evaluate import LM_DIR
-
     if not (LM_DIR / "config.json").exists():
         raise FileNotFoundError(f"the bundled checkpoint is missing from {LM_DIR}; "
-                                "train it with python -m models.training.train_lm or pass --model")
+                                "train it with python -m swapmoe.models.training.train_lm or pass --model")
     return LM_DIR
 
 
@@ -30,7 +29,7 @@ def _checkpoint_bytes(model: Path) -> int:
 
 
 def wait_for_ack(planner_address: str, node_id: str, timeout: float = 60) -> ppb.ExecutorStatus:
-    stub = planner_pb2_grpc.PlannerServiceStub(rpc.channel(planner_address))
+    stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(planner_address))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         statuses = stub.GetPlanStatus(ppb.PlanStatusRequest(), timeout=10).executors

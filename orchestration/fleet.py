@@ -7,8 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from swapmoe import rpc
-from swapmoe.rpc import NotFound
+from swapmoe.rpc import transport
+from swapmoe.core.errors import NotFound
 from swapmoe.v1 import fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
 SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FleetService"].full_name
@@ -34,7 +34,7 @@ def node_state(status: ppb.ExecutorStatus, version: int) -> int:
 
 class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
     def __init__(self, planner_addresses: list[str]):
-        self._channels = {a: rpc.channel(a) for a in planner_addresses}
+        self._channels = {a: transport.channel(a) for a in planner_addresses}
         self._planners = {a: planner_pb2_grpc.PlannerServiceStub(c) for a, c in self._channels.items()}
         self._rollouts: dict[str, RolloutRecord] = {}
         self._ids = itertools.count(1)
@@ -103,7 +103,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             channel.close()
 
 
-def serve(planner_addresses: list[str], address: str = "127.0.0.1:0") -> rpc.Server:
+def serve(planner_addresses: list[str], address: str = "127.0.0.1:0") -> transport.Server:
     servicer = FleetServicer(planner_addresses)
-    return rpc.start_server(lambda s: fleet_pb2_grpc.add_FleetServiceServicer_to_server(servicer, s),
+    return transport.start_server(lambda s: fleet_pb2_grpc.add_FleetServiceServicer_to_server(servicer, s),
                             [SERVICE_NAME], address)

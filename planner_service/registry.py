@@ -11,10 +11,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from planner_service.planning import even_split_plan
-from swapmoe import convert
-from swapmoe.plan import Plan
-from swapmoe.rpc import NotFound
+from swapmoe.planner_service.planning import plan_for
+from swapmoe.rpc import convert
+from swapmoe.core.plan import Plan
+from swapmoe.core.errors import NotFound
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
 
@@ -129,7 +129,7 @@ class Registry:
 
     def _replan(self, record: ExecutorRecord, force: bool = False) -> None:
         reg = record.registration
-        plan = even_split_plan(record.layout, reg.budget_bytes, reg.min_budget_bytes, record.version + 1)
+        plan = plan_for(record.layout, convert.reserve_from_pb(reg.reserve), reg.budget_bytes, record.version + 1)
         running = record.desired if record.state == ppb.PLAN_STATE_PENDING else record.acked
         if force or running is None or running.experts_per_layer != plan.experts_per_layer:
             self._send(record, plan)

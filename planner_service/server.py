@@ -6,9 +6,9 @@ import logging
 import queue
 import threading
 
-from planner_service.registry import ExecutorRecord, Registry
-from swapmoe import convert, rpc
-from swapmoe.plan import InvalidField, validate_plan
+from swapmoe.planner_service.registry import ExecutorRecord, Registry
+from swapmoe.rpc import convert, transport
+from swapmoe.core.plan import InvalidField, validate_plan
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         return ppb.PushPlanResponse(executors=[r.to_pb() for r in records])
 
 
-def serve(address: str = "127.0.0.1:0", registry: Registry | None = None) -> tuple[rpc.Server, Registry]:
+def serve(address: str = "127.0.0.1:0", registry: Registry | None = None) -> tuple[transport.Server, Registry]:
     servicer = PlannerServicer(registry)
-    server = rpc.start_server(lambda s: planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, s),
+    server = transport.start_server(lambda s: planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, s),
                               [SERVICE_NAME], address, max_workers=256)
     return server, servicer.registry

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from models.tiny import save_tiny_model
+from swapmoe.models.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,6 +38,7 @@ def checkpoint_dirs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engine(tiny_model_dir):
-    from executor.engine import Engine, EngineConfig
+    from swapmoe.executor.engine import Engine, EngineConfig
 
-    return Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="test-node"))
+    with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="test-node")) as engine:
+        yield engine

@@ -3,30 +3,32 @@
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from executor.engine import Engine, EngineConfig
-from executor.generation import GenerationRequest
-from models import evaluate
-from models.corpus import DOMAINS, load_eval, name_baseline
-from models.domains import classify
+from swapmoe.executor.engine import Engine, EngineConfig
+from swapmoe.executor.generation import GenerationRequest
+from swapmoe.models import evaluate
+from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
+from swapmoe.models.corpus import DOMAINS, load_eval, name_baseline
+from swapmoe.models.domains import classify
+from swapmoe.models.summarization import rouge2, summarize
 
-pytestmark = pytest.mark.skipif(not (evaluate.LM_DIR / "model.safetensors").exists()
-                                or not (evaluate.SWITCH_DIR / "model.safetensors").exists(),
+pytestmark = pytest.mark.skipif(not (LM_DIR / "model.safetensors").exists()
+                                or not (SWITCH_DIR / "model.safetensors").exists(),
                                 reason="bundled checkpoints not trained yet")
 
 
 @pytest.fixture(scope="module")
 def lm():
-    return evaluate.load(evaluate.LM_DIR)
+    return evaluate.load(LM_DIR)
 
 
 @pytest.fixture(scope="module")
 def switch():
-    return evaluate.load(evaluate.SWITCH_DIR, seq2seq=True)
+    return evaluate.load(SWITCH_DIR, seq2seq=True)
 
 
 @pytest.mark.parametrize("directory, auto, cls", [
-    (evaluate.LM_DIR, AutoModelForCausalLM, "MixtralForCausalLM"),
-    (evaluate.SWITCH_DIR, AutoModelForSeq2SeqLM, "SwitchTransformersForConditionalGeneration"),
+    (LM_DIR, AutoModelForCausalLM, "MixtralForCausalLM"),
+    (SWITCH_DIR, AutoModelForSeq2SeqLM, "SwitchTransformersForConditionalGeneration"),
 ])
 def test_checkpoints_load_with_the_auto_classes_and_generate(directory, auto, cls):
     assert (directory / "model.safetensors").stat().st_size <= 25 * 2**20
@@ -56,14 +58,15 @@ def test_switch_rouge2_is_well_above_the_name_baseline(switch):
     model, tokenizer = switch
     pairs = load_eval("summarization")  # all 262 held-out pairs, as in the model card
     references = [p["summary"] for p in pairs]
-    ours = evaluate.rouge2(evaluate.summarize(model, tokenizer, [p["body"] for p in pairs]), references)
-    baseline = evaluate.rouge2([name_baseline(p["name"]) for p in pairs], references)
+    ours = rouge2(summarize(model, tokenizer, [p["body"] for p in pairs]), references)
+    baseline = rouge2([name_baseline(p["name"]) for p in pairs], references)
     assert ours >= 2 * baseline and ours - baseline >= 0.04, (ours, baseline)
 
 
 @pytest.fixture(scope="module")
 def engine():
-    return Engine(EngineConfig(evaluate.LM_DIR, budget_bytes=1 << 30, node_id="bundled"))
+    with Engine(EngineConfig(LM_DIR, budget_bytes=1 << 30, node_id="bundled")) as engine:
+        yield engine
 
 
 @pytest.mark.parametrize("domain", DOMAINS)

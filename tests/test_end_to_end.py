@@ -8,8 +8,8 @@ import urllib.request
 import grpc
 import pytest
 
-from orchestration.processes import spawn, swapmoe_command
-from swapmoe import rpc
+from swapmoe.orchestration.processes import spawn, swapmoe_command
+from swapmoe.rpc import transport
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
                         planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb)
 
@@ -44,15 +44,15 @@ def cluster(tiny_model_dir, tmp_path_factory):
 
 
 def executor(cluster):
-    return executor_pb2_grpc.ExecutorServiceStub(rpc.channel(cluster["executor"].address))
+    return executor_pb2_grpc.ExecutorServiceStub(transport.channel(cluster["executor"].address))
 
 
 def planner(cluster):
-    return planner_pb2_grpc.PlannerServiceStub(rpc.channel(cluster["planner"].address))
+    return planner_pb2_grpc.PlannerServiceStub(transport.channel(cluster["planner"].address))
 
 
 def fleet(cluster):
-    return fleet_pb2_grpc.FleetServiceStub(rpc.channel(cluster["fleet"].address))
+    return fleet_pb2_grpc.FleetServiceStub(transport.channel(cluster["fleet"].address))
 
 
 def node_status(cluster):
@@ -171,7 +171,7 @@ def test_a_restarted_executor_process_resumes_its_plan_and_serves_metrics(tiny_m
             "--state-dir", str(tmp_path / "state"), "--metrics-port", "0", "--drain-seconds", "5"]
     first = spawn("executor-1", args, log_dir=tmp_path)
     try:
-        with rpc.channel(first.address) as channel:
+        with transport.channel(first.address) as channel:
             stub = executor_pb2_grpc.ExecutorServiceStub(channel)
             assert stub.ApplyPlan(epb.ApplyPlanRequest(plan=common_pb2.Plan(version=4, experts_per_layer=[3, 2])),
                                   timeout=10).accepted
@@ -182,7 +182,7 @@ def test_a_restarted_executor_process_resumes_its_plan_and_serves_metrics(tiny_m
         assert first.stop() == 0, "the executor should drain and exit cleanly"
     second = spawn("executor-2", args, log_dir=tmp_path)
     try:
-        with rpc.channel(second.address) as channel:
+        with transport.channel(second.address) as channel:
             described = executor_pb2_grpc.ExecutorServiceStub(channel).Describe(epb.DescribeRequest(), timeout=10)
         assert described.plan.version == 4 and list(described.achieved_experts_per_layer) == [3, 2]
     finally:

@@ -1,9 +1,9 @@
 """The planner's bookkeeping, without a network: registration, ACK/NACK, resync, replanning."""
 
-from planner_service.registry import Registry
-from swapmoe import convert
-from swapmoe.layout import LayerLayout, ModelLayout
-from swapmoe.plan import Plan
+from swapmoe.planner_service.registry import Registry
+from swapmoe.rpc import convert
+from swapmoe.core.layout import LayerLayout, ModelLayout
+from swapmoe.core.plan import Plan
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
 LAYOUT = ModelLayout("mixtral", "MixtralForCausalLM",
@@ -14,7 +14,7 @@ MIN_BUDGET = 1000 + 2 * 100 + RESERVE
 
 def registration(budget: int, plan: Plan | None = None) -> ppb.Registration:
     reg = ppb.Registration(node_id="n1", budget_bytes=budget, min_budget_bytes=MIN_BUDGET,
-                           layout=convert.layout_to_pb(LAYOUT))
+                           layout=convert.layout_to_pb(LAYOUT), reserve=common_pb2.Reserve(kv_cache_bytes=RESERVE))
     if plan:
         reg.current_plan.CopyFrom(convert.plan_to_pb(plan))
     return reg

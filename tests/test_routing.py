@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from executor.adapters import UnsupportedModel, describe, find_moe_blocks, install_masked_routers
-from executor.checkpoint import load_checkpoint
-from models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
+from swapmoe.executor.adapters import UnsupportedModel, describe, find_moe_blocks, install_masked_routers
+from swapmoe.executor.checkpoint import load_checkpoint
+from swapmoe.models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
 
 
 

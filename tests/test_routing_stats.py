@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from models import routing_stats as rs
+from swapmoe.models import routing_stats as rs
 
 
 def test_a_token_stream_that_never_changes_experts_repeats_fully():

@@ -5,14 +5,14 @@ import threading
 import pytest
 import torch
 
-from executor.adapters import adapter_for, find_moe_blocks
-from executor.checkpoint import load_checkpoint
-from executor.engine import Engine, EngineConfig
-from executor.generation import GenerationRequest
-from executor.loader import Load
-from executor.runtime import VirtualExperts
-from models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
-from swapmoe.plan import Plan, Strategy
+from swapmoe.executor.adapters import adapter_for, find_moe_blocks
+from swapmoe.executor.checkpoint import load_checkpoint
+from swapmoe.executor.engine import Engine, EngineConfig
+from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.loader import Load
+from swapmoe.executor.virtual_experts import VirtualExperts
+from swapmoe.models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
+from swapmoe.core.plan import Plan, Strategy
 
 
 
@@ -121,8 +121,7 @@ def test_background_loads_never_change_a_concurrent_forward_pass(runtime_for):
     layer = runtime.layers[0]
     reserved = max(layer.pool.ready)  # reserve a slot for loading, as an update does
     layer.pool.evict(reserved)
-    slot = layer.pool.free.pop(0)
-    layer.pool.loading[reserved] = slot
+    [(_, slot)] = layer.pool.fill([reserved])
     runtime._publish(layer)
     expected = sample_logits(runtime.model, "mixtral")
     stop = threading.Event()
@@ -142,7 +141,7 @@ def test_background_loads_never_change_a_concurrent_forward_pass(runtime_for):
     finally:
         stop.set()
         writer.join()
-    assert runtime.io.loads > 30
+    assert runtime.io.snapshot().loads > 30
 
 
 def _generate(engine, n=24):
@@ -156,13 +155,12 @@ def _model_tensor_bytes(model) -> int:
 
 
 def test_a_checkpoint_bigger_than_the_budget_loads_and_generates(checkpoint_dirs):
-    probe = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30))
-    full = probe.layout.dense_bytes + probe.layout.expert_bytes([l.num_experts for l in probe.layout.layers])
-    budget = probe.plan_bytes([2] * probe.layout.num_layers)
-    probe.close()
+    with Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30)) as probe:
+        full = probe.layout.dense_bytes + probe.layout.expert_bytes([l.num_experts for l in probe.layout.layers])
+        budget = probe.memory_model.plan_bytes([2] * probe.layout.num_layers)
     engine = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=budget))
     try:
-        assert budget < engine._fixed_bytes() + full - engine.layout.dense_bytes  # the whole model would not fit
+        assert budget < engine.memory_model.fixed_bytes + full - engine.layout.dense_bytes  # the whole model would not fit
         assert engine.achieved == (2,) * engine.layout.num_layers
         chunks = _generate(engine)
         assert chunks[-1].completion_tokens == 24
@@ -176,7 +174,7 @@ def test_the_budget_holds_across_swaps_and_live_budget_changes(checkpoint_dirs):
     engine = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30))
     try:
         engine.apply_plan(Plan(1, _half(engine.runtime), update_frequency=2))
-        sizes = [engine.plan_bytes([n] * engine.layout.num_layers) for n in (3, 1, 4, 2, 8)]
+        sizes = [engine.memory_model.plan_bytes([n] * engine.layout.num_layers) for n in (3, 1, 4, 2, 8)]
         for budget in sizes:
             engine.set_budget(budget)
             _generate(engine, 8)

@@ -8,14 +8,14 @@ import urllib.request
 import grpc
 import pytest
 
-from executor import plan_file
-from executor.engine import Engine, EngineConfig
-from executor.generation import GenerationRequest
-from executor.prometheus import serve_metrics
-from executor.server import serve
-from models.tiny import save_tiny_model
-from swapmoe import rpc
-from swapmoe.plan import Plan
+from swapmoe.executor import plans
+from swapmoe.executor.engine import Engine, EngineConfig
+from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.prometheus import serve_metrics
+from swapmoe.executor.server import serve
+from swapmoe.models.tiny import save_tiny_model
+from swapmoe.rpc import transport
+from swapmoe.core.plan import Plan
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
 LONG = 3000  # tokens: a generation that runs until the test stops it
@@ -29,11 +29,11 @@ def long_context_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(long_context_model):
-    engine = Engine(EngineConfig(long_context_model, budget_bytes=1 << 30, node_id="serving", max_queue=2))
-    server = serve(engine)
-    with rpc.channel(f"127.0.0.1:{server.port}") as channel:
-        yield engine, executor_pb2_grpc.ExecutorServiceStub(channel)
-    server.stop(grace=1)
+    with Engine(EngineConfig(long_context_model, budget_bytes=1 << 30, node_id="serving", max_queue=2)) as engine:
+        server = serve(engine)
+        with transport.channel(f"127.0.0.1:{server.port}") as channel:
+            yield engine, executor_pb2_grpc.ExecutorServiceStub(channel)
+        server.stop(grace=1)
 
 
 def _wait_until(condition, timeout=10.0):
@@ -45,7 +45,7 @@ def _wait_until(condition, timeout=10.0):
 
 
 def _idle(engine):
-    _wait_until(lambda: engine.admission.running == 0 and engine.admission.waiting == 0)
+    _wait_until(lambda: engine.running == 0 and engine.queue_depth == 0)
 
 
 def test_a_full_queue_is_resource_exhausted_and_the_queue_drains_first_come_first_served(served):
@@ -63,7 +63,7 @@ def test_a_full_queue_is_resource_exhausted_and_the_queue_drains_first_come_firs
     for name in ("first", "second"):  # max_queue=2: both may wait
         waiters.append(threading.Thread(target=wait_in_line, args=(name,)))
         waiters[-1].start()
-        _wait_until(lambda n=len(waiters): engine.admission.waiting == n)
+        _wait_until(lambda n=len(waiters): engine.queue_depth == n)
     with pytest.raises(grpc.RpcError) as error:
         list(stub.Generate(epb.GenerateRequest(text="third", max_new_tokens=2), timeout=10))
     assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -92,9 +92,9 @@ def test_a_client_that_gives_up_while_queued_leaves_the_queue(served):
     running = stub.Generate(epb.GenerateRequest(text="a", max_new_tokens=LONG), timeout=60)
     next(running)
     queued = stub.Generate(epb.GenerateRequest(text="b", max_new_tokens=2), timeout=60)
-    _wait_until(lambda: engine.admission.waiting == 1)
+    _wait_until(lambda: engine.queue_depth == 1)
     queued.cancel()
-    _wait_until(lambda: engine.admission.waiting == 0)
+    _wait_until(lambda: engine.queue_depth == 0)
     running.cancel()
     _idle(engine)
 
@@ -107,7 +107,7 @@ def test_many_concurrent_streams_all_complete_with_their_own_tokens(long_context
     server = serve(engine)
     results = {}
     try:
-        with rpc.channel(f"127.0.0.1:{server.port}") as channel:
+        with transport.channel(f"127.0.0.1:{server.port}") as channel:
             stub = executor_pb2_grpc.ExecutorServiceStub(channel)
 
             def run(prompt):
@@ -138,7 +138,7 @@ def test_plans_and_budget_cuts_mid_stream_do_not_break_it_and_memory_follows_the
                                 timeout=10)
         assert result.accepted, result.reason
         chunks.append(next(stream))
-    budget = engine.plan_bytes([2] * layers)
+    budget = engine.memory_model.plan_bytes([2] * layers)
     reply = stub.SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="another app"), timeout=10)
     assert reply.memory.accounted_bytes <= budget
     chunks += list(stream)
@@ -150,30 +150,26 @@ def test_plans_and_budget_cuts_mid_stream_do_not_break_it_and_memory_follows_the
 
 def test_a_restarted_executor_resumes_its_last_acknowledged_plan(tiny_model_dir, tmp_path):
     config = EngineConfig(tiny_model_dir, budget_bytes=1 << 30, state_dir=tmp_path)
-    first = Engine(config)
-    layers = first.layout.num_layers
-    assert first.apply_plan(Plan(7, (3,) * layers, update_frequency=2, origin="planner:test")).accepted
-    assert not first.apply_plan(Plan(5, (2,) * layers)).accepted  # a NACKed plan is not saved
-    first.close()
-    second = Engine(config)
-    assert (second.plan.version, second.plan.experts_per_layer, second.plan.update_frequency) == (7, (3,) * layers, 2)
-    assert second.achieved == (3,) * layers
-    second.close()
+    with Engine(config) as first:
+        layers = first.layout.num_layers
+        assert first.apply_plan(Plan(7, (3,) * layers, update_frequency=2, origin="planner:test")).accepted
+        assert not first.apply_plan(Plan(5, (2,) * layers)).accepted  # a NACKed plan is not saved
+    with Engine(config) as second:
+        assert (second.plan.version, second.plan.experts_per_layer, second.plan.update_frequency) == \
+            (7, (3,) * layers, 2)
+        assert second.achieved == (3,) * layers
 
 
 def test_a_saved_plan_that_no_longer_fits_is_ignored_with_a_reason(tiny_model_dir, tmp_path):
-    probe = Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30))
-    layers = probe.layout.num_layers
-    small = probe.plan_bytes((2,) * layers)
-    probe.close()
-    plan_file.save(tmp_path, Plan(9, (8,) * layers))
-    engine = Engine(EngineConfig(tiny_model_dir, budget_bytes=small, state_dir=tmp_path))
-    assert engine.plan.version == 0 and engine.memory().accounted_bytes <= small
-    engine.close()
-    (tmp_path / plan_file.FILE).write_text("{not json")
-    engine = Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, state_dir=tmp_path))
-    assert engine.plan.version == 0
-    engine.close()
+    with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30)) as probe:
+        layers = probe.layout.num_layers
+        small = probe.memory_model.plan_bytes((2,) * layers)
+    plans.save(tmp_path, Plan(9, (8,) * layers))
+    with Engine(EngineConfig(tiny_model_dir, budget_bytes=small, state_dir=tmp_path)) as engine:
+        assert engine.plan.version == 0 and engine.memory().accounted_bytes <= small
+    (tmp_path / plans.FILE).write_text("{not json")
+    with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, state_dir=tmp_path)) as engine:
+        assert engine.plan.version == 0
 
 
 def test_a_subscriber_that_stops_reading_neither_stalls_serving_nor_loses_events_silently(served):

@@ -1,6 +1,6 @@
 import pytest
 
-from swapmoe.sizes import format_size, parse_size
+from swapmoe.core.sizes import format_size, parse_size
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -2,7 +2,7 @@
 
 import pytest
 
-from executor.slots import SlotPool
+from swapmoe.executor.slots import SlotPool
 
 SCORES = [0.0, 5.0, 1.0, 9.0, 2.0, 7.0, 0.5, 3.0]  # wanted order: 3, 5, 1, 7, 4, 2, 6, 0
 

@@ -5,10 +5,10 @@ import time
 import pytest
 import torch
 
-from executor.adapters import adapter_for, find_moe_blocks
-from executor.checkpoint import load_checkpoint
-from executor.store import ALIGN, ExpertStore, build_store
-from models.tiny import ARCHITECTURES
+from swapmoe.executor.adapters import adapter_for, find_moe_blocks
+from swapmoe.executor.checkpoint import load_checkpoint
+from swapmoe.executor.store import ALIGN, ExpertStore, build_store
+from swapmoe.models.tiny import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

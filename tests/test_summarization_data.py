@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from models.corpus import Document, SummaryPair, function_pairs
-from models.evaluate import paired_bootstrap, retrieval_summaries
+from swapmoe.models.corpus import Document, SummaryPair, function_pairs
+from swapmoe.models.evaluate import paired_bootstrap, retrieval_summaries
 
 SOURCE = '''
 def blank(x):

@@ -3,8 +3,8 @@
 import torch
 from transformers import SwitchTransformersForConditionalGeneration
 
-from models.corpus import SummaryPair, code_as_words
-from models.training.train_switch import batch_maker, model_config, parameter_groups, split_validation
+from swapmoe.models.corpus import SummaryPair, code_as_words
+from swapmoe.models.training.train_switch import batch_maker, model_config, parameter_groups, split_validation
 
 
 def test_code_is_read_as_the_lower_case_words_a_docstring_would_use():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from models.tiny import (
+from swapmoe.models.tiny import (
     ARCHITECTURES,
     NUM_EXPERTS,
     VOCAB_SIZE,

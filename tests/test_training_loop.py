@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from models.tiny import build_tiny_model
-from models.training.loop import TrainConfig, learning_rate, train
+from swapmoe.models.tiny import build_tiny_model
+from swapmoe.models.training.loop import TrainConfig, learning_rate, train
 
 
 def batches(step: int) -> dict:

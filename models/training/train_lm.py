@@ -1,7 +1,7 @@
 """Train the bundled decoder-only MoE language model (Mixtral family) on the three domains.
 
-    python -m models.training.train_lm            # ~40 min on 2 CPU cores; resumes if interrupted
-    python -m models.training.train_lm --fresh    # start over
+    python -m swapmoe.models.training.train_lm            # ~40 min on 2 CPU cores; resumes if interrupted
+    python -m swapmoe.models.training.train_lm --fresh    # start over
 
 Writes ``models/swapmoe-lm`` (safetensors, HF layout, tokenizer) loadable with the Auto classes.
 """
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM
 
-from models.corpus import CACHE, DOMAINS, split
-from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
-from models.training.loop import TrainConfig, arguments, save_checkpoint, train
+from swapmoe.models.corpus import CACHE, DOMAINS, split
+from swapmoe.models.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from swapmoe.models.training.loop import TrainConfig, arguments, save_checkpoint, train
 
 OUTPUT = Path(__file__).resolve().parents[1] / "swapmoe-lm"
 WORK = CACHE.parent / "train" / "lm"

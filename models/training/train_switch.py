@@ -1,8 +1,8 @@
 """Train the bundled Switch Transformers summarizer: a Python function's code -> the first
 line of its docstring (held-out functions come from held-out modules).
 
-    python -m models.training.train_switch            # about 45 min on 2 CPU cores; resumes if interrupted
-    python -m models.training.train_switch --fresh    # start over
+    python -m swapmoe.models.training.train_switch            # about 45 min on 2 CPU cores; resumes if interrupted
+    python -m swapmoe.models.training.train_switch --fresh    # start over
 
 Writes ``models/swapmoe-switch`` (safetensors, HF layout, the LM's tokenizer). Every 500 steps it
 logs the validation loss with each function's own code and with another function's code (the gap
@@ -12,22 +12,20 @@ is what the model reads from its input) and the validation Rouge-2.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from models.corpus import CACHE, code_as_words, extra_summary_pairs, name_baseline, summary_pairs
-from models.tokenizer import EOS_ID, PAD_ID
-from models.training.loop import TrainConfig, arguments, save_checkpoint, train
+from swapmoe.models.corpus import CACHE, code_as_words, extra_summary_pairs, name_baseline, summary_pairs
+from swapmoe.models.tokenizer import EOS_ID, PAD_ID
+from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
+from swapmoe.models.summarization import MAX_SOURCE, encode_pairs, pad, rouge2, source_losses, summarize
+from swapmoe.models.training.loop import TrainConfig, arguments, save_checkpoint, train
 
-OUTPUT = Path(__file__).resolve().parents[1] / "swapmoe-switch"
-LM_DIR = Path(__file__).resolve().parents[1] / "swapmoe-lm"
+OUTPUT = SWITCH_DIR
 WORK = CACHE.parent / "train" / "switch"
-MAX_SOURCE = 96
-MAX_TARGET = 40
 BATCH = 24
 STEPS = 4000
 LR = 1e-3
@@ -63,26 +61,10 @@ def parameter_groups(model: torch.nn.Module, bias_lr_scale: float = RELATIVE_BIA
     return [dict(params=rest), dict(params=biases, lr_scale=bias_lr_scale, weight_decay=0.0)]
 
 
-def source_ids(tokenizer, code: str) -> list[int]:
-    """The model's input for a function: its code as words, cut to ``MAX_SOURCE`` tokens with EOS."""
-    return tokenizer(code_as_words(code), add_special_tokens=False)["input_ids"][:MAX_SOURCE - 1] + [EOS_ID]
-
-
-def encode_pairs(tokenizer, pairs) -> tuple[list[list[int]], list[list[int]]]:
-    sources = [source_ids(tokenizer, p.body) for p in pairs]
-    targets = [tokenizer(p.summary, add_special_tokens=False)["input_ids"][:MAX_TARGET - 1] + [EOS_ID] for p in pairs]
-    return sources, targets
-
-
 def name_targets(tokenizer, pairs) -> list[list[int]]:
     """The auxiliary task's targets: each function's name as words (``getFileName`` -> ``get file name``)."""
     return [tokenizer(code_as_words(name_baseline(p.name)), add_special_tokens=False)["input_ids"] + [EOS_ID]
             for p in pairs]
-
-
-def pad(rows: list[list[int]], value: int) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows])
 
 
 def batch_maker(sources, targets, names, seed: int, name_share: float = NAME_SHARE, name_warmup: int = NAME_WARMUP):
@@ -115,8 +97,6 @@ def split_validation(pairs: list, percent: int = 5) -> tuple[list, list]:
 def validator(model, tokenizer, pairs: list, every: int, log: Callable[[str], None] = print) -> Callable[[int], None]:
     """Logs the validation loss with each function's own source and with another's (the gap is
     what the model takes from its input) and greedy Rouge-2."""
-    from models.evaluate import rouge2, source_losses, summarize
-
     bodies, summaries = [p.body for p in pairs], [p.summary for p in pairs]
 
     def validate(step: int) -> None:

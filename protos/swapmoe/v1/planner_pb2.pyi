@@ -21,7 +21,7 @@ PLAN_STATE_ACKED: PlanState
 PLAN_STATE_NACKED: PlanState
 
 class Registration(_message.Message):
-    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address")
+    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class Registration(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     CURRENT_PLAN_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device: _common_pb2.DeviceInfo
     budget_bytes: int
@@ -36,7 +37,8 @@ class Registration(_message.Message):
     layout: _common_pb2.ModelLayout
     current_plan: _common_pb2.Plan
     executor_address: str
-    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ...) -> None: ...
+    reserve: _common_pb2.Reserve
+    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ...) -> None: ...
 
 class BudgetChange(_message.Message):
     __slots__ = ("previous_budget_bytes", "budget_bytes", "reason")

@@ -3,7 +3,8 @@
 A plan says how many experts each MoE layer keeps resident (its virtual-expert
 slots), how often the resident set is updated, and what happens to tokens routed
 to an absent expert (paper sections 3.1-3.3). It is one dataclass everywhere;
-``swapmoe.convert`` is the only place it meets its proto.
+``swapmoe.rpc.convert`` is the only place it meets its proto; how many experts fit a
+budget is ``swapmoe.core.budget``.
 """
 
 from __future__ import annotations
@@ -11,24 +12,23 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from swapmoe.layout import ModelLayout
-from swapmoe.memory import MemoryReport
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.layout import ModelLayout
+from swapmoe.core.memory import MemoryReport
 
 
 class Strategy(enum.Enum):
-    """How a token routed to a non-resident expert is served."""
+    """How a token routed to a non-resident expert is served: re-routed among the resident
+    experts (masked gating, Fig. 5), dropped (skip), or served after a synchronous load
+    (on demand: exact, the LRU baseline)."""
 
     MASKED_GATING = "masked_gating"
     SKIP = "skip"
     ON_DEMAND = "on_demand"
 
 
-class InvalidField(ValueError):
-    """A request field is invalid; ``field`` names it (e.g. ``plan.experts_per_layer[3]``)."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
+# Tokens between resident-set updates in a default plan, until profiling picks one.
+DEFAULT_UPDATE_FREQUENCY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,26 +58,6 @@ def validate_plan(plan: Plan, layout: ModelLayout) -> None:
             )
     if plan.update_frequency < 0:
         raise InvalidField("plan.update_frequency", "must not be negative")
-
-
-def even_split(layout: ModelLayout, expert_bytes_available: int) -> tuple[int, ...]:
-    """Experts per layer that fit ``expert_bytes_available``, spread as evenly as possible.
-
-    Every layer keeps at least one expert (a layer with none cannot route), so
-    the result may exceed the bytes given when they cannot hold one per layer;
-    callers compare against the minimum budget first.
-    """
-    counts = [1] * layout.num_layers
-    used = layout.expert_bytes(counts)
-    grew = True
-    while grew:  # round-robin: one more expert per layer while it fits
-        grew = False
-        for i, spec in enumerate(layout.layers):
-            if counts[i] < spec.num_experts and used + spec.bytes_per_expert <= expert_bytes_available:
-                counts[i] += 1
-                used += spec.bytes_per_expert
-                grew = True
-    return tuple(counts)
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,9 +40,6 @@ class ModelLayout:
         """Bytes of the expert slots a plan keeps resident."""
         return sum(k * l.bytes_per_expert for k, l in zip(experts_per_layer, self.layers, strict=True))
 
-    def all_experts(self) -> tuple[int, ...]:
-        return tuple(l.num_experts for l in self.layers)
-
 
 @dataclass(frozen=True, slots=True)
 class DeviceInfo:

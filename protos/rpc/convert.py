@@ -1,10 +1,12 @@
-"""The one place where in-process types meet their protos."""
+"""The one place where core types (``swapmoe.core``) meet their protos (``swapmoe.v1``)."""
 
 from __future__ import annotations
 
-from swapmoe.layout import DeviceInfo, LayerLayout, ModelLayout
-from swapmoe.memory import MemoryReport
-from swapmoe.plan import InvalidField, Plan, PlanResult, Strategy
+from swapmoe.core.budget import Reserve
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
+from swapmoe.core.memory import MemoryReport
+from swapmoe.core.plan import Plan, PlanResult, Strategy
 from swapmoe.v1 import common_pb2 as pb
 
 _STRATEGY_TO_PB = {
@@ -107,3 +109,12 @@ def plan_result_to_pb(result: PlanResult) -> pb.PlanResult:
 def memory_from_pb(msg: pb.MemoryReport) -> MemoryReport:
     return MemoryReport(msg.budget_bytes, msg.dense_bytes, msg.expert_bytes, msg.kv_cache_bytes,
                         msg.activation_bytes, msg.process_rss_bytes, msg.process_peak_rss_bytes)
+
+
+def reserve_to_pb(reserve: Reserve) -> pb.Reserve:
+    return pb.Reserve(staging_bytes=reserve.staging_bytes, kv_cache_bytes=reserve.kv_cache_bytes,
+                      activation_bytes=reserve.activation_bytes)
+
+
+def reserve_from_pb(msg: pb.Reserve) -> Reserve:
+    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes)

@@ -18,7 +18,3 @@ class MemoryReport:
     @property
     def accounted_bytes(self) -> int:
         return self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.activation_bytes
-
-    @property
-    def within_budget(self) -> bool:
-        return self.accounted_bytes <= self.budget_bytes

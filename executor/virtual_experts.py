@@ -10,24 +10,20 @@ is held, so a mapping never changes inside one.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
-from executor.loader import Copier, ExpertLoader, Load, LoadStats
-from executor.routing import MaskedRouter
-from executor.skeleton import build_skeleton
-from executor.slot_experts import SlotExperts
-from executor.slots import SlotPool
-from executor.store import ExpertStore, ensure_store
-from swapmoe.plan import Strategy
-
-ROUTER_MODE = {Strategy.MASKED_GATING: "masked", Strategy.SKIP: "skip", Strategy.ON_DEMAND: "all"}
-
+from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
+from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
+from swapmoe.executor.routing import MaskedRouter
+from swapmoe.executor.skeleton import build_skeleton
+from swapmoe.executor.slot_experts import SlotExperts
+from swapmoe.executor.slots import SlotPool
+from swapmoe.executor.store import ExpertStore, ensure_store
+from swapmoe.core.plan import Strategy
 
 @dataclass(slots=True)
 class Layer:
@@ -36,7 +32,6 @@ class Layer:
     pool: SlotPool
     scores: torch.Tensor  # decayed importance: what the resident set moves toward
     seen: torch.Tensor  # the router's cumulative importance at the last update
-    recency: OrderedDict = field(default_factory=OrderedDict)  # on-demand: least recently used first
 
 
 @dataclass(slots=True)
@@ -47,6 +42,16 @@ class SwapStats:
     evictions: int = 0
     on_demand_loads: int = 0
     failed_loads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LayerActivity:
+    """One layer's cumulative routing (by the unmasked router: what tokens wanted) and the
+    experts resident now; readers subtract two readings for what happened between."""
+
+    activations: list[int]
+    importance: list[float]
+    resident: list[int]
 
 
 class VirtualExperts:
@@ -97,6 +102,9 @@ class VirtualExperts:
     def resident(self) -> list[list[int]]:
         return [l.pool.resident for l in self.layers]
 
+    def activity(self) -> list[LayerActivity]:
+        return [LayerActivity(*l.router.stats(), l.pool.resident) for l in self.layers]
+
     @property
     def staging_bytes(self) -> int:
         return self.loader.staging_bytes + self._sync.staging_bytes
@@ -139,7 +147,7 @@ class VirtualExperts:
         self._settle()
         self.strategy = strategy
         for index, layer in enumerate(self.layers):
-            layer.router.mode = ROUTER_MODE[strategy]
+            layer.router.strategy = strategy
             layer.experts.load_now = (lambda experts, i=index: self._load_now(i, experts)) \
                 if strategy is Strategy.ON_DEMAND else None
 
@@ -220,27 +228,20 @@ class VirtualExperts:
         """Synchronously make ``experts`` resident, evicting the least recently used others."""
         layer = self.layers[index]
         pool = layer.pool
-        for expert in pool.ready:
-            layer.recency.setdefault(expert, None)
         changed = False
         for expert in experts:
-            if expert not in pool.ready:
-                if not pool.free:
-                    victim = next(e for e in layer.recency if e in pool.ready and e not in experts)
-                    pool.evict(victim)
-                    layer.recency.pop(victim)
-                slot = pool.free.pop(0)
-                try:
-                    self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
-                except Exception:
-                    pool.free.insert(0, slot)  # the slot is free again, and the evicted expert unmapped
-                    self._publish(layer)
-                    raise
-                pool.ready[expert] = slot
-                self.stats.on_demand_loads += 1
-                changed = True
-            layer.recency[expert] = None
-            layer.recency.move_to_end(expert)
+            if pool.touch(expert):
+                continue
+            slot = pool.begin_sync_load(expert, keep=experts)
+            changed = True
+            try:
+                self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+            except Exception:
+                pool.cancel_load(expert)  # the slot is free again, and the evicted expert unmapped
+                self._publish(layer)
+                raise
+            pool.finish_sync_load(expert)
+            self.stats.on_demand_loads += 1
         if changed:
             self._publish(layer)
 

@@ -1,0 +1,103 @@
+"""The budget arithmetic: how many bytes a plan needs, and which plans fit a budget.
+
+An executor accounts for its model's dense weights, a ``Reserve`` that does not depend on the
+plan (staging buffers for expert loads, the KV cache and activations of its longest context),
+and the slots its plan keeps per layer. ``MemoryModel`` is that sum (the paper's E_memory,
+section 3.3): the executor checks plans and budgets with it, and the planner searches with
+the same one, built from what the executor reports at registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.layout import ModelLayout
+from swapmoe.core.plan import DEFAULT_UPDATE_FREQUENCY, Plan
+from swapmoe.core.sizes import format_size
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    """Bytes an executor holds whatever its plan, besides the dense weights."""
+
+    staging_bytes: int = 0  # buffers that expert loads pass through
+    kv_cache_bytes: int = 0  # keys and values for the longest context
+    activation_bytes: int = 0  # workspace of one forward pass over the longest context
+
+    @property
+    def total_bytes(self) -> int:
+        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryModel:
+    """E_memory of one executor: dense weights + reserve + the plan's expert slots."""
+
+    layout: ModelLayout
+    reserve: Reserve
+
+    @property
+    def fixed_bytes(self) -> int:
+        """What every plan needs before its first expert."""
+        return self.layout.dense_bytes + self.reserve.total_bytes
+
+    def plan_bytes(self, experts_per_layer: Sequence[int]) -> int:
+        return self.fixed_bytes + self.layout.expert_bytes(experts_per_layer)
+
+    @property
+    def min_budget_bytes(self) -> int:
+        """One expert per layer: a layer with none cannot route."""
+        return self.plan_bytes([1] * self.layout.num_layers)
+
+    def check_budget(self, budget: int) -> None:
+        """Raise InvalidField naming ``budget_bytes`` when ``budget`` cannot hold any plan."""
+        if budget < self.min_budget_bytes:
+            raise InvalidField(
+                "budget_bytes",
+                f"{format_size(budget)} is below this model's minimum of {format_size(self.min_budget_bytes)} "
+                f"({self.min_budget_bytes} bytes: dense weights, one expert per layer, KV cache and activations)",
+            )
+
+    def over_budget(self, experts_per_layer: Sequence[int], budget: int) -> str:
+        """Why a plan does not fit ``budget``, or "" when it does."""
+        need = self.plan_bytes(experts_per_layer)
+        if need <= budget:
+            return ""
+        return (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
+                f"{format_size(budget)} ({budget} bytes)")
+
+    def fit(self, budget: int) -> tuple[int, ...]:
+        """The most experts per layer that ``budget`` holds, spread evenly."""
+        return even_split(self.layout, budget - self.fixed_bytes)
+
+    def shrink(self, experts_per_layer: Sequence[int], budget: int) -> tuple[int, ...]:
+        """``experts_per_layer`` cut down, layer by layer, to what ``budget`` holds."""
+        if not self.over_budget(experts_per_layer, budget):
+            return tuple(experts_per_layer)
+        return tuple(min(a, b) for a, b in zip(self.fit(budget), experts_per_layer))
+
+    def default_plan(self, budget: int, version: int, origin: str) -> Plan:
+        """The plan to run before a better one is known: an even split of the budget."""
+        return Plan(version, self.fit(budget), DEFAULT_UPDATE_FREQUENCY, origin=origin)
+
+
+def even_split(layout: ModelLayout, expert_bytes_available: int) -> tuple[int, ...]:
+    """Experts per layer that fit ``expert_bytes_available``, spread as evenly as possible.
+
+    Every layer keeps at least one expert (a layer with none cannot route), so the result
+    may exceed the bytes given when they cannot hold one per layer; callers compare against
+    the minimum budget first.
+    """
+    counts = [1] * layout.num_layers
+    used = layout.expert_bytes(counts)
+    grew = True
+    while grew:  # round-robin: one more expert per layer while it fits
+        grew = False
+        for i, spec in enumerate(layout.layers):
+            if counts[i] < spec.num_experts and used + spec.bytes_per_expert <= expert_bytes_available:
+                counts[i] += 1
+                used += spec.bytes_per_expert
+                grew = True
+    return tuple(counts)

@@ -1,0 +1,96 @@
+"""The plan in force on one executor and its budget: which plans are accepted, how a budget
+change shrinks the plan, and the copy on disk that a restarted executor resumes.
+
+Bookkeeping over ``swapmoe.core.budget.MemoryModel``, with no locks and no model: the engine
+applies what this decides, between two forward passes. The saved plan is the plan's protobuf
+in JSON (readable, and parsed by the one converter the services use), written atomically so
+a crash mid-write leaves the previous plan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from swapmoe.core.budget import MemoryModel
+from swapmoe.core.plan import Plan, validate_plan
+from swapmoe.core.sizes import format_size
+from swapmoe.rpc import convert
+from swapmoe.v1 import common_pb2
+
+FILE = "plan.json"
+log = logging.getLogger(__name__)
+
+
+class PlanBook:
+    """The current plan and budget of one executor, checked against its ``MemoryModel``."""
+
+    def __init__(self, memory: MemoryModel, budget_bytes: int, state_dir: Path | None = None):
+        memory.check_budget(budget_bytes)
+        self.memory = memory
+        self.budget_bytes = budget_bytes
+        self.state_dir = state_dir
+        self.current = memory.default_plan(budget_bytes, 0, "executor:initial even split")
+
+    def resume(self) -> str:
+        """Adopt the last acknowledged plan from ``state_dir`` if it still applies; says what happened."""
+        if self.state_dir is None:
+            return "no state directory: starting from an even split"
+        try:
+            plan = load(self.state_dir)
+            if plan is None:
+                return "no saved plan: starting from an even split"
+            validate_plan(plan, self.memory.layout)
+        except ValueError as error:
+            log.warning("ignoring the saved plan: %s", error)
+            return f"ignored the saved plan ({error})"
+        if (need := self.memory.plan_bytes(plan.experts_per_layer)) > self.budget_bytes:
+            return (f"ignored saved plan {plan.version}: it needs {format_size(need)}, "
+                    f"over the budget of {format_size(self.budget_bytes)}")
+        self.current = plan
+        return f"resumed saved plan {plan.version} {list(plan.experts_per_layer)}"
+
+    def review(self, plan: Plan) -> str:
+        """Why a well-formed ``plan`` cannot replace the current one (a NACK), or "" (an ACK)."""
+        if plan.version <= self.current.version:
+            return f"plan.version {plan.version} is not newer than the current plan's version {self.current.version}"
+        return self.memory.over_budget(plan.experts_per_layer, self.budget_bytes)
+
+    def accept(self, plan: Plan) -> None:
+        """``plan`` runs from now on, and a restart resumes it."""
+        self.current = plan
+        if self.state_dir is not None:
+            save(self.state_dir, plan)
+
+    def set_budget(self, budget_bytes: int) -> Plan | None:
+        """Adopt a new budget; returns the current plan shrunk to fit it, or None when it fits."""
+        self.memory.check_budget(budget_bytes)
+        self.budget_bytes = budget_bytes
+        plan = self.current
+        kept = self.memory.shrink(plan.experts_per_layer, budget_bytes)
+        if kept == tuple(plan.experts_per_layer):
+            return None
+        self.current = Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget")
+        return self.current
+
+
+def save(directory: Path, plan: Plan) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{FILE}.{os.getpid()}"
+    tmp.write_text(json_format.MessageToJson(convert.plan_to_pb(plan)))
+    tmp.replace(directory / FILE)
+
+
+def load(directory: Path) -> Plan | None:
+    """The saved plan, None when there is none; ValueError when the file is unreadable."""
+    path = Path(directory) / FILE
+    if not path.exists():
+        return None
+    try:
+        return convert.plan_from_pb(json_format.Parse(path.read_text(), common_pb2.Plan()))
+    except json_format.ParseError as error:
+        raise ValueError(f"{path}: not a plan ({error})") from error

@@ -1,0 +1,84 @@
+"""Exceptions to gRPC statuses: one interceptor for every SwapMoE server.
+
+``InvalidField`` and other ``ValueError``s become INVALID_ARGUMENT with a message naming the
+field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, a failed upstream call its own
+status; anything else is INTERNAL and logged with its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import grpc
+
+from swapmoe.core.errors import Busy, NotFound
+
+log = logging.getLogger(__name__)
+
+_STATUS = (
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+)
+
+
+def status_for(error: Exception) -> grpc.StatusCode:
+    if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
+        return error.code()  # an upstream call failed: pass its status on
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions escaping a handler to gRPC statuses, for unary and streaming responses."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_guard_unary(handler.unary_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_guard_stream(handler.unary_stream, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_guard_unary(handler.stream_unary, method))
+        return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
+
+
+def _abort(context: grpc.ServicerContext, error: Exception, method: str):
+    code = status_for(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("%s failed", method)
+    if isinstance(error, grpc.RpcError) and hasattr(error, "details"):
+        message = f"upstream call failed: {error.code().name}: {error.details()}"
+    else:
+        message = str(error) or type(error).__name__
+    context.abort(code, message)
+
+
+def _guard_unary(fn: Callable, method: str) -> Callable:
+    def guarded(request, context):
+        try:
+            return fn(request, context)
+        except Exception as error:  # noqa: BLE001 - every error becomes a status
+            if context.code() is not None:
+                raise  # the handler already set a status (context.abort)
+            _abort(context, error, method)
+
+    return guarded
+
+
+def _guard_stream(fn: Callable, method: str) -> Callable:
+    def guarded(request, context):
+        try:
+            yield from fn(request, context)
+        except Exception as error:  # noqa: BLE001
+            if context.code() is not None:
+                raise
+            _abort(context, error, method)
+
+    return guarded

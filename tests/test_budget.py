@@ -1,0 +1,57 @@
+"""The budget arithmetic (E_memory) that the executor checks plans with and the planner searches with."""
+
+import pytest
+
+from swapmoe.core.budget import MemoryModel, Reserve, even_split
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.layout import LayerLayout, ModelLayout
+from swapmoe.core.plan import DEFAULT_UPDATE_FREQUENCY
+
+LAYOUT = ModelLayout("mixtral", "MixtralForCausalLM",
+                     tuple(LayerLayout(i, f"model.layers.{i}.mlp", 8, 2, 100) for i in range(3)), dense_bytes=1000)
+MODEL = MemoryModel(LAYOUT, Reserve(staging_bytes=10, kv_cache_bytes=20, activation_bytes=30))
+
+
+def test_a_plan_needs_dense_weights_the_reserve_and_its_slots():
+    assert MODEL.fixed_bytes == 1000 + 60
+    assert MODEL.plan_bytes((2, 1, 4)) == 1060 + 7 * 100
+    assert MODEL.min_budget_bytes == 1060 + 300
+
+
+def test_a_budget_below_the_minimum_names_the_field_and_the_minimum():
+    MODEL.check_budget(MODEL.min_budget_bytes)
+    with pytest.raises(InvalidField, match=r"budget_bytes: .* below this model's minimum .*\(1360 bytes") as error:
+        MODEL.check_budget(MODEL.min_budget_bytes - 1)
+    assert error.value.field == "budget_bytes"
+
+
+def test_over_budget_says_how_much_a_plan_needs_and_is_empty_when_it_fits():
+    assert MODEL.over_budget((2, 2, 2), MODEL.plan_bytes((2, 2, 2))) == ""
+    assert MODEL.over_budget((2, 2, 2), 1500) == "plan needs 1.6 KiB (1660 bytes) but the budget is 1.5 KiB (1500 bytes)"
+
+
+def test_fit_splits_what_the_budget_leaves_after_the_fixed_bytes_evenly():
+    assert MODEL.fit(MODEL.min_budget_bytes) == (1, 1, 1)
+    assert MODEL.fit(MODEL.plan_bytes((4, 4, 4)) + 99) == (4, 4, 4)
+    assert MODEL.fit(MODEL.plan_bytes((4, 4, 4)) + 100) == (5, 4, 4)
+
+
+def test_shrink_keeps_a_fitting_plan_and_cuts_each_layer_to_the_fit_otherwise():
+    assert MODEL.shrink((8, 1, 2), MODEL.plan_bytes((8, 1, 2))) == (8, 1, 2)
+    assert MODEL.shrink((8, 1, 2), MODEL.plan_bytes((3, 3, 3))) == (3, 1, 2)
+
+
+def test_executor_and_planner_start_from_the_same_default_plan():
+    plan = MODEL.default_plan(MODEL.plan_bytes((2, 2, 2)), version=3, origin="test")
+    assert (plan.version, plan.experts_per_layer, plan.update_frequency) == (3, (2, 2, 2), DEFAULT_UPDATE_FREQUENCY)
+
+
+def test_even_split_spreads_experts_round_robin_within_the_bytes():
+    assert even_split(LAYOUT, 300) == (1, 1, 1)
+    assert even_split(LAYOUT, 499) == (2, 1, 1)
+    assert even_split(LAYOUT, 1200) == (4, 4, 4)
+    assert even_split(LAYOUT, 10**9) == (8, 8, 8)
+
+
+def test_even_split_keeps_one_expert_per_layer_even_without_room():
+    assert even_split(LAYOUT, 0) == (1, 1, 1)
