@@ -23,6 +23,11 @@ class UnsupportedModel(ValueError):
     """The checkpoint's layout is not one the executor can serve."""
 
 
+def not_supported(model_class: str, model_type: str) -> UnsupportedModel:
+    return UnsupportedModel(f"model class {model_class} (model_type {model_type!r}) is not supported; "
+                            f"supported model types: {', '.join(sorted(ADAPTERS))}")
+
+
 def _packed_expert(experts: nn.Module, i: int) -> list[torch.Tensor]:
     return [experts.gate_up_proj[i], experts.down_proj[i]]
 
@@ -90,10 +95,7 @@ class MoeBlock:
 def adapter_for(model: nn.Module) -> Adapter:
     model_type = getattr(model.config, "model_type", "?")
     if model_type not in ADAPTERS:
-        raise UnsupportedModel(
-            f"model class {type(model).__name__} (model_type {model_type!r}) is not supported; "
-            f"supported model types: {', '.join(sorted(ADAPTERS))}"
-        )
+        raise not_supported(type(model).__name__, model_type)
     return ADAPTERS[model_type]
 
 

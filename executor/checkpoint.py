@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-from swapmoe.executor.adapters import ADAPTERS, UnsupportedModel
+from swapmoe.executor.adapters import ADAPTERS, UnsupportedModel, not_supported
 
 
 class CheckpointError(ValueError):
@@ -30,11 +30,7 @@ def read_config(path: Path):
     except (ValueError, KeyError) as error:
         raise UnsupportedModel(f"cannot read the model config in {path}: {error}") from error
     if config.model_type not in ADAPTERS:
-        names = ", ".join(getattr(config, "architectures", None) or [config.model_type])
-        raise UnsupportedModel(
-            f"model class {names} (model_type {config.model_type!r}) is not supported; "
-            f"supported model types: {', '.join(sorted(ADAPTERS))}"
-        )
+        raise not_supported(", ".join(getattr(config, "architectures", None) or [config.model_type]), config.model_type)
     return config
 
 

@@ -67,24 +67,28 @@ class Engine:
         self.runtime = VirtualExperts(config.model_dir, config.device, config.store_root,
                                       max_loads_per_update=config.max_loads_per_update,
                                       load_bandwidth=config.load_bandwidth or None)
-        self.text = TextCodec(config.model_dir, self.model)
-        limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
-        self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
-        dtype_bytes = next(self.model.parameters()).element_size()
-        self.memory_model = MemoryModel(self.layout, Reserve(
-            staging_bytes=self.runtime.staging_bytes,
-            kv_cache_bytes=memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes),
-            activation_bytes=memory.activation_bytes(self.model.config, self.max_context, dtype_bytes),
-        ))
-        self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
-        note = self.plans.resume()
-        self.device_info = _device_info(config.device)
-        self.stats = ServingStats()
-        self.scheduler = Scheduler(config.max_queue)
-        self.achieved: tuple[int, ...] = ()
-        self._apply_residency(self.plan)
-        self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
-                       plan_version=self.plan.version)
+        try:
+            self.text = TextCodec(config.model_dir, self.model)
+            limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
+            self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
+            dtype_bytes = next(self.model.parameters()).element_size()
+            self.memory_model = MemoryModel(self.layout, Reserve(
+                staging_bytes=self.runtime.staging_bytes,
+                kv_cache_bytes=memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes),
+                activation_bytes=memory.activation_bytes(self.model.config, self.max_context, dtype_bytes),
+            ))
+            self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
+            note = self.plans.resume()
+            self.device_info = _device_info(config.device)
+            self.stats = ServingStats()
+            self.scheduler = Scheduler(config.max_queue)
+            self.achieved: tuple[int, ...] = ()
+            self._apply_residency(self.plan)
+            self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
+                           plan_version=self.plan.version)
+        except BaseException:
+            self.runtime.close()  # a budget below the minimum, an unreadable tokenizer: leave no loader thread
+            raise
 
     # --- what it serves -------------------------------------------------------------
     @property

@@ -187,6 +187,7 @@ def ensure_store(checkpoint: Path, root: Path | None = None, log=print) -> Path:
     """The store for ``checkpoint`` under ``root``, built once (atomically: concurrent builders
     each write a private directory and the first rename wins)."""
     checkpoint = Path(checkpoint).resolve()
+    read_config(checkpoint)  # a clear error for a directory that is not a supported checkpoint
     root = Path(root or default_root())
     final = root / f"{checkpoint.name}-{fingerprint(checkpoint)}"
     if (final / "manifest.json").exists():

@@ -1,1 +1,1 @@
-"""Model checkpoints and builders."""
+"""``swapmoe.models``: the bundled checkpoints, their corpus, training and evaluation, and tiny model builders for tests."""

@@ -226,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Each process installs only what it needs (pyproject's extras); a command that needs more says which.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("torch", "transformers", "safetensors", "tokenizers", "numpy", "psutil", "prometheus_client",
+                     "tqdm"), "executor"),
+    **dict.fromkeys(("ray", "sklearn"), "planner"),
+    "rouge_score": "models",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
@@ -234,6 +243,13 @@ def main(argv: list[str] | None = None) -> None:
         args.func(args)
     except ValueError as error:  # bad input that argparse could not see (e.g. budget below minimum)
         print(f"swapmoe: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except ModuleNotFoundError as error:
+        extra = EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"swapmoe: error: this command needs {error.name}, which this installation lacks; "
+              f"install it with: pip install \"swapmoe[{extra}]\"", file=sys.stderr)
         sys.exit(2)
 
 
