@@ -3,7 +3,7 @@
     python -m benchmarks.runtime                 # both models, writes benchmarks/RESULTS-runtime.md
     python -m benchmarks.runtime --quick         # fewer prompts, for a smoke run
 
-Configurations (all but "original" run in the executor's runtime, ``executor.runtime``):
+Configurations (all but "original" run in the executor's runtime, ``swapmoe.executor.virtual_experts``):
 original (unmodified transformers, every expert), virtual experts at 100/75/50/25% of the
 experts (masked gating, an update every ``F`` tokens), pruning (the top-||E_i|| experts per
 layer, never swapped) and on-demand (an LRU cache of the same size that loads misses: exact).
@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from swapmoe.core.plan import Strategy
 from swapmoe.executor.checkpoint import load_checkpoint
 from swapmoe.executor.generation import SamplingParams, generate_ids
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import percentile
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.models.corpus import DOMAINS, load_eval
-from swapmoe.core.plan import Strategy
 
 HERE = Path(__file__).resolve().parent
 REPORT = HERE / "RESULTS-runtime.md"
@@ -176,7 +176,7 @@ def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_token
     code = ("import json;from pathlib import Path;import benchmarks.runtime as b;"
             f"s=b.Subject(b.CONFIGS[{config_index}],Path({str(checkpoint)!r}),Path({str(store_root)!r}));"
             f"b.generate_timed(s,list(range(5,37)),{new_tokens});" + report)
-    bare = "import json,torch,transformers,executor.runtime;" + report
+    bare = "import json,torch,transformers,swapmoe.executor.virtual_experts;" + report
     out = {}
     for key, program in (("peak", code), ("bare", bare)):
         done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,

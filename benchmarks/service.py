@@ -69,7 +69,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     texts = [r["text"] for d in DOMAINS for r in load_eval(d)[:8]]
     engine = Engine(EngineConfig(MODEL, BUDGET, max_queue=64))
-    prompts = [engine.tokenizer.decode(engine.tokenize(t)[:32]) for t in texts]
+    prompts = [engine.text.decode(list(engine.tokenize(t)[:32])) for t in texts]
     server = spawn("executor", ["executor", "serve", "--model", str(MODEL), "--budget", str(BUDGET), "--port", "0"])
     channel = transport.channel(server.address)
     stub = executor_pb2_grpc.ExecutorServiceStub(channel)

@@ -7,7 +7,7 @@ The task: the source is 20 random tokens with a marker somewhere in the first 16
 the 3 tokens after the marker, then EOS. Only a model that finds the marker in its source and
 reads past it gets well below the floor where it has learned nothing but the EOS
 (3/4 of ln(number of token values)). The model, parameter groups and training loop are those of
-``models.training.train_switch``; only the data differ.
+``swapmoe.models.training.train_switch``; only the data differ.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ SOURCE_LEN, READ = 20, 3
 
 
 def marker_batches(seed: int):
-    """``batch_for(step)`` for ``models.training.loop.train``: a pure function of the step."""
+    """``batch_for(step)`` for ``swapmoe.models.training.loop.train``: a pure function of the step."""
     def batch_for(step: int) -> dict:
         rng = np.random.default_rng([seed, step])
         source = torch.from_numpy(rng.integers(FIRST_TOKEN, VOCAB, (BATCH, SOURCE_LEN)))
@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         f"ignores its source stays at about {floor:.2f} (it learns only the EOS).", "",
         *rows, "",
         "Same model configuration, parameter groups, seed and training loop (AdamW, peak lr "
-        f"{LR:g}, warm-up and cosine decay) as `models.training.train_switch`; only the data and the "
+        f"{LR:g}, warm-up and cosine decay) as `swapmoe.models.training.train_switch`; only the data and the "
         "learning-rate multiplier of the relative position biases differ.", "",
     ])
     print(report)

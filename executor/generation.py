@@ -2,7 +2,7 @@
 
 Pure helpers first (sampling parameters, next-token choice), then the loop that
 drives a transformers model one forward pass at a time so a caller can stream each
-token as soon as it exists. Turning tokens into text is ``executor.text``.
+token as soon as it exists. Turning tokens into text is ``swapmoe.executor.text``.
 """
 
 from __future__ import annotations

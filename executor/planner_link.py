@@ -15,11 +15,11 @@ import threading
 
 import grpc
 
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.plan import PlanResult
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.server import describe_pb
 from swapmoe.rpc import convert, transport
-from swapmoe.core.errors import InvalidField
-from swapmoe.core.plan import PlanResult
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from swapmoe.core.errors import InvalidField
 from swapmoe.executor.admission import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.generation import GenerationRequest, SamplingParams
@@ -12,7 +13,6 @@ from swapmoe.executor.profiling import ProfileProgress
 from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.executor.text import Chunk
 from swapmoe.rpc import convert, transport
-from swapmoe.core.errors import InvalidField
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
 SERVICE_NAME = epb.DESCRIPTOR.services_by_name["ExecutorService"].full_name

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from swapmoe.core.plan import Strategy
 from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
 from swapmoe.executor.routing import MaskedRouter
@@ -23,7 +24,6 @@ from swapmoe.executor.skeleton import build_skeleton
 from swapmoe.executor.slot_experts import SlotExperts
 from swapmoe.executor.slots import SlotPool
 from swapmoe.executor.store import ExpertStore, ensure_store
-from swapmoe.core.plan import Strategy
 
 @dataclass(slots=True)
 class Layer:

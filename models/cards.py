@@ -1,4 +1,4 @@
-"""Model cards for the bundled checkpoints, written from measured figures (``models.evaluate``)."""
+"""Model cards for the bundled checkpoints, written from measured figures (``swapmoe.models.evaluate``)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ top-1 experts, d_model 128, {results['parameters'] / 1e6:.2f} M parameters (floa
 summarizes a Python function's code into the first line of its docstring. It shares the
 tokenizer of `swapmoe-lm`.
 
-The model reads a function as lower-case words (`models.corpus.code_as_words`), as it was trained:
+The model reads a function as lower-case words (`swapmoe.models.corpus.code_as_words`), as it was trained:
 
 ```python
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

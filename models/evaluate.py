@@ -22,9 +22,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokeni
 
 from swapmoe.executor.adapters import adapter_for, find_moe_blocks
 from swapmoe.models import routing_stats as rs
-from swapmoe.models.corpus import DOMAINS, extra_summary_pairs, load_eval, name_baseline, summary_pairs
 from swapmoe.models import cards
 from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
+from swapmoe.models.corpus import DOMAINS, extra_summary_pairs, load_eval, name_baseline, summary_pairs
 from swapmoe.models.summarization import rouge2, rouge2_scores, source_ids, source_losses, summarize
 
 WINDOW = 256

@@ -7,8 +7,8 @@ import time
 
 import grpc
 
-from swapmoe.rpc import transport
 from swapmoe.core.sizes import format_size
+from swapmoe.rpc import transport
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
                         planner_pb2 as ppb)
 

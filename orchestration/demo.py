@@ -8,11 +8,11 @@ import threading
 import time
 from pathlib import Path
 
+from swapmoe.core.sizes import format_size, parse_size
+from swapmoe.models.bundled import LM_DIR
 from swapmoe.orchestration import client
 from swapmoe.orchestration.processes import spawn
 from swapmoe.rpc import transport
-from swapmoe.core.sizes import format_size, parse_size
-from swapmoe.models.bundled import LM_DIR
 from swapmoe.v1 import executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 

@@ -7,8 +7,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from swapmoe.rpc import transport
 from swapmoe.core.errors import NotFound
+from swapmoe.rpc import transport
 from swapmoe.v1 import fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
 SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FleetService"].full_name

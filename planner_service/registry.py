@@ -11,10 +11,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from swapmoe.core.errors import NotFound
+from swapmoe.core.plan import Plan
 from swapmoe.planner_service.planning import plan_for
 from swapmoe.rpc import convert
-from swapmoe.core.plan import Plan
-from swapmoe.core.errors import NotFound
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
 

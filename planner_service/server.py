@@ -6,9 +6,10 @@ import logging
 import queue
 import threading
 
+from swapmoe.core.errors import InvalidField
+from swapmoe.core.plan import validate_plan
 from swapmoe.planner_service.registry import ExecutorRecord, Registry
 from swapmoe.rpc import convert, transport
-from swapmoe.core.plan import InvalidField, validate_plan
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from swapmoe.core.errors import InvalidField
 from swapmoe.executor.generation import GenerationRequest, SamplingParams, choose_token
 from swapmoe.executor.text import IncrementalText
-from swapmoe.core.errors import InvalidField
 
 
 def test_greedy_takes_the_most_likely_token():

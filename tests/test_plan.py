@@ -2,8 +2,8 @@
 
 import pytest
 
-from swapmoe.core.layout import LayerLayout, ModelLayout
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.layout import LayerLayout, ModelLayout
 from swapmoe.core.plan import Plan, validate_plan
 
 LAYOUT = ModelLayout("mixtral", "MixtralForCausalLM",

@@ -1,9 +1,9 @@
 """The planner's bookkeeping, without a network: registration, ACK/NACK, resync, replanning."""
 
-from swapmoe.planner_service.registry import Registry
-from swapmoe.rpc import convert
 from swapmoe.core.layout import LayerLayout, ModelLayout
 from swapmoe.core.plan import Plan
+from swapmoe.planner_service.registry import Registry
+from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
 LAYOUT = ModelLayout("mixtral", "MixtralForCausalLM",

@@ -5,11 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
-from swapmoe.rpc import convert
+from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.memory import MemoryReport
-from swapmoe.core.errors import InvalidField
 from swapmoe.core.plan import Plan, PlanResult, Strategy
+from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2, executor_pb2, fleet_pb2, planner_pb2, telemetry_pb2
 
 ROOT = Path(__file__).resolve().parents[1]

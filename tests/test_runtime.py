@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from swapmoe.core.plan import Plan, Strategy
 from swapmoe.executor.adapters import adapter_for, find_moe_blocks
 from swapmoe.executor.checkpoint import load_checkpoint
 from swapmoe.executor.engine import Engine, EngineConfig
@@ -12,7 +13,6 @@ from swapmoe.executor.generation import GenerationRequest
 from swapmoe.executor.loader import Load
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
-from swapmoe.core.plan import Plan, Strategy
 
 
 

@@ -8,6 +8,7 @@ import urllib.request
 import grpc
 import pytest
 
+from swapmoe.core.plan import Plan
 from swapmoe.executor import plans
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.generation import GenerationRequest
@@ -15,7 +16,6 @@ from swapmoe.executor.prometheus import serve_metrics
 from swapmoe.executor.server import serve
 from swapmoe.models.tiny import save_tiny_model
 from swapmoe.rpc import transport
-from swapmoe.core.plan import Plan
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
 LONG = 3000  # tokens: a generation that runs until the test stops it

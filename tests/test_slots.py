@@ -68,3 +68,43 @@ def test_growing_adds_free_slots():
 def test_a_layer_needs_a_slot():
     with pytest.raises(ValueError):
         SlotPool(8, capacity=0)
+
+
+def test_on_demand_evicts_the_least_recently_used_expert_that_is_not_needed_now():
+    pool = SlotPool(8, capacity=3)
+    for expert, _ in pool.fill([0, 1, 2]):
+        pool.finish_load(expert, SCORES, 3)
+    assert pool.touch(0) and pool.touch(1)  # 2 is now the least recently used
+    assert not pool.touch(5)
+    slot = pool.begin_sync_load(5, keep=[5])
+    assert pool.resident == [0, 1] and pool.loading == {5: slot}  # 2 gave its slot
+    pool.finish_sync_load(5)
+    assert pool.resident == [0, 1, 5] and pool.slot_of(5) == slot
+    assert not pool.touch(2)
+    pool.begin_sync_load(2, keep=[2, 0])  # 0 is needed by the same tokens: 1 goes instead
+    assert pool.resident == [0, 5]
+
+
+def test_the_pool_counts_on_demand_hits_and_misses():
+    pool = SlotPool(8, capacity=2)
+    for expert, _ in pool.fill([3]):
+        pool.finish_load(expert, SCORES, 2)
+    [pool.touch(e) for e in (3, 3, 4)]
+    assert (pool.hits, pool.misses) == (2, 1)
+
+
+def test_a_failed_load_gives_its_slot_back():
+    pool = SlotPool(8, capacity=1)
+    for expert, _ in pool.fill([3]):
+        pool.finish_load(expert, SCORES, 1)
+    pool.begin_sync_load(4, keep=[4])
+    pool.cancel_load(4)
+    assert pool.resident == [] and pool.free == (0,) and not pool.loading
+
+
+def test_others_read_the_pool_but_cannot_edit_it():
+    pool = SlotPool(8, capacity=2)
+    with pytest.raises(TypeError):
+        pool.ready[3] = 0  # type: ignore[index]
+    with pytest.raises(AttributeError):
+        pool.free.append(0)  # type: ignore[attr-defined]

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
-from swapmoe.models.corpus import CACHE, code_as_words, extra_summary_pairs, name_baseline, summary_pairs
-from swapmoe.models.tokenizer import EOS_ID, PAD_ID
 from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
+from swapmoe.models.corpus import CACHE, code_as_words, extra_summary_pairs, name_baseline, summary_pairs
 from swapmoe.models.summarization import MAX_SOURCE, encode_pairs, pad, rouge2, source_losses, summarize
+from swapmoe.models.tokenizer import EOS_ID, PAD_ID
 from swapmoe.models.training.loop import TrainConfig, arguments, save_checkpoint, train
 
 OUTPUT = SWITCH_DIR
