@@ -82,7 +82,6 @@ class Engine:
             self.device_info = _device_info(config.device)
             self.stats = ServingStats()
             self.scheduler = Scheduler(config.max_queue)
-            self.achieved: tuple[int, ...] = ()
             self._apply_residency(self.plan)
             self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
                            plan_version=self.plan.version)
@@ -106,6 +105,11 @@ class Engine:
     @property
     def budget_bytes(self) -> int:
         return self.plans.budget_bytes
+
+    @property
+    def achieved(self) -> tuple[int, ...]:
+        """Slots per layer now: what the plan in force achieved."""
+        return self.runtime.capacities
 
     @property
     def min_budget_bytes(self) -> int:
@@ -160,7 +164,6 @@ class Engine:
             self.runtime.set_strategy(plan.strategy)
         if tuple(plan.experts_per_layer) != self.runtime.capacities:
             self.runtime.resize(plan.experts_per_layer)
-        self.achieved = self.runtime.capacities
 
     # --- statistics ---------------------------------------------------------------
     def activity(self) -> list[LayerActivity]:

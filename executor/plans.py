@@ -17,7 +17,6 @@ from google.protobuf import json_format
 
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Plan, validate_plan
-from swapmoe.core.sizes import format_size
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2
 
@@ -47,9 +46,8 @@ class PlanBook:
         except ValueError as error:
             log.warning("ignoring the saved plan: %s", error)
             return f"ignored the saved plan ({error})"
-        if (need := self.memory.plan_bytes(plan.experts_per_layer)) > self.budget_bytes:
-            return (f"ignored saved plan {plan.version}: it needs {format_size(need)}, "
-                    f"over the budget of {format_size(self.budget_bytes)}")
+        if reason := self.memory.over_budget(plan.experts_per_layer, self.budget_bytes):
+            return f"ignored saved plan {plan.version}: {reason}"
         self.current = plan
         return f"resumed saved plan {plan.version} {list(plan.experts_per_layer)}"
 
