@@ -14,6 +14,7 @@ from typing import Sequence
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import ModelLayout
+from swapmoe.core.limits import MAX_BYTES
 from swapmoe.core.plan import DEFAULT_UPDATE_FREQUENCY, Plan
 from swapmoe.core.sizes import format_size
 
@@ -33,10 +34,12 @@ class Reserve:
 
 @dataclass(frozen=True, slots=True)
 class MemoryModel:
-    """E_memory of one executor: dense weights + reserve + the plan's expert slots."""
+    """E_memory of one executor: dense weights + reserve + the plan's expert slots. A budget is
+    at most the device's memory (``device_bytes``; 0 when unknown: ``MAX_BYTES``)."""
 
     layout: ModelLayout
     reserve: Reserve
+    device_bytes: int = 0
 
     @property
     def fixed_bytes(self) -> int:
@@ -52,7 +55,12 @@ class MemoryModel:
         return self.plan_bytes([1] * self.layout.num_layers)
 
     def check_budget(self, budget: int) -> None:
-        """Raise InvalidField naming ``budget_bytes`` when ``budget`` cannot hold any plan."""
+        """Raise InvalidField naming ``budget_bytes`` when ``budget`` cannot hold any plan, or is more
+        memory than the device has."""
+        if budget > (limit := self.device_bytes or MAX_BYTES):
+            holder = "this device's memory" if self.device_bytes else "the largest budget allowed"
+            raise InvalidField("budget_bytes", f"{format_size(budget)} ({budget} bytes) is above {holder}, "
+                                               f"{format_size(limit)} ({limit} bytes)")
         if budget < self.min_budget_bytes:
             raise InvalidField(
                 "budget_bytes",
@@ -84,20 +92,36 @@ class MemoryModel:
 
 
 def even_split(layout: ModelLayout, expert_bytes_available: int) -> tuple[int, ...]:
-    """Experts per layer that fit ``expert_bytes_available``, spread as evenly as possible.
+    """Experts per layer that fit ``expert_bytes_available``, spread as evenly as possible: one
+    more expert per layer, round after round, in layer order, while each fits.
 
     Every layer keeps at least one expert (a layer with none cannot route), so the result
     may exceed the bytes given when they cannot hold one per layer; callers compare against
-    the minimum budget first.
+    the minimum budget first. Whole rounds are counted by bisection, so the work grows with
+    the number of layers, not of experts or bytes.
     """
     counts = [1] * layout.num_layers
-    used = layout.expert_bytes(counts)
-    grew = True
-    while grew:  # round-robin: one more expert per layer while it fits
-        grew = False
-        for i, spec in enumerate(layout.layers):
-            if counts[i] < spec.num_experts and used + spec.bytes_per_expert <= expert_bytes_available:
+    left = expert_bytes_available - layout.expert_bytes(counts)
+    while True:
+        growing = [i for i, spec in enumerate(layout.layers)
+                   if counts[i] < spec.num_experts and spec.bytes_per_expert <= left]
+        if not growing:
+            return tuple(counts)
+
+        def cost(rounds: int) -> int:
+            return sum(min(rounds, layout.layers[i].num_experts - counts[i]) * layout.layers[i].bytes_per_expert
+                       for i in growing)
+
+        low, high = 0, max(layout.layers[i].num_experts - counts[i] for i in growing)
+        while low < high:  # the most whole rounds that fit
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if cost(mid) <= left else (low, mid - 1)
+        if low:
+            left -= cost(low)
+            for i in growing:
+                counts[i] += min(low, layout.layers[i].num_experts - counts[i])
+            continue
+        for i in growing:  # a partial round: at least one layer no longer fits, and drops out
+            if layout.layers[i].bytes_per_expert <= left:
                 counts[i] += 1
-                used += spec.bytes_per_expert
-                grew = True
-    return tuple(counts)
+                left -= layout.layers[i].bytes_per_expert

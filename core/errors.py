@@ -14,6 +14,11 @@ class InvalidField(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.detail = message
+
+    def under(self, prefix: str) -> "InvalidField":
+        """The same error for a field nested in ``prefix`` (``budget_bytes`` -> ``registration.budget_bytes``)."""
+        return InvalidField(f"{prefix}.{self.field}", self.detail)
 
 
 class Busy(RuntimeError):
@@ -22,3 +27,7 @@ class Busy(RuntimeError):
 
 class NotFound(LookupError):
     """A named thing does not exist (NOT_FOUND)."""
+
+
+class Forbidden(PermissionError):
+    """The caller may not do this, e.g. take over another executor's node id (PERMISSION_DENIED)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import ModelLayout
+from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_UPDATE_FREQUENCY, check_range, check_text
 from swapmoe.core.memory import MemoryReport
 
 
@@ -45,6 +46,9 @@ class Plan:
 
 def validate_plan(plan: Plan, layout: ModelLayout) -> None:
     """Raise InvalidField when ``plan`` cannot run on ``layout`` (memory is checked by the engine)."""
+    check_range("plan.version", plan.version, 0, MAX_PLAN_VERSION)
+    check_range("plan.update_frequency", plan.update_frequency, 0, MAX_UPDATE_FREQUENCY)
+    check_text("plan.origin", plan.origin)
     if len(plan.experts_per_layer) != layout.num_layers:
         raise InvalidField(
             "plan.experts_per_layer",
@@ -56,8 +60,6 @@ def validate_plan(plan: Plan, layout: ModelLayout) -> None:
                 f"plan.experts_per_layer[{layer}]",
                 f"keeps {kept} experts; layer {layer} has {spec.num_experts} (allowed: 1 to {spec.num_experts})",
             )
-    if plan.update_frequency < 0:
-        raise InvalidField("plan.update_frequency", "must not be negative")
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,14 +72,14 @@ class Engine:
             limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
             self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
             dtype_bytes = next(self.model.parameters()).element_size()
+            self.device_info = _device_info(config.device)
             self.memory_model = MemoryModel(self.layout, Reserve(
                 staging_bytes=self.runtime.staging_bytes,
                 kv_cache_bytes=memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes),
                 activation_bytes=memory.activation_bytes(self.model.config, self.max_context, dtype_bytes),
-            ))
+            ), self.device_info.memory_bytes)
             self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
             note = self.plans.resume()
-            self.device_info = _device_info(config.device)
             self.stats = ServingStats()
             self.scheduler = Scheduler(config.max_queue)
             self._apply_residency(self.plan)
@@ -187,8 +187,13 @@ class Engine:
     def running(self) -> int:
         return self.scheduler.running
 
-    def profile(self, token_counts: tuple[int, ...], repeats: int) -> Iterator[ProfileProgress]:
-        return profile(self.runtime, token_counts, repeats)
+    def profile(self, token_counts: tuple[int, ...], repeats: int,
+                cancelled: Callable[[], bool] = lambda: False) -> Iterator[ProfileProgress]:
+        """Measure loads and expert compute in the generation queue's turn (no generation shares the
+        cores meanwhile), each measurement between forward passes. Raises Busy when too many
+        requests wait already, Cancelled when ``cancelled()`` turns true."""
+        with self.scheduler.turn(cancelled):
+            yield from profile(self.runtime, token_counts, repeats, cancelled, self.scheduler.between_passes())
 
     # --- generation -------------------------------------------------------------
     def tokenize(self, text: str) -> tuple[int, ...]:

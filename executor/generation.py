@@ -13,11 +13,13 @@ from typing import Callable, Iterator
 import torch
 
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, check_range
 
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """temperature 0 is greedy; top_p 1 and top_k 0 disable those filters."""
+    """temperature 0 is greedy, else between ``MIN_TEMPERATURE`` and ``MAX_TEMPERATURE`` (below,
+    logits / T overflows and sampling turns to NaN); top_p 1 and top_k 0 disable those filters."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -25,8 +27,8 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise InvalidField("sampling.temperature", f"must be >= 0, got {self.temperature}")
+        if self.temperature != 0:
+            check_range("sampling.temperature", self.temperature, MIN_TEMPERATURE, MAX_TEMPERATURE)
         if not 0 <= self.top_p <= 1:
             raise InvalidField("sampling.top_p", f"must be between 0 and 1, got {self.top_p}")
         if self.top_k < 0:

@@ -5,13 +5,18 @@ works), registers, sends budget changes and memory telemetry up, and applies
 the plans that come down, answering each with an ACK or a NACK. When the
 planner is away the executor keeps its last good plan and keeps retrying;
 each new connection starts with a fresh registration, which resyncs the planner.
+The planner's first answer carries this node id's secret, sent back in every later
+registration (and kept in the state directory, when there is one, across restarts):
+it proves the executor is the one already connected under its node id.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+from pathlib import Path
 
 import grpc
 
@@ -23,6 +28,7 @@ from swapmoe.rpc import convert, transport
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
+SECRET_FILE = "node_secret"
 
 
 class PlannerLink:
@@ -33,6 +39,9 @@ class PlannerLink:
         self._stop = threading.Event()
         self._call = None
         self.connected = threading.Event()
+        state_dir = engine.config.state_dir
+        self._secret_file = Path(state_dir) / SECRET_FILE if state_dir is not None else None
+        self.node_secret = _read_secret(self._secret_file)
         self._thread = threading.Thread(target=self._run, daemon=True, name="planner-link")
 
     def start(self) -> "PlannerLink":
@@ -54,8 +63,8 @@ class PlannerLink:
             except grpc.RpcError as error:
                 if self._stop.is_set():
                     return
-                log.warning("planner %s unreachable (%s); keeping plan %d, retrying in %.1fs",
-                            self.planner_address, error.code(), self.engine.plan.version, backoff)
+                log.warning("planner %s: %s (%s); keeping plan %d, retrying in %.1fs", self.planner_address,
+                            error.code().name, error.details(), self.engine.plan.version, backoff)
             self.connected.clear()
             self._stop.wait(backoff)
             backoff = min(backoff * 2, 5.0)
@@ -66,6 +75,7 @@ class PlannerLink:
             node_id=described.node_id, device=described.device, budget_bytes=described.budget_bytes,
             min_budget_bytes=described.min_budget_bytes, layout=described.layout,
             current_plan=described.plan, executor_address=self.executor_address, reserve=described.reserve,
+            node_secret=self.node_secret,
         )
 
     def _session(self) -> None:
@@ -81,6 +91,7 @@ class PlannerLink:
                 for message in self._call:
                     kind = message.WhichOneof("message")
                     if kind == "welcome":
+                        self._keep_secret(message.welcome.node_secret)
                         self.connected.set()
                         log.info("connected to planner %s", self.planner_address)
                     elif kind == "plan":
@@ -88,6 +99,12 @@ class PlannerLink:
             finally:
                 hub.unsubscribe(events)
                 outbox.put(None)
+
+    def _keep_secret(self, secret: str) -> None:
+        if secret and secret != self.node_secret:
+            self.node_secret = secret
+            if self._secret_file is not None:
+                _write_secret(self._secret_file, secret)
 
     def _apply(self, plan_pb: common_pb2.Plan) -> common_pb2.PlanResult:
         try:
@@ -112,3 +129,20 @@ class PlannerLink:
 def _drain(outbox: queue.Queue):
     while (message := outbox.get()) is not None:
         yield message
+
+
+def _read_secret(path: Path | None) -> str:
+    try:
+        return path.read_text().strip() if path is not None and path.is_file() else ""
+    except OSError as error:
+        log.warning("cannot read the node secret %s (%s): registering without it", path, error.strerror)
+        return ""
+
+
+def _write_secret(path: Path, secret: str) -> None:
+    """Owner-only, written atomically: a crash leaves the previous secret."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret)
+    tmp.replace(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from swapmoe.core.budget import MemoryModel
+from swapmoe.core.errors import InvalidField
 from swapmoe.core.plan import Plan, validate_plan
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2
@@ -29,6 +30,8 @@ class PlanBook:
 
     def __init__(self, memory: MemoryModel, budget_bytes: int, state_dir: Path | None = None):
         memory.check_budget(budget_bytes)
+        if state_dir is not None:
+            check_state_dir(Path(state_dir))
         self.memory = memory
         self.budget_bytes = budget_bytes
         self.state_dir = state_dir
@@ -75,6 +78,22 @@ class PlanBook:
         return self.current
 
 
+def check_state_dir(directory: Path) -> None:
+    """Raise InvalidField naming ``state_dir`` unless a plan can be kept there: at start-up, not at
+    the first acknowledged plan."""
+    if directory.exists() and not directory.is_dir():
+        raise InvalidField("state_dir", f"{directory} is not a directory")
+    if (directory / FILE).exists() and not (directory / FILE).is_file():
+        raise InvalidField("state_dir", f"{directory / FILE}, where the saved plan is kept, is not a file; "
+                                        f"remove it or choose another --state-dir")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InvalidField("state_dir", f"cannot create {directory}: {error.strerror}") from error
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise InvalidField("state_dir", f"{directory} is not writable")
+
+
 def save(directory: Path, plan: Plan) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -90,5 +109,7 @@ def load(directory: Path) -> Plan | None:
         return None
     try:
         return convert.plan_from_pb(json_format.Parse(path.read_text(), common_pb2.Plan()))
-    except json_format.ParseError as error:
+    except (json_format.ParseError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not a plan ({error})") from error
+    except OSError as error:
+        raise ValueError(f"{path}: unreadable ({error.strerror})") from error

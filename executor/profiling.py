@@ -7,14 +7,17 @@ turns them into protobuf.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
+
+from swapmoe.executor.admission import Cancelled
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +43,11 @@ class ProfileProgress:
     result: ProfileResult | None = None
 
 
-def _median_ns(fn, repeats: int) -> int:
+def _median_ns(fn, repeats: int, cancelled: Callable[[], bool]) -> int:
     times = []
     for _ in range(repeats):
+        if cancelled():
+            raise Cancelled()
         start = time.perf_counter_ns()
         fn()
         times.append(time.perf_counter_ns() - start)
@@ -65,15 +70,19 @@ def _expert_forward(inner: nn.Module, tokens: int):
 
 
 @torch.inference_mode()
-def profile(runtime, token_counts: tuple[int, ...], repeats: int) -> Iterator[ProfileProgress]:
-    """Measure ``runtime`` (a ``VirtualExperts``) on its first MoE layer, reporting progress."""
+def profile(runtime, token_counts: tuple[int, ...], repeats: int, cancelled: Callable[[], bool] = lambda: False,
+            between_passes: ContextManager = contextlib.nullcontext()) -> Iterator[ProfileProgress]:
+    """Measure ``runtime`` (a ``VirtualExperts``) on its first MoE layer, reporting progress. Each
+    measurement holds ``between_passes`` (no plan resizes the slot it times); ``cancelled()``
+    is checked before every repeat (raises Cancelled)."""
     steps = 1 + len(token_counts)
     yield ProfileProgress(0.0, "expert load")
     store = runtime.store
     buffer = store.buffer(0)
     experts = itertools.cycle(range(store.manifest.layers[0].num_experts))  # a different expert each read
     nbytes = store.manifest.layers[0].expert_bytes
-    load_ns = max(1, _median_ns(lambda: store.read_into(0, next(experts), buffer), repeats))
+    with between_passes:
+        load_ns = max(1, _median_ns(lambda: store.read_into(0, next(experts), buffer), repeats, cancelled))
     result = ProfileResult(
         expert_load_ns=load_ns,
         load_bytes_per_second=nbytes / (load_ns / 1e9),
@@ -81,10 +90,10 @@ def profile(runtime, token_counts: tuple[int, ...], repeats: int) -> Iterator[Pr
         bytes_per_expert=[l.bytes_per_expert for l in runtime.layout.layers],
         dense_bytes=runtime.layout.dense_bytes,
     )
-    inner = runtime.layers[0].experts.inner
     for n, tokens in enumerate(token_counts, start=1):
         yield ProfileProgress(n / steps, f"expert compute, {tokens} tokens")
-        forward = _expert_forward(inner, tokens)
-        forward()  # warm-up
-        result.compute.append(ComputeSample(tokens, _median_ns(forward, repeats)))
+        with between_passes:
+            forward = _expert_forward(runtime.layers[0].experts.inner, tokens)
+            forward()  # warm-up
+            result.compute.append(ComputeSample(tokens, _median_ns(forward, repeats, cancelled)))
     yield ProfileProgress(1.0, "done", result)

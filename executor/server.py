@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 
+from swapmoe.core import limits
 from swapmoe.core.errors import InvalidField
 from swapmoe.executor.admission import Cancelled
 from swapmoe.executor.engine import Engine
@@ -27,18 +28,25 @@ _FINISH = {
 
 
 def request_from_pb(msg: epb.GenerateRequest, engine: Engine) -> GenerationRequest:
+    """Every field is bounded before the prompt is tokenized or the request queued."""
     kind = msg.WhichOneof("prompt")
     if kind is None:
         raise InvalidField("prompt", "is missing: set text or token_ids")
     if kind == "text" and not msg.text.strip():
         raise InvalidField("prompt.text", "is empty")
-    ids = engine.tokenize(msg.text) if kind == "text" else tuple(msg.token_ids.ids)
-    if not ids:
-        raise InvalidField(f"prompt.{kind}", "is empty")
+    limits.check_text("prompt.text", msg.text, limits.MAX_PROMPT_CHARS)
+    limits.check_count("prompt.token_ids.ids", msg.token_ids.ids, engine.max_context)
+    limits.check_count("stop", msg.stop, limits.MAX_STOP_SEQUENCES)
+    for i, stop in enumerate(msg.stop):
+        limits.check_text(f"stop[{i}]", stop, limits.MAX_STOP_CHARS)
+    limits.check_text("request_id", msg.request_id)
     if msg.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise InvalidField("max_new_tokens", f"{msg.max_new_tokens} is above the limit of {MAX_NEW_TOKENS_LIMIT}")
     s = msg.sampling
     sampling = SamplingParams(s.temperature, s.top_p or 1.0, s.top_k, s.seed if s.HasField("seed") else None)
+    ids = engine.tokenize(msg.text) if kind == "text" else tuple(msg.token_ids.ids)
+    if not ids:
+        raise InvalidField(f"prompt.{kind}", "is empty")
     return GenerationRequest(ids, msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, sampling, tuple(msg.stop))
 
 
@@ -68,8 +76,9 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 return
 
     def Subscribe(self, request, context):
-        if request.interval_ms and request.interval_ms < 10:
-            raise InvalidField("interval_ms", f"must be at least 10 ms, got {request.interval_ms}")
+        if request.interval_ms:
+            limits.check_range("interval_ms", request.interval_ms, 10, limits.MAX_SUBSCRIBE_INTERVAL_MS)
+        limits.check_count("topics", request.topics, len(tpb.Topic.values()))
         unknown = [t for t in request.topics if t not in tpb.Topic.values() or t == tpb.TOPIC_UNSPECIFIED]
         if unknown:
             raise InvalidField("topics", f"unknown topic values {unknown}")
@@ -98,6 +107,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         return convert.plan_result_to_pb(result)
 
     def SetBudget(self, request, context):
+        limits.check_text("reason", request.reason, limits.MAX_REASON_CHARS)
         previous = self.engine.set_budget(request.budget_bytes, request.reason)
         return epb.SetBudgetResponse(
             previous_budget_bytes=previous,
@@ -111,10 +121,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         return describe_pb(self.engine)
 
     def Profile(self, request, context):
-        for progress in self.engine.profile(tuple(request.token_counts) or (1, 4, 16, 64), request.repeats or 5):
-            if not context.is_active():
+        # Takes its turn in the generation queue, and stops between measurements when the client leaves.
+        limits.check_count("token_counts", request.token_counts, limits.MAX_PROFILE_TOKEN_COUNTS)
+        for i, tokens in enumerate(request.token_counts):
+            limits.check_range(f"token_counts[{i}]", tokens, 1, self.engine.max_context)
+        limits.check_range("repeats", request.repeats, 0, limits.MAX_PROFILE_REPEATS)
+        progress = self.engine.profile(tuple(request.token_counts) or (1, 4, 16, 64), request.repeats or 5,
+                                       cancelled=lambda: not context.is_active())
+        with contextlib.closing(progress):
+            try:
+                for step in progress:
+                    yield progress_to_pb(step)
+            except Cancelled:
                 return
-            yield progress_to_pb(progress)
 
 
 def describe_pb(engine: Engine) -> epb.DescribeResponse:
@@ -141,10 +160,16 @@ def progress_to_pb(progress: ProfileProgress) -> epb.ProfileProgress:
     return msg
 
 
-def serve(engine: Engine, address: str = "127.0.0.1:0") -> transport.Server:
-    """Start ExecutorService (plus health and reflection) for ``engine``."""
+def serve(engine: Engine, address: str = "127.0.0.1:0", max_subscribers: int = 32) -> transport.Server:
+    """Start ExecutorService (plus health and reflection) for ``engine``. Streams have slots of
+    their own: every generation the queue admits (one running, ``max_queue`` waiting) and a few
+    more (so a client past the queue hears the queue's own answer), up to ``max_subscribers``
+    telemetry streams and two Profile calls (one runs, one waits); unary calls keep threads
+    of their own beside them."""
+    stream_limits = {"Generate": engine.config.max_queue + 1 + 4, "Subscribe": max_subscribers, "Profile": 2}
     return transport.start_server(
         lambda server: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(engine), server),
         [SERVICE_NAME],
         address,
+        stream_limits,
     )

@@ -29,6 +29,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be >= 1, got 0")
+    return value
+
+
 def _counts(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -71,7 +78,7 @@ def executor_serve(args) -> None:
     if args.node_id:
         config.node_id = args.node_id
     engine = Engine(config)
-    server = serve(engine, f"{args.host}:{args.port}")
+    server = serve(engine, f"{args.host}:{args.port}", max_subscribers=args.max_subscribers)
     address = f"{args.host}:{server.port}"
     stops = [engine.hub.close_all]  # ends Subscribe streams so shutdown can drain
     if args.planner:
@@ -89,7 +96,7 @@ def executor_serve(args) -> None:
 def planner_serve(args) -> None:
     from swapmoe.planner_service.server import serve
 
-    server, _ = serve(f"{args.host}:{args.port}")
+    server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors)
     _serve_until_signalled(_Running(server, args.host), "planner")
 
 
@@ -169,14 +176,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads (default 0: all cores but one, left to gRPC and expert loads)")
     p.add_argument("--load-bandwidth", type=_size, default=0,
                    help="cap expert reads at this many bytes per second, e.g. 200MiB (default: no cap)")
-    p.add_argument("--state-dir", type=Path, help="keep the last acknowledged plan here and resume it on restart")
+    p.add_argument("--state-dir", type=Path,
+                   help="keep the last acknowledged plan and the planner's node secret here, and resume them on restart")
+    p.add_argument("--max-subscribers", type=_positive, default=32,
+                   help="telemetry streams served at once; more get RESOURCE_EXHAUSTED (default 32)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, let in-flight streams finish for up to this long (default 30)")
     p.set_defaults(func=executor_serve)
 
     planner = commands.add_parser("planner", help="the planner service").add_subparsers(dest="action", required=True)
-    server(planner, "serve the planner", 50052).set_defaults(func=planner_serve)
+    p = server(planner, "serve the planner", 50052)
+    p.add_argument("--state-dir", type=Path,
+                   help="keep each executor's plans here (desired, acknowledged, pinned) and restore them on restart")
+    p.add_argument("--max-executors", type=_positive, default=240,
+                   help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 240)")
+    p.set_defaults(func=planner_serve)
 
     fleet = commands.add_parser("fleet", help="the control node").add_subparsers(dest="action", required=True)
     p = server(fleet, "serve the control node", 50053)

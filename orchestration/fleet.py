@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass
 
 from swapmoe.core.errors import NotFound
+from swapmoe.core.limits import MAX_ROLLOUT_TIMEOUT_MS, check_node_ids, check_range, check_text
 from swapmoe.rpc import transport
 from swapmoe.v1 import fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
 SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FleetService"].full_name
 PLANNER_TIMEOUT_S = 10
+KEPT_ROLLOUTS = 10_000  # GetRollout answers for the newest ones
 
 
 @dataclass
@@ -51,6 +53,8 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         return fpb.ListNodesResponse(nodes=self._nodes())
 
     def StartRollout(self, request, context):
+        check_node_ids("node_ids", request.node_ids)
+        check_range("timeout_ms", request.timeout_ms, 0, MAX_ROLLOUT_TIMEOUT_MS)
         nodes = {n.status.node_id: n for n in self._nodes()}
         wanted = list(request.node_ids) or [n for n, node in nodes.items() if node.status.connected]
         missing = [n for n in wanted if n not in nodes]
@@ -69,9 +73,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             rollout_id = f"rollout-{next(self._ids)}"
             record = RolloutRecord(rollout_id, targets, time.time_ns(), (request.timeout_ms or 30_000) * 1_000_000)
             self._rollouts[rollout_id] = record
+            while len(self._rollouts) > KEPT_ROLLOUTS:  # the oldest go first (dicts keep insertion order)
+                del self._rollouts[next(iter(self._rollouts))]
         return self._view(record)
 
     def GetRollout(self, request, context):
+        check_text("rollout_id", request.rollout_id)
         with self._lock:
             record = self._rollouts.get(request.rollout_id)
         if record is None:
@@ -106,4 +113,4 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
 def serve(planner_addresses: list[str], address: str = "127.0.0.1:0") -> transport.Server:
     servicer = FleetServicer(planner_addresses)
     return transport.start_server(lambda s: fleet_pb2_grpc.add_FleetServiceServicer_to_server(servicer, s),
-                            [SERVICE_NAME], address)
+                            [SERVICE_NAME], address, unary_threads=16)

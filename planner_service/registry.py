@@ -1,46 +1,73 @@
 """What the planner knows about each executor, and which plan each should run.
 
-Plain bookkeeping under one lock: the gRPC server feeds it messages from the
-executors' streams and drains each executor's outbox into its stream.
+Plain bookkeeping under one lock: the gRPC server checks each message first
+(``registration``), then feeds it here and drains each executor's outbox into its stream.
+Every change is handed to ``persist`` (``state.PlannerState.save``), so a restarted planner
+knows what each executor was asked to run, what it acknowledged and which plans an operator
+pinned.
+
+The rules, in one place:
+- A registering executor keeps the plan it runs: the planner adopts it (a plan the planner
+  forgot, or an operator's), unless the planner still owes it a newer plan it missed while
+  away, or it runs no planner's plan yet (version 0), or its budget changed while away.
+- An operator's plan (``push`` with a plan) is pinned: budget changes and registrations
+  leave it in place until the next push; a push without a plan unpins and replans.
+- Versions only grow, by one per plan sent, never past ``MAX_PLAN_VERSION``.
+- A node id whose stream is open is taken over only by a registration carrying the secret
+  the planner issued to it (``Forbidden`` otherwise).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import queue
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from swapmoe.core.errors import NotFound
+from swapmoe.core.budget import MemoryModel
+from swapmoe.core.errors import Forbidden, NotFound
+from swapmoe.core.limits import next_version
 from swapmoe.core.plan import Plan
 from swapmoe.planner_service.planning import plan_for
+from swapmoe.planner_service.registration import Registered
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass
 class ExecutorRecord:
     node_id: str
-    registration: ppb.Registration
+    registration: ppb.Registration  # as registered, without its secret; budget kept up to date
+    memory_model: MemoryModel
     connected: bool = True
     desired: Plan | None = None
     acked: Plan | None = None
     state: int = ppb.PLAN_STATE_UNSPECIFIED
+    pinned: bool = False  # desired is an operator's plan
     last_result: common_pb2.PlanResult | None = None
     memory: common_pb2.MemoryReport | None = None
     last_seen_ns: int = 0
     version: int = 0  # highest plan version this executor has seen
-    outbox: queue.Queue = field(default_factory=queue.Queue)
+    secret_digest: str = ""  # sha256 of the secret issued to this node id
+    outbox: queue.Queue = field(default_factory=queue.Queue)  # plans to send; None or an error ends the stream
 
     @property
     def layout(self):
-        return convert.layout_from_pb(self.registration.layout)
+        return self.memory_model.layout
 
     def to_pb(self) -> ppb.ExecutorStatus:
         reg = self.registration
         msg = ppb.ExecutorStatus(node_id=self.node_id, connected=self.connected, budget_bytes=reg.budget_bytes,
                                  layout=reg.layout, device=reg.device, state=self.state,
-                                 last_seen_ns=self.last_seen_ns)
+                                 last_seen_ns=self.last_seen_ns, pinned=self.pinned)
         if self.desired:
             msg.desired_plan.CopyFrom(convert.plan_to_pb(self.desired))
         if self.acked:
@@ -53,28 +80,59 @@ class ExecutorRecord:
 
 
 class Registry:
-    def __init__(self):
+    def __init__(self, records: list[ExecutorRecord] = (), persist: Callable[[ExecutorRecord], None] = lambda r: None):
+        """``records``: executors known from before a restart (disconnected until they register)."""
         self._lock = threading.Lock()
-        self._records: dict[str, ExecutorRecord] = {}
+        self._records: dict[str, ExecutorRecord] = {r.node_id: r for r in records}
+        for record in self._records.values():
+            record.connected = False
+        self._persist = persist
 
-    def connect(self, registration: ppb.Registration) -> ExecutorRecord:
-        """Register (or resync) an executor; queues the plan it should run if it runs another."""
-        current = convert.plan_from_pb(registration.current_plan)
+    def connect(self, registered: Registered) -> tuple[ExecutorRecord, str]:
+        """Register (or resync) a checked registration; returns its record and the node's secret,
+        and queues the plan the executor should run if it runs another."""
+        reg, current = registered.registration, registered.current
         with self._lock:
-            old = self._records.get(registration.node_id)
+            old = self._records.get(reg.node_id)
+            secret = self._admit(old, reg.node_secret)
             if old is not None:
                 old.outbox.put(None)  # ends a lingering stream of the same executor
-            record = ExecutorRecord(registration.node_id, registration, last_seen_ns=time.time_ns())
-            record.version = max(current.version, old.version if old else 0)
-            if current.version:  # resync: the planner learns what the executor runs
-                record.acked = record.desired = current
-                record.state = ppb.PLAN_STATE_ACKED
-            if old and old.desired and old.desired.version > current.version and old.state != ppb.PLAN_STATE_NACKED:
-                self._send(record, old.desired)  # the executor missed it while away
-            else:
-                self._replan(record)
+            stored = ppb.Registration()
+            stored.CopyFrom(reg)
+            stored.ClearField("node_secret")
+            record = ExecutorRecord(reg.node_id, stored, registered.memory, last_seen_ns=time.time_ns(),
+                                    secret_digest=digest(secret))
+            running = current.version if current else 0
+            record.version = max(running, old.version if old else 0)
+            if old is not None:
+                record.pinned, record.desired, record.acked, record.state = old.pinned, old.desired, old.acked, old.state
+            if running:  # the executor runs a planner's plan: adopt it
+                record.acked = current
+                if record.desired is None or record.desired.version <= running:
+                    record.desired, record.state = current, ppb.PLAN_STATE_ACKED
             self._records[record.node_id] = record
-            return record
+            self._on_register(record, old, running)
+            self._persist(record)
+            return record, secret
+
+    def _admit(self, old: ExecutorRecord | None, secret: str) -> str:
+        """The secret for this registration: the one it proved, or a new one. Raises Forbidden for a
+        node id whose stream is open, unless the registration carries that node's secret."""
+        proved = old is not None and bool(secret) and hmac.compare_digest(digest(secret), old.secret_digest)
+        if old is not None and old.connected and not proved:
+            raise Forbidden(f"registration.node_id: {old.node_id!r} is connected on another stream; only a "
+                            f"registration carrying that executor's node_secret may take it over")
+        return secret if proved else secrets.token_urlsafe(32)
+
+    def _on_register(self, record: ExecutorRecord, old: ExecutorRecord | None, running: int) -> None:
+        """What a (re)registered executor is sent; caller holds the lock."""
+        owed = record.desired if record.desired and record.desired.version > running else None
+        if owed is not None and (record.state == ppb.PLAN_STATE_PENDING or record.pinned):
+            self._send(record, owed)  # it missed it, or lost it in a restart
+        elif record.pinned:
+            return
+        elif not running or (old is not None and old.registration.budget_bytes != record.registration.budget_bytes):
+            self._replan(record)
 
     def disconnect(self, record: ExecutorRecord) -> None:
         with self._lock:
@@ -93,12 +151,15 @@ class Registry:
                     record.acked = record.desired
             if result.HasField("memory"):
                 record.memory = result.memory
+            self._persist(record)
 
     def on_budget_change(self, record: ExecutorRecord, change: ppb.BudgetChange) -> None:
-        """The device changed its budget: plan again for the new one."""
+        """The device changed its budget: plan again for the new one (a pinned plan stays)."""
         with self._lock:
             record.registration.budget_bytes = change.budget_bytes
-            self._replan(record)
+            if not record.pinned:
+                self._replan(record)
+            self._persist(record)
 
     def on_telemetry(self, record: ExecutorRecord, event) -> None:
         if event.WhichOneof("payload") == "memory":
@@ -106,14 +167,17 @@ class Registry:
                 record.memory = event.memory
 
     def push(self, node_ids: list[str], plan: Plan | None) -> list[ExecutorRecord]:
-        """Send ``plan`` (or a computed one) to the named executors (all connected ones if none named)."""
+        """Send and pin ``plan`` to the named executors (all connected ones if none named); with no
+        plan, unpin them and send each the plan computed for its budget."""
         with self._lock:
             targets = self._targets(node_ids) if node_ids else [r for r in self._records.values() if r.connected]
             for record in targets:
+                record.pinned = plan is not None
                 if plan is None:
                     self._replan(record, force=True)
                 else:
-                    self._send(record, plan.with_version(record.version + 1))
+                    self._send(record, plan.with_version(next_version(record.version)))
+                self._persist(record)
             return targets
 
     def find(self, node_ids: list[str]) -> list[ExecutorRecord]:
@@ -124,12 +188,12 @@ class Registry:
     def _targets(self, node_ids: list[str]) -> list[ExecutorRecord]:
         missing = [n for n in node_ids if n not in self._records]
         if missing:
-            raise NotFound(f"node_ids: unknown executors {missing}")
-        return [self._records[n] for n in node_ids]
+            raise NotFound(f"node_ids: unknown executors {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+        return [self._records[n] for n in dict.fromkeys(node_ids)]
 
     def _replan(self, record: ExecutorRecord, force: bool = False) -> None:
         reg = record.registration
-        plan = plan_for(record.layout, convert.reserve_from_pb(reg.reserve), reg.budget_bytes, record.version + 1)
+        plan = plan_for(record.memory_model, reg.budget_bytes, next_version(record.version))
         running = record.desired if record.state == ppb.PLAN_STATE_PENDING else record.acked
         if force or running is None or running.experts_per_layer != plan.experts_per_layer:
             self._send(record, plan)

@@ -1,6 +1,7 @@
 """The budget arithmetic (E_memory) that the executor checks plans with and the planner searches with."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from swapmoe.core.budget import MemoryModel, Reserve, even_split
 from swapmoe.core.errors import InvalidField
@@ -55,3 +56,36 @@ def test_even_split_spreads_experts_round_robin_within_the_bytes():
 
 def test_even_split_keeps_one_expert_per_layer_even_without_room():
     assert even_split(LAYOUT, 0) == (1, 1, 1)
+
+
+def round_robin(layout: ModelLayout, available: int) -> tuple[int, ...]:
+    """The definition of an even split, one expert at a time (slow for many experts)."""
+    counts = [1] * layout.num_layers
+    used, grew = layout.expert_bytes(counts), True
+    while grew:
+        grew = False
+        for i, spec in enumerate(layout.layers):
+            if counts[i] < spec.num_experts and used + spec.bytes_per_expert <= available:
+                counts[i], used, grew = counts[i] + 1, used + spec.bytes_per_expert, True
+    return tuple(counts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 24), st.integers(1, 300)), min_size=1, max_size=6), st.integers(-50, 20_000))
+def test_even_split_is_the_round_robin_split(layers, available):
+    layout = ModelLayout("x", "X", tuple(LayerLayout(i, "m", n, 1, b) for i, (n, b) in enumerate(layers)), 0)
+    assert even_split(layout, available) == round_robin(layout, available)
+
+
+def test_even_split_of_billions_of_experts_and_an_exabyte_is_immediate():
+    layout = ModelLayout("x", "X", (LayerLayout(0, "m", 2**32 - 1, 1, 1), LayerLayout(1, "m", 7, 1, 2**40)), 0)
+    assert even_split(layout, 2**64 - 1) == (2**32 - 1, 7)
+
+
+def test_a_budget_above_the_devices_memory_names_the_field():
+    on_device = MemoryModel(LAYOUT, MODEL.reserve, device_bytes=10_000)
+    on_device.check_budget(10_000)
+    with pytest.raises(InvalidField, match="budget_bytes: .* above this device's memory"):
+        on_device.check_budget(10_001)
+    with pytest.raises(InvalidField, match="budget_bytes: .* above the largest budget allowed"):
+        MODEL.check_budget(2**64 - 1)

@@ -122,6 +122,22 @@ def test_fleet_rejects_malformed_plans_and_unknown_nodes(cluster):
     assert [n.status.node_id for n in nodes] == [NODE]
 
 
+def test_a_pinned_plan_survives_a_budget_change_and_a_push_without_a_plan_unpins(cluster):
+    rollout = fleet(cluster).StartRollout(fpb.StartRolloutRequest(
+        node_ids=[NODE], plan=common_pb2.Plan(experts_per_layer=[2, 2])), timeout=10)
+    wait_until(lambda: fleet(cluster).GetRollout(fpb.GetRolloutRequest(rollout_id=rollout.rollout_id),
+                                                 timeout=5).state == fpb.ROLLOUT_STATE_SUCCEEDED, what="the pin")
+    pinned = node_status(cluster)
+    assert pinned.pinned and list(pinned.acked_plan.experts_per_layer) == [2, 2]
+    executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=(1 << 30) - 1, reason="test"), timeout=10)
+    wait_until(lambda: node_status(cluster).budget_bytes == (1 << 30) - 1, what="the budget change")
+    assert node_status(cluster).desired_plan == pinned.desired_plan
+    fleet(cluster).StartRollout(fpb.StartRolloutRequest(node_ids=[NODE]), timeout=10)
+    unpinned = wait_until(lambda: (s := node_status(cluster)).state == ppb.PLAN_STATE_ACKED
+                          and s.acked_plan.version > pinned.acked_plan.version and s, what="the planner's own plan")
+    assert not unpinned.pinned and list(unpinned.acked_plan.experts_per_layer) != [2, 2]
+
+
 def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
     d = executor(cluster).Describe(epb.DescribeRequest(), timeout=5)
     budget = d.min_budget_bytes + 2 * sum(l.bytes_per_expert for l in d.layout.layers)  # three per layer

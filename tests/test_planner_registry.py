@@ -1,7 +1,12 @@
 """The planner's bookkeeping, without a network: registration, ACK/NACK, resync, replanning."""
 
+import pytest
+
+from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import LayerLayout, ModelLayout
+from swapmoe.core.limits import MAX_PLAN_VERSION
 from swapmoe.core.plan import Plan
+from swapmoe.planner_service.registration import check_registration
 from swapmoe.planner_service.registry import Registry
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
@@ -20,12 +25,17 @@ def registration(budget: int, plan: Plan | None = None) -> ppb.Registration:
     return reg
 
 
+def connect(registry: Registry, reg: ppb.Registration):
+    """Registers as the server does: checked first, then the registry."""
+    return registry.connect(check_registration(reg))[0]
+
+
 def ack(version: int, accepted: bool = True) -> common_pb2.PlanResult:
     return common_pb2.PlanResult(plan_version=version, accepted=accepted, reason="" if accepted else "no")
 
 
 def test_a_new_executor_gets_an_even_split_of_its_budget_leaving_the_reserve():
-    record = Registry().connect(registration(MIN_BUDGET + 4 * 100))  # room for 2 more experts per layer
+    record = connect(Registry(), registration(MIN_BUDGET + 4 * 100))  # room for 2 more experts per layer
     plan = record.outbox.get_nowait()
     assert plan.version == 1 and plan.experts_per_layer == (3, 3)
     assert record.state == ppb.PLAN_STATE_PENDING
@@ -33,7 +43,7 @@ def test_a_new_executor_gets_an_even_split_of_its_budget_leaving_the_reserve():
 
 def test_ack_and_nack_update_the_plan_state():
     registry = Registry()
-    record = registry.connect(registration(10**6))
+    record = connect(registry, registration(10**6))
     plan = record.outbox.get_nowait()
     registry.on_result(record, ack(plan.version))
     assert record.state == ppb.PLAN_STATE_ACKED and record.acked == plan
@@ -46,25 +56,69 @@ def test_ack_and_nack_update_the_plan_state():
 
 def test_a_resyncing_executor_already_running_the_right_plan_gets_nothing_new():
     running = Plan(7, (8, 8), origin="before the planner restarted")
-    record = Registry().connect(registration(10**6, running))
+    record = connect(Registry(), registration(10**6, running))
     assert record.outbox.empty()
     assert record.state == ppb.PLAN_STATE_ACKED and record.acked == running
 
 
 def test_a_plan_the_executor_missed_while_away_is_sent_again_on_reconnect():
     registry = Registry()
-    record = registry.connect(registration(10**6))
+    record = connect(registry, registration(10**6))
     missed = record.outbox.get_nowait()
     registry.disconnect(record)
-    again = registry.connect(registration(10**6))
+    again = connect(registry, registration(10**6))
     assert again.outbox.get_nowait() == missed
 
 
 def test_a_budget_change_is_replanned_with_a_newer_version():
     registry = Registry()
-    record = registry.connect(registration(10**6))
+    record = connect(registry, registration(10**6))
     first = record.outbox.get_nowait()
     registry.on_result(record, ack(first.version))
     registry.on_budget_change(record, ppb.BudgetChange(budget_bytes=MIN_BUDGET))
     replanned = record.outbox.get_nowait()
     assert replanned.version > first.version and replanned.experts_per_layer == (1, 1)
+
+
+def test_a_forgetful_planner_adopts_the_plan_an_executor_runs_instead_of_its_even_split():
+    operators = Plan(9, (8, 1), origin="operator")
+    record = connect(Registry(), registration(10**6, operators))
+    assert record.outbox.empty() and record.acked == operators and record.state == ppb.PLAN_STATE_ACKED
+
+
+def test_a_pinned_plan_stays_through_budget_changes_and_reconnects_until_a_push_without_a_plan():
+    registry = Registry()
+    record = connect(registry, registration(10**6))
+    registry.on_result(record, ack(record.outbox.get_nowait().version))
+    registry.push(["n1"], Plan(0, (2, 2), origin="operator"))
+    pinned = record.outbox.get_nowait()
+    registry.on_result(record, ack(pinned.version))
+    registry.on_budget_change(record, ppb.BudgetChange(budget_bytes=10**6 - 1))
+    assert record.outbox.empty() and record.pinned
+    registry.disconnect(record)
+    lost = connect(registry, registration(10**6 - 1))  # restarted without its state: runs nothing yet
+    assert lost.outbox.get_nowait() == pinned and lost.pinned
+    registry.push(["n1"], None)
+    assert not lost.pinned and lost.outbox.get_nowait().experts_per_layer == (8, 8)
+
+
+def test_versions_stop_at_the_bound_with_a_clear_error():
+    registry = Registry()
+    record = connect(registry, registration(10**6, Plan(MAX_PLAN_VERSION, (8, 8))))
+    with pytest.raises(InvalidField, match="plan.version: no version after"):
+        registry.push(["n1"], Plan(0, (1, 1)))
+    assert record.version == MAX_PLAN_VERSION
+
+
+def test_registration_fields_past_their_bounds_name_the_field():
+    huge = registration(10**6)
+    huge.layout.layers[1].num_experts = 2**32 - 1
+    with pytest.raises(InvalidField, match=r"registration.layout.layers\[1\].num_experts"):
+        check_registration(huge)
+    poor = registration(MIN_BUDGET - 1)
+    with pytest.raises(InvalidField, match="registration.budget_bytes: .* below"):
+        check_registration(poor)
+    small_device = registration(10**6)
+    small_device.device.memory_bytes = 10**5
+    with pytest.raises(InvalidField, match="registration.budget_bytes: .* above this device's memory"):
+        check_registration(small_device)

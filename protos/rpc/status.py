@@ -1,8 +1,8 @@
 """Exceptions to gRPC statuses: one interceptor for every SwapMoE server.
 
 ``InvalidField`` and other ``ValueError``s become INVALID_ARGUMENT with a message naming the
-field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, a failed upstream call its own
-status; anything else is INTERNAL and logged with its traceback.
+field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, ``Forbidden`` PERMISSION_DENIED, a
+failed upstream call its own status; anything else is INTERNAL and logged with its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Callable
 
 import grpc
 
-from swapmoe.core.errors import Busy, NotFound
+from swapmoe.core.errors import Busy, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ _STATUS = (
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
 )
 
 

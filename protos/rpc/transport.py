@@ -1,8 +1,9 @@
 """Servers and channels as every SwapMoE process opens them.
 
-``start_server`` adds the error interceptor (``swapmoe.rpc.status``), ``grpc.health.v1`` and
-server reflection, so stock tools (grpcurl, grpc_health_probe) can discover any of our
-servers; servers and channels share keepalive and message-size limits.
+``start_server`` adds the error interceptor (``swapmoe.rpc.status``), bounded slots for
+streams (``swapmoe.rpc.streams``), ``grpc.health.v1`` and server reflection, so stock tools
+(grpcurl, grpc_health_probe) can discover any of our servers; servers and channels share
+keepalive and message-size limits.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from swapmoe.rpc.status import ErrorInterceptor
+from swapmoe.rpc.streams import StreamLimiter, pool_size
 
 MiB = 1 << 20
 # Keepalive: find dead peers (a device that lost its network) within ~40 s, and
@@ -52,12 +54,16 @@ def start_server(
     register: Callable[[grpc.Server], None],
     service_names: Iterable[str],
     address: str = "127.0.0.1:0",
-    max_workers: int = 32,
+    stream_limits: dict[str, int] | None = None,
+    unary_threads: int = 8,
 ) -> Server:
-    """Start a server with ``register`` adding the servicers; ``address`` port 0 picks a free port."""
+    """Start a server with ``register`` adding the servicers; ``address`` port 0 picks a free port.
+    ``stream_limits`` bounds the open streams of each streaming method (short name: count);
+    ``unary_threads`` threads are left for unary calls whatever the streams hold."""
+    limits = stream_limits or {}
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor()],
+        futures.ThreadPoolExecutor(max_workers=pool_size(limits, unary_threads), thread_name_prefix="grpc"),
+        interceptors=[ErrorInterceptor(), StreamLimiter(limits)],
         options=SERVER_OPTIONS,
     )
     register(server)

@@ -21,7 +21,7 @@ PLAN_STATE_ACKED: PlanState
 PLAN_STATE_NACKED: PlanState
 
 class Registration(_message.Message):
-    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve")
+    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve", "node_secret")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,7 @@ class Registration(_message.Message):
     CURRENT_PLAN_FIELD_NUMBER: _ClassVar[int]
     EXECUTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
+    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device: _common_pb2.DeviceInfo
     budget_bytes: int
@@ -38,7 +39,8 @@ class Registration(_message.Message):
     current_plan: _common_pb2.Plan
     executor_address: str
     reserve: _common_pb2.Reserve
-    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ...) -> None: ...
+    node_secret: str
+    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class BudgetChange(_message.Message):
     __slots__ = ("previous_budget_bytes", "budget_bytes", "reason")
@@ -63,12 +65,14 @@ class ExecutorMessage(_message.Message):
     def __init__(self, registration: _Optional[_Union[Registration, _Mapping]] = ..., telemetry: _Optional[_Union[_telemetry_pb2.TelemetryEvent, _Mapping]] = ..., budget_change: _Optional[_Union[BudgetChange, _Mapping]] = ..., plan_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("telemetry_interval_ms", "topics")
+    __slots__ = ("telemetry_interval_ms", "topics", "node_secret")
     TELEMETRY_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     TOPICS_FIELD_NUMBER: _ClassVar[int]
+    NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     telemetry_interval_ms: int
     topics: _containers.RepeatedScalarFieldContainer[_telemetry_pb2.Topic]
-    def __init__(self, telemetry_interval_ms: _Optional[int] = ..., topics: _Optional[_Iterable[_Union[_telemetry_pb2.Topic, str]]] = ...) -> None: ...
+    node_secret: str
+    def __init__(self, telemetry_interval_ms: _Optional[int] = ..., topics: _Optional[_Iterable[_Union[_telemetry_pb2.Topic, str]]] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class PlannerMessage(_message.Message):
     __slots__ = ("welcome", "plan")
@@ -79,7 +83,7 @@ class PlannerMessage(_message.Message):
     def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns")
+    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns", "pinned")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +95,7 @@ class ExecutorStatus(_message.Message):
     LAST_RESULT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     connected: bool
     budget_bytes: int
@@ -102,7 +107,8 @@ class ExecutorStatus(_message.Message):
     last_result: _common_pb2.PlanResult
     memory: _common_pb2.MemoryReport
     last_seen_ns: int
-    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class PlanStatusRequest(_message.Message):
     __slots__ = ("node_ids",)

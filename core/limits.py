@@ -1,0 +1,84 @@
+"""Bounds on what a message may carry, checked before any work or lock.
+
+Each bound is far above what a real model or device needs and far below what breaks the
+arithmetic: a plan version fits a float and a JSON number exactly, a model's bytes fit
+an int64 many times over, and no loop over experts or layers can run for long. Servers check
+every field of every message against these before they take a lock or start work
+(``validate_layout``, ``validate_plan`` and the ``check_*`` helpers here).
+"""
+
+from __future__ import annotations
+
+import math
+
+from swapmoe.core.errors import InvalidField
+
+# Plan versions count plans: at 1,000 plans a second this lasts 285,000 years, and every
+# version, plus one, is still exact in a double (JSON, Prometheus) and in uint64.
+MAX_PLAN_VERSION = 2**53 - 1
+# MoE layers in one model, and experts in one layer (the largest public models have
+# under 100 MoE layers and 384 routed experts per layer).
+MAX_LAYERS = 1024
+MAX_EXPERTS_PER_LAYER = 65_536
+# Bytes of a whole model, a budget or a reserve: 1 PiB.
+MAX_BYTES = 1 << 50
+# Tokens between resident-set updates: past a million, updates are off in all but name.
+MAX_UPDATE_FREQUENCY = 1 << 20
+MAX_NODE_ID_CHARS = 128
+MAX_LABEL_CHARS = 256  # short free text: a plan's origin, a model's class name, a dtype
+MAX_REASON_CHARS = 4096  # a budget change's or a NACK's reason
+MAX_NODES_PER_REQUEST = 100_000
+# Sampling: below this temperature logits / T overflows float32 for ordinary logits (the
+# softmax turns into NaN); above the maximum the distribution is uniform in all but name.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+MAX_PROMPT_CHARS = 1 << 20
+MAX_SUBSCRIBE_INTERVAL_MS = 3_600_000
+MAX_PROFILE_TOKEN_COUNTS = 16
+MAX_PROFILE_REPEATS = 100
+MAX_ROLLOUT_TIMEOUT_MS = 24 * 3_600_000
+
+
+def check_range(field: str, value: int | float, low: int | float, high: int | float) -> None:
+    """InvalidField unless ``low <= value <= high`` (NaN is out of every range)."""
+    if not low <= value <= high:
+        raise InvalidField(field, f"{value} is outside the allowed range {low} to {high}")
+
+
+def check_text(field: str, value: str, limit: int = MAX_LABEL_CHARS) -> None:
+    if len(value) > limit:
+        raise InvalidField(field, f"has {len(value)} characters; at most {limit} are allowed")
+
+
+def check_count(field: str, values, limit: int) -> None:
+    if len(values) > limit:
+        raise InvalidField(field, f"has {len(values)} entries; at most {limit} are allowed")
+
+
+def check_node_id(field: str, node_id: str) -> None:
+    """A node id names files, metrics and log lines: 1 to 128 printable characters."""
+    if not node_id:
+        raise InvalidField(field, "is empty")
+    check_text(field, node_id, MAX_NODE_ID_CHARS)
+    if not node_id.isprintable():
+        raise InvalidField(field, f"{node_id!r} has non-printable characters")
+
+
+def check_node_ids(field: str, node_ids) -> None:
+    check_count(field, node_ids, MAX_NODES_PER_REQUEST)
+    for i, node_id in enumerate(node_ids):
+        check_node_id(f"{field}[{i}]", node_id)
+
+
+def check_finite(field: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidField(field, f"must be a finite number, got {value}")
+
+
+def next_version(version: int) -> int:
+    """The version after ``version``; never past ``MAX_PLAN_VERSION``."""
+    if version >= MAX_PLAN_VERSION:
+        raise InvalidField("plan.version", f"no version after {version}: plan versions end at {MAX_PLAN_VERSION}")
+    return version + 1
