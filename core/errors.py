@@ -31,3 +31,8 @@ class NotFound(LookupError):
 
 class Forbidden(PermissionError):
     """The caller may not do this, e.g. take over another executor's node id (PERMISSION_DENIED)."""
+
+
+class Corrupted(OSError):
+    """Stored data fails its checksum or its own description (DATA_LOSS); the message names the file
+    and what in it is damaged."""

@@ -7,6 +7,14 @@ load is one ``pread``; and the dense (non-expert) weights, under the runtime's n
 ``dense.safetensors``. It reads the checkpoint tensor by tensor and never holds more than
 one expert. ``ExpertStore`` reads experts back with ``O_DIRECT`` where the file system
 allows it, so the OS page cache does not quietly keep the model in RAM.
+
+Damage is detected, not served: the manifest holds a CRC-32 per expert and one for the dense
+file, and describes offsets that must agree with each other and with the file's size. A
+store is checked when built (every expert read back), when opened (manifest, sizes, dense
+file) and on every expert load (its CRC, ~0.3 ms per MiB on this machine's CPU: crc32 runs
+at ~3.5 GB/s against ~2 GB/s for the read). A damaged expert found at load time is a
+``Corrupted`` error naming the file, layer and expert, and marks the store so the next
+``ensure_store`` rebuilds it; a damaged manifest or dense file is rebuilt at once.
 """
 
 from __future__ import annotations
@@ -14,11 +22,13 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
 import shutil
 import threading
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,11 +37,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from swapmoe.core.errors import Corrupted
 from swapmoe.executor.adapters import UnsupportedModel, adapter_for, expert_prefixes, find_moe_blocks
 from swapmoe.executor.checkpoint import auto_class, read_config
 
 ALIGN = 4096
-FORMAT = 2
+FORMAT = 3  # 3: CRC-32 per expert and for the dense file
+DAMAGED = "DAMAGED"  # marker file: a load found damage; the next ensure_store rebuilds
+log = logging.getLogger(__name__)
 
 
 def default_root() -> Path:
@@ -55,6 +68,7 @@ class LayerSpec:
     stride: int  # expert_bytes rounded up to ALIGN
     offset: int  # of expert 0 in the file
     norms: tuple[float, ...]  # ||E_i|| per expert (Frobenius, over all of the expert's weights)
+    checksums: tuple[int, ...] = ()  # CRC-32 of each expert's payload
 
     def expert_offset(self, expert: int) -> int:
         return self.offset + expert * self.stride
@@ -70,20 +84,56 @@ class Manifest:
     file: str = "experts.bin"
     dense_file: str = "dense.safetensors"
     format: int = FORMAT
+    dense_checksum: int = 0  # CRC-32 of the dense file
 
     def save(self, directory: Path) -> None:
-        (directory / "manifest.json").write_text(json.dumps(asdict(self), indent=1))
+        tmp = directory / ".manifest.json.tmp"
+        tmp.write_text(json.dumps(asdict(self), indent=1))
+        tmp.replace(directory / "manifest.json")
 
     @classmethod
     def load(cls, directory: Path) -> "Manifest":
-        raw = json.loads((directory / "manifest.json").read_text())
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"{directory}: expert store format {raw.get('format')} is not {FORMAT}")
-        layers = tuple(LayerSpec(l["module"], l["num_experts"], tuple(PartSpec(p["name"], tuple(p["shape"]),
-                                                                               p["nbytes"]) for p in l["parts"]),
-                                 l["expert_bytes"], l["stride"], l["offset"], tuple(l["norms"])) for l in raw["layers"])
-        return cls(raw["architecture"], raw["model_class"], raw["dtype"], layers, raw["dense_bytes"],
-                   raw["file"], raw["dense_file"], raw["format"])
+        """The manifest of the store in ``directory``; Corrupted when it is missing, unreadable or
+        disagrees with itself or with the size of the experts file."""
+        path = directory / "manifest.json"
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT:
+                raise Corrupted(f"{path}: expert store format {raw.get('format')} is not {FORMAT}")
+            layers = tuple(LayerSpec(l["module"], l["num_experts"],
+                                     tuple(PartSpec(p["name"], tuple(p["shape"]), p["nbytes"]) for p in l["parts"]),
+                                     l["expert_bytes"], l["stride"], l["offset"], tuple(l["norms"]),
+                                     tuple(l["checksums"])) for l in raw["layers"])
+            manifest = cls(raw["architecture"], raw["model_class"], raw["dtype"], layers, raw["dense_bytes"],
+                           raw["file"], raw["dense_file"], raw["format"], raw["dense_checksum"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            if isinstance(error, Corrupted):
+                raise
+            raise Corrupted(f"{path}: unreadable manifest ({type(error).__name__}: {error})") from error
+        manifest.check(directory)
+        return manifest
+
+    def check(self, directory: Path) -> None:
+        """Corrupted unless the layers tile the experts file in order, each expert aligned and
+        described by its parts, norms and checksums, and the file has exactly those bytes."""
+        path, end = directory / "manifest.json", 0
+        for i, l in enumerate(self.layers):
+            problems = [
+                (l.offset != end, f"offset {l.offset}, but layer {i - 1} ends at {end}" if i else
+                 f"offset {l.offset}, but the first layer starts at 0"),
+                (l.stride % ALIGN or l.stride < l.expert_bytes, f"stride {l.stride} for {l.expert_bytes}-byte experts"),
+                (sum(p.nbytes for p in l.parts) != l.expert_bytes, f"parts of {sum(p.nbytes for p in l.parts)} bytes "
+                                                                   f"in a {l.expert_bytes}-byte expert"),
+                (not len(l.norms) == len(l.checksums) == l.num_experts, f"{len(l.norms)} norms and "
+                 f"{len(l.checksums)} checksums for {l.num_experts} experts"),
+            ]
+            for bad, what in problems:
+                if bad:
+                    raise Corrupted(f"{path}: layers[{i}] ({l.module}): {what}")
+            end = l.offset + l.stride * l.num_experts
+        size = (directory / self.file).stat().st_size if (directory / self.file).exists() else -1
+        if size != end:
+            raise Corrupted(f"{directory / self.file}: {size} bytes, but the manifest describes {end}")
 
 
 def meta_model(checkpoint: Path):
@@ -132,11 +182,12 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
                     disable=None)  # disabled when stderr is not a terminal
     with open(tmp, "wb") as f, progress:
         for block in blocks:
-            parts, stride, norms = None, None, []
+            parts, stride, norms, checksums = None, None, [], []
             for expert in range(block.num_experts):
-                tensors = [(name, torch.cat([source.get(k) for k in keys], dim=0).contiguous())
+                tensors = [(name, torch.cat([_finite(k, source.get(k)) for k in keys], dim=0).contiguous())
                            for name, keys in adapter.disk_keys(block.name, expert)]
                 payload = b"".join(t.view(torch.uint8).numpy().tobytes() for _, t in tensors)
+                checksums.append(zlib.crc32(payload))
                 if parts is None:
                     parts = tuple(PartSpec(n, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors)
                     stride = -(-len(payload) // ALIGN) * ALIGN
@@ -144,18 +195,62 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
                 f.write(payload + bytes(stride - len(payload)))
                 progress.update()
             layers.append(LayerSpec(block.name, block.num_experts, parts, sum(p.nbytes for p in parts), stride,
-                                    offset, tuple(norms)))
+                                    offset, tuple(norms), tuple(checksums)))
             offset += stride * block.num_experts
         f.flush()
         os.fsync(f.fileno())
     tmp.replace(out / "experts.bin")
-    dense = _dense_tensors(model, adapter, blocks, source)
+    dense = {name: _finite(name, t) for name, t in _dense_tensors(model, adapter, blocks, source).items()}
     save_file(dense, out / "dense.safetensors")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     manifest = Manifest(model.config.model_type, type(model).__name__, dtype, tuple(layers),
-                        sum(t.numel() * t.element_size() for t in dense.values()))
+                        sum(t.numel() * t.element_size() for t in dense.values()),
+                        dense_checksum=_file_crc(out / "dense.safetensors"))
+    manifest.check(out)
+    verify_store(out, manifest)  # what was written reads back whole
     manifest.save(out)
     return manifest
+
+
+def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A checkpoint with NaN or infinite weights would serve garbage: refuse it by name."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"checkpoint tensor {name!r} has NaN or infinite values; the checkpoint is damaged")
+    return tensor
+
+
+def _file_crc(path: Path, chunk: int = 16 << 20) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def check_store(directory: Path) -> Manifest:
+    """The store's manifest once its cheap checks pass (manifest, sizes, dense file's CRC, no
+    damage marked by a load); Corrupted otherwise. Costs one read of the dense file."""
+    directory = Path(directory)
+    if (directory / DAMAGED).exists():
+        raise Corrupted(f"{directory}: marked damaged: {(directory / DAMAGED).read_text().strip()}")
+    manifest = Manifest.load(directory)
+    dense = directory / manifest.dense_file
+    if not dense.exists() or _file_crc(dense) != manifest.dense_checksum:
+        raise Corrupted(f"{dense}: fails its checksum (the dense weights are damaged)")
+    return manifest
+
+
+def verify_store(directory: Path, manifest: Manifest | None = None) -> None:
+    """Read every expert back and check its CRC (one pass over the experts file: ~1 s per 2 GB
+    here); Corrupted names the first damaged expert."""
+    store = ExpertStore(directory, direct=False, manifest=manifest)
+    try:
+        for layer, spec in enumerate(store.manifest.layers):
+            buffer = store.buffer(layer)
+            for expert in range(spec.num_experts):
+                store.read_into(layer, expert, buffer)
+    finally:
+        store.close()
 
 
 def _dense_tensors(model, adapter, blocks, source: _Checkpoint) -> dict[str, torch.Tensor]:
@@ -190,12 +285,26 @@ def ensure_store(checkpoint: Path, root: Path | None = None, log=print) -> Path:
     read_config(checkpoint)  # a clear error for a directory that is not a supported checkpoint
     root = Path(root or default_root())
     final = root / f"{checkpoint.name}-{fingerprint(checkpoint)}"
-    if (final / "manifest.json").exists():
-        return final
-    log(f"building the expert store for {checkpoint} in {final} (once per checkpoint)")
+    damage = None
+    if final.exists():
+        try:
+            check_store(final)
+            return final
+        except Corrupted as error:
+            damage = error
+            log(f"the expert store {final} is damaged ({error}); rebuilding it from {checkpoint}")
+    else:
+        log(f"building the expert store for {checkpoint} in {final} (once per checkpoint)")
     private = root / f".{final.name}.{os.getpid()}"
     shutil.rmtree(private, ignore_errors=True)
     build_store(checkpoint, private)
+    if damage is not None:  # set the damaged store aside; a reader that has it open keeps its files
+        aside = root / f".{final.name}.damaged.{os.getpid()}"
+        try:
+            final.rename(aside)
+        except OSError:
+            pass  # another process repaired it first
+        shutil.rmtree(aside, ignore_errors=True)
     try:
         private.rename(final)
     except OSError:  # another process finished first
@@ -206,14 +315,15 @@ def ensure_store(checkpoint: Path, root: Path | None = None, log=print) -> Path:
 class ExpertStore:
     """Reads experts from an expert store; one ``pread`` per expert."""
 
-    def __init__(self, directory: Path, direct: bool = True, bandwidth: float | None = None):
+    def __init__(self, directory: Path, direct: bool = True, bandwidth: float | None = None,
+                 manifest: Manifest | None = None):
         """``bandwidth`` (bytes/s) caps reads, shared by all readers: to leave a device's storage to
         its other users, or to stand in for a slower tier than this machine's (benchmarks)."""
         self.directory = Path(directory)
         self.bandwidth = bandwidth
         self._pace = threading.Lock()
         self._tier_free_at = 0.0
-        self.manifest = Manifest.load(self.directory)
+        self.manifest = manifest or Manifest.load(self.directory)
         self.dtype = getattr(torch, self.manifest.dtype)
         path = self.directory / self.manifest.file
         self.direct = False
@@ -278,11 +388,31 @@ class ExpertStore:
             done = os.preadv(self._fd, views, offset)
         if done < spec.expert_bytes:
             raise OSError(f"short read of expert ({layer}, {expert}): {done} of {spec.expert_bytes} bytes")
+        self._check(layer, expert, views)
         if not self.direct:
             os.posix_fadvise(self._fd, offset, spec.stride, os.POSIX_FADV_DONTNEED)
         if done_by > (now := time.monotonic()):
             time.sleep(done_by - now)
         return spec.expert_bytes
+
+    def _check(self, layer: int, expert: int, views: list[memoryview]) -> None:
+        """Corrupted, and the store marked for a rebuild, when the bytes read fail the expert's CRC."""
+        spec = self.manifest.layers[layer]
+        crc, left = 0, spec.expert_bytes
+        for view in views:
+            chunk = view.cast("B")[:left]
+            crc, left = zlib.crc32(chunk, crc), left - len(chunk)
+        if crc == spec.checksums[expert]:
+            return
+        problem = (f"{self.directory / self.manifest.file}: expert {expert} of layer {layer} ({spec.module}) "
+                   f"fails its checksum (CRC-32 {crc:08x}, manifest {spec.checksums[expert]:08x}) at offset "
+                   f"{spec.expert_offset(expert)}")
+        log.error("%s; the store is marked damaged and is rebuilt at the next start", problem)
+        try:
+            (self.directory / DAMAGED).write_text(problem + "\n")
+        except OSError:
+            pass  # a read-only store: the error still names the damage
+        raise Corrupted(problem + "; the next start of the executor rebuilds the store")
 
     def _reserve(self, nbytes: int) -> float:
         """When a read of ``nbytes`` may finish under the bandwidth cap (0: no cap)."""

@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from swapmoe.core.errors import Corrupted
 from swapmoe.core.sizes import parse_size
 
 
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:  # bad input that argparse could not see (e.g. budget below minimum)
         print(f"swapmoe: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Corrupted as error:  # a damaged expert store: marked, and rebuilt by the next start
+        print(f"swapmoe: error: {error}", file=sys.stderr)
+        sys.exit(1)
     except ModuleNotFoundError as error:
         extra = EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
         if extra is None:

@@ -1,8 +1,9 @@
 """Exceptions to gRPC statuses: one interceptor for every SwapMoE server.
 
 ``InvalidField`` and other ``ValueError``s become INVALID_ARGUMENT with a message naming the
-field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, ``Forbidden`` PERMISSION_DENIED, a
-failed upstream call its own status; anything else is INTERNAL and logged with its traceback.
+field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, ``Forbidden`` PERMISSION_DENIED,
+``Corrupted`` DATA_LOSS, a failed upstream call its own status; anything else is INTERNAL and
+logged with its traceback.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Callable
 
 import grpc
 
-from swapmoe.core.errors import Busy, Forbidden, NotFound
+from swapmoe.core.errors import Busy, Corrupted, Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,7 @@ _STATUS = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (Corrupted, grpc.StatusCode.DATA_LOSS),
 )
 
 

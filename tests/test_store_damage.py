@@ -1,0 +1,105 @@
+"""A damaged expert store is detected, named and repaired, never served (issue 12, finding 6)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from swapmoe.core.errors import Corrupted
+from swapmoe.executor.engine import Engine, EngineConfig
+from swapmoe.executor.store import DAMAGED, ExpertStore, Manifest, build_store, check_store, ensure_store, verify_store
+
+
+@pytest.fixture
+def store(checkpoint_dirs, tmp_path):
+    """A fresh store of the tiny Mixtral under its own root: (checkpoint, root, store directory)."""
+    checkpoint = checkpoint_dirs("mixtral")
+    root = tmp_path / "stores"
+    return checkpoint, root, ensure_store(checkpoint, root, log=lambda _: None)
+
+
+def overwrite(path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def expert_offset(directory, layer: int, expert: int) -> int:
+    return Manifest.load(directory).layers[layer].expert_offset(expert)
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "NaN"])
+def test_a_damaged_expert_fails_its_load_by_name_and_the_next_start_repairs_it(store, damage):
+    checkpoint, root, directory = store
+    offset = expert_offset(directory, 1, 3) + 100
+    overwrite(directory / "experts.bin", offset, b"\xff\x00\x13" if damage == "flipped bytes" else
+              struct.pack("<4f", *[float("nan")] * 4))
+    reader = ExpertStore(directory)
+    with pytest.raises(Corrupted, match=r"experts.bin: expert 3 of layer 1 \(model.layers.1.mlp.*\) fails its checksum"):
+        reader.read_into(1, 3, reader.buffer(1))
+    reader.read_into(1, 2, reader.buffer(1))  # its neighbours still read
+    reader.close()
+    with pytest.raises(Corrupted, match="marked damaged"):
+        check_store(directory)
+    assert ensure_store(checkpoint, root, log=lambda _: None) == directory
+    verify_store(directory)
+    assert not (directory / DAMAGED).exists()
+
+
+def test_an_executor_never_serves_a_damaged_expert_and_a_restart_serves_the_repaired_store(store):
+    checkpoint, root, directory = store
+    with Engine(EngineConfig(checkpoint, budget_bytes=1 << 30, store_root=root)) as healthy:
+        want = healthy.model(torch.tensor([[1, 2, 3, 4]])).logits
+    overwrite(directory / "experts.bin", expert_offset(directory, 0, 5), b"\x7f" * 64)
+    with pytest.raises(Corrupted, match="expert 5 of layer 0"):
+        Engine(EngineConfig(checkpoint, budget_bytes=1 << 30, store_root=root))
+    with Engine(EngineConfig(checkpoint, budget_bytes=1 << 30, store_root=root)) as repaired:
+        torch.testing.assert_close(repaired.model(torch.tensor([[1, 2, 3, 4]])).logits, want, rtol=0, atol=0)
+
+
+def test_a_shifted_manifest_offset_is_named_and_repaired(store):
+    checkpoint, root, directory = store
+    raw = json.loads((directory / "manifest.json").read_text())
+    raw["layers"][1]["offset"] += 4096
+    (directory / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(Corrupted, match=r"manifest.json: layers\[1\] .*offset"):
+        Manifest.load(directory)
+    ensure_store(checkpoint, root, log=lambda _: None)
+    assert Manifest.load(directory).layers[1].offset == raw["layers"][1]["offset"] - 4096
+
+
+def test_a_flipped_byte_in_the_dense_weights_is_named_and_repaired(store):
+    checkpoint, root, directory = store
+    dense = directory / "dense.safetensors"
+    overwrite(dense, dense.stat().st_size - 10, b"\x01")
+    with pytest.raises(Corrupted, match="dense.safetensors: fails its checksum"):
+        check_store(directory)
+    ensure_store(checkpoint, root, log=lambda _: None)
+    check_store(directory)
+
+
+def test_a_missing_manifest_is_rebuilt_and_the_rebuilt_store_is_the_one_used(store):
+    checkpoint, root, directory = store
+    (directory / "manifest.json").unlink()
+    messages = []
+    assert ensure_store(checkpoint, root, log=messages.append) == directory
+    assert "damaged" in messages[0]
+    check_store(directory)
+    assert not list(root.glob(".*")), "no private or damaged copies are left behind"
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_naming_the_tensor(checkpoint_dirs, tmp_path):
+    source = checkpoint_dirs("mixtral")
+    bad = tmp_path / "bad"
+    shutil.copytree(source, bad)
+    weights = load_file(bad / "model.safetensors")
+    name = next(k for k in weights if "experts" in k)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name}.*NaN or infinite"):
+        build_store(bad, tmp_path / "store")
