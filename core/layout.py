@@ -30,6 +30,7 @@ class ModelLayout:
     dtype: str = "float32"
     vocab_size: int = 0
     max_positions: int = 0
+    encoder_decoder: bool = False  # seq2seq: the output answers the prompt instead of continuing it
 
     @property
     def total_bytes(self) -> int:

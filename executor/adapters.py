@@ -150,6 +150,7 @@ def describe(model: nn.Module) -> ModelLayout:
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         vocab_size=config.vocab_size,
         max_positions=_max_positions(config),
+        encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
     )
 
 

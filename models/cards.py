@@ -120,16 +120,15 @@ A small Switch Transformers encoder-decoder (`SwitchTransformersForConditionalGe
 paper's model family): 4 encoder and 4 decoder layers, every other one a sparse layer of 16
 top-1 experts, d_model 128, {results['parameters'] / 1e6:.2f} M parameters (float32). It
 summarizes a Python function's code into the first line of its docstring. It shares the
-tokenizer of `swapmoe-lm`.
-
-The model reads a function as lower-case words (`swapmoe.models.corpus.code_as_words`), as it was trained:
+tokenizer of `swapmoe-lm`, with one addition: its normalizer rewrites code as lower-case words
+(`swapmoe.models.corpus.code_as_words`: `getFileName`, `get_file_name` -> `get file name`,
+punctuation set apart), as the model was trained, so raw source works through any loader:
 
 ```python
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-from swapmoe.models.corpus import code_as_words
 model = AutoModelForSeq2SeqLM.from_pretrained("models/swapmoe-switch")
 tokenizer = AutoTokenizer.from_pretrained("models/swapmoe-switch")
-ids = tokenizer(code_as_words("def read_file(path):\\n    return open(path).read()"), return_tensors="pt")
+ids = tokenizer("def read_file(path):\\n    return open(path).read()", return_tensors="pt")
 print(tokenizer.decode(model.generate(**ids, max_new_tokens=24)[0], skip_special_tokens=True))
 ```
 

@@ -174,6 +174,22 @@ def summary_pairs() -> tuple[list[SummaryPair], list[SummaryPair]]:
     return ([p for d in train for p in function_pairs(d)], [p for d in held_out for p in function_pairs(d)])
 
 
+def code_normalizer():
+    """``code_as_words`` as a ``tokenizers`` normalizer, installed in the summarizer's tokenizer so
+    any loader (our executor, ``AutoTokenizer``) prepares raw code the way the model was trained.
+    Idempotent: text already in words comes out unchanged."""
+    from tokenizers import Regex, normalizers
+
+    return normalizers.Sequence([
+        normalizers.Replace(Regex(r"(?<=[a-z0-9])(?=[A-Z])"), " "),  # getFile -> get File
+        normalizers.Replace("_", " "),
+        normalizers.Replace(Regex(r"(?=[^\w\s])|(?<=[^\w\s])"), " "),  # punctuation set apart
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"\s+"), " "),
+        normalizers.Strip(),
+    ])
+
+
 def code_as_words(code: str) -> str:
     """The summarizer's view of code: identifiers split into lower-case words (``getFileName``,
     ``get_file_name`` -> ``get file name``), punctuation set apart, whitespace collapsed. A

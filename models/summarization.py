@@ -7,8 +7,11 @@ so the model is always measured on the input it was trained with.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 
 from swapmoe.models.corpus import SummaryPair, code_as_words
 from swapmoe.models.tokenizer import EOS_ID, PAD_ID
@@ -18,14 +21,27 @@ MAX_TARGET = 40
 
 
 def source_ids(tokenizer, code: str) -> list[int]:
-    """The model's input for a function: its code as words, cut to ``MAX_SOURCE`` tokens with EOS."""
+    """The model's input for a function: its code as words, cut to ``MAX_SOURCE`` tokens with EOS.
+    (The bundled checkpoint's tokenizer applies ``code_as_words`` itself; it is idempotent.)"""
     return tokenizer(code_as_words(code), add_special_tokens=False)["input_ids"][:MAX_SOURCE - 1] + [EOS_ID]
 
 
+def target_ids(tokenizer, summary: str) -> list[int]:
+    """A summary as the model writes it. The checkpoint's tokenizer prepares *inputs* (its normalizer
+    is ``code_as_words``), so targets are encoded without that normalizer."""
+    return without_normalizer(tokenizer).encode(summary, add_special_tokens=False).ids[:MAX_TARGET - 1] + [EOS_ID]
+
+
+@functools.cache
+def without_normalizer(tokenizer) -> Tokenizer:
+    """``tokenizer``'s backend with no normalizer: text is encoded as given."""
+    plain = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    plain.normalizer = None
+    return plain
+
+
 def encode_pairs(tokenizer, pairs) -> tuple[list[list[int]], list[list[int]]]:
-    sources = [source_ids(tokenizer, p.body) for p in pairs]
-    targets = [tokenizer(p.summary, add_special_tokens=False)["input_ids"][:MAX_TARGET - 1] + [EOS_ID] for p in pairs]
-    return sources, targets
+    return [source_ids(tokenizer, p.body) for p in pairs], [target_ids(tokenizer, p.summary) for p in pairs]
 
 
 def pad(rows: list[list[int]], value: int) -> torch.Tensor:

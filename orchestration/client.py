@@ -22,16 +22,20 @@ def fleet_stub(address: str) -> fleet_pb2_grpc.FleetServiceStub:
 
 
 def stream_generation(address: str, prompt: str, out=sys.stdout, **params) -> epb.GenerateResponse:
-    """Print tokens as they arrive; returns the final chunk (finish reason, usage, timings)."""
+    """Print tokens as they arrive, after the prompt they continue (a seq2seq model's answer stands
+    alone); returns the final chunk (finish reason, usage, timings)."""
+    stub = executor_stub(address)
+    answers = stub.Describe(epb.DescribeRequest(), timeout=30).layout.encoder_decoder
     sampling = epb.SamplingParams(temperature=params.get("temperature", 0.0), top_p=params.get("top_p", 1.0),
                                   top_k=params.get("top_k", 0))
     if params.get("seed") is not None:
         sampling.seed = params["seed"]
     request = epb.GenerateRequest(text=prompt, max_new_tokens=params.get("max_new_tokens", 64), sampling=sampling,
                                   stop=params.get("stop", []))
-    out.write(prompt)
+    if not answers:
+        out.write(prompt)
     last = None
-    for chunk in executor_stub(address).Generate(request, timeout=300):
+    for chunk in stub.Generate(request, timeout=300):
         out.write(chunk.text)
         out.flush()
         last = chunk

@@ -19,7 +19,8 @@ import torch
 from transformers import AutoTokenizer, SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
 
 from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
-from swapmoe.models.corpus import CACHE, code_as_words, extra_summary_pairs, name_baseline, summary_pairs
+from swapmoe.models.corpus import (CACHE, code_as_words, code_normalizer, extra_summary_pairs, name_baseline,
+                                   summary_pairs)
 from swapmoe.models.summarization import MAX_SOURCE, encode_pairs, pad, rouge2, source_losses, summarize
 from swapmoe.models.tokenizer import EOS_ID, PAD_ID
 from swapmoe.models.training.loop import TrainConfig, arguments, save_checkpoint, train
@@ -138,6 +139,7 @@ def main(argv=None) -> None:
           param_groups=parameter_groups(model, args.bias_lr_scale),
           on_checkpoint=validator(model, tokenizer, validation[:VALIDATION_PAIRS], every=500))
     model.generation_config.decoder_start_token_id = PAD_ID
+    tokenizer.backend_tokenizer.normalizer = code_normalizer()  # the checkpoint prepares its own input
     save_checkpoint(model, tokenizer, args.output, EOS_ID, PAD_ID)
 
 

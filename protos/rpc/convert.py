@@ -54,6 +54,7 @@ def layout_to_pb(layout: ModelLayout) -> pb.ModelLayout:
         dtype=layout.dtype,
         vocab_size=layout.vocab_size,
         max_positions=layout.max_positions,
+        encoder_decoder=layout.encoder_decoder,
     )
 
 
@@ -68,6 +69,7 @@ def layout_from_pb(msg: pb.ModelLayout) -> ModelLayout:
         dtype=msg.dtype,
         vocab_size=msg.vocab_size,
         max_positions=msg.max_positions,
+        encoder_decoder=msg.encoder_decoder,
     )
 
 

@@ -33,7 +33,7 @@ class LayerLayout(_message.Message):
     def __init__(self, index: _Optional[int] = ..., module: _Optional[str] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ...) -> None: ...
 
 class ModelLayout(_message.Message):
-    __slots__ = ("architecture", "model_class", "layers", "dense_bytes", "total_bytes", "dtype", "vocab_size", "max_positions")
+    __slots__ = ("architecture", "model_class", "layers", "dense_bytes", "total_bytes", "dtype", "vocab_size", "max_positions", "encoder_decoder")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MODEL_CLASS_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class ModelLayout(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_DECODER_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     model_class: str
     layers: _containers.RepeatedCompositeFieldContainer[LayerLayout]
@@ -50,7 +51,8 @@ class ModelLayout(_message.Message):
     dtype: str
     vocab_size: int
     max_positions: int
-    def __init__(self, architecture: _Optional[str] = ..., model_class: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerLayout, _Mapping]]] = ..., dense_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ...) -> None: ...
+    encoder_decoder: bool
+    def __init__(self, architecture: _Optional[str] = ..., model_class: _Optional[str] = ..., layers: _Optional[_Iterable[_Union[LayerLayout, _Mapping]]] = ..., dense_bytes: _Optional[int] = ..., total_bytes: _Optional[int] = ..., dtype: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., encoder_decoder: _Optional[bool] = ...) -> None: ...
 
 class DeviceInfo(_message.Message):
     __slots__ = ("kind", "name", "memory_bytes", "cpu_count", "hostname")
