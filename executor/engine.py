@@ -149,9 +149,10 @@ class Engine:
         self.memory_model.check_budget(budget)
         with self.scheduler.between_passes():
             previous = self.budget_bytes
-            shrunk = self.plans.set_budget(budget)
-            if shrunk is not None:
+            shrunk = self.plans.shrunk_for(budget)
+            if shrunk is not None:  # slots shrink before the budget does: accounted bytes never exceed it
                 self._apply_residency(shrunk)
+            self.plans.set_budget(budget, shrunk)
         self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
                        f"budget {format_size(previous)} -> {format_size(budget)}" + (f": {reason}" if reason else ""),
                        previous_budget_bytes=previous, budget_bytes=budget)

@@ -66,16 +66,21 @@ class PlanBook:
         if self.state_dir is not None:
             save(self.state_dir, plan)
 
-    def set_budget(self, budget_bytes: int) -> Plan | None:
-        """Adopt a new budget; returns the current plan shrunk to fit it, or None when it fits."""
+    def shrunk_for(self, budget_bytes: int) -> Plan | None:
+        """The current plan cut down to fit a new budget, or None when it fits (nothing changes yet)."""
         self.memory.check_budget(budget_bytes)
-        self.budget_bytes = budget_bytes
         plan = self.current
         kept = self.memory.shrink(plan.experts_per_layer, budget_bytes)
         if kept == tuple(plan.experts_per_layer):
             return None
-        self.current = Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget")
-        return self.current
+        return Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget")
+
+    def set_budget(self, budget_bytes: int, shrunk: Plan | None) -> None:
+        """Adopt a new budget and the plan ``shrunk_for`` gave for it (once the slots have shrunk)."""
+        self.memory.check_budget(budget_bytes)
+        self.budget_bytes = budget_bytes
+        if shrunk is not None:
+            self.current = shrunk
 
 
 def check_state_dir(directory: Path) -> None:
