@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import threading
 import time
 
 import grpc
@@ -13,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.limits import MAX_PLAN_VERSION
+from swapmoe.core.plan import Plan
 from swapmoe.executor import plans
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
@@ -298,3 +300,27 @@ def test_numerically_bad_temperatures_are_invalid(stub, temperature):
     request = epb.GenerateRequest(text="hi", sampling=epb.SamplingParams(temperature=temperature))
     error = rpc_error(lambda: list(stub.Generate(request, timeout=10)))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "sampling.temperature" in error.details()
+
+
+# Found by the soak: a reader between "budget lowered" and "slots shrunk" saw accounted > budget.
+def test_no_reader_ever_sees_accounted_bytes_above_the_budget_while_it_changes(engine):
+    low = engine.min_budget_bytes + sum(l.bytes_per_expert for l in engine.layout.layers)
+    high, seen, done = engine.budget_bytes, [], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            m = engine.memory()
+            seen.append(m.accounted_bytes <= m.budget_bytes)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(20):
+            engine.set_budget(low)
+            engine.apply_plan(engine.plan.with_version(engine.plan.version + 1))
+            engine.set_budget(high)
+            engine.apply_plan(Plan(engine.plan.version + 1, tuple(l.num_experts for l in engine.layout.layers)))
+    finally:
+        done.set()
+        watcher.join()
+    assert len(seen) > 100 and all(seen)
