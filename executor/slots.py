@@ -32,6 +32,8 @@ class SlotPool:
     _free: list[int] = field(default_factory=list, init=False)
     # Ready experts, least recently used first (the on-demand strategy evicts from the front).
     _recency: OrderedDict = field(default_factory=OrderedDict, init=False)
+    # Experts whose stored copy is damaged: never wanted again, so their slots go to the next ones.
+    _damaged: set = field(default_factory=set, init=False)
     hits: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
 
@@ -59,9 +61,13 @@ class SlotPool:
     def slot_of(self, expert: int) -> int | None:
         return self._ready.get(expert)
 
+    @property
+    def damaged(self) -> frozenset[int]:
+        return frozenset(self._damaged)
+
     def wanted(self, scores: Sequence[float], target: int) -> list[int]:
-        """The ``target`` most important experts (ties: lower index first)."""
-        order = sorted(range(self.num_experts), key=lambda e: (-scores[e], e))
+        """The ``target`` most important experts that can be loaded (ties: lower index first)."""
+        order = sorted((e for e in range(self.num_experts) if e not in self._damaged), key=lambda e: (-scores[e], e))
         return order[:target]
 
     def begin_loads(self, scores: Sequence[float], target: int, max_loads: int) -> list[tuple[int, int]]:
@@ -98,6 +104,11 @@ class SlotPool:
     def cancel_load(self, expert: int) -> None:
         """The load of ``expert`` will not complete: its slot is free again."""
         self._free.append(self._loading.pop(expert))
+
+    def set_aside(self, expert: int) -> None:
+        """``expert`` cannot be loaded (its stored copy is damaged): never start a load of it again.
+        A copy already resident stays: it was checked when it was loaded."""
+        self._damaged.add(expert)
 
     def evict(self, expert: int) -> None:
         self._free.append(self._ready.pop(expert))

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from swapmoe.core.errors import Corrupted
 from swapmoe.core.plan import Strategy
 from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
@@ -205,9 +206,11 @@ class VirtualExperts:
             layer = self.layers[load.layer]
             if load.expert not in layer.pool.loading:
                 continue  # not a load this pool is waiting for
-            if load.error is not None:  # the slot holds no expert: free it, a later update retries
+            if load.error is not None:  # the slot holds no expert: free it for a later update
                 layer.pool.cancel_load(load.expert)
                 self.stats.failed_loads += 1
+                if isinstance(load.error, Corrupted):  # a retry would read the same bytes: load others instead
+                    layer.pool.set_aside(load.expert)
                 continue
             evicted = layer.pool.finish_load(load.expert, layer.scores.tolist(), layer.pool.capacity)
             self.stats.evictions += len(evicted)
@@ -236,8 +239,10 @@ class VirtualExperts:
             changed = True
             try:
                 self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
-            except Exception:
+            except Exception as error:
                 pool.cancel_load(expert)  # the slot is free again, and the evicted expert unmapped
+                if isinstance(error, Corrupted):  # exact: each pass needing it fails; other strategies skip it
+                    pool.set_aside(expert)
                 self._publish(layer)
                 raise
             pool.finish_sync_load(expert)

@@ -108,3 +108,12 @@ def test_others_read_the_pool_but_cannot_edit_it():
         pool.ready[3] = 0  # type: ignore[index]
     with pytest.raises(AttributeError):
         pool.free.append(0)  # type: ignore[attr-defined]
+
+
+def test_an_expert_set_aside_is_never_loaded_again_and_the_next_most_important_takes_its_place():
+    pool = SlotPool(8, capacity=2)
+    assert started(pool, target=2, max_loads=1) == [(3, 0)]
+    pool.cancel_load(3)  # its stored copy is damaged
+    pool.set_aside(3)
+    assert pool.damaged == {3} and 3 not in pool.wanted(SCORES, 8)
+    assert [e for e, _ in started(pool, target=2)] == [5, 1]  # wanted order without 3: 5, 1, 7, ...
