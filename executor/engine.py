@@ -23,6 +23,7 @@ import torch
 
 from swapmoe.core.budget import MemoryModel, Reserve
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.core.layout import DeviceInfo, ModelLayout
 from swapmoe.core.memory import MemoryReport
 from swapmoe.core.plan import Plan, PlanResult, validate_plan
@@ -32,7 +33,7 @@ from swapmoe.executor.generation import GenerationRequest, generate_ids
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import ServingStats
 from swapmoe.executor.plans import PlanBook
-from swapmoe.executor.profiling import ProfileProgress, profile
+from swapmoe.executor.profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, Residency, profile
 from swapmoe.executor.scheduler import Scheduler
 from swapmoe.executor.telemetry import TelemetryHub
 from swapmoe.executor.text import Chunk, TextCodec, stream_chunks
@@ -188,13 +189,34 @@ class Engine:
     def running(self) -> int:
         return self.scheduler.running
 
-    def profile(self, token_counts: tuple[int, ...], repeats: int,
-                cancelled: Callable[[], bool] = lambda: False) -> Iterator[ProfileProgress]:
-        """Measure loads and expert compute in the generation queue's turn (no generation shares the
-        cores meanwhile), each measurement between forward passes. Raises Busy when too many
-        requests wait already, Cancelled when ``cancelled()`` turns true."""
+    def profile(self, spec: ProfileSpec, cancelled: Callable[[], bool] = lambda: False) -> Iterator[ProfileProgress]:
+        """Measure this device and model (``executor.profiling``) in the generation queue's turn
+        (no generation shares the cores meanwhile), each measurement between forward passes.
+        Raises InvalidField for a sweep residency that cannot run or does not fit the budget,
+        Busy when too many requests wait already, Cancelled when ``cancelled()`` turns true."""
+        if spec.experts_per_layer:
+            self.check_residency(spec.experts_per_layer)
+        identity = Identity(self.config.node_id, self.device_info, model_fingerprint(self.config.model_dir))
+        residency = Residency(
+            sweep=lambda: self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer,
+                                                   self.budget_bytes),
+            plan=lambda: tuple(self.plan.experts_per_layer))
         with self.scheduler.turn(cancelled):
-            yield from profile(self.runtime, token_counts, repeats, cancelled, self.scheduler.between_passes())
+            yield from profile(self.runtime, spec, identity, residency, cancelled, self.scheduler.between_passes())
+
+    def check_residency(self, experts_per_layer: tuple[int, ...]) -> None:
+        """InvalidField (``experts_per_layer...``) unless the layout can run it within the budget."""
+        try:
+            validate_plan(Plan(0, tuple(experts_per_layer)), self.layout)
+        except InvalidField as error:
+            raise InvalidField(error.field.removeprefix("plan."), error.detail) from None
+        if reason := self.memory_model.over_budget(experts_per_layer, self.budget_bytes):
+            raise InvalidField("experts_per_layer", reason)
+
+    @property
+    def sweep_room(self) -> int:
+        """Tokens the profile's sweep may generate within the context window."""
+        return max(0, self.max_context - len(SWEEP_PROMPT))
 
     # --- generation -------------------------------------------------------------
     def tokenize(self, text: str) -> tuple[int, ...]:

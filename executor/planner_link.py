@@ -8,10 +8,16 @@ each new connection starts with a fresh registration, which resyncs the planner.
 The planner's first answer carries this node id's secret, sent back in every later
 registration (and kept in the state directory, when there is one, across restarts):
 it proves the executor is the one already connected under its node id.
+
+The planner may also ask for a device profile down the stream: it runs through
+``Engine.profile`` on a thread of its own (the link keeps reading plans and sending
+telemetry meanwhile) and its outcome goes up; a cancel from the planner, or the stream
+ending, stops it between measurements.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -21,10 +27,13 @@ from pathlib import Path
 import grpc
 
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.limits import MAX_REASON_CHARS
 from swapmoe.core.plan import PlanResult
+from swapmoe.executor.admission import Cancelled
 from swapmoe.executor.engine import Engine
-from swapmoe.executor.server import describe_pb
+from swapmoe.executor.server import describe_pb, profile_spec_from_pb
 from swapmoe.rpc import convert, transport
+from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -84,6 +93,7 @@ class PlannerLink:
         hub = self.engine.hub
         events = hub.subscribe([tpb.TOPIC_EVENTS])
         forwarder = threading.Thread(target=self._forward, args=(events, outbox), daemon=True)
+        profiles: dict[str, threading.Event] = {}  # running profiles by request id: set to cancel
         with transport.channel(self.planner_address) as channel:
             self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox))
             forwarder.start()
@@ -96,8 +106,14 @@ class PlannerLink:
                         log.info("connected to planner %s", self.planner_address)
                     elif kind == "plan":
                         outbox.put(ppb.ExecutorMessage(plan_result=self._apply(message.plan)))
+                    elif kind == "profile_request":
+                        self._start_profile(message.profile_request, outbox, profiles)
+                    elif kind == "cancel_profile" and message.cancel_profile in profiles:
+                        profiles[message.cancel_profile].set()
             finally:
                 hub.unsubscribe(events)
+                for cancel in list(profiles.values()):  # the answer has nowhere to go: stop measuring
+                    cancel.set()
                 outbox.put(None)
 
     def _keep_secret(self, secret: str) -> None:
@@ -112,6 +128,36 @@ class PlannerLink:
         except InvalidField as error:
             result = PlanResult(plan_pb.version, False, str(error), memory=self.engine.memory())
         return convert.plan_result_to_pb(result)
+
+    def _start_profile(self, ask: ppb.ProfileAsk, outbox: queue.Queue, profiles: dict[str, threading.Event]) -> None:
+        cancel = profiles[ask.request_id] = threading.Event()
+
+        def run():
+            try:
+                outbox.put(ppb.ExecutorMessage(profile_result=self._profile(ask, cancel)))
+            finally:
+                profiles.pop(ask.request_id, None)
+
+        threading.Thread(target=run, daemon=True, name=f"profile-{ask.request_id}").start()
+
+    def _profile(self, ask: ppb.ProfileAsk, cancel: threading.Event) -> ppb.ProfileOutcome:
+        """Run one profile to its end; a failure is an outcome too, with its status code."""
+        outcome = ppb.ProfileOutcome(request_id=ask.request_id)
+        try:
+            progress = self.engine.profile(profile_spec_from_pb(ask.request, self.engine),
+                                           cancelled=lambda: cancel.is_set() or self._stop.is_set())
+            with contextlib.closing(progress):
+                for step in progress:
+                    if step.result is not None:
+                        outcome.result.CopyFrom(convert.device_profile_to_pb(step.result))
+        except Cancelled:
+            outcome.error, outcome.error_code = "cancelled", grpc.StatusCode.CANCELLED.value[0]
+        except Exception as error:  # noqa: BLE001 - every failure is answered, with its status
+            if status_for(error) is grpc.StatusCode.INTERNAL:
+                log.exception("profile %s failed", ask.request_id)
+            outcome.error = (str(error) or type(error).__name__)[:MAX_REASON_CHARS]
+            outcome.error_code = status_for(error).value[0]
+        return outcome
 
     def _forward(self, events, outbox: queue.Queue) -> None:
         """Budget changes go up at once; memory goes up every second."""

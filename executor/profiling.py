@@ -1,8 +1,13 @@
-"""On-device measurements for the profiler: expert load time, compute time, memory per expert.
+"""On-device measurements for the profiler: the device profile of paper section 3.3 and
+appendix A, and the update-frequency sweep of section 3.4.1.
 
-Loads are timed on the tier the executor really loads from: one expert read from the
-expert store (``O_DIRECT`` from disk on a CPU device). Results are plain data; the server
-turns them into protobuf.
+Per MoE layer: bytes and activation bytes of one expert and its compute time against token
+counts. Per tier an expert load goes through: the load time (the store's tier, ``O_DIRECT``
+from disk on a CPU device; on an accelerator also the pinned host -> device copy). One decode
+step through the executor's real model, and generation at each update frequency through the
+executor's own generation path. The pure part (which update frequency is the inflection point)
+comes first; results are plain data (``swapmoe.core.device_profile``); the server turns them
+into protobuf.
 """
 
 from __future__ import annotations
@@ -11,38 +16,93 @@ import contextlib
 import itertools
 import statistics
 import time
-from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Iterator
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, SweepPoint
+from swapmoe.core.layout import DeviceInfo
 from swapmoe.executor.admission import Cancelled
+from swapmoe.executor.generation import SamplingParams, generate_ids
+
+DEFAULT_TOKEN_COUNTS = (1, 4, 16, 64)
+DEFAULT_REPEATS = 5
+DEFAULT_UPDATE_FREQUENCIES = (0, 64, 32, 16, 8, 4, 2, 1)  # 0 (never update) is the baseline
+DEFAULT_SWEEP_TOKENS = 48
+SWEEP_PROMPT = (1, 5, 9, 13, 17, 21, 25, 29)  # fixed token ids (taken modulo the vocabulary)
+LATENCY_TOLERANCE = 0.05  # updates "cost nothing" within 5% of the baseline (or its own noise)
 
 
 @dataclass(frozen=True, slots=True)
-class ComputeSample:
-    tokens: int
-    expert_forward_ns: int
+class ProfileSpec:
+    """What to measure; bounds are checked by the server (``convert.check_profile_request``),
+    residency by the engine."""
+
+    token_counts: tuple[int, ...] = DEFAULT_TOKEN_COUNTS
+    repeats: int = DEFAULT_REPEATS
+    update_frequencies: tuple[int, ...] = DEFAULT_UPDATE_FREQUENCIES
+    sweep_tokens: int = DEFAULT_SWEEP_TOKENS
+    experts_per_layer: tuple[int, ...] = ()  # the sweep's residency; empty: the plan in force
+
+    @property
+    def frequencies(self) -> tuple[int, ...]:
+        """The baseline 0 first, then descending (least frequent updates first), no repeats."""
+        return (0, *sorted({f for f in self.update_frequencies if f}, reverse=True))
 
 
-@dataclass(slots=True)
-class ProfileResult:
-    expert_load_ns: int
-    load_bytes_per_second: float
-    load_tier: str
-    bytes_per_expert: list[int]
-    dense_bytes: int
-    compute: list[ComputeSample] = field(default_factory=list)
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who measures what: stamped on the profile."""
+
+    node_id: str
+    device: DeviceInfo
+    model_fingerprint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Residency:
+    """Experts per layer, asked at the moment of use (a plan or budget change may land between
+    two measurements): ``sweep()`` for the decode step and the sweep, ``plan()`` to restore."""
+
+    sweep: Callable[[], tuple[int, ...]]
+    plan: Callable[[], tuple[int, ...]]
 
 
 @dataclass(frozen=True, slots=True)
 class ProfileProgress:
     fraction: float
     stage: str
-    result: ProfileResult | None = None
+    result: DeviceProfile | None = None
 
 
+# --- the inflection point (pure) ----------------------------------------------------------
+def inflection(points: Sequence[SweepPoint], tolerance: float = LATENCY_TOLERANCE) -> int:
+    """The most frequent updates that cost no latency (section 3.4.1): the smallest nonzero
+    update frequency whose median inter-token time is within ``tolerance`` (relative) of the
+    baseline's (frequency 0), such that every less frequent one is within too. When even the
+    least frequent one costs latency, the least frequent one; with no baseline or no nonzero
+    frequency, 0."""
+    baseline = next((p.inter_token_ns for p in points if p.update_frequency == 0), None)
+    updating = sorted((p for p in points if p.update_frequency), key=lambda p: -p.update_frequency)
+    if baseline is None or not updating:
+        return 0
+    chosen = updating[0].update_frequency
+    for point in updating:
+        if point.inter_token_ns > baseline * (1 + tolerance):
+            break
+        chosen = point.update_frequency
+    return chosen
+
+
+def relative_spread(samples: Sequence[int]) -> float:
+    """(max - min) / median: how much repeats of one measurement differ."""
+    middle = statistics.median(samples)
+    return (max(samples) - min(samples)) / middle if middle else 0.0
+
+
+# --- measurements -------------------------------------------------------------------------
 def _median_ns(fn, repeats: int, cancelled: Callable[[], bool]) -> int:
     times = []
     for _ in range(repeats):
@@ -51,7 +111,7 @@ def _median_ns(fn, repeats: int, cancelled: Callable[[], bool]) -> int:
         start = time.perf_counter_ns()
         fn()
         times.append(time.perf_counter_ns() - start)
-    return int(statistics.median(times))
+    return max(1, int(statistics.median(times)))
 
 
 def _expert_forward(inner: nn.Module, tokens: int):
@@ -69,31 +129,176 @@ def _expert_forward(inner: nn.Module, tokens: int):
     return lambda: inner(x, index, weights)
 
 
-@torch.inference_mode()
-def profile(runtime, token_counts: tuple[int, ...], repeats: int, cancelled: Callable[[], bool] = lambda: False,
-            between_passes: ContextManager = contextlib.nullcontext()) -> Iterator[ProfileProgress]:
-    """Measure ``runtime`` (a ``VirtualExperts``) on its first MoE layer, reporting progress. Each
-    measurement holds ``between_passes`` (no plan resizes the slot it times); ``cancelled()``
-    is checked before every repeat (raises Cancelled)."""
-    steps = 1 + len(token_counts)
-    yield ProfileProgress(0.0, "expert load")
+def activation_bytes_per_token(inner: nn.Module) -> int:
+    """One expert's intermediate activations for one token: gate_up packed experts keep the
+    2I gate/up output and the I product; Switch's wi/wo keep I."""
+    if isinstance(inner, nn.ModuleDict):
+        wi = inner["expert_0"].wi
+        return wi.out_features * wi.weight.element_size()
+    intermediate = inner.down_proj.shape[-1]  # down_proj: [slots, hidden, I]
+    return 3 * intermediate * inner.down_proj.element_size()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        getattr(torch, device.type).synchronize(device)
+
+
+def _load_samples(runtime, repeats: int, cancelled) -> list[LoadSample]:
+    """The store's tier (a different expert each read, of the layer with the largest experts),
+    then, off the CPU, the copy of one expert from pinned host memory to the device."""
     store = runtime.store
-    buffer = store.buffer(0)
-    experts = itertools.cycle(range(store.manifest.layers[0].num_experts))  # a different expert each read
-    nbytes = store.manifest.layers[0].expert_bytes
+    layer = max(range(len(store.manifest.layers)), key=lambda i: store.manifest.layers[i].expert_bytes)
+    spec = store.manifest.layers[layer]
+    buffer = store.buffer(layer)
+    experts = itertools.cycle(range(spec.num_experts))
+    load_ns = _median_ns(lambda: store.read_into(layer, next(experts), buffer), repeats, cancelled)
+    samples = [LoadSample(store.tier, load_ns, spec.expert_bytes / (load_ns / 1e9))]
+    device = runtime.device
+    if device.type != "cpu":
+        host = torch.empty(spec.expert_bytes, dtype=torch.uint8, pin_memory=True)
+        target = torch.empty(spec.expert_bytes, dtype=torch.uint8, device=device)
+
+        def copy():
+            target.copy_(host, non_blocking=True)
+            _sync(device)
+
+        copy()  # warm-up
+        copy_ns = _median_ns(copy, repeats, cancelled)
+        samples.append(LoadSample(f"pinned host memory -> {device.type}", copy_ns,
+                                  spec.expert_bytes / (copy_ns / 1e9)))
+    return samples
+
+
+def _compute_samples(inner: nn.Module, token_counts, repeats: int, cancelled, device) -> tuple[ComputeSample, ...]:
+    samples = []
+    for tokens in token_counts:
+        forward = _expert_forward(inner, tokens)
+
+        def run():
+            forward()
+            _sync(device)
+
+        run()  # warm-up
+        samples.append(ComputeSample(tokens, _median_ns(run, repeats, cancelled)))
+    return tuple(samples)
+
+
+def _prompt(vocab_size: int) -> tuple[int, ...]:
+    return tuple(t % vocab_size for t in SWEEP_PROMPT) if vocab_size else SWEEP_PROMPT
+
+
+def _decode_step_ns(runtime, repeats: int, cancelled) -> int:
+    """One decode step (a token through the real model with the KV cache of a short prompt),
+    no updates: the generation path's own steps after the prefill and a warm-up step."""
+    tokens = generate_ids(runtime.model, _prompt(runtime.layout.vocab_size), repeats + 2, SamplingParams(),
+                          between_steps=lambda: runtime.between_passes(0))
+    with contextlib.closing(tokens):
+        next(tokens)  # prefill
+        next(tokens)  # warm-up step
+        return _median_ns(lambda: next(tokens), repeats, cancelled)
+
+
+def _generate_once(runtime, frequency: int, count: int, cancelled) -> tuple[list[int], int]:
+    """Generate ``count`` greedy tokens with updates every ``frequency`` tokens, as a request
+    would (``begin_input``, then ``between_passes`` after each pass); returns the times between
+    tokens and the loads started."""
+    started = runtime.stats.loads_started
+    tokens = generate_ids(runtime.model, _prompt(runtime.layout.vocab_size), count, SamplingParams(),
+                          between_steps=lambda: runtime.between_passes(frequency))
+    runtime.begin_input()
+    stamps = []
+    with contextlib.closing(tokens):
+        for _ in tokens:
+            stamps.append(time.perf_counter_ns())
+            if cancelled():
+                raise Cancelled()
+    return [b - a for a, b in zip(stamps, stamps[1:])], runtime.stats.loads_started - started
+
+
+def _settle(runtime) -> None:
+    """Loads a previous measurement started land before the next one starts."""
+    runtime.loader.wait_idle(timeout=30)
+    runtime.poll()
+
+
+@torch.inference_mode()
+def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency,
+            cancelled: Callable[[], bool] = lambda: False,
+            between_passes: ContextManager = contextlib.nullcontext()) -> Iterator[ProfileProgress]:
+    """Measure ``runtime`` (a ``VirtualExperts``), reporting progress. Each measurement holds
+    ``between_passes`` (no plan resizes a slot it uses); ``cancelled()`` is checked before every
+    repeat (raises Cancelled). The decode step and the sweep run at ``residency.sweep()``;
+    afterwards the slots go back to the plan in force, ``residency.plan()``."""
+    layers, frequencies = runtime.layers, spec.frequencies
+    steps = 2 + len(layers) + len(frequencies)
+    device = runtime.device
+    yield ProfileProgress(0.0, "expert load")
     with between_passes:
-        load_ns = max(1, _median_ns(lambda: store.read_into(0, next(experts), buffer), repeats, cancelled))
-    result = ProfileResult(
-        expert_load_ns=load_ns,
-        load_bytes_per_second=nbytes / (load_ns / 1e9),
-        load_tier=runtime.tier,
-        bytes_per_expert=[l.bytes_per_expert for l in runtime.layout.layers],
-        dense_bytes=runtime.layout.dense_bytes,
-    )
-    for n, tokens in enumerate(token_counts, start=1):
-        yield ProfileProgress(n / steps, f"expert compute, {tokens} tokens")
+        loads = _load_samples(runtime, spec.repeats, cancelled)
+    profiles = []
+    for i, (layer, layout) in enumerate(zip(layers, runtime.layout.layers)):
+        yield ProfileProgress((1 + i) / steps, f"expert compute, layer {i}")
         with between_passes:
-            forward = _expert_forward(runtime.layers[0].experts.inner, tokens)
-            forward()  # warm-up
-            result.compute.append(ComputeSample(tokens, _median_ns(forward, repeats, cancelled)))
+            inner = layer.experts.inner
+            compute = _compute_samples(inner, spec.token_counts, spec.repeats, cancelled, device)
+            profiles.append(LayerProfile(layout.bytes_per_expert, activation_bytes_per_token(inner), compute))
+    sweep_capacities = residency.sweep()
+    decode_steps = max(1, min(spec.repeats, spec.sweep_tokens))
+    try:
+        yield ProfileProgress((1 + len(layers)) / steps, "decode step")
+        with between_passes:
+            _resize(runtime, sweep_capacities)
+            _settle(runtime)
+            decode_ns = _decode_step_ns(runtime, decode_steps, cancelled)
+        sweep, baseline_medians = [], []
+        for n, frequency in enumerate(frequencies):
+            yield ProfileProgress((2 + len(layers) + n) / steps, f"update frequency {frequency}")
+            gaps, loads_started, medians = [], 0, []
+            for _ in range(spec.repeats):
+                if cancelled():
+                    raise Cancelled()
+                with between_passes:
+                    _resize(runtime, residency.sweep())  # a budget cut meanwhile may have shrunk it
+                    _settle(runtime)
+                    times, started = _generate_once(runtime, frequency, spec.sweep_tokens, cancelled)
+                gaps += times
+                medians.append(int(statistics.median(times)) if times else 0)
+                loads_started += started
+            if frequency == 0:
+                baseline_medians = medians
+            total_ns = sum(gaps)
+            sweep.append(SweepPoint(frequency, max(1, int(statistics.median(medians))),
+                                    len(gaps) / (total_ns / 1e9) if total_ns else 0.0,
+                                    loads_started / (spec.sweep_tokens * spec.repeats)))
+    finally:
+        with between_passes:
+            _settle(runtime)
+            _resize(runtime, residency.plan())
+    experts_ns = sum(l.top_k * _at_one_token(p.compute) for l, p in zip(runtime.layout.layers, profiles))
+    tolerance = max(LATENCY_TOLERANCE, relative_spread(baseline_medians) if baseline_medians else 0.0)
+    result = DeviceProfile(
+        node_id=identity.node_id,
+        device=identity.device,
+        model_fingerprint=identity.model_fingerprint,
+        layout=runtime.layout,
+        layers=tuple(profiles),
+        loads=tuple(loads),
+        dense_forward_ns=max(0, decode_ns - experts_ns),
+        decode_step_ns=decode_ns,
+        sweep_experts_per_layer=sweep_capacities,
+        sweep=tuple(sweep),
+        inflection_update_frequency=inflection(sweep, tolerance),
+    )
     yield ProfileProgress(1.0, "done", result)
+
+
+def _resize(runtime, capacities: tuple[int, ...]) -> None:
+    if runtime.capacities != capacities:
+        runtime.resize(capacities)
+
+
+def _at_one_token(samples: Sequence[ComputeSample]) -> int:
+    """One expert's time at one token: measured, or the smallest count measured, scaled down."""
+    smallest = min(samples, key=lambda s: s.tokens)
+    return smallest.expert_forward_ns // smallest.tokens

@@ -10,7 +10,7 @@ from swapmoe.core.errors import InvalidField
 from swapmoe.executor.admission import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.generation import GenerationRequest, SamplingParams
-from swapmoe.executor.profiling import ProfileProgress
+from swapmoe.executor.profiling import ProfileProgress, ProfileSpec
 from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.executor.text import Chunk
 from swapmoe.rpc import convert, transport
@@ -122,11 +122,7 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     def Profile(self, request, context):
         # Takes its turn in the generation queue, and stops between measurements when the client leaves.
-        limits.check_count("token_counts", request.token_counts, limits.MAX_PROFILE_TOKEN_COUNTS)
-        for i, tokens in enumerate(request.token_counts):
-            limits.check_range(f"token_counts[{i}]", tokens, 1, self.engine.max_context)
-        limits.check_range("repeats", request.repeats, 0, limits.MAX_PROFILE_REPEATS)
-        progress = self.engine.profile(tuple(request.token_counts) or (1, 4, 16, 64), request.repeats or 5,
+        progress = self.engine.profile(profile_spec_from_pb(request, self.engine),
                                        cancelled=lambda: not context.is_active())
         with contextlib.closing(progress):
             try:
@@ -134,6 +130,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     yield progress_to_pb(step)
             except Cancelled:
                 return
+
+
+def profile_spec_from_pb(msg: epb.ProfileRequest, engine: Engine) -> ProfileSpec:
+    """Every field is bounded (tokens within the context) before the request is queued."""
+    convert.check_profile_request(msg, engine.max_context, engine.sweep_room)
+    default = ProfileSpec()
+    return ProfileSpec(
+        token_counts=tuple(msg.token_counts) or default.token_counts,
+        repeats=msg.repeats or default.repeats,
+        update_frequencies=tuple(msg.update_frequencies) or default.update_frequencies,
+        sweep_tokens=msg.sweep_tokens or max(2, min(default.sweep_tokens, engine.sweep_room)),
+        experts_per_layer=tuple(msg.experts_per_layer),
+    )
 
 
 def describe_pb(engine: Engine) -> epb.DescribeResponse:
@@ -152,11 +161,8 @@ def describe_pb(engine: Engine) -> epb.DescribeResponse:
 
 def progress_to_pb(progress: ProfileProgress) -> epb.ProfileProgress:
     msg = epb.ProfileProgress(fraction=progress.fraction, stage=progress.stage)
-    if (r := progress.result) is not None:
-        msg.result.CopyFrom(epb.ProfileResult(
-            expert_load_ns=r.expert_load_ns, load_bytes_per_second=r.load_bytes_per_second, load_tier=r.load_tier,
-            compute=[epb.ComputeSample(tokens=c.tokens, expert_forward_ns=c.expert_forward_ns) for c in r.compute],
-            bytes_per_expert=r.bytes_per_expert, dense_bytes=r.dense_bytes))
+    if progress.result is not None:
+        msg.result.CopyFrom(convert.device_profile_to_pb(progress.result))
     return msg
 
 

@@ -15,6 +15,9 @@ The rules, in one place:
 - Versions only grow, by one per plan sent, never past ``MAX_PLAN_VERSION``.
 - A node id whose stream is open is taken over only by a registration carrying the secret
   the planner issued to it (``Forbidden`` otherwise).
+- A profile is asked of a connected executor only, one at a time per executor and
+  ``MAX_PROFILES`` in all; the asker waits on its ``PendingProfile`` outside the lock, and a
+  stream that ends fails the profiles it owed.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from swapmoe.core.budget import MemoryModel
-from swapmoe.core.errors import Forbidden, NotFound
+from swapmoe.core.errors import Busy, Forbidden, NotFound
 from swapmoe.core.limits import next_version
 from swapmoe.core.plan import Plan
 from swapmoe.planner_service.planning import plan_for
 from swapmoe.planner_service.registration import Registered
 from swapmoe.rpc import convert
-from swapmoe.v1 import common_pb2, planner_pb2 as ppb
+from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb
+
+# Profiles waited for at once (each holds one of the planner's unary threads while it waits).
+MAX_PROFILES = 8
 
 
 def digest(secret: str) -> str:
@@ -57,7 +63,9 @@ class ExecutorRecord:
     last_seen_ns: int = 0
     version: int = 0  # highest plan version this executor has seen
     secret_digest: str = ""  # sha256 of the secret issued to this node id
-    outbox: queue.Queue = field(default_factory=queue.Queue)  # plans to send; None or an error ends the stream
+    # What to send: plans, profile messages (PlannerMessage); None or an error ends the stream.
+    outbox: queue.Queue = field(default_factory=queue.Queue)
+    profiles: dict[str, "PendingProfile"] = field(default_factory=dict)  # asked, not answered yet
 
     @property
     def layout(self):
@@ -77,6 +85,21 @@ class ExecutorRecord:
         if self.memory:
             msg.memory.CopyFrom(self.memory)
         return msg
+
+
+@dataclass
+class PendingProfile:
+    """A profile asked of one executor: ``done`` is set once it has an outcome or a failure."""
+
+    node_id: str
+    request_id: str
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: ppb.ProfileOutcome | None = None  # the executor's answer
+    failure: str = ""  # why no answer will come (the stream ended)
+
+    def finish(self, outcome: ppb.ProfileOutcome | None, failure: str = "") -> None:
+        self.outcome, self.failure = outcome, failure
+        self.done.set()
 
 
 class Registry:
@@ -138,6 +161,10 @@ class Registry:
         with self._lock:
             if self._records.get(record.node_id) is record:
                 record.connected = False
+            owed, record.profiles = record.profiles, {}
+        for pending in owed.values():  # a stream that ended will not answer: fail them now
+            pending.finish(None, f"executor {record.node_id!r} disconnected while profiling (executor or planner "
+                                 f"restarting, or the network lost); ask again once it is back")
 
     def seen(self, record: ExecutorRecord) -> None:
         record.last_seen_ns = time.time_ns()
@@ -179,6 +206,40 @@ class Registry:
                     self._send(record, plan.with_version(next_version(record.version)))
                 self._persist(record)
             return targets
+
+    def ask_profile(self, node_id: str, request: epb.ProfileRequest) -> PendingProfile:
+        """Send a profile request down ``node_id``'s stream; the caller waits on the result
+        (outside the lock) and calls ``end_profile`` when done waiting. Raises NotFound for an
+        executor that is unknown or not connected, Busy when it is profiling already or too many
+        profiles are waited for."""
+        with self._lock:
+            record = self._records.get(node_id)
+            if record is None or not record.connected:
+                state = "unknown" if record is None else "not connected"
+                raise NotFound(f"node_id: executor {node_id!r} is {state}")
+            if record.profiles:
+                raise Busy(f"node_id: executor {node_id!r} is profiling already; ask again once it is done")
+            if sum(len(r.profiles) for r in self._records.values()) >= MAX_PROFILES:
+                raise Busy(f"{MAX_PROFILES} profiles are running already; ask again once one is done")
+            pending = PendingProfile(node_id, secrets.token_hex(8))
+            record.profiles[pending.request_id] = pending
+            record.outbox.put(ppb.PlannerMessage(profile_request=ppb.ProfileAsk(request_id=pending.request_id,
+                                                                                request=request)))
+            return pending
+
+    def on_profile_result(self, record: ExecutorRecord, outcome: ppb.ProfileOutcome) -> None:
+        """An executor's answer; one nobody waits for (any more) is dropped."""
+        with self._lock:
+            pending = record.profiles.pop(outcome.request_id, None)
+        if pending is not None:
+            pending.finish(outcome)
+
+    def end_profile(self, pending: PendingProfile) -> None:
+        """The asker stops waiting: an unanswered profile is cancelled on the executor."""
+        with self._lock:
+            record = self._records.get(pending.node_id)
+            if record is not None and record.profiles.pop(pending.request_id, None) is not None and record.connected:
+                record.outbox.put(ppb.PlannerMessage(cancel_profile=pending.request_id))
 
     def find(self, node_ids: list[str]) -> list[ExecutorRecord]:
         with self._lock:

@@ -1,17 +1,25 @@
-"""PlannerService over gRPC: executors dial in and keep one Connect stream each."""
+"""PlannerService over gRPC: executors dial in and keep one Connect stream each.
+
+Besides plans, the stream carries profiles: ``ProfileExecutor`` sends a ProfileRequest down a
+connected executor's stream and waits (outside the registry's lock) for its answer, so a
+device behind NAT can be profiled through the connection it opened itself.
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 
+import grpc
+
 from swapmoe.core.errors import InvalidField
-from swapmoe.core.limits import check_node_ids
+from swapmoe.core.limits import MAX_REASON_CHARS, check_node_id, check_node_ids, check_range, check_text
 from swapmoe.core.plan import validate_plan
 from swapmoe.planner_service.registration import check_budget_change, check_registration, check_result
-from swapmoe.planner_service.registry import ExecutorRecord, Registry
+from swapmoe.planner_service.registry import ExecutorRecord, PendingProfile, Registry
 from swapmoe.planner_service.state import PlannerState
 from swapmoe.rpc import convert, transport
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
@@ -22,6 +30,10 @@ UPSTREAM_TELEMETRY_MS = 1000
 # Connect streams served at once (each holds a server thread and a reader thread); more get
 # RESOURCE_EXHAUSTED. The fleet at scale moves past this.
 MAX_EXECUTORS = 240
+DEFAULT_PROFILE_TIMEOUT_S = 600
+MAX_PROFILE_TIMEOUT_S = 3600
+# An executor's failed profile keeps its status when it is one the caller can act on.
+_RELAYED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS}
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
@@ -49,7 +61,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                     return
                 if isinstance(item, Exception):
                     raise item  # a message the reader refused: the stream ends with its status
-                yield ppb.PlannerMessage(plan=convert.plan_to_pb(item))
+                yield item if isinstance(item, ppb.PlannerMessage) else ppb.PlannerMessage(plan=convert.plan_to_pb(item))
         finally:
             self.registry.disconnect(record)
             log.info("executor %s disconnected", record.node_id)
@@ -68,6 +80,10 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                     self.registry.on_budget_change(record, message.budget_change)
                 elif kind == "telemetry":
                     self.registry.on_telemetry(record, message.telemetry)
+                elif kind == "profile_result":
+                    check_text("profile_result.request_id", message.profile_result.request_id)
+                    check_text("profile_result.error", message.profile_result.error, MAX_REASON_CHARS)
+                    self.registry.on_profile_result(record, message.profile_result)
                 elif kind == "registration":
                     raise InvalidField("registration", "is sent once, as the first message of a stream")
         except InvalidField as error:
@@ -91,6 +107,37 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
                 validate_plan(plan, record.layout)
         records = self.registry.push(list(request.node_ids), plan)
         return ppb.PushPlanResponse(executors=[r.to_pb() for r in records])
+
+
+    def ProfileExecutor(self, request, context):
+        check_node_id("node_id", request.node_id)
+        convert.check_profile_request(request.request, prefix="request.")
+        check_range("timeout_s", request.timeout_s, 0, MAX_PROFILE_TIMEOUT_S)
+        timeout = request.timeout_s or DEFAULT_PROFILE_TIMEOUT_S
+        pending = self.registry.ask_profile(request.node_id, request.request)
+        try:
+            outcome = _wait(pending, timeout, context)
+        finally:
+            self.registry.end_profile(pending)  # cancels it on the executor when unanswered
+        if outcome.error:
+            code = grpc.StatusCode.FAILED_PRECONDITION
+            code = next((c for c in _RELAYED if c.value[0] == outcome.error_code), code)
+            context.abort(code, f"executor {request.node_id!r} could not profile: {outcome.error}")
+        return ppb.ProfileExecutorResponse(result=outcome.result)
+
+
+def _wait(pending: PendingProfile, timeout: float, context) -> ppb.ProfileOutcome:
+    """The executor's answer; aborts on a timeout, a stream that ended, or a caller gone."""
+    deadline = time.monotonic() + timeout
+    while not pending.done.wait(min(0.5, max(0.0, deadline - time.monotonic()))):
+        if not context.is_active():
+            context.abort(grpc.StatusCode.CANCELLED, "the caller left")
+        if time.monotonic() >= deadline:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"executor {pending.node_id!r} did not finish profiling within {timeout:g} s")
+    if pending.outcome is None:
+        context.abort(grpc.StatusCode.UNAVAILABLE, pending.failure)
+    return pending.outcome
 
 
 def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_dir: Path | None = None,

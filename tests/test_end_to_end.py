@@ -13,17 +13,9 @@ from swapmoe.rpc import transport
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
                         planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb)
 
+from polling import wait_until
+
 NODE = "edge-1"
-
-
-def wait_until(condition, timeout=60, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

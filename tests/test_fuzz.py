@@ -171,6 +171,9 @@ def seeds(engine, link):
         "Connect": ppb.ExecutorMessage(registration=fake_registration(link)),
         "GetPlanStatus": ppb.PlanStatusRequest(node_ids=["fuzzed"]),
         "PushPlan": ppb.PushPlanRequest(node_ids=["fuzzed"], plan=plan),
+        # A node that is not connected: a profile of the real one would outlast the calls' deadline.
+        "ProfileExecutor": ppb.ProfileExecutorRequest(node_id="fuzz-absent", timeout_s=5, request=epb.ProfileRequest(
+            token_counts=[1], repeats=1, update_frequencies=[0, 2], sweep_tokens=4, experts_per_layer=[2, 2])),
         "ListNodes": fpb.ListNodesRequest(),
         "StartRollout": fpb.StartRolloutRequest(node_ids=["fuzzed"], plan=plan, timeout_ms=1000),
         "GetRollout": fpb.GetRolloutRequest(rollout_id="rollout-1"),

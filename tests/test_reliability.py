@@ -23,16 +23,9 @@ from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import transport
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
+from polling import wait_until
+
 U64_MAX = 2**64 - 1
-
-
-def wait_until(condition, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := condition():
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(scope="module")

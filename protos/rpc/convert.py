@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from swapmoe.core import limits
 from swapmoe.core.budget import Reserve
+from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, SweepPoint
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.memory import MemoryReport
 from swapmoe.core.plan import Plan, PlanResult, Strategy
-from swapmoe.v1 import common_pb2 as pb
+from swapmoe.v1 import common_pb2 as pb, executor_pb2 as epb
+
+# ProfileRequest bounds beside those in swapmoe.core.limits: a sweep of at most 16 update
+# frequencies of at most 4,096 tokens each (the executor also keeps tokens within its context).
+MAX_PROFILE_UPDATE_FREQUENCIES = 16
+MAX_PROFILE_SWEEP_TOKENS = 4096
+MAX_PROFILE_TOKENS = 1 << 20  # a compute sample's tokens, on a device whose context is not known
 
 _STRATEGY_TO_PB = {
     Strategy.MASKED_GATING: pb.NON_RESIDENT_STRATEGY_MASKED_GATING,
@@ -120,3 +128,74 @@ def reserve_to_pb(reserve: Reserve) -> pb.Reserve:
 
 def reserve_from_pb(msg: pb.Reserve) -> Reserve:
     return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes)
+
+
+def check_profile_request(msg: epb.ProfileRequest, max_tokens: int = MAX_PROFILE_TOKENS,
+                          max_sweep_tokens: int = MAX_PROFILE_SWEEP_TOKENS, prefix: str = "") -> None:
+    """Bounds of every ProfileRequest field, before any work. The executor passes its context
+    (``max_tokens``) and the room its sweep prompt leaves in it (``max_sweep_tokens``); the
+    planner relaying a request checks the bounds that hold on every device."""
+    limits.check_count(f"{prefix}token_counts", msg.token_counts, limits.MAX_PROFILE_TOKEN_COUNTS)
+    for i, tokens in enumerate(msg.token_counts):
+        limits.check_range(f"{prefix}token_counts[{i}]", tokens, 1, max_tokens)
+    limits.check_range(f"{prefix}repeats", msg.repeats, 0, limits.MAX_PROFILE_REPEATS)
+    limits.check_count(f"{prefix}update_frequencies", msg.update_frequencies, MAX_PROFILE_UPDATE_FREQUENCIES)
+    for i, frequency in enumerate(msg.update_frequencies):
+        limits.check_range(f"{prefix}update_frequencies[{i}]", frequency, 0, limits.MAX_UPDATE_FREQUENCY)
+    if msg.sweep_tokens:  # two tokens at least: one time between them
+        limits.check_range(f"{prefix}sweep_tokens", msg.sweep_tokens, 2, min(max_sweep_tokens, MAX_PROFILE_SWEEP_TOKENS))
+    limits.check_count(f"{prefix}experts_per_layer", msg.experts_per_layer, limits.MAX_LAYERS)
+    for i, kept in enumerate(msg.experts_per_layer):
+        limits.check_range(f"{prefix}experts_per_layer[{i}]", kept, 1, limits.MAX_EXPERTS_PER_LAYER)
+
+
+def _compute_to_pb(samples) -> list[epb.ComputeSample]:
+    return [epb.ComputeSample(tokens=c.tokens, expert_forward_ns=c.expert_forward_ns) for c in samples]
+
+
+def device_profile_to_pb(profile: DeviceProfile) -> epb.ProfileResult:
+    """The whole profile, plus the fields older readers know (first load tier, first layer)."""
+    first_load = profile.loads[0] if profile.loads else LoadSample("", 0, 0.0)
+    return epb.ProfileResult(
+        expert_load_ns=first_load.expert_load_ns,
+        load_bytes_per_second=first_load.bytes_per_second,
+        load_tier=first_load.tier,
+        compute=_compute_to_pb(profile.layers[0].compute if profile.layers else ()),
+        bytes_per_expert=[l.bytes_per_expert for l in profile.layers],
+        dense_bytes=profile.layout.dense_bytes,
+        node_id=profile.node_id,
+        device=device_to_pb(profile.device),
+        model_fingerprint=profile.model_fingerprint,
+        layout=layout_to_pb(profile.layout),
+        layers=[epb.LayerProfile(bytes_per_expert=l.bytes_per_expert,
+                                 activation_bytes_per_token=l.activation_bytes_per_token,
+                                 compute=_compute_to_pb(l.compute)) for l in profile.layers],
+        loads=[epb.LoadSample(tier=l.tier, expert_load_ns=l.expert_load_ns, bytes_per_second=l.bytes_per_second)
+               for l in profile.loads],
+        dense_forward_ns=profile.dense_forward_ns,
+        decode_step_ns=profile.decode_step_ns,
+        sweep_experts_per_layer=list(profile.sweep_experts_per_layer),
+        sweep=[epb.SweepPoint(update_frequency=p.update_frequency, inter_token_ns=p.inter_token_ns,
+                              tokens_per_second=p.tokens_per_second, loads_per_token=p.loads_per_token)
+               for p in profile.sweep],
+        inflection_update_frequency=profile.inflection_update_frequency,
+    )
+
+
+def device_profile_from_pb(msg: epb.ProfileResult) -> DeviceProfile:
+    return DeviceProfile(
+        node_id=msg.node_id,
+        device=device_from_pb(msg.device),
+        model_fingerprint=msg.model_fingerprint,
+        layout=layout_from_pb(msg.layout),
+        layers=tuple(LayerProfile(l.bytes_per_expert, l.activation_bytes_per_token,
+                                  tuple(ComputeSample(c.tokens, c.expert_forward_ns) for c in l.compute))
+                     for l in msg.layers),
+        loads=tuple(LoadSample(l.tier, l.expert_load_ns, l.bytes_per_second) for l in msg.loads),
+        dense_forward_ns=msg.dense_forward_ns,
+        decode_step_ns=msg.decode_step_ns,
+        sweep_experts_per_layer=tuple(msg.sweep_experts_per_layer),
+        sweep=tuple(SweepPoint(p.update_frequency, p.inter_token_ns, p.tokens_per_second, p.loads_per_token)
+                    for p in msg.sweep),
+        inflection_update_frequency=msg.inflection_update_frequency,
+    )

@@ -133,12 +133,18 @@ class DescribeResponse(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
-    __slots__ = ("token_counts", "repeats")
+    __slots__ = ("token_counts", "repeats", "update_frequencies", "sweep_tokens", "experts_per_layer")
     TOKEN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     REPEATS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FREQUENCIES_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     token_counts: _containers.RepeatedScalarFieldContainer[int]
     repeats: int
-    def __init__(self, token_counts: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ...) -> None: ...
+    update_frequencies: _containers.RepeatedScalarFieldContainer[int]
+    sweep_tokens: int
+    experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_counts: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ..., update_frequencies: _Optional[_Iterable[int]] = ..., sweep_tokens: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ComputeSample(_message.Message):
     __slots__ = ("tokens", "expert_forward_ns")
@@ -148,21 +154,75 @@ class ComputeSample(_message.Message):
     expert_forward_ns: int
     def __init__(self, tokens: _Optional[int] = ..., expert_forward_ns: _Optional[int] = ...) -> None: ...
 
+class LayerProfile(_message.Message):
+    __slots__ = ("bytes_per_expert", "activation_bytes_per_token", "compute")
+    BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_BYTES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_FIELD_NUMBER: _ClassVar[int]
+    bytes_per_expert: int
+    activation_bytes_per_token: int
+    compute: _containers.RepeatedCompositeFieldContainer[ComputeSample]
+    def __init__(self, bytes_per_expert: _Optional[int] = ..., activation_bytes_per_token: _Optional[int] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ...) -> None: ...
+
+class LoadSample(_message.Message):
+    __slots__ = ("tier", "expert_load_ns", "bytes_per_second")
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_LOAD_NS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    tier: str
+    expert_load_ns: int
+    bytes_per_second: float
+    def __init__(self, tier: _Optional[str] = ..., expert_load_ns: _Optional[int] = ..., bytes_per_second: _Optional[float] = ...) -> None: ...
+
+class SweepPoint(_message.Message):
+    __slots__ = ("update_frequency", "inter_token_ns", "tokens_per_second", "loads_per_token")
+    UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
+    INTER_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    LOADS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    update_frequency: int
+    inter_token_ns: int
+    tokens_per_second: float
+    loads_per_token: float
+    def __init__(self, update_frequency: _Optional[int] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., loads_per_token: _Optional[float] = ...) -> None: ...
+
 class ProfileResult(_message.Message):
-    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes")
+    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency")
     EXPERT_LOAD_NS_FIELD_NUMBER: _ClassVar[int]
     LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIER_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
     DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LOADS_FIELD_NUMBER: _ClassVar[int]
+    DENSE_FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_FIELD_NUMBER: _ClassVar[int]
+    INFLECTION_UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
     expert_load_ns: int
     load_bytes_per_second: float
     load_tier: str
     compute: _containers.RepeatedCompositeFieldContainer[ComputeSample]
     bytes_per_expert: _containers.RepeatedScalarFieldContainer[int]
     dense_bytes: int
-    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ...) -> None: ...
+    node_id: str
+    device: _common_pb2.DeviceInfo
+    model_fingerprint: str
+    layout: _common_pb2.ModelLayout
+    layers: _containers.RepeatedCompositeFieldContainer[LayerProfile]
+    loads: _containers.RepeatedCompositeFieldContainer[LoadSample]
+    dense_forward_ns: int
+    decode_step_ns: int
+    sweep_experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
+    sweep: _containers.RepeatedCompositeFieldContainer[SweepPoint]
+    inflection_update_frequency: int
+    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ...) -> None: ...
 
 class ProfileProgress(_message.Message):
     __slots__ = ("fraction", "stage", "result")

@@ -1,4 +1,5 @@
 from swapmoe.v1 import common_pb2 as _common_pb2
+from swapmoe.v1 import executor_pb2 as _executor_pb2
 from swapmoe.v1 import telemetry_pb2 as _telemetry_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -53,16 +54,30 @@ class BudgetChange(_message.Message):
     def __init__(self, previous_budget_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ExecutorMessage(_message.Message):
-    __slots__ = ("registration", "telemetry", "budget_change", "plan_result")
+    __slots__ = ("registration", "telemetry", "budget_change", "plan_result", "profile_result")
     REGISTRATION_FIELD_NUMBER: _ClassVar[int]
     TELEMETRY_FIELD_NUMBER: _ClassVar[int]
     BUDGET_CHANGE_FIELD_NUMBER: _ClassVar[int]
     PLAN_RESULT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_RESULT_FIELD_NUMBER: _ClassVar[int]
     registration: Registration
     telemetry: _telemetry_pb2.TelemetryEvent
     budget_change: BudgetChange
     plan_result: _common_pb2.PlanResult
-    def __init__(self, registration: _Optional[_Union[Registration, _Mapping]] = ..., telemetry: _Optional[_Union[_telemetry_pb2.TelemetryEvent, _Mapping]] = ..., budget_change: _Optional[_Union[BudgetChange, _Mapping]] = ..., plan_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ...) -> None: ...
+    profile_result: ProfileOutcome
+    def __init__(self, registration: _Optional[_Union[Registration, _Mapping]] = ..., telemetry: _Optional[_Union[_telemetry_pb2.TelemetryEvent, _Mapping]] = ..., budget_change: _Optional[_Union[BudgetChange, _Mapping]] = ..., plan_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., profile_result: _Optional[_Union[ProfileOutcome, _Mapping]] = ...) -> None: ...
+
+class ProfileOutcome(_message.Message):
+    __slots__ = ("request_id", "result", "error", "error_code")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    result: _executor_pb2.ProfileResult
+    error: str
+    error_code: int
+    def __init__(self, request_id: _Optional[str] = ..., result: _Optional[_Union[_executor_pb2.ProfileResult, _Mapping]] = ..., error: _Optional[str] = ..., error_code: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("telemetry_interval_ms", "topics", "node_secret")
@@ -75,12 +90,24 @@ class Welcome(_message.Message):
     def __init__(self, telemetry_interval_ms: _Optional[int] = ..., topics: _Optional[_Iterable[_Union[_telemetry_pb2.Topic, str]]] = ..., node_secret: _Optional[str] = ...) -> None: ...
 
 class PlannerMessage(_message.Message):
-    __slots__ = ("welcome", "plan")
+    __slots__ = ("welcome", "plan", "profile_request", "cancel_profile")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_PROFILE_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     plan: _common_pb2.Plan
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
+    profile_request: ProfileAsk
+    cancel_profile: str
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., profile_request: _Optional[_Union[ProfileAsk, _Mapping]] = ..., cancel_profile: _Optional[str] = ...) -> None: ...
+
+class ProfileAsk(_message.Message):
+    __slots__ = ("request_id", "request")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    request: _executor_pb2.ProfileRequest
+    def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[_executor_pb2.ProfileRequest, _Mapping]] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
     __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns", "pinned")
@@ -135,3 +162,19 @@ class PushPlanResponse(_message.Message):
     EXECUTORS_FIELD_NUMBER: _ClassVar[int]
     executors: _containers.RepeatedCompositeFieldContainer[ExecutorStatus]
     def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ...) -> None: ...
+
+class ProfileExecutorRequest(_message.Message):
+    __slots__ = ("node_id", "request", "timeout_s")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    request: _executor_pb2.ProfileRequest
+    timeout_s: int
+    def __init__(self, node_id: _Optional[str] = ..., request: _Optional[_Union[_executor_pb2.ProfileRequest, _Mapping]] = ..., timeout_s: _Optional[int] = ...) -> None: ...
+
+class ProfileExecutorResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: _executor_pb2.ProfileResult
+    def __init__(self, result: _Optional[_Union[_executor_pb2.ProfileResult, _Mapping]] = ...) -> None: ...

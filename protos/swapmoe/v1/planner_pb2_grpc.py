@@ -50,6 +50,11 @@ class PlannerServiceStub:
                 request_serializer=swapmoe_dot_v1_dot_planner__pb2.PushPlanRequest.SerializeToString,
                 response_deserializer=swapmoe_dot_v1_dot_planner__pb2.PushPlanResponse.FromString,
                 _registered_method=True)
+        self.ProfileExecutor = channel.unary_unary(
+                '/swapmoe.v1.PlannerService/ProfileExecutor',
+                request_serializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorRequest.SerializeToString,
+                response_deserializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -78,6 +83,14 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ProfileExecutor(self, request, context):
+        """Profiles one connected executor through its Connect stream (so a device
+        behind NAT can be profiled) and answers with what it measured.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +108,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.PushPlan,
                     request_deserializer=swapmoe_dot_v1_dot_planner__pb2.PushPlanRequest.FromString,
                     response_serializer=swapmoe_dot_v1_dot_planner__pb2.PushPlanResponse.SerializeToString,
+            ),
+            'ProfileExecutor': grpc.unary_unary_rpc_method_handler(
+                    servicer.ProfileExecutor,
+                    request_deserializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorRequest.FromString,
+                    response_serializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +197,33 @@ class PlannerService:
             '/swapmoe.v1.PlannerService/PushPlan',
             swapmoe_dot_v1_dot_planner__pb2.PushPlanRequest.SerializeToString,
             swapmoe_dot_v1_dot_planner__pb2.PushPlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ProfileExecutor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swapmoe.v1.PlannerService/ProfileExecutor',
+            swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorRequest.SerializeToString,
+            swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorResponse.FromString,
             options,
             channel_credentials,
             insecure,

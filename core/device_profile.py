@@ -1,0 +1,63 @@
+"""What one device measured for one model (paper section 3.3 and appendix A): the input of
+E_latency and of the update-frequency choice (section 3.4.1).
+
+Plain data: the executor measures it (``swapmoe.executor.profiling``), ``swapmoe.rpc.convert``
+moves it over the wire, ``swapmoe.profiler`` stores it and fits models to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swapmoe.core.layout import DeviceInfo, ModelLayout
+
+
+@dataclass(frozen=True, slots=True)
+class ComputeSample:
+    """One expert's forward over ``tokens`` tokens (median)."""
+
+    tokens: int
+    expert_forward_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class LayerProfile:
+    """One MoE layer: experts of a layer are alike, so one expert is measured per layer."""
+
+    bytes_per_expert: int  # parameters
+    activation_bytes_per_token: int  # one expert's intermediate activations for one token
+    compute: tuple[ComputeSample, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSample:
+    """Reading one expert from a tier the executor loads from (median)."""
+
+    tier: str
+    expert_load_ns: int
+    bytes_per_second: float
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    """Generation at one update frequency (0: never update), at the sweep's plan."""
+
+    update_frequency: int
+    inter_token_ns: int  # median time between streamed tokens
+    tokens_per_second: float
+    loads_per_token: float
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceProfile:
+    node_id: str
+    device: DeviceInfo
+    model_fingerprint: str  # swapmoe.core.fingerprint.model_fingerprint of the served checkpoint
+    layout: ModelLayout
+    layers: tuple[LayerProfile, ...]
+    loads: tuple[LoadSample, ...]
+    dense_forward_ns: int  # one decode step's time outside the experts
+    decode_step_ns: int  # one decode step at the sweep's plan, without updates
+    sweep_experts_per_layer: tuple[int, ...]  # the plan the sweep ran
+    sweep: tuple[SweepPoint, ...]
+    inflection_update_frequency: int  # the most frequent updates that do not cost latency
