@@ -144,6 +144,23 @@ class VirtualExperts:
         if not first:
             self.update(max_loads=max(capacities))
 
+    def restart(self, capacities: Sequence[int]) -> None:
+        """Start over as a freshly built runtime would (no traffic seen, slots filled by expert
+        norms), without rebuilding the model: accuracy profiling scores many configurations on
+        one runtime, each from the same state, so a score does not depend on what ran before."""
+        self._settle()
+        for layer in self.layers:
+            layer.scores = layer.router.expert_norms.double().cpu() * 1e-9
+            layer.seen = layer.router.importance.detach().to("cpu", torch.double, copy=True)
+        self._filled = False
+        self._since_update = 0
+        self.resize(capacities)
+
+    def wait_for_loads(self) -> None:
+        """Block until the background loads started so far have finished (they are published by
+        the next ``poll``): a deterministic stand-in for loads that land within one pass."""
+        self.loader.wait_idle()
+
     def set_strategy(self, strategy: Strategy) -> None:
         self._settle()
         self.strategy = strategy

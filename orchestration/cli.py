@@ -11,6 +11,7 @@ from pathlib import Path
 
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.sizes import parse_size
+from swapmoe.profiler import commands as profile_commands
 
 
 def _size(text: str) -> int:
@@ -233,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("budget", type=_size)
     p.set_defaults(func=set_budget)
 
+    profile_commands.add_parser(commands)
+
     p = commands.add_parser("demo", help="planner + executor + a streamed generation under a budget")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--budget", help="memory budget (default: 60%% of what the model needs in full)")
@@ -246,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_OF_MODULE = {
     **dict.fromkeys(("torch", "transformers", "safetensors", "tokenizers", "numpy", "psutil", "prometheus_client",
                      "tqdm"), "executor"),
-    **dict.fromkeys(("ray", "sklearn"), "planner"),
+    **dict.fromkeys(("ray", "sklearn", "matplotlib"), "planner"),
     "rouge_score": "models",
 }
 

@@ -113,3 +113,36 @@ def rollout(address: str, nodes: list[str], experts: list[int] | None, wait_s: f
         status = get_rollout(address, status.rollout_id)
     print_rollout(status)
     return 0 if status.state == fpb.ROLLOUT_STATE_SUCCEEDED else 1
+
+
+def fetch_device_profile(executor: str | None = None, planner: str | None = None, node_id: str | None = None,
+                         repeats: int = 5, sweep_tokens: int = 48, out=None):
+    """Profile an executor's device: by calling it (showing its progress), or, for an executor
+    that dialled out to ``planner``, by asking the planner to ask it down its Connect stream.
+    Returns a ``swapmoe.core.device_profile.DeviceProfile``."""
+    from swapmoe.rpc import convert
+    from swapmoe.v1 import planner_pb2_grpc
+
+    out = out or sys.stderr  # progress; looked up now, so a redirected stderr gets it
+    request = epb.ProfileRequest(repeats=repeats, sweep_tokens=sweep_tokens)
+    try:
+        if executor:
+            result = None
+            for progress in executor_stub(executor).Profile(request, timeout=1800):
+                out.write(f"\r{progress.fraction:6.1%} {progress.stage:<60}")
+                out.flush()
+                if progress.HasField("result"):
+                    result = progress.result
+            out.write("\n")
+        else:
+            if not node_id:
+                raise ValueError("--planner needs --node-id: the executor to profile")
+            stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(planner))
+            out.write(f"asking {node_id} through the planner at {planner} (no progress on this path)...\n")
+            result = stub.ProfileExecutor(ppb.ProfileExecutorRequest(node_id=node_id, request=request, timeout_s=1800),
+                                          timeout=1860).result
+    except grpc.RpcError as error:
+        raise ValueError(f"profiling failed: {error.code().name}: {error.details()}") from None
+    if result is None:
+        raise ValueError("profiling failed: the executor's stream ended without a result")
+    return convert.device_profile_from_pb(result)

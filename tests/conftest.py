@@ -42,3 +42,14 @@ def engine(tiny_model_dir):
 
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="test-node")) as engine:
         yield engine
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the whole session (about 4 s to start): 2 CPUs, no dashboard."""
+    ray = pytest.importorskip("ray")
+    from swapmoe.profiler.accuracy import start_ray
+
+    start_ray(cpus=2)
+    yield ray
+    ray.shutdown()
