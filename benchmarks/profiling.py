@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 SET = ProfilingSet("lm", texts=3, tokens=256)
 LATENCY_CONFIGS = [((8,) * 6, 4), ((12, 4, 12, 4, 12, 4), 8), ((16, 16, 2, 2, 16, 16), 2),
                    ((4,) * 6, 16), ((6, 10, 6, 10, 6, 10), 1), ((14, 14, 14, 3, 3, 3), 32)]
+ROUNDS = 5  # generations of 64 tokens per configuration when checking E_latency
 
 
 def accuracy_profile(root: Path, configurations: int) -> dict:
@@ -91,15 +92,23 @@ def device_and_latency(budget: int) -> dict:
 
         latency = load_latency_model(directory, profile.model_fingerprint)
         memory = MemoryModel(engine.layout, engine.memory_model.reserve)
+        configs = [Configuration(kept, frequency) for kept, frequency in LATENCY_CONFIGS]
+        rates = {c.key: [] for c in configs}
+        accounted = {}
+        version = engine.plan.version
+        for _ in range(ROUNDS):  # configurations interleaved, so drift on the machine hits them alike
+            for config in configs:
+                version += 1
+                assert engine.apply_plan(config.plan(version)).accepted
+                accounted[config.key] = engine.memory().accounted_bytes
+                _measured_tokens_per_second(engine)  # untimed: the loads a new plan starts settle
+                rates[config.key].append(_measured_tokens_per_second(engine))
         checks = []
-        for version, (kept, frequency) in enumerate(LATENCY_CONFIGS, start=engine.plan.version + 1):
-            config = Configuration(kept, frequency)
-            assert engine.apply_plan(config.plan(version)).accepted
-            measured = _measured_tokens_per_second(engine)
-            predicted = latency.tokens_per_second(config)
+        for config in configs:
+            measured, predicted = statistics.median(rates[config.key]), latency.tokens_per_second(config)
             checks.append(dict(config=config.key, predicted_tps=round(predicted, 1), measured_tps=round(measured, 1),
                                error=round(relative_error(predicted, measured), 4),
-                               e_memory=e_memory(memory, config), accounted=engine.memory().accounted_bytes))
+                               e_memory=e_memory(memory, config), accounted=accounted[config.key]))
         summary = (directory / "summary.md").read_text()
     return dict(profile_summary=summary, inflection=profile.inflection_update_frequency,
                 sweep=[dict(update_frequency=p.update_frequency, inter_token_ms=round(p.inter_token_ns / 1e6, 3),
@@ -109,14 +118,11 @@ def device_and_latency(budget: int) -> dict:
                 latency_checks=checks)
 
 
-def _measured_tokens_per_second(engine, tokens: int = 64, prompts: int = 3) -> float:
-    """Median over prompts of decode tokens per second (first token to last)."""
-    rates = []
-    for p in range(prompts):
-        request = GenerationRequest(tuple(range(10 + p, 42 + p)), max_new_tokens=tokens)
-        stamps = [time.perf_counter() for chunk in engine.generate(request) for _ in chunk.token_ids]
-        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
-    return statistics.median(rates)
+def _measured_tokens_per_second(engine, tokens: int = 64) -> float:
+    """Decode tokens per second of one generation as its client sees them (first token to last)."""
+    request = GenerationRequest(tuple(range(10, 42)), max_new_tokens=tokens)
+    stamps = [time.perf_counter() for chunk in engine.generate(request) for _ in chunk.token_ids]
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def write_report(results: dict, out: Path) -> None:
@@ -145,7 +151,7 @@ def write_report(results: dict, out: Path) -> None:
                      f"{e['linear']['mean_relative_error']:.2%} | {e['linear']['spearman']:.3f} |")
     lines += ["", "## Device profile of this machine and E_latency", "", d["profile_summary"],
               "E_latency against measured decode tokens/s on configurations the fit never saw "
-              "(median of 3 generations of 64 tokens):", "",
+              f"(median of {ROUNDS} generations of 64 tokens each, configurations interleaved):", "",
               "| configuration | predicted tokens/s | measured | error | E_memory = accounted |", "|---|---|---|---|---|"]
     lines += [f"| `{c['config']}` | {c['predicted_tps']} | {c['measured_tps']} | {c['error']:.1%} | "
               f"{c['e_memory'] == c['accounted']} |" for c in d["latency_checks"]]

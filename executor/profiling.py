@@ -97,9 +97,10 @@ def inflection(points: Sequence[SweepPoint], tolerance: float = LATENCY_TOLERANC
 
 
 def relative_spread(samples: Sequence[int]) -> float:
-    """(max - min) / median: how much repeats of one measurement differ."""
+    """Median absolute deviation / median: how much repeats of one measurement differ, robust to
+    the one repeat a busy device slows down (the range would let that one set the tolerance)."""
     middle = statistics.median(samples)
-    return (max(samples) - min(samples)) / middle if middle else 0.0
+    return statistics.median(abs(x - middle) for x in samples) / middle if middle else 0.0
 
 
 # --- measurements -------------------------------------------------------------------------
@@ -231,7 +232,7 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency
     repeat (raises Cancelled). The decode step and the sweep run at ``residency.sweep()``;
     afterwards the slots go back to the plan in force, ``residency.plan()``."""
     layers, frequencies = runtime.layers, spec.frequencies
-    steps = 2 + len(layers) + len(frequencies)
+    steps = 2 + len(layers) + len(frequencies) * spec.repeats
     device = runtime.device
     yield ProfileProgress(0.0, "expert load")
     with between_passes:
@@ -251,26 +252,28 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency
             _resize(runtime, sweep_capacities)
             _settle(runtime)
             decode_ns = _decode_step_ns(runtime, decode_steps, cancelled)
-        sweep, baseline_medians = [], []
-        for n, frequency in enumerate(frequencies):
-            yield ProfileProgress((2 + len(layers) + n) / steps, f"update frequency {frequency}")
-            gaps, loads_started, medians = [], 0, []
-            for _ in range(spec.repeats):
+        with between_passes:  # warm-up: the first generation after a resize runs slower
+            _generate_once(runtime, 0, spec.sweep_tokens, cancelled)
+        gaps = {f: [] for f in frequencies}
+        medians = {f: [] for f in frequencies}
+        loads_started = dict.fromkeys(frequencies, 0)
+        for repeat in range(spec.repeats):  # frequencies interleaved: drift on the device hits all alike
+            yield ProfileProgress((2 + len(layers) + repeat * len(frequencies)) / steps,
+                                  f"update-frequency sweep, round {repeat + 1} of {spec.repeats}")
+            for frequency in frequencies:
                 if cancelled():
                     raise Cancelled()
                 with between_passes:
                     _resize(runtime, residency.sweep())  # a budget cut meanwhile may have shrunk it
                     _settle(runtime)
                     times, started = _generate_once(runtime, frequency, spec.sweep_tokens, cancelled)
-                gaps += times
-                medians.append(int(statistics.median(times)) if times else 0)
-                loads_started += started
-            if frequency == 0:
-                baseline_medians = medians
-            total_ns = sum(gaps)
-            sweep.append(SweepPoint(frequency, max(1, int(statistics.median(medians))),
-                                    len(gaps) / (total_ns / 1e9) if total_ns else 0.0,
-                                    loads_started / (spec.sweep_tokens * spec.repeats)))
+                gaps[frequency] += times
+                medians[frequency].append(int(statistics.median(times)) if times else 0)
+                loads_started[frequency] += started
+        baseline_medians = medians[0]
+        sweep = [SweepPoint(f, max(1, int(statistics.median(medians[f]))),
+                            len(gaps[f]) / (sum(gaps[f]) / 1e9) if sum(gaps[f]) else 0.0,
+                            loads_started[f] / (spec.sweep_tokens * spec.repeats)) for f in frequencies]
     finally:
         with between_passes:
             _settle(runtime)

@@ -11,7 +11,7 @@ from swapmoe.core.device_profile import SweepPoint
 from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
-from swapmoe.executor.profiling import ProfileSpec, inflection
+from swapmoe.executor.profiling import ProfileSpec, inflection, relative_spread
 from swapmoe.executor.server import serve as serve_executor
 from swapmoe.orchestration.processes import spawn
 from swapmoe.planner_service.server import serve as serve_planner
@@ -242,3 +242,8 @@ def test_an_executor_that_disconnects_while_profiling_is_unavailable(planner, li
 def test_a_failed_profile_keeps_its_status_and_the_executors_message(planner, linked):
     error = rpc_error(lambda: ask(planner[1], "linked", experts_per_layer=[9, 2]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "experts_per_layer[0]" in error.details()
+
+
+def test_the_noise_allowance_ignores_one_slowed_repeat():
+    assert relative_spread([100, 100, 101, 99, 300]) == pytest.approx(0.01)
+    assert relative_spread([100, 110, 90, 120, 80]) == pytest.approx(0.1)
