@@ -51,6 +51,7 @@ def write_json(path: Path, kind: str, body: dict) -> None:
     data = json.dumps({"format": FORMAT, "kind": kind, **body}, indent=1, sort_keys=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
         f.write(data + "\n")
+    os.chmod(f.name, 0o644)  # a profile is no secret: readable like the files it sits with
     os.replace(f.name, path)
 
 

@@ -47,7 +47,7 @@ def load_accuracy_models(directory: Path, fingerprint: str | None = None) -> dic
 def accuracy_summary(meta: dict, rows: list[dict], body: dict) -> str:
     seconds = sum(r["seconds"] for r in rows)
     lines = [f"# Accuracy profile of model {meta['model_fingerprint']}", "",
-             f"Profiling set `{meta['profiling_set']}`; {len(rows)} configurations scored "
+             f"Profiling set: {_describe_set(meta['profiling_set'])}; {len(rows)} configurations scored "
              f"({seconds / 60:.1f} worker-minutes), seed {meta['seed']}.", "",
              "| workload | full model | configurations | E_accuracy held-out mean rel. error | linear | E_accuracy rank corr. |",
              "|---|---|---|---|---|---|"]
@@ -58,6 +58,12 @@ def accuracy_summary(meta: dict, rows: list[dict], body: dict) -> str:
                      f"{err['mlp']['mean_relative_error']:.2%} | {err['linear']['mean_relative_error']:.2%} | "
                      f"{err['mlp']['spearman']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _describe_set(spec: dict) -> str:
+    if spec.get("kind") == "lm":
+        return f"{spec['texts']} {spec['purpose']} texts x {spec['tokens']} tokens per domain (perplexity)"
+    return f"{spec.get('pairs')} {spec.get('purpose')} code/summary pairs (Rouge-2)"
 
 
 # --- device ---------------------------------------------------------------------------
