@@ -1,8 +1,9 @@
 """The executor's dial-out stream to its planner.
 
 The executor opens the connection (so a device behind NAT or a firewall still
-works), registers, sends budget changes and memory telemetry up, and applies
-the plans that come down, answering each with an ACK or a NACK. When the
+works), registers (naming the model it serves by its content fingerprint), sends
+budget changes up at once and the telemetry the planner asks for in its Welcome, and
+applies the plans that come down, answering each with an ACK or a NACK. When the
 planner is away the executor keeps its last good plan and keeps retrying;
 each new connection starts with a fresh registration, which resyncs the planner.
 The planner's first answer carries this node id's secret, sent back in every later
@@ -13,6 +14,10 @@ The planner may also ask for a device profile down the stream: it runs through
 ``Engine.profile`` on a thread of its own (the link keeps reading plans and sending
 telemetry meanwhile) and its outcome goes up; a cancel from the planner, or the stream
 ending, stops it between measurements.
+
+Telemetry windows are per stream: each experts report counts the activations routed
+since the previous one (since the Welcome, for the first), the recent window from which
+the planner recognises the workload a device is serving.
 """
 
 from __future__ import annotations
@@ -27,17 +32,23 @@ from pathlib import Path
 import grpc
 
 from swapmoe.core.errors import InvalidField
-from swapmoe.core.limits import MAX_REASON_CHARS
+from swapmoe.core.fingerprint import model_fingerprint
+from swapmoe.core.limits import MAX_REASON_CHARS, MAX_SUBSCRIBE_INTERVAL_MS
 from swapmoe.core.plan import PlanResult
 from swapmoe.executor.admission import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.server import describe_pb, profile_spec_from_pb
+from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.rpc import convert, transport
 from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
 SECRET_FILE = "node_secret"
+# What the planner may ask for upstream, and how often: faster than 10 reports a second
+# would cost the device more than the planner can use.
+UPSTREAM_TOPICS = frozenset({tpb.TOPIC_MEMORY, tpb.TOPIC_THROUGHPUT, tpb.TOPIC_EXPERTS})
+MIN_UPSTREAM_INTERVAL_MS = 100
 
 
 class PlannerLink:
@@ -84,7 +95,7 @@ class PlannerLink:
             node_id=described.node_id, device=described.device, budget_bytes=described.budget_bytes,
             min_budget_bytes=described.min_budget_bytes, layout=described.layout,
             current_plan=described.plan, executor_address=self.executor_address, reserve=described.reserve,
-            node_secret=self.node_secret,
+            node_secret=self.node_secret, model_fingerprint=model_fingerprint(self.engine.config.model_dir),
         )
 
     def _session(self) -> None:
@@ -94,6 +105,7 @@ class PlannerLink:
         events = hub.subscribe([tpb.TOPIC_EVENTS])
         forwarder = threading.Thread(target=self._forward, args=(events, outbox), daemon=True)
         profiles: dict[str, threading.Event] = {}  # running profiles by request id: set to cancel
+        ended = threading.Event()  # stops this stream's periodic telemetry
         with transport.channel(self.planner_address) as channel:
             self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox))
             forwarder.start()
@@ -102,6 +114,7 @@ class PlannerLink:
                     kind = message.WhichOneof("message")
                     if kind == "welcome":
                         self._keep_secret(message.welcome.node_secret)
+                        self._start_telemetry(message.welcome, outbox, ended)
                         self.connected.set()
                         log.info("connected to planner %s", self.planner_address)
                     elif kind == "plan":
@@ -111,6 +124,7 @@ class PlannerLink:
                     elif kind == "cancel_profile" and message.cancel_profile in profiles:
                         profiles[message.cancel_profile].set()
             finally:
+                ended.set()
                 hub.unsubscribe(events)
                 for cancel in list(profiles.values()):  # the answer has nowhere to go: stop measuring
                     cancel.set()
@@ -160,16 +174,28 @@ class PlannerLink:
         return outcome
 
     def _forward(self, events, outbox: queue.Queue) -> None:
-        """Budget changes go up at once; memory goes up every second."""
+        """Budget changes go up at once, whatever the Welcome asked."""
         while not events.closed:
             event = events.next(timeout=1.0)
             if event is not None and event.event.kind == tpb.Event.KIND_BUDGET_CHANGED:
                 change = ppb.BudgetChange(previous_budget_bytes=event.event.previous_budget_bytes,
                                           budget_bytes=event.event.budget_bytes, reason=event.event.message)
                 outbox.put(ppb.ExecutorMessage(budget_change=change))
-            elif event is None and not events.closed:
-                memory = convert.memory_to_pb(self.engine.memory())
-                outbox.put(ppb.ExecutorMessage(telemetry=self.engine.hub.make(memory=memory)))
+
+    def _start_telemetry(self, welcome: ppb.Welcome, outbox: queue.Queue, ended: threading.Event) -> None:
+        """Report what the Welcome asks for, every ``telemetry_interval_ms`` (0: nothing periodic)."""
+        topics = frozenset(welcome.topics) & UPSTREAM_TOPICS
+        if welcome.telemetry_interval_ms and topics:
+            interval_ms = min(max(welcome.telemetry_interval_ms, MIN_UPSTREAM_INTERVAL_MS), MAX_SUBSCRIBE_INTERVAL_MS)
+            threading.Thread(target=self._report, args=(interval_ms / 1000, topics, outbox, ended),
+                             daemon=True, name="planner-telemetry").start()
+
+    def _report(self, interval: float, topics: frozenset[int], outbox: queue.Queue, ended: threading.Event) -> None:
+        """One reporter per stream: its windows start at the Welcome and never span two streams."""
+        reporter = TelemetryReporter(self.engine)
+        while not ended.wait(interval):
+            for event in reporter.reports(topics):
+                outbox.put(ppb.ExecutorMessage(telemetry=event))
 
 
 def _drain(outbox: queue.Queue):

@@ -114,12 +114,13 @@ class TelemetryHub:
 
 class TelemetryReporter:
     """Builds one subscriber's periodic reports from an engine; keeps its own previous
-    readings, so each report says what happened since the last one."""
+    readings, so each report says what happened since the last one (the first: since the
+    reporter was made)."""
 
     def __init__(self, engine):
         self.engine = engine
         self._tokens = (time.monotonic(), engine.stats.tokens_total)
-        self._activity = None
+        self._activity = engine.activity()
         self._loads = engine.load_counters()
 
     def reports(self, topics: frozenset[int]) -> list[tpb.TelemetryEvent]:
@@ -154,12 +155,9 @@ class TelemetryReporter:
     def _experts(self) -> tpb.ExpertReport:
         now = self.engine.activity()
         before, self._activity = self._activity, now
-        layers = []
-        for n, layer in enumerate(now):
-            last = before[n] if before else None
-            layers.append(tpb.LayerExperts(
-                layer=n,
-                activations=[x - y for x, y in zip(layer.activations, last.activations)] if last else layer.activations,
-                importance=[x - y for x, y in zip(layer.importance, last.importance)] if last else layer.importance,
-                resident=layer.resident))
-        return tpb.ExpertReport(layers=layers)
+        return tpb.ExpertReport(layers=[
+            tpb.LayerExperts(layer=n,
+                             activations=[x - y for x, y in zip(layer.activations, last.activations)],
+                             importance=[x - y for x, y in zip(layer.importance, last.importance)],
+                             resident=layer.resident)
+            for n, (layer, last) in enumerate(zip(now, before))])

@@ -96,10 +96,24 @@ def executor_serve(args) -> None:
 
 
 def planner_serve(args) -> None:
+    from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.search import SearchSettings
     from swapmoe.planner_service.server import serve
 
-    server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors)
+    from swapmoe.profiler.artifacts import default_root
+
+    settings = PlannerSettings(accuracy_roots=tuple(args.profiles or [default_root()]), latency_target_ns=args.latency_target_ms * 1e6
+                               if args.latency_target_ms else None, profile_devices=not args.no_device_profiling,
+                               search=SearchSettings(seed=args.seed))
+    server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors,
+                      settings=settings)
     _serve_until_signalled(_Running(server, args.host), "planner")
+
+
+def planner_status(args) -> None:
+    from swapmoe.orchestration import client
+
+    client.print_plan_status(args.planner, args.node_ids)
 
 
 def fleet_serve(args) -> None:
@@ -190,10 +204,26 @@ def build_parser() -> argparse.ArgumentParser:
     planner = commands.add_parser("planner", help="the planner service").add_subparsers(dest="action", required=True)
     p = server(planner, "serve the planner", 50052)
     p.add_argument("--state-dir", type=Path,
-                   help="keep each executor's plans here (desired, acknowledged, pinned) and restore them on restart")
+                   help="keep each executor's plans (desired, acknowledged, pinned, why), the device profiles "
+                        "measured and the frontiers searched here, and restore them on restart")
     p.add_argument("--max-executors", type=_positive, default=240,
                    help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 240)")
+    p.add_argument("--profiles", type=Path, action="append", default=[],
+                   help="a root of accuracy profiles (the --root of `swapmoe profile accuracy`, laid out "
+                        "ROOT/<model fingerprint>/accuracy/<set>/); repeatable (default: that command's default root, "
+                        "env SWAPMOE_PROFILES). Executors of a model without one get the even split")
+    p.add_argument("--latency-target-ms", type=float, default=0,
+                   help="plans must predict at most this many ms between tokens (default: each device's "
+                        "latency at its update-frequency inflection point)")
+    p.add_argument("--no-device-profiling", action="store_true",
+                   help="do not profile new devices through their Connect stream (they keep the even split "
+                        "until a device profile is stored under --state-dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
     p.set_defaults(func=planner_serve)
+    p = planner.add_parser("status", help="each executor's plan, predicted and measured figures, workload and why")
+    p.add_argument("--planner", default="127.0.0.1:50052", help="planner address (default 127.0.0.1:50052)")
+    p.add_argument("node_ids", nargs="*", help="executors to show (default: all)")
+    p.set_defaults(func=planner_status)
 
     fleet = commands.add_parser("fleet", help="the control node").add_subparsers(dest="action", required=True)
     p = server(fleet, "serve the control node", 50053)
@@ -249,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 EXTRA_OF_MODULE = {
     **dict.fromkeys(("torch", "transformers", "safetensors", "tokenizers", "numpy", "psutil", "prometheus_client",
                      "tqdm"), "executor"),
-    **dict.fromkeys(("ray", "sklearn", "matplotlib"), "planner"),
+    **dict.fromkeys(("ray", "sklearn", "matplotlib", "pymoo"), "planner"),
     "rouge_score": "models",
 }
 

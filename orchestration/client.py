@@ -8,9 +8,9 @@ import time
 import grpc
 
 from swapmoe.core.sizes import format_size
-from swapmoe.rpc import transport
+from swapmoe.rpc import convert, transport
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
-                        planner_pb2 as ppb)
+                        planner_pb2 as ppb, planner_pb2_grpc)
 
 
 def executor_stub(address: str) -> executor_pb2_grpc.ExecutorServiceStub:
@@ -82,6 +82,29 @@ def print_nodes(address: str) -> None:
         print(f"{s.node_id:20} planner={node.planner} connected={s.connected} budget={format_size(s.budget_bytes)} "
               f"plan=v{s.acked_plan.version} {list(s.acked_plan.experts_per_layer)} "
               f"state={ppb.PlanState.Name(s.state)}")
+
+
+def print_plan_status(address: str, node_ids: list[str], out=sys.stdout) -> None:
+    """Per executor: the plan, what the models predict for it and what was last measured, the
+    workload recognised, and why the plan was sent."""
+    stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(address))
+    for s in stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=node_ids), timeout=30).executors:
+        plan = convert.plan_from_pb(s.desired_plan)
+        print(f"{s.node_id}: {'connected' if s.connected else 'away'}, budget {format_size(s.budget_bytes)}, "
+              f"plan v{plan.version} {list(plan.experts_per_layer)} f={plan.update_frequency} {plan.strategy.value} "
+              f"{ppb.PlanState.Name(s.state).removeprefix('PLAN_STATE_')}{' pinned' if s.pinned else ''}", file=out)
+        print(f"  workload: {s.workload or '(not recognised yet)'}; device profile: {s.profile_state}", file=out)
+        if s.HasField("predicted"):
+            p = s.predicted
+            print(f"  predicted: {p.accuracy_metric} {p.accuracy:.4g} on {p.workload}, {p.inter_token_ns / 1e6:.2f} ms "
+                  f"between tokens ({p.tokens_per_second:.1f} tokens/s), {format_size(p.memory_bytes)}", file=out)
+        if s.HasField("throughput"):
+            t = s.throughput
+            print(f"  measured: {t.tokens_per_second:.1f} tokens/s, inter-token p50 {t.inter_token_p50_ns / 1e6:.2f} ms "
+                  f"p99 {t.inter_token_p99_ns / 1e6:.2f} ms", file=out)
+        if s.HasField("memory"):
+            print(f"  memory: {memory_line(s.memory)}", file=out)
+        print(f"  why: {s.reason or '(adopted the plan the executor ran)'}", file=out)
 
 
 def get_rollout(address: str, rollout_id: str) -> fpb.Rollout:

@@ -9,7 +9,11 @@ pinned.
 The rules, in one place:
 - A registering executor keeps the plan it runs: the planner adopts it (a plan the planner
   forgot, or an operator's), unless the planner still owes it a newer plan it missed while
-  away, or it runs no planner's plan yet (version 0), or its budget changed while away.
+  away, or it runs no planner's plan yet (version 0), or its budget changed while away, or
+  the planner has searched a different plan for it (profiles and frontiers survive restarts).
+- Plans come from ``planner.Planner``: searched for the executor's budget, device and
+  recognised workload, or the even split as the fallback; a plan that would make the
+  executor do what it does already is not sent.
 - An operator's plan (``push`` with a plan) is pinned: budget changes and registrations
   leave it in place until the next push; a push without a plan unpins and replans.
 - Versions only grow, by one per plan sent, never past ``MAX_PLAN_VERSION``.
@@ -35,10 +39,13 @@ from swapmoe.core.budget import MemoryModel
 from swapmoe.core.errors import Busy, Forbidden, NotFound
 from swapmoe.core.limits import next_version
 from swapmoe.core.plan import Plan
-from swapmoe.planner_service.planning import plan_for
+from swapmoe.core.sizes import format_size
+from swapmoe.planner_service.planner import Planner
 from swapmoe.planner_service.registration import Registered
+from swapmoe.planner_service.search import Found
+from swapmoe.profiler.models import lower_is_better
 from swapmoe.rpc import convert
-from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb
+from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb, telemetry_pb2 as tpb
 
 # Profiles waited for at once (each holds one of the planner's unary threads while it waits).
 MAX_PROFILES = 8
@@ -66,16 +73,25 @@ class ExecutorRecord:
     # What to send: plans, profile messages (PlannerMessage); None or an error ends the stream.
     outbox: queue.Queue = field(default_factory=queue.Queue)
     profiles: dict[str, "PendingProfile"] = field(default_factory=dict)  # asked, not answered yet
+    workload: str = ""  # recognised from expert telemetry ("" until then)
+    reason: str = ""  # why desired was sent
+    found: Found | None = None  # what the search predicted for desired (None: not searched)
+    throughput: tpb.ThroughputReport | None = None  # last measured
 
     @property
     def layout(self):
         return self.memory_model.layout
 
-    def to_pb(self) -> ppb.ExecutorStatus:
+    def to_pb(self, profile_state: str = "") -> ppb.ExecutorStatus:
         reg = self.registration
         msg = ppb.ExecutorStatus(node_id=self.node_id, connected=self.connected, budget_bytes=reg.budget_bytes,
                                  layout=reg.layout, device=reg.device, state=self.state,
-                                 last_seen_ns=self.last_seen_ns, pinned=self.pinned)
+                                 last_seen_ns=self.last_seen_ns, pinned=self.pinned, workload=self.workload,
+                                 reason=self.reason, profile_state=profile_state)
+        if self.found is not None and not self.pinned:
+            msg.predicted.CopyFrom(prediction_to_pb(self.found))
+        if self.throughput is not None:
+            msg.throughput.CopyFrom(self.throughput)
         if self.desired:
             msg.desired_plan.CopyFrom(convert.plan_to_pb(self.desired))
         if self.acked:
@@ -85,6 +101,14 @@ class ExecutorRecord:
         if self.memory:
             msg.memory.CopyFrom(self.memory)
         return msg
+
+
+def prediction_to_pb(found: Found) -> ppb.PlanPrediction:
+    metric = "perplexity" if lower_is_better(found.workload) else "rouge2"
+    return ppb.PlanPrediction(workload=found.workload, accuracy=found.predicted.accuracy, accuracy_metric=metric,
+                              inter_token_ns=int(found.predicted.inter_token_ns),
+                              tokens_per_second=found.predicted.tokens_per_second,
+                              memory_bytes=found.predicted.memory_bytes, budget_bytes=found.budget_bytes)
 
 
 @dataclass
@@ -103,18 +127,23 @@ class PendingProfile:
 
 
 class Registry:
-    def __init__(self, records: list[ExecutorRecord] = (), persist: Callable[[ExecutorRecord], None] = lambda r: None):
-        """``records``: executors known from before a restart (disconnected until they register)."""
+    def __init__(self, records: list[ExecutorRecord] = (), persist: Callable[[ExecutorRecord], None] = lambda r: None,
+                 planner: Planner | None = None):
+        """``records``: executors known from before a restart (disconnected until they register);
+        ``planner``: the policy that chooses plans (profiles, frontiers, workloads)."""
         self._lock = threading.Lock()
         self._records: dict[str, ExecutorRecord] = {r.node_id: r for r in records}
         for record in self._records.values():
             record.connected = False
         self._persist = persist
+        self.planner = planner or Planner()
+        self.planner.attach(self)
 
     def connect(self, registered: Registered) -> tuple[ExecutorRecord, str]:
         """Register (or resync) a checked registration; returns its record and the node's secret,
         and queues the plan the executor should run if it runs another."""
         reg, current = registered.registration, registered.current
+        measure = self.planner.prepare(reg.node_id, reg.model_fingerprint, registered.memory)  # reads files: unlocked
         with self._lock:
             old = self._records.get(reg.node_id)
             secret = self._admit(old, reg.node_secret)
@@ -129,6 +158,7 @@ class Registry:
             record.version = max(running, old.version if old else 0)
             if old is not None:
                 record.pinned, record.desired, record.acked, record.state = old.pinned, old.desired, old.acked, old.state
+                record.workload, record.reason, record.found = old.workload, old.reason, old.found
             if running:  # the executor runs a planner's plan: adopt it
                 record.acked = current
                 if record.desired is None or record.desired.version <= running:
@@ -136,7 +166,9 @@ class Registry:
             self._records[record.node_id] = record
             self._on_register(record, old, running)
             self._persist(record)
-            return record, secret
+        if measure:
+            self.planner.measure(record.node_id)
+        return record, secret
 
     def _admit(self, old: ExecutorRecord | None, secret: str) -> str:
         """The secret for this registration: the one it proved, or a new one. Raises Forbidden for a
@@ -154,8 +186,12 @@ class Registry:
             self._send(record, owed)  # it missed it, or lost it in a restart
         elif record.pinned:
             return
-        elif not running or (old is not None and old.registration.budget_bytes != record.registration.budget_bytes):
-            self._replan(record)
+        elif not running:
+            self._replan(record, why="registered running no planner's plan")
+        elif old is not None and old.registration.budget_bytes != record.registration.budget_bytes:
+            self._replan(record, why=f"budget changed to {format_size(record.registration.budget_bytes)} while away")
+        elif self.planner.searched(record):
+            self._replan(record, why="registered")  # sends nothing when it runs the searched plan already
 
     def disconnect(self, record: ExecutorRecord) -> None:
         with self._lock:
@@ -185,13 +221,37 @@ class Registry:
         with self._lock:
             record.registration.budget_bytes = change.budget_bytes
             if not record.pinned:
-                self._replan(record)
+                self._replan(record, why=f"budget change to {format_size(change.budget_bytes)}"
+                                         + (f" ({change.reason})" if change.reason else ""))
             self._persist(record)
 
     def on_telemetry(self, record: ExecutorRecord, event) -> None:
-        if event.WhichOneof("payload") == "memory":
-            with self._lock:
+        kind = event.WhichOneof("payload")
+        with self._lock:
+            if kind == "memory":
                 record.memory = event.memory
+            elif kind == "throughput":
+                record.throughput = event.throughput
+            elif kind == "experts":
+                why = self.planner.observe(record, [list(layer.activations) for layer in event.experts.layers])
+                if why:
+                    record.workload = self.planner.recognised(record.node_id)
+                    if not record.pinned and record.connected:
+                        self._replan(record, why=why)
+                    self._persist(record)
+
+    def replan(self, node_id: str, why: str) -> None:
+        """The planner has a better answer for ``node_id`` (a frontier, a refined search): send it
+        unless the executor runs it already, is pinned or is away."""
+        with self._lock:
+            record = self._records.get(node_id)
+            if record is None or not record.connected or record.pinned:
+                return
+            self._replan(record, why=why)
+            self._persist(record)
+
+    def statuses(self, records: list[ExecutorRecord]) -> list[ppb.ExecutorStatus]:
+        return [r.to_pb(self.planner.status(r.node_id)) for r in records]
 
     def push(self, node_ids: list[str], plan: Plan | None) -> list[ExecutorRecord]:
         """Send and pin ``plan`` to the named executors (all connected ones if none named); with no
@@ -201,9 +261,10 @@ class Registry:
             for record in targets:
                 record.pinned = plan is not None
                 if plan is None:
-                    self._replan(record, force=True)
+                    self._replan(record, force=True, why="operator push without a plan (unpinned)")
                 else:
                     self._send(record, plan.with_version(next_version(record.version)))
+                    record.reason, record.found = "operator push (pinned)", None
                 self._persist(record)
             return targets
 
@@ -252,14 +313,22 @@ class Registry:
             raise NotFound(f"node_ids: unknown executors {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
         return [self._records[n] for n in dict.fromkeys(node_ids)]
 
-    def _replan(self, record: ExecutorRecord, force: bool = False) -> None:
-        reg = record.registration
-        plan = plan_for(record.memory_model, reg.budget_bytes, next_version(record.version))
+    def _replan(self, record: ExecutorRecord, force: bool = False, why: str = "") -> None:
+        choice = self.planner.choose(record, why)
+        plan = choice.plan.with_version(next_version(record.version))
         running = record.desired if record.state == ppb.PLAN_STATE_PENDING else record.acked
-        if force or running is None or running.experts_per_layer != plan.experts_per_layer:
+        if force or running is None or _what(running) != _what(plan):
             self._send(record, plan)
+            record.reason, record.found = choice.reason, choice.found
+        elif why:  # e.g. a new workload whose plan is the one running
+            record.reason, record.found = f"{choice.reason} (the executor runs it already)", choice.found
 
     def _send(self, record: ExecutorRecord, plan: Plan) -> None:
         record.desired, record.state = plan, ppb.PLAN_STATE_PENDING
         record.version = max(record.version, plan.version)
         record.outbox.put(plan)
+
+
+def _what(plan: Plan) -> tuple:
+    """What a plan makes an executor do (its version and origin aside)."""
+    return plan.experts_per_layer, plan.update_frequency, plan.strategy

@@ -7,6 +7,7 @@ device behind NAT can be profiled through the connection it opened itself.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -18,6 +19,7 @@ import grpc
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.limits import MAX_REASON_CHARS, check_node_id, check_node_ids, check_range, check_text
 from swapmoe.core.plan import validate_plan
+from swapmoe.planner_service.planner import Planner, PlannerSettings
 from swapmoe.planner_service.registration import check_budget_change, check_registration, check_result
 from swapmoe.planner_service.registry import ExecutorRecord, PendingProfile, Registry
 from swapmoe.planner_service.state import PlannerState
@@ -27,6 +29,8 @@ from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tp
 log = logging.getLogger(__name__)
 SERVICE_NAME = ppb.DESCRIPTOR.services_by_name["PlannerService"].full_name
 UPSTREAM_TELEMETRY_MS = 1000
+# Memory for status, throughput for the last measured figures, experts to recognise the workload.
+UPSTREAM_TOPICS = [tpb.TOPIC_MEMORY, tpb.TOPIC_THROUGHPUT, tpb.TOPIC_EXPERTS]
 # Connect streams served at once (each holds a server thread and a reader thread); more get
 # RESOURCE_EXHAUSTED. The fleet at scale moves past this.
 MAX_EXECUTORS = 240
@@ -51,7 +55,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
         reader.start()
         try:
             yield ppb.PlannerMessage(welcome=ppb.Welcome(telemetry_interval_ms=UPSTREAM_TELEMETRY_MS,
-                                                         topics=[tpb.TOPIC_MEMORY], node_secret=secret))
+                                                         topics=UPSTREAM_TOPICS, node_secret=secret))
             while context.is_active():
                 try:
                     item = record.outbox.get(timeout=0.5)
@@ -96,7 +100,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     def GetPlanStatus(self, request, context):
         check_node_ids("node_ids", request.node_ids)
-        return ppb.PlanStatusResponse(executors=[r.to_pb() for r in self.registry.find(list(request.node_ids))])
+        return ppb.PlanStatusResponse(executors=self.registry.statuses(self.registry.find(list(request.node_ids))))
 
     def PushPlan(self, request, context):
         check_node_ids("node_ids", request.node_ids)
@@ -106,7 +110,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             for record in self.registry.find(list(request.node_ids)):
                 validate_plan(plan, record.layout)
         records = self.registry.push(list(request.node_ids), plan)
-        return ppb.PushPlanResponse(executors=[r.to_pb() for r in records])
+        return ppb.PushPlanResponse(executors=self.registry.statuses(records))
 
 
     def ProfileExecutor(self, request, context):
@@ -141,13 +145,17 @@ def _wait(pending: PendingProfile, timeout: float, context) -> ppb.ProfileOutcom
 
 
 def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_dir: Path | None = None,
-          max_executors: int = MAX_EXECUTORS) -> tuple[transport.Server, Registry]:
-    """Start PlannerService. With ``state_dir`` (and no ``registry``) every executor's plans are
-    kept there and restored at start; ``max_executors`` Connect streams at once, each on a
-    thread of its own, beside the threads left for status and push calls."""
+          max_executors: int = MAX_EXECUTORS, settings: PlannerSettings | None = None) -> tuple[transport.Server, Registry]:
+    """Start PlannerService. With ``state_dir`` (and no ``registry``) every executor's plans,
+    the device profiles measured and the frontiers searched are kept there and restored at
+    start; ``settings`` say where accuracy profiles are and how to search.
+    ``max_executors`` Connect streams at once, each on a thread of its own, beside the threads
+    left for status and push calls."""
     if registry is None:
+        settings = dataclasses.replace(settings or PlannerSettings(), state_dir=state_dir)
+        planner = Planner(settings)
         state = PlannerState(state_dir) if state_dir is not None else None
-        registry = Registry(state.load(), state.save) if state else Registry()
+        registry = Registry(state.load(), state.save, planner) if state else Registry(planner=planner)
     servicer = PlannerServicer(registry)
     server = transport.start_server(lambda s: planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, s),
                                     [SERVICE_NAME], address, {"Connect": max_executors}, unary_threads=16)

@@ -2,8 +2,10 @@
 
 One JSON file per executor under ``DIR/executors/`` (named by a hash of the node id, which
 may hold any printable character), rewritten atomically on every change: its registration,
-the plan it should run, the plan it acknowledged, whether an operator pinned it, its
-highest version and the digest of its secret (never the secret). Protobuf parts are stored
+the plan it should run (with why, and what the search predicted for it), the plan it
+acknowledged, whether an operator pinned it, its highest version, the workload recognised and
+the digest of its secret (never the secret). Device profiles and frontiers are kept beside
+it by the planner (``DIR/profiles``, ``DIR/frontiers``). Protobuf parts are stored
 as protobuf JSON and parsed by the one converter the services use. A file that does not
 parse is set aside with a warning; the executor it described is replanned when it returns.
 """
@@ -20,10 +22,11 @@ from pathlib import Path
 from google.protobuf import json_format
 
 from swapmoe.core.errors import InvalidField
-from swapmoe.core.limits import MAX_PLAN_VERSION, check_range
+from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_REASON_CHARS, check_range, check_text
 from swapmoe.core.plan import validate_plan
 from swapmoe.planner_service.registration import check_registration
 from swapmoe.planner_service.registry import ExecutorRecord
+from swapmoe.planner_service.search import Found
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
@@ -84,6 +87,9 @@ def _to_json(record: ExecutorRecord) -> dict:
         "pinned": record.pinned,
         "version": record.version,
         "secret_sha256": record.secret_digest,
+        "workload": record.workload,
+        "reason": record.reason,
+        "found": record.found.to_json() if record.found else None,
     }
 
 
@@ -98,6 +104,11 @@ def _from_json(raw: dict) -> ExecutorRecord:
         if plan is not None:
             validate_plan(plan, registered.memory.layout)
     check_range("version", int(raw["version"]), 0, MAX_PLAN_VERSION)
+    found = Found.from_json(raw["found"]) if raw.get("found") else None
+    workload = str(raw.get("workload", ""))
+    check_text("workload", workload)
     return ExecutorRecord(raw["node_id"], registered.registration, registered.memory, connected=False,
                           desired=desired, acked=acked, state=int(raw["state"]), pinned=bool(raw["pinned"]),
-                          version=int(raw["version"]), secret_digest=str(raw["secret_sha256"]))
+                          version=int(raw["version"]), secret_digest=str(raw["secret_sha256"]),
+                          workload=workload,
+                          reason=str(raw.get("reason", ""))[:MAX_REASON_CHARS], found=found)

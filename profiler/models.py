@@ -33,9 +33,16 @@ def features(configs: Sequence[Configuration], num_experts: Sequence[int]) -> np
     """[configs, 2 x layers + 1]: the share of each layer's experts kept and its log (losing the
     last few experts of a layer costs far more than the first few), and updates per token
     (1 / update_frequency; 0 when the resident set never moves)."""
-    kept = np.array([c.experts_per_layer for c in configs], dtype=float) / np.asarray(num_experts, dtype=float)
-    rate = np.array([[1.0 / c.update_frequency if c.update_frequency else 0.0] for c in configs])
-    return np.hstack([kept, np.log(kept), rate])
+    kept = np.array([c.experts_per_layer for c in configs], dtype=float).reshape(len(configs), len(num_experts))
+    return feature_arrays(kept, np.array([c.update_frequency for c in configs]), num_experts)
+
+
+def feature_arrays(kept: np.ndarray, update_frequency: np.ndarray, num_experts: Sequence[int]) -> np.ndarray:
+    """``features`` of many configurations given as arrays: kept [N, layers], update_frequency [N]."""
+    share = np.asarray(kept, dtype=float) / np.asarray(num_experts, dtype=float)
+    frequency = np.asarray(update_frequency, dtype=float)
+    rate = np.divide(1.0, frequency, out=np.zeros_like(frequency), where=frequency > 0)
+    return np.hstack([share, np.log(share), rate[:, None]])
 
 
 def lower_is_better(workload: str) -> bool:
@@ -66,7 +73,14 @@ class AccuracyModel:
     y_scale: float
 
     def predict(self, configs: Sequence[Configuration]) -> np.ndarray:
-        x = (features(configs, self.num_experts) - np.asarray(self.x_mean)) / np.asarray(self.x_scale)
+        return self._forward(features(configs, self.num_experts))
+
+    def predict_arrays(self, kept: np.ndarray, update_frequency: np.ndarray) -> np.ndarray:
+        """``predict`` for kept [N, layers] and update_frequency [N] (what a search evaluates)."""
+        return self._forward(feature_arrays(kept, update_frequency, self.num_experts))
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        x = (x - np.asarray(self.x_mean)) / np.asarray(self.x_scale)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = x @ np.asarray(w) + np.asarray(b)
             if i < len(self.weights) - 1:

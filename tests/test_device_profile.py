@@ -12,13 +12,13 @@ from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
 from swapmoe.executor.profiling import ProfileSpec, inflection, relative_spread
-from swapmoe.executor.server import serve as serve_executor
 from swapmoe.orchestration.processes import spawn
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import convert, transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
 from polling import wait_until
+from serving import own_engine, serving
 
 # A sweep small enough for a test: 2 of 8 experts resident, so updates really load.
 SMALL = dict(token_counts=[1, 4], repeats=2, update_frequencies=[0, 8, 2], sweep_tokens=8, experts_per_layer=[2, 2])
@@ -27,16 +27,14 @@ LONG = dict(token_counts=[64] * 16, repeats=100)  # a profile that runs until st
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="profiled")) as engine:
+    with own_engine(tiny_model_dir, "profiled") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
 def executor(engine):
-    server = serve_executor(engine)
-    with transport.channel(f"127.0.0.1:{server.port}") as channel:
+    with serving(engine) as channel:
         yield executor_pb2_grpc.ExecutorServiceStub(channel)
-    server.stop(grace=1)
 
 
 @pytest.fixture(scope="module")

@@ -7,25 +7,23 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.generation import GenerationRequest, SamplingParams
-from swapmoe.executor.server import SERVICE_NAME, serve
-from swapmoe.rpc import transport
+from swapmoe.executor.server import SERVICE_NAME
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
+
+from serving import own_engine, serving
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="svc-test")) as engine:
+    with own_engine(tiny_model_dir, "svc-test") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
 def channel(engine):
-    server = serve(engine)
-    with transport.channel(f"127.0.0.1:{server.port}") as channel:
+    with serving(engine) as channel:
         yield channel
-    server.stop(grace=1)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ PLAN_STATE_ACKED: PlanState
 PLAN_STATE_NACKED: PlanState
 
 class Registration(_message.Message):
-    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve", "node_secret")
+    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve", "node_secret", "model_fingerprint")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class Registration(_message.Message):
     EXECUTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
     NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device: _common_pb2.DeviceInfo
     budget_bytes: int
@@ -41,7 +42,8 @@ class Registration(_message.Message):
     executor_address: str
     reserve: _common_pb2.Reserve
     node_secret: str
-    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., node_secret: _Optional[str] = ...) -> None: ...
+    model_fingerprint: str
+    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., node_secret: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
 
 class BudgetChange(_message.Message):
     __slots__ = ("previous_budget_bytes", "budget_bytes", "reason")
@@ -110,7 +112,7 @@ class ProfileAsk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[_executor_pb2.ProfileRequest, _Mapping]] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns", "pinned")
+    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns", "pinned", "workload", "reason", "predicted", "throughput", "profile_state")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,11 @@ class ExecutorStatus(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_NS_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_STATE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     connected: bool
     budget_bytes: int
@@ -135,7 +142,30 @@ class ExecutorStatus(_message.Message):
     memory: _common_pb2.MemoryReport
     last_seen_ns: int
     pinned: bool
-    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., pinned: _Optional[bool] = ...) -> None: ...
+    workload: str
+    reason: str
+    predicted: PlanPrediction
+    throughput: _telemetry_pb2.ThroughputReport
+    profile_state: str
+    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., pinned: _Optional[bool] = ..., workload: _Optional[str] = ..., reason: _Optional[str] = ..., predicted: _Optional[_Union[PlanPrediction, _Mapping]] = ..., throughput: _Optional[_Union[_telemetry_pb2.ThroughputReport, _Mapping]] = ..., profile_state: _Optional[str] = ...) -> None: ...
+
+class PlanPrediction(_message.Message):
+    __slots__ = ("workload", "accuracy", "accuracy_metric", "inter_token_ns", "tokens_per_second", "memory_bytes", "budget_bytes")
+    WORKLOAD_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_METRIC_FIELD_NUMBER: _ClassVar[int]
+    INTER_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    workload: str
+    accuracy: float
+    accuracy_metric: str
+    inter_token_ns: int
+    tokens_per_second: float
+    memory_bytes: int
+    budget_bytes: int
+    def __init__(self, workload: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
 
 class PlanStatusRequest(_message.Message):
     __slots__ = ("node_ids",)

@@ -1,0 +1,142 @@
+"""What the search optimises: the three performance models of one model on one device for one
+workload (paper section 3.3), evaluated on many candidate plans at once.
+
+A candidate is ``(strategy, update_frequency, experts_per_layer)`` as arrays. Virtual experts
+(masked gating) trade accuracy for speed: E_accuracy predicts the first, E_latency the second.
+On-demand loading is exact (the full model's accuracy) and pays a synchronous load for every
+miss, so its latency depends on how often the device's tier is hit; that cost comes from the
+device profile's load time and the workload's expert histogram. Pure numpy, no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Sequence
+
+import numpy as np
+
+from swapmoe.core.budget import MemoryModel
+from swapmoe.core.plan import Strategy
+from swapmoe.profiler.configs import UPDATE_FREQUENCIES, Configuration
+from swapmoe.profiler.models import AccuracyModel, LatencyModel, lower_is_better
+
+# The strategies a plan is searched over (skip has no accuracy profile: it drops tokens).
+STRATEGIES = (Strategy.MASKED_GATING, Strategy.ON_DEMAND)
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The models' estimate of one plan."""
+
+    accuracy: float  # perplexity (lower is better) or Rouge-2 (higher is better)
+    inter_token_ns: float
+    memory_bytes: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        return 1e9 / self.inter_token_ns if self.inter_token_ns else 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class Objectives:
+    """E_memory, E_latency and E_accuracy of one (model, device, workload)."""
+
+    workload: str
+    memory: MemoryModel
+    accuracy: AccuracyModel
+    latency: LatencyModel
+    reference_accuracy: float  # the full model's, on this workload
+    histogram: tuple[tuple[float, ...], ...]  # per layer, each expert's share of routed tokens
+    load_ns: float  # one synchronous expert load from the device's tier
+    update_frequencies: tuple[int, ...] = UPDATE_FREQUENCIES
+    strategies: tuple[Strategy, ...] = STRATEGIES
+
+    @property
+    def num_experts(self) -> tuple[int, ...]:
+        return tuple(l.num_experts for l in self.memory.layout.layers)
+
+    @property
+    def metric(self) -> str:
+        return "perplexity" if lower_is_better(self.workload) else "rouge2"
+
+    def loss(self, accuracy: np.ndarray) -> np.ndarray:
+        """What the search minimises: perplexity as is, Rouge-2 negated."""
+        return accuracy if lower_is_better(self.workload) else -accuracy
+
+    def predict(self, strategy: np.ndarray, frequency: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, ...]:
+        """accuracy [N], inter-token ns [N], memory bytes [N] for strategy indices [N] (into
+        ``strategies``), update frequencies [N] and kept [N, layers]."""
+        kept = np.asarray(kept, dtype=np.int64)
+        exact = (np.asarray(self.strategies)[strategy] == Strategy.ON_DEMAND) | (kept == self.num_experts).all(axis=1)
+        accuracy = self.accuracy.predict_arrays(kept, frequency)
+        # No plan beats the full model: the network's error near full residency must not pass for gain.
+        accuracy = np.maximum(accuracy, self.reference_accuracy) if lower_is_better(self.workload) \
+            else np.minimum(accuracy, self.reference_accuracy)
+        accuracy = np.where(exact, self.reference_accuracy, accuracy)
+        on_demand = np.asarray(self.strategies)[strategy] == Strategy.ON_DEMAND
+        latency = np.where(on_demand, self.latency.base_ns + self.misses_per_token(kept) * self.load_ns,
+                           self.masked_latency(frequency, kept))
+        return accuracy, latency, e_memory_many(self.memory, kept)
+
+    def predict_one(self, strategy: Strategy, frequency: int, kept: Sequence[int]) -> Prediction:
+        accuracy, latency, memory = self.predict(np.array([self.strategies.index(strategy)]), np.array([frequency]),
+                                                 np.array([kept]))
+        return Prediction(float(accuracy[0]), float(latency[0]), int(memory[0]))
+
+    def masked_latency(self, frequency: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """E_latency under virtual experts, vectorised (``LatencyModel.inter_token_ns``)."""
+        lat = self.latency
+        frequency = np.asarray(frequency, dtype=float)
+        rate = np.divide(1.0, frequency, out=np.zeros_like(frequency), where=frequency > 0)
+        overhead = np.interp(rate, lat.rate, lat.overhead_ns) if lat.rate else np.zeros_like(rate)
+        loading = (kept < np.asarray(self.num_experts)).mean(axis=1)
+        scale = loading / lat.sweep_loading_share if lat.sweep_loading_share else np.zeros_like(loading)
+        return lat.base_ns + overhead * scale
+
+    def misses_per_token(self, kept: np.ndarray) -> np.ndarray:
+        """Synchronous loads per decoded token under on-demand (LRU) loading: per layer, top-k
+        requests a token times the LRU miss ratio at that many slots."""
+        top_k = np.array([l.top_k for l in self.memory.layout.layers], dtype=float)
+        curves = self.miss_curves
+        rows = np.arange(len(curves))
+        return (top_k * curves[rows, np.minimum(kept, curves.shape[1] - 1)]).sum(axis=1)
+
+    @cached_property
+    def miss_curves(self) -> np.ndarray:
+        """[layers, max experts + 1]: the LRU miss ratio of each layer at each slot count."""
+        width = max(self.num_experts) + 1
+        return np.array([lru_miss_ratios(shares, width) for shares in self.histogram])
+
+
+def lru_miss_ratios(shares: Sequence[float], width: int, grid: int = 2000) -> np.ndarray:
+    """[width]: LRU miss ratio at 0 to width-1 slots for independent requests drawn from
+    ``shares``, by Che's approximation: at characteristic time T an expert is resident with
+    probability 1 - exp(-p_i T), so sum(1 - exp(-p_i T)) experts are, and a request misses
+    with probability sum(p_i exp(-p_i T)). Both are traced over a log grid of T and the miss
+    ratio read off at each whole number of slots."""
+    p = np.asarray(shares, dtype=float)
+    p = p / p.sum() if p.sum() > 0 else np.full(len(p), 1.0 / len(p))
+    nonzero = p[p > 0]
+    t = np.geomspace(1e-3 / nonzero.max(), 50.0 / nonzero.min(), grid)[:, None]
+    decay = np.exp(-nonzero * t)  # [grid, experts]
+    resident = np.concatenate([[0.0], (1 - decay).sum(axis=1)])
+    miss = np.concatenate([[1.0], (nonzero * decay).sum(axis=1)])
+    out = np.interp(np.arange(width, dtype=float), resident, miss)
+    out[np.arange(width) >= len(nonzero)] = 0.0
+    return out
+
+
+def e_memory_many(memory: MemoryModel, kept: np.ndarray) -> np.ndarray:
+    """E_memory of kept [N, layers]: the executor's own ``plan_bytes``, given columns."""
+    return np.asarray(memory.plan_bytes(np.asarray(kept, dtype=np.int64).T), dtype=np.int64)
+
+
+def inflection_latency_ns(latency: LatencyModel, inflection_frequency: int) -> float:
+    """The default latency target: E_latency of updates at the inflection point (section
+    3.4.1), the most frequent updates that do not yet cost latency on this device. A plan may
+    be this slow, and no slower, unless a target is given."""
+    if not inflection_frequency:
+        return latency.base_ns
+    loading = tuple(max(1, e - 1) for e in latency.num_experts)
+    return latency.inter_token_ns(Configuration(loading, inflection_frequency))

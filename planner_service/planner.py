@@ -1,0 +1,293 @@
+"""The planner's policy: which plan each executor should run, and why.
+
+For an executor whose model has an accuracy profile and whose device has a device profile,
+the plan comes from that executor's frontier for the workload it serves (searched in the
+background once the profiles are known; a budget is answered from the frontier at once and a
+search at the exact budget follows). Otherwise the even split is the fallback, and says why
+in its origin; a device without a profile is profiled through its Connect stream first.
+
+``choose`` runs under the registry's lock and never searches; searches and profiles run on
+the planner's own threads, which call back ``registry.replan`` when a better plan is ready.
+(``record`` arguments are ``registry.ExecutorRecord``s; the registry imports this module, not
+the other way round.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from swapmoe.core.budget import MemoryModel
+from swapmoe.core.plan import Plan
+from swapmoe.core.sizes import format_size
+from swapmoe.planner_service import frontier as frontiers
+from swapmoe.planner_service import profiles
+from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
+from swapmoe.planner_service.search import Found, SearchSettings, search
+from swapmoe.planner_service.workload import Hysteresis, WorkloadTracker
+from swapmoe.profiler import artifacts
+from swapmoe.rpc import convert
+from swapmoe.v1 import executor_pb2 as epb
+
+
+log = logging.getLogger(__name__)
+FRONTIER_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class PlannerSettings:
+    accuracy_roots: tuple[Path, ...] = ()  # where accuracy profiles are found
+    state_dir: Path | None = None  # device profiles and frontiers are kept here
+    search: SearchSettings = SearchSettings()
+    frontier_points: int = frontiers.MAX_POINTS
+    latency_target_ns: float | None = None  # None: the device's inflection point (section 3.4.1)
+    profile_request: epb.ProfileRequest = field(default_factory=epb.ProfileRequest)
+    profile_devices: bool = True  # profile a new device through its Connect stream
+    profile_timeout_s: float = 600.0
+    hysteresis: Hysteresis = Hysteresis()
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A plan to send (version assigned by the registry), why, and what the models predict."""
+
+    plan: Plan
+    reason: str
+    found: Found | None = None
+
+
+@dataclass
+class _Node:
+    """What the planner knows of one executor's model and device."""
+
+    fingerprint: str
+    memory: MemoryModel
+    profile_state: str = "none"
+    objectives: dict[str, Objectives] = field(default_factory=dict)
+    target_ns: float = 0.0
+    frontiers: dict[str, frontiers.Frontier] = field(default_factory=dict)
+    tracker: WorkloadTracker | None = None
+    key: str = ""
+
+
+class Planner:
+    def __init__(self, settings: PlannerSettings = PlannerSettings()):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._nodes: dict[str, _Node] = {}
+        self._accuracy = profiles.find_accuracy(self._roots())
+        self._work = ThreadPoolExecutor(1, thread_name_prefix="planner-search")  # searches, one at a time
+        self._profiling = ThreadPoolExecutor(4, thread_name_prefix="planner-profile")  # waits on devices
+        self.registry = None  # the Registry, once attached
+
+    def attach(self, registry) -> None:
+        self.registry = registry
+
+    # --- called by the registry, under its lock: fast, never searches ----------------
+    def choose(self, record, why: str) -> Choice:
+        budget = record.registration.budget_bytes
+        node = self._node(record.node_id, record.registration.model_fingerprint, record.memory_model)
+        workload = record.workload or self._default_workload(node)
+        with self._lock:  # the recognised workload's frontier, else the default's while it is searched
+            frontier = node.frontiers.get(workload) or node.frontiers.get(self._default_workload(node))
+        workload = frontier.workload if frontier else workload
+        found = frontier.at(budget) if frontier else None
+        if found is None:
+            reason = self._fallback_reason(node, workload)
+            plan = record.memory_model.default_plan(budget, 0, f"planner:even-split budget={format_size(budget)} "
+                                                               f"({reason})")
+            return Choice(plan, f"{why}; {reason}: even split")
+        if found.budget_bytes != budget:
+            self._work.submit(self._refine, record.node_id, workload, budget, found)
+        origin = (f"planner:search workload={workload} budget={format_size(budget)} strategy={found.strategy.value} "
+                  f"predicted={found.predicted.accuracy:.4g} {found.predicted.inter_token_ns / 1e6:.2f}ms")
+        return Choice(found.plan(0, origin), f"{why}; searched plan for workload {workload!r}", found)
+
+    def prepare(self, node_id: str, fingerprint: str, memory: MemoryModel) -> bool:
+        """An executor registers: load what its plans need (stored device profile and frontiers)
+        so ``choose`` can answer at once. Returns True when its device must be measured
+        (``measure``, once it is registered)."""
+        node = self._node(node_id, fingerprint, memory)
+        if node.fingerprint and node.fingerprint not in self._accuracy:
+            self._accuracy.update(profiles.find_accuracy(self._roots()))  # a profile copied in since
+        if node.fingerprint not in self._accuracy or node.profile_state in ("profiling", "ready"):
+            return False
+        root = self._profile_root()
+        device = profiles.load_device(root, node.fingerprint, node_id) if root else None
+        if device is not None:
+            self._ready(node_id, device, replan=False)
+            return False
+        if not self.settings.profile_devices:
+            node.profile_state = "none (device profiling is off)"
+            return False
+        node.profile_state = "profiling"
+        return True
+
+    def measure(self, node_id: str) -> None:
+        """Profile a registered executor's device through its Connect stream, in the background."""
+        self._profiling.submit(self._measure, node_id)
+
+    def observe(self, record, activations) -> str | None:
+        """An expert report; returns why the plan should change when the recognised workload did."""
+        node = self._nodes.get(record.node_id)
+        accuracy = self._accuracy.get(node.fingerprint) if node else None
+        if accuracy is None:
+            return None
+        if node.tracker is None:
+            node.tracker = WorkloadTracker(accuracy.histograms, self.settings.hysteresis, current=record.workload)
+        if not node.tracker.observe(activations):
+            return None
+        return f"workload shift to {node.tracker.current!r}: {node.tracker.why}"
+
+    def searched(self, record) -> bool:
+        """Whether ``choose`` would answer ``record`` from a frontier."""
+        node = self._nodes.get(record.node_id)
+        if node is None:
+            return False
+        with self._lock:
+            frontier = node.frontiers.get(record.workload or self._default_workload(node))
+        return frontier is not None and frontier.at(record.registration.budget_bytes) is not None
+
+    def status(self, node_id: str) -> str:
+        node = self._nodes.get(node_id)
+        return node.profile_state if node else "none"
+
+    def recognised(self, node_id: str) -> str:
+        node = self._nodes.get(node_id)
+        return node.tracker.current if node and node.tracker else ""
+
+    def explain(self, node_id: str) -> str:
+        node = self._nodes.get(node_id)
+        return node.tracker.why if node and node.tracker else ""
+
+    def close(self) -> None:
+        self._work.shutdown(wait=False, cancel_futures=True)
+        self._profiling.shutdown(wait=False, cancel_futures=True)
+
+    # --- own threads ------------------------------------------------------------------
+    def _measure(self, node_id: str) -> None:
+        """Profile the device through its Connect stream, then build its frontiers."""
+        registry = self.registry
+        try:
+            pending = registry.ask_profile(node_id, self.settings.profile_request)
+            try:
+                if not pending.done.wait(self.settings.profile_timeout_s):
+                    raise TimeoutError(f"no profile within {self.settings.profile_timeout_s:g} s")
+            finally:
+                registry.end_profile(pending)
+            if pending.outcome is None or pending.outcome.error:
+                raise RuntimeError(pending.failure or pending.outcome.error)
+            device = convert.device_profile_from_pb(pending.outcome.result)
+            if self._profile_root():
+                profiles.save_device(self._profile_root(), device)
+        except Exception as error:  # noqa: BLE001 - the fallback stays; the status says why
+            log.warning("device profile of %s failed: %s", node_id, error)
+            self._nodes[node_id].profile_state = f"failed: {error}"[:200]
+            return
+        self._ready(node_id, device)
+
+    def _ready(self, node_id: str, device, replan: bool = True) -> None:
+        node = self._nodes[node_id]
+        accuracy = self._accuracy[node.fingerprint]
+        node.objectives = profiles.objectives(accuracy, device, node.memory)
+        node.target_ns = self.settings.latency_target_ns or \
+            inflection_latency_ns(next(iter(node.objectives.values())).latency, device.inflection_update_frequency)
+        node.key = _frontier_key(node, accuracy, device)
+        node.profile_state = "ready"
+        loaded = self._load_frontiers(node)
+        for workload in sorted(node.objectives, key=lambda w: w != accuracy.default_workload):
+            if workload not in loaded:
+                self._work.submit(self._build, node_id, workload)
+        if loaded and replan:
+            self._replan(node_id, "frontiers loaded from the planner's state")
+
+    def _build(self, node_id: str, workload: str) -> None:
+        node = self._nodes[node_id]
+        built = frontiers.build(node.objectives[workload], node.target_ns, self.settings.search,
+                                self.settings.frontier_points)
+        with self._lock:
+            node.frontiers[workload] = built
+        self._save_frontiers(node)
+        log.info("frontier of %s for %r: %d budgets", node_id, workload, len(built.points))
+        self._replan(node_id, f"frontier for workload {workload!r} searched")
+
+    def _refine(self, node_id: str, workload: str, budget: int, near: Found) -> None:
+        node = self._nodes[node_id]
+        with self._lock:
+            frontier = node.frontiers.get(workload)
+            current = frontier.at(budget) if frontier else None
+            if current is None or current.budget_bytes == budget:
+                return
+        found = search(node.objectives[workload], budget, node.target_ns, self.settings.search, [near])
+        with self._lock:
+            frontier.add(found)
+        self._save_frontiers(node)
+        self._replan(node_id, f"refined search at budget {format_size(budget)}")
+
+    def _replan(self, node_id: str, why: str) -> None:
+        if self.registry is not None:
+            self.registry.replan(node_id, why)
+
+    # --- helpers ----------------------------------------------------------------------
+    def _node(self, node_id: str, fingerprint: str, memory: MemoryModel) -> _Node:
+        node = self._nodes.get(node_id)
+        if node is None or node.fingerprint != fingerprint or node.memory != memory:
+            node = self._nodes[node_id] = _Node(fingerprint, memory)  # a new model or budget reserve: start over
+        return node
+
+    def _default_workload(self, node: _Node) -> str:
+        accuracy = self._accuracy.get(node.fingerprint)
+        return accuracy.default_workload if accuracy else ""
+
+    def _fallback_reason(self, node: _Node, workload: str) -> str:
+        if not node.fingerprint:
+            return "fallback: the executor did not say which model it serves"
+        if node.fingerprint not in self._accuracy:
+            return f"fallback: no accuracy profile of model {node.fingerprint}"
+        if node.profile_state != "ready":
+            return f"fallback: device profile {node.profile_state}"
+        return f"fallback: frontier for workload {workload!r} being searched"
+
+    def _roots(self) -> list[Path]:
+        roots = list(self.settings.accuracy_roots)
+        return roots + ([self._profile_root()] if self._profile_root() else [])
+
+    def _profile_root(self) -> Path | None:
+        return self.settings.state_dir / "profiles" if self.settings.state_dir else None
+
+    def _frontier_path(self, node: _Node) -> Path | None:
+        return self.settings.state_dir / "frontiers" / f"{node.key}.json" if self.settings.state_dir else None
+
+    def _save_frontiers(self, node: _Node) -> None:
+        path = self._frontier_path(node)
+        if path is None:
+            return
+        with self._lock:
+            body = {w: f.to_json() for w, f in node.frontiers.items()}
+        artifacts.write_json(path, "frontiers", dict(key=node.key, workloads=body))
+
+    def _load_frontiers(self, node: _Node) -> set[str]:
+        path = self._frontier_path(node)
+        if path is None or not path.exists():
+            return set()
+        try:
+            body = artifacts.read_json(path, "frontiers")
+            loaded = {w: frontiers.Frontier.from_json(f) for w, f in body["workloads"].items() if w in node.objectives}
+        except (artifacts.ProfileError, OSError, KeyError, TypeError, ValueError) as error:
+            log.warning("ignoring stored frontiers %s: %s", path, error)
+            return set()
+        with self._lock:
+            node.frontiers.update(loaded)
+        return set(loaded)
+
+
+def _frontier_key(node: _Node, accuracy: profiles.AccuracyProfile, device) -> str:
+    """Frontiers are valid for one model, accuracy profile, device profile and memory model."""
+    text = json.dumps([node.fingerprint, str(accuracy.directory), device.node_id, device.decode_step_ns,
+                       node.memory.fixed_bytes, [l.bytes_per_expert for l in node.memory.layout.layers]])
+    return hashlib.sha256(text.encode()).hexdigest()[:24]

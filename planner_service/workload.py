@@ -1,0 +1,92 @@
+"""Recognising the workload a device serves from its expert telemetry.
+
+Each profiled workload left a histogram per layer: the share of routed tokens each expert got
+(``profiler.accuracy.workload_histograms``). An executor reports the tokens routed to each
+expert since its previous report; over a window of recent reports, the workload whose
+histograms make those counts most likely (multinomial log-likelihood per routed token, summed
+over layers) is the one it serves. A mixed stream is most likely under the mix's histograms,
+which are the domains' average.
+
+Hysteresis, so a plan does not flap: the recognised workload changes only when another one is
+more likely by ``margin`` nats per token, in ``confirm`` reports in a row, with at least
+``min_tokens`` tokens in the window. The first decision needs only the tokens.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+SMOOTHING = 1e-3  # share given to an expert a histogram never saw, so no count is impossible
+
+
+@dataclass(frozen=True, slots=True)
+class Hysteresis:
+    window: int = 4  # reports
+    min_tokens: int = 32  # routed tokens of a layer in the window, before any decision
+    margin: float = 0.05  # nats per token (summed over layers) a challenger must win by
+    # Reports in a row it must win: near the window's length, so the passing mixture of two
+    # domains while the window turns over from one to the other is not pushed as the mix.
+    confirm: int = 3
+
+
+@dataclass
+class WorkloadTracker:
+    """One executor's recent expert activations and the workload recognised in them."""
+
+    histograms: Mapping[str, Sequence[Sequence[float]]]
+    settings: Hysteresis = field(default_factory=Hysteresis)
+    current: str = ""
+    why: str = ""
+    _reports: deque = field(default_factory=deque)
+    _challenger: tuple[str, int] = ("", 0)
+
+    def __post_init__(self):
+        self._log_shares = {w: _log_shares(h) for w, h in self.histograms.items()}
+
+    def observe(self, activations: Sequence[Sequence[int]]) -> bool:
+        """Add one report (tokens per expert per layer since the last one); returns True when the
+        recognised workload changed."""
+        counts = np.asarray(activations, dtype=float)
+        if not self._log_shares or counts.shape != next(iter(self._log_shares.values())).shape:
+            return False  # a report of another layout: nothing to compare
+        self._reports.append(counts)
+        while len(self._reports) > self.settings.window:
+            self._reports.popleft()
+        window = sum(self._reports)
+        tokens = window.sum(axis=1).min()
+        if tokens < self.settings.min_tokens:
+            return False
+        scores = self.likelihoods(window)
+        best = max(scores, key=scores.get)
+        if not self.current:
+            return self._switch(best, scores, tokens)
+        if best == self.current or scores[best] - scores[self.current] < self.settings.margin:
+            self._challenger = ("", 0)
+            return False
+        name, wins = self._challenger
+        self._challenger = (best, wins + 1 if name == best else 1)
+        if self._challenger[1] < self.settings.confirm:
+            return False
+        return self._switch(best, scores, tokens)
+
+    def likelihoods(self, counts: np.ndarray) -> dict[str, float]:
+        """Mean log-likelihood per routed token of ``counts`` [layers, experts], summed over layers."""
+        per_layer = np.maximum(counts.sum(axis=1), 1.0)
+        return {w: float(((counts * logs).sum(axis=1) / per_layer).sum()) for w, logs in self._log_shares.items()}
+
+    def _switch(self, workload: str, scores: dict[str, float], tokens: float) -> bool:
+        previous, self.current, self._challenger = self.current, workload, ("", 0)
+        ranked = sorted(scores, key=scores.get, reverse=True)
+        runner = ranked[1] if len(ranked) > 1 else workload
+        self.why = (f"expert activations of the last {len(self._reports)} reports ({int(tokens)}+ tokens per layer) "
+                    f"fit {workload!r} best ({scores[workload] - scores[runner]:+.3f} nats/token over {runner!r})")
+        return workload != previous
+
+
+def _log_shares(histogram: Sequence[Sequence[float]]) -> np.ndarray:
+    shares = np.asarray(histogram, dtype=float) + SMOOTHING
+    return np.log(shares / shares.sum(axis=1, keepdims=True))

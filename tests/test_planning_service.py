@@ -1,0 +1,209 @@
+"""The planner plans, with real processes on loopback: the bundled LM's executor is profiled
+through its Connect stream and gets searched plans; a budget cut gets a plan that fits; the
+domain of the prompts decides the workload planned for, without flapping on a mix; a
+restarted planner keeps what it knew; a model without a profile gets the even split."""
+
+import dataclasses
+import io
+from pathlib import Path
+
+import grpc
+import pytest
+
+from swapmoe.core.sizes import format_size
+from swapmoe.models.bundled import LM_DIR
+from swapmoe.orchestration import client
+from swapmoe.orchestration.processes import spawn
+from swapmoe.planner_service.planner import Planner as Policy, PlannerSettings
+from swapmoe.planner_service.registry import Registry
+from swapmoe.planner_service.search import SearchSettings
+from swapmoe.planner_service.server import serve
+from swapmoe.planner_service.state import PlannerState
+from swapmoe.planner_service.workload import Hysteresis
+from swapmoe.profiler.workloads import rows
+from swapmoe.rpc import transport
+from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
+
+from polling import wait_until
+
+PROFILES = Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"
+NODE = "lm-1"
+SETTINGS = PlannerSettings(
+    accuracy_roots=(PROFILES,),
+    search=SearchSettings(population=16, generations=12),
+    frontier_points=8,
+    # A short device profile: one token count, the sweep at two frequencies.
+    profile_request=epb.ProfileRequest(token_counts=[1, 4], repeats=2, update_frequencies=[16, 4], sweep_tokens=12),
+    hysteresis=Hysteresis(window=3, min_tokens=32, confirm=2),
+)
+
+
+class Planner:
+    """An in-process planner (a real gRPC server) that can be restarted on its port, with a log
+    of every plan it decided on: (node, version, origin, why)."""
+
+    def __init__(self, state_dir: Path):
+        self.state_dir, self.port, self.sent = state_dir, 0, []
+        self.start()
+
+    def start(self):
+        state = PlannerState(self.state_dir)
+
+        def persist(record):
+            state.save(record)
+            entry = (record.node_id, record.desired.version, record.desired.origin, record.reason) \
+                if record.desired else None
+            if entry and entry not in self.sent:
+                self.sent.append(entry)
+
+        policy = Policy(dataclasses.replace(SETTINGS, state_dir=self.state_dir))
+        self.server, self.registry = serve(f"127.0.0.1:{self.port}", Registry(state.load(), persist, policy))
+        self.port = self.server.port
+        self.address = f"127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.stop(0)
+        self.registry.planner.close()
+
+    def status(self, node=NODE):
+        stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(self.address))
+        try:
+            return stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=[node]), timeout=5).executors[0]
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            return None
+
+
+@pytest.fixture(scope="module")
+def planner(tmp_path_factory):
+    p = Planner(tmp_path_factory.mktemp("planner-state"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def lm(planner, tmp_path_factory):
+    service = spawn("executor", ["executor", "serve", "--model", str(LM_DIR), "--budget", "64MiB", "--port", "0",
+                                 "--planner", planner.address, "--node-id", NODE,
+                                 "--state-dir", str(tmp_path_factory.mktemp("executor-state"))],
+                    log_dir=tmp_path_factory.mktemp("logs"))
+    yield service
+    service.stop()
+
+
+def executor(service):
+    return executor_pb2_grpc.ExecutorServiceStub(transport.channel(service.address))
+
+
+def acked_search(planner, workload=None, budget=None):
+    """The status once a searched plan (for ``workload``, fitting ``budget``) is ACKed."""
+    def ready():
+        s = planner.status()
+        if not s or s.state != ppb.PLAN_STATE_ACKED or not s.desired_plan.origin.startswith("planner:search"):
+            return None
+        if workload and f"workload={workload} " not in s.desired_plan.origin:
+            return None
+        if budget and s.budget_bytes != budget:
+            return None
+        return s
+    return wait_until(ready, timeout=120, what=f"a searched plan for {workload or 'any workload'} ACKed")
+
+
+def generate(service, domain: str, requests: int = 2, start: int = 0):
+    """Prompts from the judging texts of ``domain`` (never used to profile)."""
+    texts = rows(domain, "judging")
+    for i in range(requests):
+        text = texts[(start + i) % len(texts)]["text"][:600]
+        for _ in executor(service).Generate(epb.GenerateRequest(text=text, max_new_tokens=24), timeout=60):
+            pass
+
+
+def test_a_new_device_is_served_the_fallback_profiled_through_its_stream_then_gets_a_searched_plan(planner, lm):
+    status = acked_search(planner, "mix")
+    first = next(s for s in planner.sent if s[0] == NODE)
+    assert first[2].startswith("planner:even-split") and "device profile profiling" in first[2]
+    assert status.profile_state == "ready"
+    assert status.predicted.workload == "mix" and status.predicted.accuracy_metric == "perplexity"
+    assert status.predicted.memory_bytes <= status.budget_bytes == 64 << 20
+    assert "searched plan for workload 'mix'" in status.reason
+    stored = list((planner.state_dir / "profiles").glob(f"*/devices/*{NODE}/device.json"))
+    assert len(stored) == 1  # the device profile is kept for a restart
+
+
+def test_a_budget_cut_gets_a_searched_plan_that_fits_and_is_acked(planner, lm):
+    before = acked_search(planner)
+    described = executor(lm).Describe(epb.DescribeRequest(), timeout=5)
+    budget = (described.min_budget_bytes + before.predicted.memory_bytes) // 2
+    executor(lm).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="thermal"), timeout=30)
+    status = acked_search(planner, budget=budget)
+    assert status.acked_plan.version > before.acked_plan.version
+    assert status.predicted.memory_bytes <= budget
+    assert f"budget change to {format_size(budget)}" in status.reason and "thermal" in status.reason
+    memory = executor(lm).Describe(epb.DescribeRequest(), timeout=5).memory
+    assert memory.accounted_bytes <= budget
+
+
+def test_the_domain_of_the_prompts_decides_the_workload_planned_for(planner, lm):
+    for domain in ("prose", "code", "prose"):
+        was = planner.status().workload
+        wait_until(lambda: generate(lm, domain) or planner.status().workload == domain, timeout=120,
+                   what=f"the planner to recognise {domain}")
+        status = wait_until(lambda: (s := planner.status()).predicted.workload == domain
+                            and s.state == ppb.PLAN_STATE_ACKED and s, what=f"the plan for {domain}")
+        if was != domain:
+            assert any(f"workload shift to '{domain}'" in why for _, _, _, why in planner.sent)
+        # Sent, unless the executor already ran the very plan searched for this domain.
+        assert f"workload={domain} " in status.desired_plan.origin or "runs it already" in status.reason
+
+
+def test_a_mixed_stream_settles_without_flapping(planner, lm):
+    domains = ["code", "prose", "manual"]
+    for i in range(3):  # until the mix is recognised
+        generate(lm, domains[i % 3], requests=1, start=i)
+    shifts_before = len({s[3] for s in planner.sent if "workload shift" in s[3]})
+    for i in range(18):
+        generate(lm, domains[i % 3], requests=1, start=i)
+    shifts = len({s[3] for s in planner.sent if "workload shift" in s[3]}) - shifts_before
+    assert shifts <= 1, f"{shifts} workload shifts on a mixed stream: {planner.sent[-shifts:]}"
+    assert planner.status().workload == "mix"
+
+
+def test_a_restarted_planner_keeps_profiles_frontiers_and_plans_and_resends_nothing(planner, lm):
+    before = acked_search(planner)
+    sent = len(planner.sent)
+    planner.stop()
+    planner.start()
+    status = wait_until(lambda: (s := planner.status()) and s.connected and s, what="the executor to reconnect")
+    assert status.profile_state == "ready"  # from the stored device profile: not measured again
+    assert status.workload == before.workload and status.desired_plan == before.desired_plan
+    assert status.predicted == before.predicted
+    generate(lm, "manual", requests=1)  # traffic as before the restart: a mix of domains
+    assert planner.status().acked_plan.version == before.acked_plan.version
+    assert [s[1] for s in planner.sent[sent:]] == [before.desired_plan.version] * (len(planner.sent) - sent)
+
+
+def test_the_plan_status_command_shows_the_plan_prediction_measurements_workload_and_why(planner, lm):
+    generate(lm, "code", requests=1)
+    out = io.StringIO()
+    wait_until(lambda: planner.status().HasField("throughput"), what="throughput telemetry")
+    client.print_plan_status(planner.address, [NODE], out=out)
+    text = out.getvalue()
+    for part in (f"{NODE}: connected", "workload: ", "predicted: perplexity", "measured: ", "why: ",
+                 "device profile: ready"):
+        assert part in text, text
+
+
+def test_an_executor_of_a_model_with_no_profile_gets_the_even_split_and_says_why(planner, tiny_model_dir,
+                                                                                  tmp_path_factory):
+    service = spawn("tiny", ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB", "--port", "0",
+                             "--planner", planner.address, "--node-id", "tiny-1"],
+                    log_dir=tmp_path_factory.mktemp("logs"))
+    try:
+        status = wait_until(lambda: (s := planner.status("tiny-1")) and s.state == ppb.PLAN_STATE_ACKED and s,
+                            what="the fallback plan ACKed")
+        assert status.desired_plan.origin.startswith("planner:even-split")
+        assert "no accuracy profile of model" in status.desired_plan.origin
+        assert not status.HasField("predicted") and status.profile_state == "none"
+    finally:
+        service.stop()
