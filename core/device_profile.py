@@ -49,6 +49,16 @@ class SweepPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class OnDemandPoint:
+    """Generation with on-demand loading at the sweep's plan: every miss loaded before the pass
+    goes on, so (inter_token_ns - the sweep's no-update time) / misses_per_token is what a
+    synchronous miss costs on this device."""
+
+    inter_token_ns: int
+    misses_per_token: float
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceProfile:
     node_id: str
     device: DeviceInfo
@@ -61,3 +71,12 @@ class DeviceProfile:
     sweep_experts_per_layer: tuple[int, ...]  # the plan the sweep ran
     sweep: tuple[SweepPoint, ...]
     inflection_update_frequency: int  # the most frequent updates that do not cost latency
+    on_demand: OnDemandPoint | None = None  # None: not measured (an older profile)
+
+    def miss_ns(self) -> float | None:
+        """What one synchronous (on-demand) miss costs, from the on-demand point; None when it
+        was not measured or nothing missed."""
+        baseline = next((p.inter_token_ns for p in self.sweep if p.update_frequency == 0), None)
+        if self.on_demand is None or baseline is None or self.on_demand.misses_per_token <= 0:
+            return None
+        return max(0.0, (self.on_demand.inter_token_ns - baseline) / self.on_demand.misses_per_token)

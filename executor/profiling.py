@@ -22,8 +22,9 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import torch
 from torch import nn
 
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, SweepPoint
+from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
 from swapmoe.core.layout import DeviceInfo
+from swapmoe.core.plan import Strategy
 from swapmoe.executor.admission import Cancelled
 from swapmoe.executor.generation import SamplingParams, generate_ids
 
@@ -200,11 +201,13 @@ def _decode_step_ns(runtime, repeats: int, cancelled) -> int:
         return _median_ns(lambda: next(tokens), repeats, cancelled)
 
 
-def _generate_once(runtime, frequency: int, count: int, cancelled) -> tuple[list[int], int]:
+def _generate_once(runtime, frequency: int, count: int, cancelled, counter=None) -> tuple[list[int], int]:
     """Generate ``count`` greedy tokens with updates every ``frequency`` tokens, as a request
     would (``begin_input``, then ``between_passes`` after each pass); returns the times between
-    tokens and the loads started."""
-    started = runtime.stats.loads_started
+    tokens and the loads started (or, given ``counter``, how far it moved after the first token:
+    the prefill's loads aside)."""
+    count_now = counter or (lambda: runtime.stats.loads_started)
+    started = count_now()
     tokens = generate_ids(runtime.model, _prompt(runtime.layout.vocab_size), count, SamplingParams(),
                           between_steps=lambda: runtime.between_passes(frequency))
     runtime.begin_input()
@@ -212,9 +215,22 @@ def _generate_once(runtime, frequency: int, count: int, cancelled) -> tuple[list
     with contextlib.closing(tokens):
         for _ in tokens:
             stamps.append(time.perf_counter_ns())
+            if counter is not None and len(stamps) == 1:
+                started = count_now()
             if cancelled():
                 raise Cancelled()
-    return [b - a for a, b in zip(stamps, stamps[1:])], runtime.stats.loads_started - started
+    return [b - a for a, b in zip(stamps, stamps[1:])], count_now() - started
+
+
+def _generate_on_demand(runtime, count: int, cancelled) -> tuple[list[int], int]:
+    """``_generate_once`` with every miss loaded synchronously (the exact strategy); returns the
+    times between tokens and the misses after the first token."""
+    previous = runtime.strategy
+    runtime.set_strategy(Strategy.ON_DEMAND)
+    try:
+        return _generate_once(runtime, 0, count, cancelled, counter=lambda: runtime.stats.on_demand_loads)
+    finally:
+        runtime.set_strategy(previous)
 
 
 def _settle(runtime) -> None:
@@ -232,7 +248,7 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency
     repeat (raises Cancelled). The decode step and the sweep run at ``residency.sweep()``;
     afterwards the slots go back to the plan in force, ``residency.plan()``."""
     layers, frequencies = runtime.layers, spec.frequencies
-    steps = 2 + len(layers) + len(frequencies) * spec.repeats
+    steps = 2 + len(layers) + (len(frequencies) + 1) * spec.repeats  # + an on-demand run per round
     device = runtime.device
     yield ProfileProgress(0.0, "expert load")
     with between_passes:
@@ -257,8 +273,9 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency
         gaps = {f: [] for f in frequencies}
         medians = {f: [] for f in frequencies}
         loads_started = dict.fromkeys(frequencies, 0)
+        on_demand_medians, on_demand_misses, on_demand_gaps = [], 0, 0
         for repeat in range(spec.repeats):  # frequencies interleaved: drift on the device hits all alike
-            yield ProfileProgress((2 + len(layers) + repeat * len(frequencies)) / steps,
+            yield ProfileProgress((2 + len(layers) + repeat * (len(frequencies) + 1)) / steps,
                                   f"update-frequency sweep, round {repeat + 1} of {spec.repeats}")
             for frequency in frequencies:
                 if cancelled():
@@ -270,6 +287,13 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency
                 gaps[frequency] += times
                 medians[frequency].append(int(statistics.median(times)) if times else 0)
                 loads_started[frequency] += started
+            with between_passes:  # and what a synchronous miss costs
+                _resize(runtime, residency.sweep())
+                _settle(runtime)
+                times, misses = _generate_on_demand(runtime, spec.sweep_tokens, cancelled)
+            on_demand_medians.append(int(statistics.median(times)) if times else 0)
+            on_demand_misses += misses
+            on_demand_gaps += len(times)
         baseline_medians = medians[0]
         sweep = [SweepPoint(f, max(1, int(statistics.median(medians[f]))),
                             len(gaps[f]) / (sum(gaps[f]) / 1e9) if sum(gaps[f]) else 0.0,
@@ -292,6 +316,8 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency
         sweep_experts_per_layer=sweep_capacities,
         sweep=tuple(sweep),
         inflection_update_frequency=inflection(sweep, tolerance),
+        on_demand=OnDemandPoint(max(1, int(statistics.median(on_demand_medians))),
+                                on_demand_misses / max(1, on_demand_gaps)) if on_demand_medians else None,
     )
     yield ProfileProgress(1.0, "done", result)
 

@@ -19,7 +19,7 @@ import numpy as np
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Strategy
 from swapmoe.profiler.configs import UPDATE_FREQUENCIES, Configuration
-from swapmoe.profiler.models import AccuracyModel, LatencyModel, lower_is_better
+from swapmoe.profiler.models import AccuracyEnsemble, AccuracyModel, LatencyModel, lower_is_better
 
 # The strategies a plan is searched over (skip has no accuracy profile: it drops tokens).
 STRATEGIES = (Strategy.MASKED_GATING, Strategy.ON_DEMAND)
@@ -44,11 +44,11 @@ class Objectives:
 
     workload: str
     memory: MemoryModel
-    accuracy: AccuracyModel
+    accuracy: AccuracyEnsemble | AccuracyModel
     latency: LatencyModel
     reference_accuracy: float  # the full model's, on this workload
     histogram: tuple[tuple[float, ...], ...]  # per layer, each expert's share of routed tokens
-    load_ns: float  # one synchronous expert load from the device's tier
+    load_ns: float  # one synchronous miss: measured under on-demand loading, else one read from the tier
     update_frequencies: tuple[int, ...] = UPDATE_FREQUENCIES
     strategies: tuple[Strategy, ...] = STRATEGIES
 

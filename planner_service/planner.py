@@ -288,6 +288,6 @@ class Planner:
 
 def _frontier_key(node: _Node, accuracy: profiles.AccuracyProfile, device) -> str:
     """Frontiers are valid for one model, accuracy profile, device profile and memory model."""
-    text = json.dumps([node.fingerprint, str(accuracy.directory), device.node_id, device.decode_step_ns,
+    text = json.dumps([node.fingerprint, accuracy.digest, device.node_id, device.decode_step_ns,
                        node.memory.fixed_bytes, [l.bytes_per_expert for l in node.memory.layout.layers]])
     return hashlib.sha256(text.encode()).hexdigest()[:24]

@@ -9,6 +9,7 @@ checked against the model's fingerprint.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from swapmoe.core.budget import MemoryModel
 from swapmoe.core.device_profile import DeviceProfile
 from swapmoe.planner_service.objectives import Objectives
 from swapmoe.profiler import artifacts, report
-from swapmoe.profiler.models import AccuracyModel, fit_latency
+from swapmoe.profiler.models import AccuracyEnsemble, fit_latency
 
 log = logging.getLogger(__name__)
 E_ACCURACY = "e_accuracy.json"
@@ -32,9 +33,10 @@ class AccuracyProfile:
 
     fingerprint: str
     directory: Path
-    models: dict[str, AccuracyModel]
+    models: dict[str, AccuracyEnsemble]
     reference: dict[str, float]
     histograms: dict[str, tuple[tuple[float, ...], ...]]
+    digest: str = ""  # of the stored models: frontiers searched with other models are stale
 
     @property
     def default_workload(self) -> str:
@@ -43,12 +45,13 @@ class AccuracyProfile:
 
 def load_accuracy(directory: Path) -> AccuracyProfile:
     body = artifacts.read_json(directory / E_ACCURACY, report.E_ACCURACY_KIND)
-    models = report.load_accuracy_models(directory, body["model_fingerprint"])
+    models = report.load_accuracy_ensembles(directory, body["model_fingerprint"])
     if not models:
         raise artifacts.ProfileError(f"{directory / E_ACCURACY} holds no workload")
     histograms = {w: tuple(tuple(float(x) for x in layer) for layer in h) for w, h in body["histograms"].items()}
+    digest = hashlib.sha256((directory / E_ACCURACY).read_bytes()).hexdigest()[:16]
     return AccuracyProfile(body["model_fingerprint"], directory, models,
-                           {w: float(v) for w, v in body["reference_accuracy"].items()}, histograms)
+                           {w: float(v) for w, v in body["reference_accuracy"].items()}, histograms, digest)
 
 
 def find_accuracy(roots: Iterable[Path]) -> dict[str, AccuracyProfile]:
@@ -93,7 +96,8 @@ def load_device(root: Path, fingerprint: str, node_id: str) -> DeviceProfile | N
 def objectives(accuracy: AccuracyProfile, device: DeviceProfile, memory: MemoryModel) -> dict[str, Objectives]:
     """One ``Objectives`` per profiled workload, for an executor with ``memory`` on ``device``."""
     latency = fit_latency(device)
-    load_ns = min((l.expert_load_ns for l in device.loads), default=0)
+    # A miss as the device measured it under on-demand loading; else (an older profile) a load's read time.
+    load_ns = device.miss_ns() or min((l.expert_load_ns for l in device.loads), default=0)
     uniform = tuple(tuple(1.0 / l.num_experts for _ in range(l.num_experts)) for l in memory.layout.layers)
     return {w: Objectives(w, memory, model, latency, accuracy.reference[w], accuracy.histograms.get(w, uniform),
                           float(load_ns))

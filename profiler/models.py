@@ -20,6 +20,7 @@ from swapmoe.profiler.configs import Configuration
 
 HELD_OUT_PERCENT = 20
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)  # L2 penalties E_accuracy's network is cross-validated over
+ENSEMBLE = 5  # networks fitted from different seeds, averaged for the planner's search
 
 
 # --- E_memory -------------------------------------------------------------------------
@@ -97,6 +98,39 @@ class AccuracyModel:
         return cls(**{k: tuples(v) for k, v in body.items()})
 
 
+@dataclass(frozen=True, slots=True)
+class AccuracyEnsemble:
+    """E_accuracy as the mean (in the target space: log perplexity) of networks fitted from
+    different seeds. A search that maximises one network finds the plans that network is too
+    optimistic about (the optimizer's curse); a mean of several is wrong in fewer places at once."""
+
+    members: tuple[AccuracyModel, ...]
+
+    @property
+    def workload(self) -> str:
+        return self.members[0].workload
+
+    @property
+    def num_experts(self) -> tuple[int, ...]:
+        return self.members[0].num_experts
+
+    def predict(self, configs: Sequence[Configuration]) -> np.ndarray:
+        return self._mean([m.predict(configs) for m in self.members])
+
+    def predict_arrays(self, kept: np.ndarray, update_frequency: np.ndarray) -> np.ndarray:
+        return self._mean([m.predict_arrays(kept, update_frequency) for m in self.members])
+
+    def _mean(self, predictions: list[np.ndarray]) -> np.ndarray:
+        return _untarget(np.mean([_target(p, self.workload) for p in predictions], axis=0), self.workload)
+
+    def to_json(self) -> list[dict]:
+        return [m.to_json() for m in self.members]
+
+    @classmethod
+    def from_json(cls, body: list[dict]) -> "AccuracyEnsemble":
+        return cls(tuple(AccuracyModel.from_json(m) for m in body))
+
+
 def is_held_out(key: str) -> bool:
     """A fixed ``HELD_OUT_PERCENT`` of configurations, by a hash of their key, judge the fit."""
     return hashlib.sha256(key.encode()).digest()[0] * 100 < 256 * HELD_OUT_PERCENT
@@ -105,8 +139,9 @@ def is_held_out(key: str) -> bool:
 def fit_accuracy(rows: list[dict], workload: str, num_experts: Sequence[int], seed: int = 0,
                  hidden: int = 32) -> dict:
     """Fit E_accuracy (the paper's two fully connected layers with ReLU; its L2 penalty chosen by
-    5-fold cross-validation on the training configurations) and a linear model on the training
-    configurations of ``rows``; report both on the held-out ones."""
+    5-fold cross-validation on the training configurations), ``ENSEMBLE`` such networks from
+    different seeds at that penalty, and a linear model, on the training configurations of
+    ``rows``; report each on the held-out ones."""
     from sklearn.linear_model import LinearRegression
     from sklearn.model_selection import GridSearchCV, KFold
     from sklearn.neural_network import MLPRegressor
@@ -129,12 +164,17 @@ def fit_accuracy(rows: list[dict], workload: str, num_experts: Sequence[int], se
     search = GridSearchCV(network, {"alpha": ALPHAS}, cv=KFold(folds, shuffle=True, random_state=seed),
                           scoring="neg_mean_absolute_error").fit(x_train, t_train)
     mlp = search.best_estimator_
+    members = [mlp] + [MLPRegressor(hidden_layer_sizes=(hidden,), activation="relu", solver="lbfgs", max_iter=20_000,
+                                    alpha=search.best_params_["alpha"], random_state=seed + i).fit(x_train, t_train)
+                       for i in range(1, ENSEMBLE)]
     linear = LinearRegression().fit(x_train, t_train)
     common = dict(workload=workload, num_experts=tuple(num_experts), x_mean=tuple(x_scaler.mean_),
                   x_scale=tuple(x_scaler.scale_), y_mean=y_mean, y_scale=y_scale)
+    networks = [AccuracyModel(weights=tuple(map(_rows, m.coefs_)), biases=tuple(tuple(b) for b in m.intercepts_),
+                              **common) for m in members]
     models = {
-        "mlp": AccuracyModel(weights=tuple(map(_rows, mlp.coefs_)), biases=tuple(tuple(b) for b in mlp.intercepts_),
-                             **common),
+        "mlp": networks[0],
+        "ensemble": AccuracyEnsemble(tuple(networks)),
         "linear": AccuracyModel(weights=(_rows(linear.coef_.reshape(-1, 1)),),
                                 biases=((float(linear.intercept_),),), **common),
     }

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, SweepPoint
+from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.sizes import format_size
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.accuracy import workload_histograms
-from swapmoe.profiler.models import AccuracyModel, LatencyModel, fit_accuracy, fit_latency
+from swapmoe.profiler.models import AccuracyEnsemble, AccuracyModel, LatencyModel, fit_accuracy, fit_latency
 
 ACCURACY_KIND, DEVICE_KIND, E_ACCURACY_KIND, E_LATENCY_KIND = "accuracy-profile", "device", "e-accuracy", "e-latency"
 
@@ -44,18 +44,28 @@ def load_accuracy_models(directory: Path, fingerprint: str | None = None) -> dic
     return {w: AccuracyModel.from_json(fit["models"]["mlp"]) for w, fit in body["workloads"].items()}
 
 
+def load_accuracy_ensembles(directory: Path, fingerprint: str | None = None) -> dict[str, AccuracyEnsemble]:
+    """E_accuracy's ensemble per workload (a profile fitted before ensembles: its one network)."""
+    body = artifacts.read_json(directory / "e_accuracy.json", E_ACCURACY_KIND, fingerprint)
+    return {w: AccuracyEnsemble.from_json(fit["models"]["ensemble"]) if "ensemble" in fit["models"]
+            else AccuracyEnsemble((AccuracyModel.from_json(fit["models"]["mlp"]),))
+            for w, fit in body["workloads"].items()}
+
+
 def accuracy_summary(meta: dict, rows: list[dict], body: dict) -> str:
     seconds = sum(r["seconds"] for r in rows)
     lines = [f"# Accuracy profile of model {meta['model_fingerprint']}", "",
              f"Profiling set: {_describe_set(meta['profiling_set'])}; {len(rows)} configurations scored "
              f"({seconds / 60:.1f} worker-minutes), seed {meta['seed']}.", "",
-             "| workload | full model | configurations | E_accuracy held-out mean rel. error | linear | E_accuracy rank corr. |",
-             "|---|---|---|---|---|---|"]
+             "| workload | full model | configurations | E_accuracy held-out mean rel. error | ensemble | linear "
+             "| E_accuracy rank corr. |",
+             "|---|---|---|---|---|---|---|"]
     for workload, fit in body["workloads"].items():
         err = fit["held_out_error"]
         lines.append(f"| {workload} | {body['reference_accuracy'].get(workload, float('nan')):.3f} | "
                      f"{fit['trained_on']} fit + {fit['held_out']} held out | "
-                     f"{err['mlp']['mean_relative_error']:.2%} | {err['linear']['mean_relative_error']:.2%} | "
+                     f"{err['mlp']['mean_relative_error']:.2%} | "
+                     f"{err.get('ensemble', err['mlp'])['mean_relative_error']:.2%} | {err['linear']['mean_relative_error']:.2%} | "
                      f"{err['mlp']['spearman']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -90,7 +100,8 @@ def load_device(directory: Path, fingerprint: str | None = None) -> DeviceProfil
         dense_forward_ns=body["dense_forward_ns"], decode_step_ns=body["decode_step_ns"],
         sweep_experts_per_layer=tuple(body["sweep_experts_per_layer"]),
         sweep=tuple(SweepPoint(**p) for p in body["sweep"]),
-        inflection_update_frequency=body["inflection_update_frequency"])
+        inflection_update_frequency=body["inflection_update_frequency"],
+        on_demand=OnDemandPoint(**body["on_demand"]) if body.get("on_demand") else None)
 
 
 def load_latency_model(directory: Path, fingerprint: str | None = None) -> LatencyModel:
@@ -116,6 +127,11 @@ def device_summary(profile: DeviceProfile, latency: LatencyModel) -> str:
               "| update frequency | inter-token latency | tokens/s | loads per token |", "|---|---|---|---|"]
     lines += [f"| {p.update_frequency} | {p.inter_token_ns / 1e6:.2f} ms | {p.tokens_per_second:.1f} | "
               f"{p.loads_per_token:.2f} |" for p in profile.sweep]
+    if profile.on_demand is not None:
+        miss = profile.miss_ns()
+        lines += ["", f"On-demand loading at the same plan: {profile.on_demand.inter_token_ns / 1e6:.2f} ms between "
+                      f"tokens, {profile.on_demand.misses_per_token:.2f} synchronous loads per token"
+                      + (f": {miss / 1e3:.0f} µs per miss." if miss is not None else ".")]
     return "\n".join(lines) + "\n"
 
 

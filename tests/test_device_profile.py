@@ -2,12 +2,14 @@
 3.4.1): measured by a real executor on tiny checkpoints, over its own Profile RPC and through the
 planner's Connect stream from an executor process, as a device behind NAT would be profiled."""
 
+import dataclasses
 import threading
 
 import grpc
 import pytest
 
-from swapmoe.core.device_profile import SweepPoint
+from swapmoe.core.device_profile import DeviceProfile, OnDemandPoint, SweepPoint
+from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
@@ -97,10 +99,27 @@ def test_profile_returns_a_full_device_profile(executor, engine, tiny_model_dir)
     assert all(p.inter_token_ns > 0 and p.tokens_per_second > 0 for p in result.sweep)
     assert result.sweep[0].loads_per_token == 0 and result.sweep[-1].loads_per_token > 0  # 2 of 8 resident: updates load
     assert result.inflection_update_frequency in (8, 2)
+    # on-demand at 2 of 8 experts: misses are loaded synchronously, and their cost comes out of it
+    assert result.on_demand.inter_token_ns > 0 and result.on_demand.misses_per_token > 0
+    assert convert.device_profile_from_pb(result).miss_ns() is not None
+    assert engine.runtime.strategy is engine.plan.strategy  # the plan's strategy is back
     # the fields older readers use still hold the first tier and the first layer
     assert result.load_tier == result.loads[0].tier and list(result.compute) == list(result.layers[0].compute)
     assert list(result.bytes_per_expert) == [l.bytes_per_expert for l in layout.layers]
     assert convert.device_profile_to_pb(convert.device_profile_from_pb(result)) == result
+
+
+def test_a_miss_costs_what_on_demand_generation_adds_to_the_baseline_per_miss():
+    profile = _stored_profile()
+    assert profile.miss_ns() == pytest.approx((1_900_000 - 1_000_000) / 0.5)
+    assert dataclasses.replace(profile, on_demand=None).miss_ns() is None
+
+
+def _stored_profile() -> DeviceProfile:
+    layout = ModelLayout("mixtral", "MixtralForCausalLM", (LayerLayout(0, "layers.0", 8, 2, 1000),), 5000)
+    return DeviceProfile("n", DeviceInfo("cpu", "x", 1 << 30, 2), "abc", layout, (), (), 0, 0, (4,),
+                         tuple(SweepPoint(f, ns, 1e9 / ns, 0.0) for f, ns in ((0, 1_000_000), (8, 1_100_000))), 8,
+                         OnDemandPoint(1_900_000, 0.5))
 
 
 def test_the_sweep_gives_the_slots_back_to_the_plan_in_force(executor, engine):

@@ -16,7 +16,8 @@ from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.plan import Plan
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.configs import Configuration, allocate, sample, sample_many
-from swapmoe.profiler.models import AccuracyModel, e_memory, fit_accuracy, fit_latency, is_held_out
+from swapmoe.profiler.models import (ENSEMBLE, AccuracyEnsemble, AccuracyModel, e_memory, fit_accuracy, fit_latency,
+                                     is_held_out)
 from swapmoe.profiler.workloads import ProfilingSet, rows
 from swapmoe.rpc import convert
 
@@ -116,6 +117,18 @@ def test_e_accuracy_learns_which_layers_matter_and_reports_held_out_error():
     worse_first = model.predict([Configuration((2, 8, 8), 4)])[0]
     worse_last = model.predict([Configuration((8, 8, 2), 4)])[0]
     assert worse_first > worse_last
+
+
+def test_the_planners_e_accuracy_is_the_geometric_mean_of_networks_from_different_seeds():
+    fitted = fit_accuracy(_synthetic_rows(200), "mix", [8, 8, 8])
+    ensemble = AccuracyEnsemble.from_json(json.loads(json.dumps(fitted["models"]["ensemble"])))
+    assert len(ensemble.members) == ENSEMBLE and ensemble.members[0] == AccuracyModel.from_json(fitted["models"]["mlp"])
+    configs = [Configuration((2, 8, 8), 4), Configuration((8, 3, 5), 16)]
+    each = np.array([m.predict(configs) for m in ensemble.members])
+    assert np.allclose(ensemble.predict(configs), np.exp(np.log(each).mean(axis=0)))
+    assert np.allclose(ensemble.predict_arrays(np.array([[2, 8, 8], [8, 3, 5]]), np.array([4, 16])),
+                       ensemble.predict(configs))
+    assert fitted["held_out_error"]["ensemble"]["mean_relative_error"] < 0.02
 
 
 def test_held_out_configurations_are_a_fixed_fifth():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from swapmoe.core import limits
 from swapmoe.core.budget import Reserve
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, SweepPoint
+from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.memory import MemoryReport
@@ -179,6 +179,8 @@ def device_profile_to_pb(profile: DeviceProfile) -> epb.ProfileResult:
                               tokens_per_second=p.tokens_per_second, loads_per_token=p.loads_per_token)
                for p in profile.sweep],
         inflection_update_frequency=profile.inflection_update_frequency,
+        on_demand=epb.OnDemandPoint(inter_token_ns=profile.on_demand.inter_token_ns,
+                                    misses_per_token=profile.on_demand.misses_per_token) if profile.on_demand else None,
     )
 
 
@@ -198,4 +200,6 @@ def device_profile_from_pb(msg: epb.ProfileResult) -> DeviceProfile:
         sweep=tuple(SweepPoint(p.update_frequency, p.inter_token_ns, p.tokens_per_second, p.loads_per_token)
                     for p in msg.sweep),
         inflection_update_frequency=msg.inflection_update_frequency,
+        on_demand=OnDemandPoint(msg.on_demand.inter_token_ns, msg.on_demand.misses_per_token)
+        if msg.HasField("on_demand") else None,
     )

@@ -187,7 +187,7 @@ class SweepPoint(_message.Message):
     def __init__(self, update_frequency: _Optional[int] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., loads_per_token: _Optional[float] = ...) -> None: ...
 
 class ProfileResult(_message.Message):
-    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency")
+    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency", "on_demand")
     EXPERT_LOAD_NS_FIELD_NUMBER: _ClassVar[int]
     LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,7 @@ class ProfileResult(_message.Message):
     SWEEP_EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     INFLECTION_UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
+    ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     expert_load_ns: int
     load_bytes_per_second: float
     load_tier: str
@@ -222,7 +223,16 @@ class ProfileResult(_message.Message):
     sweep_experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
     sweep: _containers.RepeatedCompositeFieldContainer[SweepPoint]
     inflection_update_frequency: int
-    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ...) -> None: ...
+    on_demand: OnDemandPoint
+    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ..., on_demand: _Optional[_Union[OnDemandPoint, _Mapping]] = ...) -> None: ...
+
+class OnDemandPoint(_message.Message):
+    __slots__ = ("inter_token_ns", "misses_per_token")
+    INTER_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    inter_token_ns: int
+    misses_per_token: float
+    def __init__(self, inter_token_ns: _Optional[int] = ..., misses_per_token: _Optional[float] = ...) -> None: ...
 
 class ProfileProgress(_message.Message):
     __slots__ = ("fraction", "stage", "result")
