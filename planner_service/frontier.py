@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 
 from swapmoe.planner_service.objectives import Objectives
@@ -60,12 +58,9 @@ def budgets(objectives: Objectives, points: int = MAX_POINTS) -> list[int]:
 
 
 def build(objectives: Objectives, latency_target_ns: float, settings: SearchSettings = SearchSettings(),
-          points: int = MAX_POINTS, progress: Callable[[int, int], None] = lambda done, total: None) -> Frontier:
+          points: int = MAX_POINTS) -> Frontier:
     """Search every budget of ``budgets``, smallest first, each seeded with the one below it."""
     frontier = Frontier(objectives.workload, latency_target_ns)
-    todo = budgets(objectives, points)
-    for done, budget in enumerate(todo, 1):
-        seeds = frontier.points[-1:]
-        frontier.add(search(objectives, budget, latency_target_ns, settings, seeds))
-        progress(done, len(todo))
+    for budget in budgets(objectives, points):
+        frontier.add(search(objectives, budget, latency_target_ns, settings, frontier.points[-1:]))
     return frontier

@@ -56,10 +56,6 @@ class Objectives:
     def num_experts(self) -> tuple[int, ...]:
         return tuple(l.num_experts for l in self.memory.layout.layers)
 
-    @property
-    def metric(self) -> str:
-        return "perplexity" if lower_is_better(self.workload) else "rouge2"
-
     def loss(self, accuracy: np.ndarray) -> np.ndarray:
         """What the search minimises: perplexity as is, Rouge-2 negated."""
         return accuracy if lower_is_better(self.workload) else -accuracy

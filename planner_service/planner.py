@@ -30,13 +30,12 @@ from swapmoe.planner_service import profiles
 from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
 from swapmoe.planner_service.search import Found, SearchSettings, search
 from swapmoe.planner_service.workload import Hysteresis, WorkloadTracker
-from swapmoe.profiler import artifacts
+from swapmoe.profiler import artifacts, report
 from swapmoe.rpc import convert
 from swapmoe.v1 import executor_pb2 as epb
 
 
 log = logging.getLogger(__name__)
-FRONTIER_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -92,11 +91,7 @@ class Planner:
     def choose(self, record, why: str) -> Choice:
         budget = record.registration.budget_bytes
         node = self._node(record.node_id, record.registration.model_fingerprint, record.memory_model)
-        workload = record.workload or self._default_workload(node)
-        with self._lock:  # the recognised workload's frontier, else the default's while it is searched
-            frontier = node.frontiers.get(workload) or node.frontiers.get(self._default_workload(node))
-        workload = frontier.workload if frontier else workload
-        found = frontier.at(budget) if frontier else None
+        workload, found = self._lookup(node, record)
         if found is None:
             reason = self._fallback_reason(node, workload)
             plan = record.memory_model.default_plan(budget, 0, f"planner:even-split budget={format_size(budget)} "
@@ -147,11 +142,7 @@ class Planner:
     def searched(self, record) -> bool:
         """Whether ``choose`` would answer ``record`` from a frontier."""
         node = self._nodes.get(record.node_id)
-        if node is None:
-            return False
-        with self._lock:
-            frontier = node.frontiers.get(record.workload or self._default_workload(node))
-        return frontier is not None and frontier.at(record.registration.budget_bytes) is not None
+        return node is not None and self._lookup(node, record)[1] is not None
 
     def status(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
@@ -160,10 +151,6 @@ class Planner:
     def recognised(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
         return node.tracker.current if node and node.tracker else ""
-
-    def explain(self, node_id: str) -> str:
-        node = self._nodes.get(node_id)
-        return node.tracker.why if node and node.tracker else ""
 
     def close(self) -> None:
         self._work.shutdown(wait=False, cancel_futures=True)
@@ -184,7 +171,7 @@ class Planner:
                 raise RuntimeError(pending.failure or pending.outcome.error)
             device = convert.device_profile_from_pb(pending.outcome.result)
             if self._profile_root():
-                profiles.save_device(self._profile_root(), device)
+                report.save_device(self._profile_root(), device)
         except Exception as error:  # noqa: BLE001 - the fallback stays; the status says why
             log.warning("device profile of %s failed: %s", node_id, error)
             self._nodes[node_id].profile_state = f"failed: {error}"[:200]
@@ -239,6 +226,16 @@ class Planner:
         if node is None or node.fingerprint != fingerprint or node.memory != memory:
             node = self._nodes[node_id] = _Node(fingerprint, memory)  # a new model or budget reserve: start over
         return node
+
+    def _lookup(self, node: _Node, record) -> tuple[str, Found | None]:
+        """The workload planned for and the frontier's plan for ``record``'s budget: the recognised
+        workload's frontier, else the default workload's while the other is searched."""
+        wanted, default = record.workload or self._default_workload(node), self._default_workload(node)
+        with self._lock:
+            frontier = node.frontiers.get(wanted) or node.frontiers.get(default)
+        if frontier is None:
+            return wanted, None
+        return frontier.workload, frontier.at(record.registration.budget_bytes)
 
     def _default_workload(self, node: _Node) -> str:
         accuracy = self._accuracy.get(node.fingerprint)

@@ -71,15 +71,6 @@ def find_accuracy(roots: Iterable[Path]) -> dict[str, AccuracyProfile]:
     return {fp: profile for fp, (_, profile) in found.items()}
 
 
-def device_key(node_id: str) -> str:
-    return f"node-{node_id}"
-
-
-def save_device(root: Path, profile: DeviceProfile) -> Path:
-    """Keep an executor's device profile (with its fitted E_latency) under ``root``."""
-    return report.save_device(root, profile)
-
-
 def load_device(root: Path, fingerprint: str, node_id: str) -> DeviceProfile | None:
     """The device profile stored for ``node_id`` serving ``fingerprint``, if any."""
     for directory in sorted((Path(root) / fingerprint / "devices").glob("*")):
