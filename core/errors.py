@@ -29,6 +29,10 @@ class NotFound(LookupError):
     """A named thing does not exist (NOT_FOUND)."""
 
 
+class Unauthenticated(PermissionError):
+    """No credentials, or credentials nobody issued (UNAUTHENTICATED)."""
+
+
 class Forbidden(PermissionError):
     """The caller may not do this, e.g. take over another executor's node id (PERMISSION_DENIED)."""
 

@@ -9,12 +9,13 @@ budget is ``swapmoe.core.budget``.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import ModelLayout
-from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_UPDATE_FREQUENCY, check_range, check_text
+from swapmoe.core.limits import MAX_BYTES, MAX_PLAN_VERSION, MAX_UPDATE_FREQUENCY, check_range, check_text
 from swapmoe.core.memory import MemoryReport
 
 
@@ -39,9 +40,13 @@ class Plan:
     update_frequency: int = 0
     strategy: Strategy = Strategy.MASKED_GATING
     origin: str = ""
+    budget_bytes: int = 0  # a budget to set with the plan (a fleet-wide budget policy); 0 keeps it
 
     def with_version(self, version: int) -> "Plan":
-        return Plan(version, self.experts_per_layer, self.update_frequency, self.strategy, self.origin)
+        return dataclasses.replace(self, version=version)
+
+    def with_budget(self, budget_bytes: int) -> "Plan":
+        return dataclasses.replace(self, budget_bytes=budget_bytes)
 
 
 def validate_plan(plan: Plan, layout: ModelLayout) -> None:
@@ -49,6 +54,7 @@ def validate_plan(plan: Plan, layout: ModelLayout) -> None:
     check_range("plan.version", plan.version, 0, MAX_PLAN_VERSION)
     check_range("plan.update_frequency", plan.update_frequency, 0, MAX_UPDATE_FREQUENCY)
     check_text("plan.origin", plan.origin)
+    check_range("plan.budget_bytes", plan.budget_bytes, 0, MAX_BYTES)
     if len(plan.experts_per_layer) != layout.num_layers:
         raise InvalidField(
             "plan.experts_per_layer",

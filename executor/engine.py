@@ -134,10 +134,20 @@ class Engine:
         start = time.perf_counter_ns()
         validate_plan(plan, self.layout)
         with self.scheduler.between_passes():  # checks and application together: plans and budgets serialize
+            previous = self.budget_bytes
             reason = self.plans.review(plan)
             if not reason:
+                budget = plan.budget_bytes or previous
+                if budget > previous:  # a budget grows before the slots do, and shrinks after them:
+                    self.plans.set_budget(budget, None)  # accounted bytes never exceed it
                 self._apply_residency(plan)
                 self.plans.accept(plan)
+                if budget < previous:
+                    self.plans.set_budget(budget, None)
+        if not reason and self.budget_bytes != previous:
+            self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
+                           f"budget {format_size(previous)} -> {format_size(self.budget_bytes)}: with plan {plan.version}",
+                           previous_budget_bytes=previous, budget_bytes=self.budget_bytes)
         if reason:
             self.hub.event(tpb.Event.KIND_PLAN_REJECTED, reason, plan_version=plan.version)
             return PlanResult(plan.version, False, reason, memory=self.memory())

@@ -40,6 +40,7 @@ from swapmoe.executor.engine import Engine
 from swapmoe.executor.server import describe_pb, profile_spec_from_pb
 from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.rpc import convert, transport
+from swapmoe.rpc.security import ClientSecurity
 from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
@@ -49,11 +50,17 @@ SECRET_FILE = "node_secret"
 # would cost the device more than the planner can use.
 UPSTREAM_TOPICS = frozenset({tpb.TOPIC_MEMORY, tpb.TOPIC_THROUGHPUT, tpb.TOPIC_EXPERTS})
 MIN_UPSTREAM_INTERVAL_MS = 100
+# Messages waiting to go up past which periodic telemetry is skipped (plan results, budget changes
+# and profiles always go): a planner that stops reading costs the device a bounded queue.
+MAX_TELEMETRY_BACKLOG = 64
 
 
 class PlannerLink:
-    def __init__(self, engine: Engine, planner_address: str, executor_address: str = ""):
+    def __init__(self, engine: Engine, planner_address: str, executor_address: str = "",
+                 labels: dict[str, str] | None = None, security: ClientSecurity | None = None):
         self.engine = engine
+        self.security = security
+        self.labels = {**default_labels(engine), **(labels or {})}
         self.planner_address = planner_address
         self.executor_address = executor_address
         self._stop = threading.Event()
@@ -96,6 +103,7 @@ class PlannerLink:
             min_budget_bytes=described.min_budget_bytes, layout=described.layout,
             current_plan=described.plan, executor_address=self.executor_address, reserve=described.reserve,
             node_secret=self.node_secret, model_fingerprint=model_fingerprint(self.engine.config.model_dir),
+            labels=self.labels,
         )
 
     def _session(self) -> None:
@@ -106,7 +114,7 @@ class PlannerLink:
         forwarder = threading.Thread(target=self._forward, args=(events, outbox), daemon=True)
         profiles: dict[str, threading.Event] = {}  # running profiles by request id: set to cancel
         ended = threading.Event()  # stops this stream's periodic telemetry
-        with transport.channel(self.planner_address) as channel:
+        with transport.channel(self.planner_address, self.security) as channel:
             self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox))
             forwarder.start()
             try:
@@ -194,6 +202,9 @@ class PlannerLink:
         """One reporter per stream: its windows start at the Welcome and never span two streams."""
         reporter = TelemetryReporter(self.engine)
         while not ended.wait(interval):
+            if outbox.qsize() >= MAX_TELEMETRY_BACKLOG:  # the planner is not reading: skip, never pile up
+                log.debug("planner %s reads slowly: telemetry report skipped", self.planner_address)
+                continue
             for event in reporter.reports(topics):
                 outbox.put(ppb.ExecutorMessage(telemetry=event))
 
@@ -201,6 +212,14 @@ class PlannerLink:
 def _drain(outbox: queue.Queue):
     while (message := outbox.get()) is not None:
         yield message
+
+
+def default_labels(engine: Engine) -> dict[str, str]:
+    """What every executor is labelled with unless told otherwise: its model (the checkpoint's
+    directory name, what a client asks for) and its torch device type."""
+    model = Path(engine.config.model_dir).name or "model"
+    return {"model": "".join(c if c.isalnum() or c in "-_." else "-" for c in model)[:63].strip("-_.") or "model",
+            "device": str(engine.device_info.kind or "cpu").split(":")[0]}
 
 
 def _read_secret(path: Path | None) -> str:

@@ -55,10 +55,16 @@ class PlanBook:
         return f"resumed saved plan {plan.version} {list(plan.experts_per_layer)}"
 
     def review(self, plan: Plan) -> str:
-        """Why a well-formed ``plan`` cannot replace the current one (a NACK), or "" (an ACK)."""
+        """Why a well-formed ``plan`` cannot replace the current one (a NACK), or "" (an ACK). A plan
+        that carries a budget is checked against that budget."""
         if plan.version <= self.current.version:
             return f"plan.version {plan.version} is not newer than the current plan's version {self.current.version}"
-        return self.memory.over_budget(plan.experts_per_layer, self.budget_bytes)
+        if plan.budget_bytes:
+            try:
+                self.memory.check_budget(plan.budget_bytes)
+            except InvalidField as error:
+                return f"the plan's {error}"
+        return self.memory.over_budget(plan.experts_per_layer, plan.budget_bytes or self.budget_bytes)
 
     def accept(self, plan: Plan) -> None:
         """``plan`` runs from now on, and a restart resumes it."""

@@ -14,6 +14,7 @@ from swapmoe.executor.profiling import ProfileProgress, ProfileSpec
 from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.executor.text import Chunk
 from swapmoe.rpc import convert, transport
+from swapmoe.rpc.security import ServerSecurity
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
 SERVICE_NAME = epb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
@@ -166,16 +167,18 @@ def progress_to_pb(progress: ProfileProgress) -> epb.ProfileProgress:
     return msg
 
 
-def serve(engine: Engine, address: str = "127.0.0.1:0", max_subscribers: int = 32) -> transport.Server:
+def serve(engine: Engine, address: str = "127.0.0.1:0", max_subscribers: int = 32,
+          security: ServerSecurity | None = None) -> transport.Server:
     """Start ExecutorService (plus health and reflection) for ``engine``. Streams have slots of
     their own: every generation the queue admits (one running, ``max_queue`` waiting) and a few
     more (so a client past the queue hears the queue's own answer), up to ``max_subscribers``
     telemetry streams and two Profile calls (one runs, one waits); unary calls keep threads
-    of their own beside them."""
+    of their own beside them. ``security``: TLS and the tokens accepted (``swapmoe.rpc.security``)."""
     stream_limits = {"Generate": engine.config.max_queue + 1 + 4, "Subscribe": max_subscribers, "Profile": 2}
     return transport.start_server(
         lambda server: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(engine), server),
         [SERVICE_NAME],
         address,
         stream_limits,
+        security=security,
     )

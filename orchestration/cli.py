@@ -10,7 +10,10 @@ import threading
 from pathlib import Path
 
 from swapmoe.core.errors import Corrupted
+from swapmoe.core.labels import parse_labels
 from swapmoe.core.sizes import parse_size
+from swapmoe.orchestration import devcerts, fleet_commands
+from swapmoe.rpc import security
 from swapmoe.profiler import commands as profile_commands
 
 
@@ -36,13 +39,6 @@ def _positive(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1, got 0")
     return value
-
-
-def _counts(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def _serve_until_signalled(server, name: str) -> None:
@@ -79,12 +75,16 @@ def executor_serve(args) -> None:
                           load_bandwidth=args.load_bandwidth)
     if args.node_id:
         config.node_id = args.node_id
+    labels = parse_labels("--label", args.label)
+    server_security = security.server_from_args(args, "executor")
+    dial_security = security.client_from_args(args, "executor", cert="executor")
     engine = Engine(config)
-    server = serve(engine, f"{args.host}:{args.port}", max_subscribers=args.max_subscribers)
+    server = serve(engine, f"{args.host}:{args.port}", max_subscribers=args.max_subscribers,
+                   security=server_security)
     address = f"{args.host}:{server.port}"
     stops = [engine.hub.close_all]  # ends Subscribe streams so shutdown can drain
     if args.planner:
-        link = PlannerLink(engine, args.planner, address).start()
+        link = PlannerLink(engine, args.planner, address, labels=labels, security=dial_security).start()
         stops.append(link.stop)
     if args.metrics_port is not None:
         from swapmoe.executor.prometheus import serve_metrics
@@ -106,7 +106,7 @@ def planner_serve(args) -> None:
                                if args.latency_target_ms else None, profile_devices=not args.no_device_profiling,
                                search=SearchSettings(seed=args.seed))
     server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors,
-                      settings=settings)
+                      settings=settings, security=security.server_from_args(args, "planner"))
     _serve_until_signalled(_Running(server, args.host), "planner")
 
 
@@ -116,37 +116,19 @@ def planner_status(args) -> None:
     client.print_plan_status(args.planner, args.node_ids)
 
 
-def fleet_serve(args) -> None:
-    from swapmoe.orchestration.fleet import serve
-
-    server = serve(args.planner, f"{args.host}:{args.port}")
-    _serve_until_signalled(_Running(server, args.host), "fleet")
-
-
-def fleet_nodes(args) -> None:
-    from swapmoe.orchestration import client
-
-    client.print_nodes(args.fleet)
-
-
-def fleet_rollout(args) -> None:
-    from swapmoe.orchestration import client
-
-    sys.exit(client.rollout(args.fleet, args.nodes, args.experts, args.wait))
-
-
-def fleet_status(args) -> None:
-    from swapmoe.orchestration import client
-
-    client.print_rollout(client.get_rollout(args.fleet, args.rollout_id))
-
-
 def generate(args) -> None:
     from swapmoe.orchestration import client
 
-    client.stream_generation(args.executor, args.prompt, max_new_tokens=args.max_new_tokens,
-                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                             seed=args.seed, stop=args.stop)
+    target = args.executor or "127.0.0.1:50051"
+    if args.fleet:
+        if not args.model:
+            raise ValueError("--fleet needs --model: the model to route to (its executors' `model` label)")
+        from swapmoe.orchestration.routing import Router
+
+        target = Router(args.fleet, channel_factory=client.channel)
+    client.stream_generation(target, args.prompt, model=args.model or "", selector=args.selector,
+                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                             top_k=args.top_k, seed=args.seed, stop=args.stop)
 
 
 def describe(args) -> None:
@@ -183,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--budget", required=True, type=_size, help="memory budget, e.g. 512MiB, 2GiB, 1.5GB")
     p.add_argument("--planner", help="planner address to dial out to (host:port)")
+    p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
+                   help="a label the planner and control node select this executor by, e.g. class=phone "
+                        "(repeatable; model=<checkpoint directory name> and device=<cpu|cuda> are added unless given)")
     p.add_argument("--node-id", help="stable identity of this executor (default: host name)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--max-context", type=int, default=0, help="longest prompt + completion (default: model limit, <= 2048)")
@@ -199,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, let in-flight streams finish for up to this long (default 30)")
+    security.add_server_arguments(p, dials_out=True)
     p.set_defaults(func=executor_serve)
 
     planner = commands.add_parser("planner", help="the planner service").add_subparsers(dest="action", required=True)
@@ -206,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path,
                    help="keep each executor's plans (desired, acknowledged, pinned, why), the device profiles "
                         "measured and the frontiers searched here, and restore them on restart")
-    p.add_argument("--max-executors", type=_positive, default=240,
-                   help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 240)")
+    p.add_argument("--max-executors", type=_positive, default=20_000,
+                   help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 20000; "
+                        "each holds a connection: raise `ulimit -n` past twice this)")
     p.add_argument("--profiles", type=Path, action="append", default=[],
                    help="a root of accuracy profiles (the --root of `swapmoe profile accuracy`, laid out "
                         "ROOT/<model fingerprint>/accuracy/<set>/); repeatable (default: that command's default root, "
@@ -219,32 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not profile new devices through their Connect stream (they keep the even split "
                         "until a device profile is stored under --state-dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
+    security.add_server_arguments(p)
     p.set_defaults(func=planner_serve)
     p = planner.add_parser("status", help="each executor's plan, predicted and measured figures, workload and why")
     p.add_argument("--planner", default="127.0.0.1:50052", help="planner address (default 127.0.0.1:50052)")
     p.add_argument("node_ids", nargs="*", help="executors to show (default: all)")
     p.set_defaults(func=planner_status)
 
-    fleet = commands.add_parser("fleet", help="the control node").add_subparsers(dest="action", required=True)
-    p = server(fleet, "serve the control node", 50053)
-    p.add_argument("--planner", action="append", required=True, help="planner address (repeatable)")
-    p.set_defaults(func=fleet_serve)
-    p = fleet.add_parser("nodes", help="list executors across planners")
-    p.add_argument("--fleet", required=True, help="control node address")
-    p.set_defaults(func=fleet_nodes)
-    p = fleet.add_parser("rollout", help="push a plan to the fleet")
-    p.add_argument("--fleet", required=True, help="control node address")
-    p.add_argument("--nodes", type=lambda s: s.split(","), default=[], help="comma-separated node ids (default: all)")
-    p.add_argument("--experts", type=_counts, help="experts per layer, e.g. 4,4,4 (default: planner decides)")
-    p.add_argument("--wait", type=float, default=30, help="seconds to wait for the outcome (0: do not wait)")
-    p.set_defaults(func=fleet_rollout)
-    p = fleet.add_parser("status", help="show a rollout")
-    p.add_argument("--fleet", required=True)
-    p.add_argument("rollout_id")
-    p.set_defaults(func=fleet_status)
+    fleet_commands.add_parser(commands)
 
     p = commands.add_parser("generate", help="stream a completion from an executor")
-    p.add_argument("--executor", default="127.0.0.1:50051")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--executor", help="executor address (default 127.0.0.1:50051)")
+    target.add_argument("--fleet", help="control node address: the least-loaded healthy executor serving --model "
+                                        "answers")
+    p.add_argument("--model", help="with --fleet: the model to route to (the checkpoint directory's name)")
+    p.add_argument("--selector", default="", help="with --fleet: label selector, e.g. class=phone,region=eu")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -265,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=set_budget)
 
     profile_commands.add_parser(commands)
+    devcerts.add_parser(commands)
 
     p = commands.add_parser("demo", help="planner + executor + a streamed generation under a budget")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
@@ -272,7 +250,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="def fibonacci(n):")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.set_defaults(func=demo)
+    for leaf in _client_commands(parser):
+        security.add_client_arguments(leaf)
     return parser
+
+
+# Commands that call a server with the client token; every other client command is a control one.
+CLIENT_ROLE_COMMANDS = {"generate", "describe"}
+
+
+def _client_commands(parser: argparse.ArgumentParser):
+    """Every command that calls a server (it names one with --executor, --planner or --fleet) and
+    serves nothing (no --host): each takes the client's TLS and token flags."""
+    subcommands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for action in subcommands:
+        for sub in action.choices.values():
+            yield from _client_commands(sub)
+    options = {o for a in parser._actions for o in a.option_strings}
+    if not subcommands and options & {"--executor", "--planner", "--fleet"} and "--host" not in options:
+        yield parser
 
 
 # Each process installs only what it needs (pyproject's extras); a command that needs more says which.
@@ -289,6 +285,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if hasattr(args, "token_file") and not hasattr(args, "auth_tokens"):  # a client command
+            from swapmoe.orchestration import client
+
+            role = "client" if args.command in CLIENT_ROLE_COMMANDS else "control"
+            client.security = security.client_from_args(args, role)
         args.func(args)
     except ValueError as error:  # bad input that argparse could not see (e.g. budget below minimum)
         print(f"swapmoe: error: {error}", file=sys.stderr)

@@ -2,40 +2,53 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
-import time
 
 import grpc
 
 from swapmoe.core.sizes import format_size
 from swapmoe.rpc import convert, transport
-from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
-                        planner_pb2 as ppb, planner_pb2_grpc)
+from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
+
+
+# TLS and the token the CLI's calls carry (``swapmoe.rpc.security``), set once by the CLI.
+security = None
+
+
+def channel(address: str) -> grpc.Channel:
+    """A channel to ``address`` with the command's TLS and token, if any."""
+    return transport.channel(address, security)
 
 
 def executor_stub(address: str) -> executor_pb2_grpc.ExecutorServiceStub:
-    return executor_pb2_grpc.ExecutorServiceStub(transport.channel(address))
+    return executor_pb2_grpc.ExecutorServiceStub(channel(address))
 
 
-def fleet_stub(address: str) -> fleet_pb2_grpc.FleetServiceStub:
-    return fleet_pb2_grpc.FleetServiceStub(transport.channel(address))
-
-
-def stream_generation(address: str, prompt: str, out=sys.stdout, **params) -> epb.GenerateResponse:
+def stream_generation(target, prompt: str, out=sys.stdout, model: str = "", selector: str = "",
+                      **params) -> epb.GenerateResponse:
     """Print tokens as they arrive, after the prompt they continue (a seq2seq model's answer stands
-    alone); returns the final chunk (finish reason, usage, timings)."""
-    stub = executor_stub(address)
-    answers = stub.Describe(epb.DescribeRequest(), timeout=30).layout.encoder_decoder
+    alone); returns the final chunk (finish reason, usage, timings). ``target`` is an executor's
+    address, or a ``routing.Router``: then the least-loaded healthy executor serving ``model``
+    (and matching the label ``selector``) answers."""
     sampling = epb.SamplingParams(temperature=params.get("temperature", 0.0), top_p=params.get("top_p", 1.0),
                                   top_k=params.get("top_k", 0))
     if params.get("seed") is not None:
         sampling.seed = params["seed"]
     request = epb.GenerateRequest(text=prompt, max_new_tokens=params.get("max_new_tokens", 64), sampling=sampling,
                                   stop=params.get("stop", []))
-    if not answers:
+    if isinstance(target, str):
+        stub = executor_stub(target)
+        chunks = iter(stub.Generate(request, timeout=300))
+        first = None
+    else:  # a Router: the executor is known once it answers
+        chunks = target.generate(model, request, selector=selector)
+        first = next(chunks, None)
+        stub = target.executor_stub(chunks.node.status.executor_address) if chunks.node else None
+    if stub is None or not stub.Describe(epb.DescribeRequest(), timeout=30).layout.encoder_decoder:
         out.write(prompt)
     last = None
-    for chunk in stub.Generate(request, timeout=300):
+    for chunk in itertools.chain([first] if first is not None else [], chunks):
         out.write(chunk.text)
         out.flush()
         last = chunk
@@ -76,18 +89,10 @@ def set_budget(address: str, budget: int, reason: str = "") -> None:
     print(memory_line(r.memory))
 
 
-def print_nodes(address: str) -> None:
-    for node in fleet_stub(address).ListNodes(fpb.ListNodesRequest(), timeout=30).nodes:
-        s = node.status
-        print(f"{s.node_id:20} planner={node.planner} connected={s.connected} budget={format_size(s.budget_bytes)} "
-              f"plan=v{s.acked_plan.version} {list(s.acked_plan.experts_per_layer)} "
-              f"state={ppb.PlanState.Name(s.state)}")
-
-
 def print_plan_status(address: str, node_ids: list[str], out=sys.stdout) -> None:
     """Per executor: the plan, what the models predict for it and what was last measured, the
     workload recognised, and why the plan was sent."""
-    stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(address))
+    stub = planner_pb2_grpc.PlannerServiceStub(channel(address))
     for s in stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=node_ids), timeout=30).executors:
         plan = convert.plan_from_pb(s.desired_plan)
         print(f"{s.node_id}: {'connected' if s.connected else 'away'}, budget {format_size(s.budget_bytes)}, "
@@ -105,37 +110,6 @@ def print_plan_status(address: str, node_ids: list[str], out=sys.stdout) -> None
         if s.HasField("memory"):
             print(f"  memory: {memory_line(s.memory)}", file=out)
         print(f"  why: {s.reason or '(adopted the plan the executor ran)'}", file=out)
-
-
-def get_rollout(address: str, rollout_id: str) -> fpb.Rollout:
-    return fleet_stub(address).GetRollout(fpb.GetRolloutRequest(rollout_id=rollout_id), timeout=30)
-
-
-def print_rollout(rollout: fpb.Rollout) -> None:
-    print(f"{rollout.rollout_id}: {fpb.RolloutState.Name(rollout.state)} "
-          f"(acked {rollout.acked}, nacked {rollout.nacked}, pending {rollout.pending})")
-    for node in rollout.nodes:
-        s = node.status
-        print(f"  {s.node_id}: desired v{s.desired_plan.version} {list(s.desired_plan.experts_per_layer)}, "
-              f"acked v{s.acked_plan.version}, {ppb.PlanState.Name(s.state)} {s.last_result.reason}")
-
-
-def rollout(address: str, nodes: list[str], experts: list[int] | None, wait_s: float) -> int:
-    """Start a rollout and wait for its outcome; exit status 0 when it succeeded."""
-    request = fpb.StartRolloutRequest(node_ids=nodes, timeout_ms=int(wait_s * 1000) or 30_000)
-    if experts:
-        request.plan.CopyFrom(common_pb2.Plan(experts_per_layer=experts))
-    try:
-        status = fleet_stub(address).StartRollout(request, timeout=60)
-    except grpc.RpcError as error:
-        print(f"swapmoe: rollout failed: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 2
-    deadline = time.monotonic() + wait_s
-    while status.state == fpb.ROLLOUT_STATE_IN_PROGRESS and time.monotonic() < deadline:
-        time.sleep(0.2)
-        status = get_rollout(address, status.rollout_id)
-    print_rollout(status)
-    return 0 if status.state == fpb.ROLLOUT_STATE_SUCCEEDED else 1
 
 
 def fetch_device_profile(executor: str | None = None, planner: str | None = None, node_id: str | None = None,
@@ -160,7 +134,7 @@ def fetch_device_profile(executor: str | None = None, planner: str | None = None
         else:
             if not node_id:
                 raise ValueError("--planner needs --node-id: the executor to profile")
-            stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(planner))
+            stub = planner_pb2_grpc.PlannerServiceStub(channel(planner))
             out.write(f"asking {node_id} through the planner at {planner} (no progress on this path)...\n")
             result = stub.ProfileExecutor(ppb.ProfileExecutorRequest(node_id=node_id, request=request, timeout_s=1800),
                                           timeout=1860).result

@@ -1,7 +1,8 @@
 """Start SwapMoE servers as separate processes and find the address each bound.
 
 Every ``swapmoe ... serve`` command prints ``listening on HOST:PORT`` once it
-serves; ``spawn`` waits for that line so callers can use ``--port 0``.
+serves; ``spawn`` waits for that line so callers can use ``--port 0``. ``launch`` starts
+one without waiting (``Service.wait_listening`` waits), so many can start at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +25,18 @@ class Service:
     process: subprocess.Popen
     address: str
     output: list[str] = field(default_factory=list)
+    listening: threading.Event = field(default_factory=threading.Event)  # set: address found, or exited
+
+    def wait_listening(self, timeout: float) -> str:
+        """The address once the server prints it; stops the process and raises if it exits or
+        ``timeout`` s pass first."""
+        if not self.listening.wait(timeout):
+            self.stop()
+            raise TimeoutError(f"{self.name} did not start within {timeout}s:\n{''.join(self.output)}")
+        if not self.address:
+            self.stop()
+            raise RuntimeError(f"{self.name} exited with {self.process.wait()}:\n{''.join(self.output)}")
+        return self.address
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM (graceful: drain streams), then SIGKILL if it does not exit."""
@@ -43,13 +55,22 @@ def swapmoe_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "swapmoe.orchestration.cli", *args]
 
 
-def spawn(name: str, args: list[str], timeout: float = 120, log_dir: Path | None = None) -> Service:
+def spawn(name: str, args: list[str], timeout: float = 120, log_dir: Path | None = None,
+          new_session: bool = False) -> Service:
     """Run ``swapmoe *args`` and wait until it prints the address it listens on."""
+    service = launch(name, args, log_dir, new_session)
+    service.wait_listening(timeout)
+    return service
+
+
+def launch(name: str, args: list[str], log_dir: Path | None = None, new_session: bool = False) -> Service:
+    """Start ``swapmoe *args`` and return at once; its output is kept (and written to
+    ``log_dir/<name>.log``). ``new_session``: the child does not share the terminal's Ctrl-C,
+    so the caller decides when, and in which order, its children stop."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(swapmoe_command(*args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env)
+                               text=True, env=env, start_new_session=new_session)
     service = Service(name, process, "")
-    found = threading.Event()
 
     def pump():  # keep reading so the child never blocks on a full pipe
         log = open(log_dir / f"{name}.log", "w") if log_dir else None
@@ -59,18 +80,10 @@ def spawn(name: str, args: list[str], timeout: float = 120, log_dir: Path | None
                 log.write(line)
                 log.flush()
             match = LISTENING.search(line)
-            if match and not found.is_set():
+            if match and not service.listening.is_set():
                 service.address = match.group(1)
-                found.set()
-        found.set()
+                service.listening.set()
+        service.listening.set()
 
     threading.Thread(target=pump, daemon=True, name=f"pump-{name}").start()
-    deadline = time.monotonic() + timeout
-    while not found.wait(0.1):
-        if time.monotonic() > deadline:
-            service.stop()
-            raise TimeoutError(f"{name} did not start within {timeout}s:\n{''.join(service.output)}")
-    if not service.address:
-        service.stop()
-        raise RuntimeError(f"{name} exited with {process.poll()}:\n{''.join(service.output)}")
     return service

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ from swapmoe.v1 import executor_pb2 as epb
 
 
 log = logging.getLogger(__name__)
+# How often the accuracy profiles on disk are looked for again when an unprofiled model registers
+# (10,000 executors of one unprofiled model would otherwise scan the disk 10,000 times).
+RESCAN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Planner:
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
         self._accuracy = profiles.find_accuracy(self._roots())
+        self._scanned = time.monotonic()
         self._work = ThreadPoolExecutor(1, thread_name_prefix="planner-search")  # searches, one at a time
         self._profiling = ThreadPoolExecutor(4, thread_name_prefix="planner-profile")  # waits on devices
         self.registry = None  # the Registry, once attached
@@ -108,8 +113,9 @@ class Planner:
         so ``choose`` can answer at once. Returns True when its device must be measured
         (``measure``, once it is registered)."""
         node = self._node(node_id, fingerprint, memory)
-        if node.fingerprint and node.fingerprint not in self._accuracy:
-            self._accuracy.update(profiles.find_accuracy(self._roots()))  # a profile copied in since
+        if node.fingerprint and node.fingerprint not in self._accuracy and time.monotonic() - self._scanned > RESCAN_S:
+            self._scanned = time.monotonic()  # a profile copied in since: looked for at most every RESCAN_S
+            self._accuracy.update(profiles.find_accuracy(self._roots()))
         if node.fingerprint not in self._accuracy or node.profile_state in ("profiling", "ready"):
             return False
         root = self._profile_root()
@@ -138,6 +144,12 @@ class Planner:
         if not node.tracker.observe(activations):
             return None
         return f"workload shift to {node.tracker.current!r}: {node.tracker.why}"
+
+    def recognises_workloads(self, node_id: str) -> bool:
+        """Whether expert telemetry from ``node_id`` is of use: its model has an accuracy profile,
+        whose per-workload histograms the reports are matched against."""
+        node = self._nodes.get(node_id)
+        return node is not None and node.fingerprint in self._accuracy
 
     def searched(self, record) -> bool:
         """Whether ``choose`` would answer ``record`` from a frontier."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from swapmoe.core import limits
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.labels import check_labels
 from swapmoe.core.layout import validate_layout
 from swapmoe.core.plan import Plan, validate_plan
 from swapmoe.rpc import convert
@@ -33,6 +34,7 @@ def check_registration(reg: ppb.Registration) -> Registered:
     limits.check_node_id("registration.node_id", reg.node_id)
     limits.check_text("registration.node_secret", reg.node_secret)
     limits.check_text("registration.executor_address", reg.executor_address)
+    check_labels("registration.labels", reg.labels)
     for name in ("kind", "name", "hostname"):
         limits.check_text(f"registration.device.{name}", getattr(reg.device, name))
     limits.check_range("registration.device.memory_bytes", reg.device.memory_bytes, 0, limits.MAX_BYTES)

@@ -26,104 +26,28 @@ The rules, in one place:
 
 from __future__ import annotations
 
-import hashlib
+import bisect
 import hmac
-import queue
 import secrets
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
-from swapmoe.core.budget import MemoryModel
-from swapmoe.core.errors import Busy, Forbidden, NotFound
+from swapmoe.core.errors import Busy, Forbidden, InvalidField, NotFound
+from swapmoe.core.labels import Selector
 from swapmoe.core.limits import next_version
 from swapmoe.core.plan import Plan
 from swapmoe.core.sizes import format_size
 from swapmoe.planner_service.planner import Planner
+from swapmoe.planner_service.records import ExecutorRecord, PendingProfile, count, digest
 from swapmoe.planner_service.registration import Registered
-from swapmoe.planner_service.search import Found
-from swapmoe.profiler.models import lower_is_better
-from swapmoe.rpc import convert
-from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb, telemetry_pb2 as tpb
+from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb
 
 # Profiles waited for at once (each holds one of the planner's unary threads while it waits).
 MAX_PROFILES = 8
-
-
-def digest(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
-
-
-@dataclass
-class ExecutorRecord:
-    node_id: str
-    registration: ppb.Registration  # as registered, without its secret; budget kept up to date
-    memory_model: MemoryModel
-    connected: bool = True
-    desired: Plan | None = None
-    acked: Plan | None = None
-    state: int = ppb.PLAN_STATE_UNSPECIFIED
-    pinned: bool = False  # desired is an operator's plan
-    last_result: common_pb2.PlanResult | None = None
-    memory: common_pb2.MemoryReport | None = None
-    last_seen_ns: int = 0
-    version: int = 0  # highest plan version this executor has seen
-    secret_digest: str = ""  # sha256 of the secret issued to this node id
-    # What to send: plans, profile messages (PlannerMessage); None or an error ends the stream.
-    outbox: queue.Queue = field(default_factory=queue.Queue)
-    profiles: dict[str, "PendingProfile"] = field(default_factory=dict)  # asked, not answered yet
-    workload: str = ""  # recognised from expert telemetry ("" until then)
-    reason: str = ""  # why desired was sent
-    found: Found | None = None  # what the search predicted for desired (None: not searched)
-    throughput: tpb.ThroughputReport | None = None  # last measured
-
-    @property
-    def layout(self):
-        return self.memory_model.layout
-
-    def to_pb(self, profile_state: str = "") -> ppb.ExecutorStatus:
-        reg = self.registration
-        msg = ppb.ExecutorStatus(node_id=self.node_id, connected=self.connected, budget_bytes=reg.budget_bytes,
-                                 layout=reg.layout, device=reg.device, state=self.state,
-                                 last_seen_ns=self.last_seen_ns, pinned=self.pinned, workload=self.workload,
-                                 reason=self.reason, profile_state=profile_state)
-        if self.found is not None and not self.pinned:
-            msg.predicted.CopyFrom(prediction_to_pb(self.found))
-        if self.throughput is not None:
-            msg.throughput.CopyFrom(self.throughput)
-        if self.desired:
-            msg.desired_plan.CopyFrom(convert.plan_to_pb(self.desired))
-        if self.acked:
-            msg.acked_plan.CopyFrom(convert.plan_to_pb(self.acked))
-        if self.last_result:
-            msg.last_result.CopyFrom(self.last_result)
-        if self.memory:
-            msg.memory.CopyFrom(self.memory)
-        return msg
-
-
-def prediction_to_pb(found: Found) -> ppb.PlanPrediction:
-    metric = "perplexity" if lower_is_better(found.workload) else "rouge2"
-    return ppb.PlanPrediction(workload=found.workload, accuracy=found.predicted.accuracy, accuracy_metric=metric,
-                              inter_token_ns=int(found.predicted.inter_token_ns),
-                              tokens_per_second=found.predicted.tokens_per_second,
-                              memory_bytes=found.predicted.memory_bytes, budget_bytes=found.budget_bytes)
-
-
-@dataclass
-class PendingProfile:
-    """A profile asked of one executor: ``done`` is set once it has an outcome or a failure."""
-
-    node_id: str
-    request_id: str
-    done: threading.Event = field(default_factory=threading.Event)
-    outcome: ppb.ProfileOutcome | None = None  # the executor's answer
-    failure: str = ""  # why no answer will come (the stream ended)
-
-    def finish(self, outcome: ppb.ProfileOutcome | None, failure: str = "") -> None:
-        self.outcome, self.failure = outcome, failure
-        self.done.set()
+# Executors planned per turn of the lock in a fleet-wide push: the streams' messages wait at
+# most one chunk (~1 ms) for the lock, not the whole fleet.
+PUSH_CHUNK = 64
 
 
 class Registry:
@@ -133,8 +57,10 @@ class Registry:
         ``planner``: the policy that chooses plans (profiles, frontiers, workloads)."""
         self._lock = threading.Lock()
         self._records: dict[str, ExecutorRecord] = {r.node_id: r for r in records}
+        self._order: list[str] = sorted(self._records)  # node ids in order, for pages
         for record in self._records.values():
             record.connected = False
+        self._profiling = 0  # profiles asked and not answered, over every executor
         self._persist = persist
         self.planner = planner or Planner()
         self.planner.attach(self)
@@ -148,7 +74,9 @@ class Registry:
             old = self._records.get(reg.node_id)
             secret = self._admit(old, reg.node_secret)
             if old is not None:
-                old.outbox.put(None)  # ends a lingering stream of the same executor
+                old.outbox.close()  # ends a lingering stream of the same executor
+            else:
+                bisect.insort(self._order, reg.node_id)
             stored = ppb.Registration()
             stored.CopyFrom(reg)
             stored.ClearField("node_secret")
@@ -198,6 +126,7 @@ class Registry:
             if self._records.get(record.node_id) is record:
                 record.connected = False
             owed, record.profiles = record.profiles, {}
+            self._profiling -= len(owed)
         for pending in owed.values():  # a stream that ended will not answer: fail them now
             pending.finish(None, f"executor {record.node_id!r} disconnected while profiling (executor or planner "
                                  f"restarting, or the network lost); ask again once it is back")
@@ -212,13 +141,19 @@ class Registry:
                 record.state = ppb.PLAN_STATE_ACKED if result.accepted else ppb.PLAN_STATE_NACKED
                 if result.accepted:
                     record.acked = record.desired
+                elif record.budget_before:  # the device kept its budget
+                    record.registration.budget_bytes = record.budget_before
+                record.budget_before = 0
             if result.HasField("memory"):
                 record.memory = result.memory
             self._persist(record)
 
     def on_budget_change(self, record: ExecutorRecord, change: ppb.BudgetChange) -> None:
-        """The device changed its budget: plan again for the new one (a pinned plan stays)."""
+        """The device changed its budget: plan again for the new one (a pinned plan stays). A change
+        the planner made itself (a plan that carried the budget) is already planned for."""
         with self._lock:
+            if change.budget_bytes == record.registration.budget_bytes:
+                return
             record.registration.budget_bytes = change.budget_bytes
             if not record.pinned:
                 self._replan(record, why=f"budget change to {format_size(change.budget_bytes)}"
@@ -227,12 +162,12 @@ class Registry:
 
     def on_telemetry(self, record: ExecutorRecord, event) -> None:
         kind = event.WhichOneof("payload")
-        with self._lock:
-            if kind == "memory":
-                record.memory = event.memory
-            elif kind == "throughput":
-                record.throughput = event.throughput
-            elif kind == "experts":
+        if kind == "memory":  # one reference replaced: readers see the old report or the new one
+            record.memory = event.memory
+        elif kind == "throughput":
+            record.throughput = event.throughput
+        elif kind == "experts":
+            with self._lock:
                 why = self.planner.observe(record, [list(layer.activations) for layer in event.experts.layers])
                 if why:
                     record.workload = self.planner.recognised(record.node_id)
@@ -250,23 +185,73 @@ class Registry:
             self._replan(record, why=why)
             self._persist(record)
 
-    def statuses(self, records: list[ExecutorRecord]) -> list[ppb.ExecutorStatus]:
-        return [r.to_pb(self.planner.status(r.node_id)) for r in records]
+    def statuses(self, records: list[ExecutorRecord], brief: bool = False) -> list[ppb.ExecutorStatus]:
+        return [r.to_pb(self.planner.status(r.node_id), brief) for r in records]
 
-    def push(self, node_ids: list[str], plan: Plan | None) -> list[ExecutorRecord]:
-        """Send and pin ``plan`` to the named executors (all connected ones if none named); with no
-        plan, unpin them and send each the plan computed for its budget."""
+    def page(self, node_ids: list[str], selector: Selector, after: str, size: int, connected_only: bool = False,
+             states: frozenset[int] = frozenset()) -> tuple[list[ExecutorRecord], str, ppb.StatusSummary]:
+        """The executors that match (the named ones, else all; connected ones, ones in ``states``)
+        after node id ``after``, at most ``size`` in node id order; the last node id when more follow
+        ("" otherwise); counts over every match."""
+        summary = ppb.StatusSummary()
+        page, more = [], False
         with self._lock:
-            targets = self._targets(node_ids) if node_ids else [r for r in self._records.values() if r.connected]
-            for record in targets:
-                record.pinned = plan is not None
-                if plan is None:
-                    self._replan(record, force=True, why="operator push without a plan (unpinned)")
-                else:
-                    self._send(record, plan.with_version(next_version(record.version)))
-                    record.reason, record.found = "operator push (pinned)", None
+            records = self._targets(sorted(set(node_ids))) if node_ids else (self._records[n] for n in self._order)
+            for record in records:
+                if ((connected_only and not record.connected) or (states and record.state not in states)
+                        or not selector.matches(record.registration.labels)):
+                    continue
+                count(summary, record)
+                if record.node_id > after:
+                    if len(page) < size:
+                        page.append(record)
+                    else:
+                        more = True
+        return page, (page[-1].node_id if more and page else ""), summary
+
+    def push(self, node_ids: list[str], plan: Plan | None, selector: Selector = Selector(),
+             budget: int = 0) -> list[ExecutorRecord]:
+        """Send and pin ``plan`` to the named executors (else every connected one the selector
+        matches); with no plan, unpin them and send each the plan computed for its budget. With
+        ``budget``, the plan carries it: the executor sets both or neither."""
+        targets = self.select(node_ids, selector)
+        for start in range(0, len(targets), PUSH_CHUNK):  # the lock is let go between chunks
+            self.push_to(targets[start:start + PUSH_CHUNK], plan, budget)
+        return targets
+
+    def select(self, node_ids: list[str], selector: Selector = Selector()) -> list[ExecutorRecord]:
+        """A push's targets: the named executors (NotFound for one unknown), else every connected
+        one the selector matches."""
+        with self._lock:
+            if node_ids:
+                return self._targets(node_ids)
+            return [r for r in (self._records[n] for n in self._order)
+                    if r.connected and selector.matches(r.registration.labels)]
+
+    def push_to(self, records: list[ExecutorRecord], plan: Plan | None, budget: int = 0) -> None:
+        """``push`` to these records, under one turn of the lock."""
+        with self._lock:
+            for record in records:
+                self._push(record, plan, budget)
                 self._persist(record)
-            return targets
+
+    def _push(self, record: ExecutorRecord, plan: Plan | None, budget: int) -> None:
+        record.pinned = plan is not None
+        planned_for = budget if budget and _accepts(record, budget) else 0
+        if budget:
+            record.budget_before = record.budget_before or record.registration.budget_bytes
+            if planned_for:  # plans for the new budget; a refused budget goes with the plan running
+                record.registration.budget_bytes = budget
+        what = f" with budget {format_size(budget)}" if budget else ""
+        if plan is not None:
+            self._send(record, plan.with_budget(budget).with_version(next_version(record.version)))
+            record.reason, record.found = f"operator push (pinned){what}", None
+        elif budget and not planned_for:
+            running = record.acked or record.memory_model.default_plan(record.registration.budget_bytes, 0, "")
+            self._send(record, running.with_budget(budget).with_version(next_version(record.version)))
+            record.reason, record.found = f"operator push{what} (below what the executor accepts)", None
+        else:
+            self._replan(record, force=True, why=f"operator push without a plan (unpinned){what}", budget=budget)
 
     def ask_profile(self, node_id: str, request: epb.ProfileRequest) -> PendingProfile:
         """Send a profile request down ``node_id``'s stream; the caller waits on the result
@@ -280,10 +265,11 @@ class Registry:
                 raise NotFound(f"node_id: executor {node_id!r} is {state}")
             if record.profiles:
                 raise Busy(f"node_id: executor {node_id!r} is profiling already; ask again once it is done")
-            if sum(len(r.profiles) for r in self._records.values()) >= MAX_PROFILES:
+            if self._profiling >= MAX_PROFILES:
                 raise Busy(f"{MAX_PROFILES} profiles are running already; ask again once one is done")
             pending = PendingProfile(node_id, secrets.token_hex(8))
             record.profiles[pending.request_id] = pending
+            self._profiling += 1
             record.outbox.put(ppb.PlannerMessage(profile_request=ppb.ProfileAsk(request_id=pending.request_id,
                                                                                 request=request)))
             return pending
@@ -292,6 +278,7 @@ class Registry:
         """An executor's answer; one nobody waits for (any more) is dropped."""
         with self._lock:
             pending = record.profiles.pop(outcome.request_id, None)
+            self._profiling -= pending is not None
         if pending is not None:
             pending.finish(outcome)
 
@@ -299,12 +286,14 @@ class Registry:
         """The asker stops waiting: an unanswered profile is cancelled on the executor."""
         with self._lock:
             record = self._records.get(pending.node_id)
-            if record is not None and record.profiles.pop(pending.request_id, None) is not None and record.connected:
-                record.outbox.put(ppb.PlannerMessage(cancel_profile=pending.request_id))
+            if record is not None and record.profiles.pop(pending.request_id, None) is not None:
+                self._profiling -= 1
+                if record.connected:
+                    record.outbox.put(ppb.PlannerMessage(cancel_profile=pending.request_id))
 
     def find(self, node_ids: list[str]) -> list[ExecutorRecord]:
         with self._lock:
-            return self._targets(node_ids) if node_ids else list(self._records.values())
+            return self._targets(node_ids) if node_ids else [self._records[n] for n in self._order]
 
     # callers hold the lock
     def _targets(self, node_ids: list[str]) -> list[ExecutorRecord]:
@@ -313,9 +302,9 @@ class Registry:
             raise NotFound(f"node_ids: unknown executors {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
         return [self._records[n] for n in dict.fromkeys(node_ids)]
 
-    def _replan(self, record: ExecutorRecord, force: bool = False, why: str = "") -> None:
+    def _replan(self, record: ExecutorRecord, force: bool = False, why: str = "", budget: int = 0) -> None:
         choice = self.planner.choose(record, why)
-        plan = choice.plan.with_version(next_version(record.version))
+        plan = choice.plan.with_budget(budget).with_version(next_version(record.version))
         running = record.desired if record.state == ppb.PLAN_STATE_PENDING else record.acked
         if force or running is None or _what(running) != _what(plan):
             self._send(record, plan)
@@ -326,7 +315,15 @@ class Registry:
     def _send(self, record: ExecutorRecord, plan: Plan) -> None:
         record.desired, record.state = plan, ppb.PLAN_STATE_PENDING
         record.version = max(record.version, plan.version)
-        record.outbox.put(plan)
+        record.outbox.put_plan(plan)
+
+
+def _accepts(record: ExecutorRecord, budget: int) -> bool:
+    try:
+        record.memory_model.check_budget(budget)
+    except InvalidField:
+        return False
+    return True
 
 
 def _what(plan: Plan) -> tuple:

@@ -25,7 +25,7 @@ from swapmoe.core.errors import InvalidField
 from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_REASON_CHARS, check_range, check_text
 from swapmoe.core.plan import validate_plan
 from swapmoe.planner_service.registration import check_registration
-from swapmoe.planner_service.registry import ExecutorRecord
+from swapmoe.planner_service.records import ExecutorRecord
 from swapmoe.planner_service.search import Found
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
@@ -35,7 +35,11 @@ FORMAT = 1
 
 
 class PlannerState:
-    def __init__(self, directory: Path):
+    """``save`` writes at once; with ``write_behind_s`` it only notes the record, and a thread writes
+    what changed every ``write_behind_s`` seconds (a fleet-wide rollout changes every record twice
+    within a second: coalesced, off the streams' path). ``close`` writes what is left."""
+
+    def __init__(self, directory: Path, write_behind_s: float = 0.0):
         self.directory = Path(directory) / "executors"
         if self.directory.parent.exists() and not self.directory.parent.is_dir():
             raise InvalidField("state_dir", f"{self.directory.parent} is not a directory")
@@ -44,13 +48,47 @@ class PlannerState:
         except OSError as error:
             raise InvalidField("state_dir", f"cannot create {self.directory}: {error.strerror}") from error
         self._lock = threading.Lock()
+        self._dirty: dict[str, ExecutorRecord] = {}
+        self._interval = write_behind_s
+        self._stop = threading.Event()
+        self._writer = None
+        if write_behind_s > 0:
+            self._writer = threading.Thread(target=self._write_behind, daemon=True, name="planner-state")
+            self._writer.start()
 
     def path(self, node_id: str) -> Path:
         return self.directory / f"{hashlib.sha256(node_id.encode()).hexdigest()[:32]}.json"
 
     def save(self, record: ExecutorRecord) -> None:
+        if self._writer is None:
+            self._write(record)
+        else:
+            self._dirty[record.node_id] = record  # one dict store: safe from any thread
+
+    def flush(self) -> None:
+        """Write every record noted since the last flush. A record that changes while it is written
+        was noted again after its change (the registry saves after every change), so the next
+        flush writes it again."""
+        while self._dirty:
+            node_id = next(iter(self._dirty))
+            self._write(self._dirty.pop(node_id))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(timeout=30)
+        self.flush()
+
+    def _write_behind(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.flush()
+            except OSError as error:  # a full disk: keep serving, say so, try again
+                log.error("cannot write planner state under %s: %s", self.directory, error)
+
+    def _write(self, record: ExecutorRecord) -> None:
         path = self.path(record.node_id)
-        text = json.dumps(_to_json(record), indent=1)
+        text = json.dumps(_to_json(record), separators=(",", ":"))
         with self._lock:  # one writer per file name at a time
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(text)
@@ -80,7 +118,7 @@ def _to_json(record: ExecutorRecord) -> dict:
     return {
         "format": FORMAT,
         "node_id": record.node_id,
-        "registration": json_format.MessageToDict(record.registration),
+        "registration": _registration_json(record),
         "desired": _plan_json(record.desired),
         "acked": _plan_json(record.acked),
         "state": int(record.state),
@@ -91,6 +129,14 @@ def _to_json(record: ExecutorRecord) -> dict:
         "reason": record.reason,
         "found": record.found.to_json() if record.found else None,
     }
+
+
+def _registration_json(record: ExecutorRecord) -> dict:
+    """The registration as JSON, cached: only its budget changes after it arrives."""
+    cached = record.registration_json
+    if cached is None or cached.get("budgetBytes", "0") != str(record.registration.budget_bytes):
+        cached = record.registration_json = json_format.MessageToDict(record.registration)
+    return cached
 
 
 def _from_json(raw: dict) -> ExecutorRecord:

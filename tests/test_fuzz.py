@@ -67,6 +67,10 @@ def messages(draw, descriptor, depth: int = 0):
         if not draw(st.booleans()):
             continue
         nested = field.type == F.TYPE_MESSAGE
+        if nested and field.message_type.GetOptions().map_entry:  # a map<string, string>: labels
+            keys = st.text(st.characters(codec="utf-8"), max_size=70)
+            getattr(msg, field.name).update(draw(st.dictionaries(keys, keys, max_size=4)))
+            continue
         if nested and depth >= 3:
             continue
         value = messages(field.message_type, depth + 1) if nested else scalars(field)
@@ -83,6 +87,8 @@ def messages(draw, descriptor, depth: int = 0):
 def _scalar_paths(msg, prefix=()):
     """(path, field) of every set scalar field of ``msg``, nested ones included."""
     for field, value in msg.ListFields():
+        if field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            continue  # labels: drawn whole by messages()
         if field.type == F.TYPE_MESSAGE:
             items = value if field.is_repeated else [value]
             for i, item in enumerate(items):
@@ -174,9 +180,16 @@ def seeds(engine, link):
         # A node that is not connected: a profile of the real one would outlast the calls' deadline.
         "ProfileExecutor": ppb.ProfileExecutorRequest(node_id="fuzz-absent", timeout_s=5, request=epb.ProfileRequest(
             token_counts=[1], repeats=1, update_frequencies=[0, 2], sweep_tokens=4, experts_per_layer=[2, 2])),
-        "ListNodes": fpb.ListNodesRequest(),
-        "StartRollout": fpb.StartRolloutRequest(node_ids=["fuzzed"], plan=plan, timeout_ms=1000),
-        "GetRollout": fpb.GetRolloutRequest(rollout_id="rollout-1"),
+        "ListNodes": fpb.ListNodesRequest(selector="class=phone", page_size=10, view=ppb.STATUS_VIEW_BRIEF,
+                                          connected_only=True),
+        "StartRollout": fpb.StartRolloutRequest(node_ids=["fuzzed"], plan=plan, timeout_ms=1000, canary_nodes=1,
+                                                wave_percents=[50, 100], max_failure_share=0.1, bake_ms=10,
+                                                description="fuzz"),
+        "GetRollout": fpb.GetRolloutRequest(rollout_id="rollout-1", page_size=10, summary_only=False),
+        "ListRollouts": fpb.ListRolloutsRequest(),
+        "PauseRollout": fpb.RolloutActionRequest(rollout_id="rollout-1", reason="fuzz"),
+        "ResumeRollout": fpb.RolloutActionRequest(rollout_id="rollout-1", reason="fuzz"),
+        "AbortRollout": fpb.RolloutActionRequest(rollout_id="rollout-1", reason="fuzz", rollback=True),
     }
 
 

@@ -36,7 +36,7 @@ def ack(version: int, accepted: bool = True) -> common_pb2.PlanResult:
 
 def test_a_new_executor_gets_an_even_split_of_its_budget_leaving_the_reserve():
     record = connect(Registry(), registration(MIN_BUDGET + 4 * 100))  # room for 2 more experts per layer
-    plan = record.outbox.get_nowait()
+    plan = record.outbox.take()
     assert plan.version == 1 and plan.experts_per_layer == (3, 3)
     assert record.state == ppb.PLAN_STATE_PENDING
 
@@ -44,11 +44,11 @@ def test_a_new_executor_gets_an_even_split_of_its_budget_leaving_the_reserve():
 def test_ack_and_nack_update_the_plan_state():
     registry = Registry()
     record = connect(registry, registration(10**6))
-    plan = record.outbox.get_nowait()
+    plan = record.outbox.take()
     registry.on_result(record, ack(plan.version))
     assert record.state == ppb.PLAN_STATE_ACKED and record.acked == plan
     registry.push([], Plan(0, (1, 1)))
-    pushed = record.outbox.get_nowait()
+    pushed = record.outbox.take()
     assert pushed.version == plan.version + 1
     registry.on_result(record, ack(pushed.version, accepted=False))
     assert record.state == ppb.PLAN_STATE_NACKED and record.acked == plan
@@ -57,49 +57,49 @@ def test_ack_and_nack_update_the_plan_state():
 def test_a_resyncing_executor_already_running_the_right_plan_gets_nothing_new():
     running = Plan(7, (8, 8), origin="before the planner restarted")
     record = connect(Registry(), registration(10**6, running))
-    assert record.outbox.empty()
+    assert not record.outbox.pending
     assert record.state == ppb.PLAN_STATE_ACKED and record.acked == running
 
 
 def test_a_plan_the_executor_missed_while_away_is_sent_again_on_reconnect():
     registry = Registry()
     record = connect(registry, registration(10**6))
-    missed = record.outbox.get_nowait()
+    missed = record.outbox.take()
     registry.disconnect(record)
     again = connect(registry, registration(10**6))
-    assert again.outbox.get_nowait() == missed
+    assert again.outbox.take() == missed
 
 
 def test_a_budget_change_is_replanned_with_a_newer_version():
     registry = Registry()
     record = connect(registry, registration(10**6))
-    first = record.outbox.get_nowait()
+    first = record.outbox.take()
     registry.on_result(record, ack(first.version))
     registry.on_budget_change(record, ppb.BudgetChange(budget_bytes=MIN_BUDGET))
-    replanned = record.outbox.get_nowait()
+    replanned = record.outbox.take()
     assert replanned.version > first.version and replanned.experts_per_layer == (1, 1)
 
 
 def test_a_forgetful_planner_adopts_the_plan_an_executor_runs_instead_of_its_even_split():
     operators = Plan(9, (8, 1), origin="operator")
     record = connect(Registry(), registration(10**6, operators))
-    assert record.outbox.empty() and record.acked == operators and record.state == ppb.PLAN_STATE_ACKED
+    assert not record.outbox.pending and record.acked == operators and record.state == ppb.PLAN_STATE_ACKED
 
 
 def test_a_pinned_plan_stays_through_budget_changes_and_reconnects_until_a_push_without_a_plan():
     registry = Registry()
     record = connect(registry, registration(10**6))
-    registry.on_result(record, ack(record.outbox.get_nowait().version))
+    registry.on_result(record, ack(record.outbox.take().version))
     registry.push(["n1"], Plan(0, (2, 2), origin="operator"))
-    pinned = record.outbox.get_nowait()
+    pinned = record.outbox.take()
     registry.on_result(record, ack(pinned.version))
     registry.on_budget_change(record, ppb.BudgetChange(budget_bytes=10**6 - 1))
-    assert record.outbox.empty() and record.pinned
+    assert not record.outbox.pending and record.pinned
     registry.disconnect(record)
     lost = connect(registry, registration(10**6 - 1))  # restarted without its state: runs nothing yet
-    assert lost.outbox.get_nowait() == pinned and lost.pinned
+    assert lost.outbox.take() == pinned and lost.pinned
     registry.push(["n1"], None)
-    assert not lost.pinned and lost.outbox.get_nowait().experts_per_layer == (8, 8)
+    assert not lost.pinned and lost.outbox.take().experts_per_layer == (8, 8)
 
 
 def test_versions_stop_at_the_bound_with_a_clear_error():

@@ -272,7 +272,9 @@ def test_a_connected_node_id_is_taken_over_only_with_its_secret(planner, engine)
         again.close()
     finally:
         first.close()
-    saved = json.loads(next((planner.state_dir / "executors").glob("*.json")).read_text())
+    saved_file = wait_until(lambda: next((planner.state_dir / "executors").glob("*.json"), None),
+                            what="the executor's state file (written behind)")
+    saved = json.loads(saved_file.read_text())
     assert secret not in json.dumps(saved), "the planner keeps a digest of the secret, not the secret"
 
 

@@ -33,6 +33,7 @@ def plan_to_pb(plan: Plan) -> pb.Plan:
         update_frequency=plan.update_frequency,
         strategy=_STRATEGY_TO_PB[plan.strategy],
         origin=plan.origin,
+        budget_bytes=plan.budget_bytes,
     )
 
 
@@ -45,6 +46,7 @@ def plan_from_pb(msg: pb.Plan) -> Plan:
         update_frequency=msg.update_frequency,
         strategy=_STRATEGY_FROM_PB[msg.strategy],
         origin=msg.origin,
+        budget_bytes=msg.budget_bytes,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import grpc
 
-from swapmoe.core.errors import Busy, Corrupted, Forbidden, NotFound
+from swapmoe.core.errors import Busy, Corrupted, Forbidden, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +21,7 @@ _STATUS = (
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (Busy, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (Corrupted, grpc.StatusCode.DATA_LOSS),
 )

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from swapmoe.rpc.security import ClientSecurity, ServerSecurity
 from swapmoe.rpc.status import ErrorInterceptor
 from swapmoe.rpc.streams import StreamLimiter, pool_size
 
@@ -56,14 +57,17 @@ def start_server(
     address: str = "127.0.0.1:0",
     stream_limits: dict[str, int] | None = None,
     unary_threads: int = 8,
+    security: ServerSecurity | None = None,
 ) -> Server:
     """Start a server with ``register`` adding the servicers; ``address`` port 0 picks a free port.
     ``stream_limits`` bounds the open streams of each streaming method (short name: count);
-    ``unary_threads`` threads are left for unary calls whatever the streams hold."""
+    ``unary_threads`` threads are left for unary calls whatever the streams hold. ``security``:
+    TLS and the tokens accepted (default: plaintext, every call allowed, loopback only)."""
     limits = stream_limits or {}
+    security = security or ServerSecurity()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=pool_size(limits, unary_threads), thread_name_prefix="grpc"),
-        interceptors=[ErrorInterceptor(), StreamLimiter(limits)],
+        interceptors=[*security.interceptors(), ErrorInterceptor(), StreamLimiter(limits)],
         options=SERVER_OPTIONS,
     )
     register(server)
@@ -75,13 +79,14 @@ def start_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
+    port = security.add_port(server, address)
     server.start()
     return Server(server, port, health_servicer)
 
 
-def channel(address: str) -> grpc.Channel:
-    """An insecure channel with the project's keepalive and message-size limits."""
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, security: ClientSecurity | None = None) -> grpc.Channel:
+    """A channel with the project's keepalive and message-size limits: TLS and a token when
+    ``security`` has them, else plaintext."""
+    if security is None:
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return security.channel(address, CHANNEL_OPTIONS)

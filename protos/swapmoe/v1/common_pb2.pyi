@@ -69,18 +69,20 @@ class DeviceInfo(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpu_count: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("version", "experts_per_layer", "update_frequency", "strategy", "origin")
+    __slots__ = ("version", "experts_per_layer", "update_frequency", "strategy", "origin", "budget_bytes")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
     update_frequency: int
     strategy: NonResidentStrategy
     origin: str
-    def __init__(self, version: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., update_frequency: _Optional[int] = ..., strategy: _Optional[_Union[NonResidentStrategy, str]] = ..., origin: _Optional[str] = ...) -> None: ...
+    budget_bytes: int
+    def __init__(self, version: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., update_frequency: _Optional[int] = ..., strategy: _Optional[_Union[NonResidentStrategy, str]] = ..., origin: _Optional[str] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
 
 class PlanResult(_message.Message):
     __slots__ = ("plan_version", "accepted", "reason", "achieved_experts_per_layer", "memory", "apply_ns")

@@ -26,27 +26,35 @@ from swapmoe.v1 import common_pb2 as swapmoe_dot_v1_dot_common__pb2
 from swapmoe.v1 import planner_pb2 as swapmoe_dot_v1_dot_planner__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16swapmoe/v1/fleet.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\x1a\x18swapmoe/v1/planner.proto\"\x12\n\x10ListNodesRequest\"9\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.swapmoe.v1.FleetNode\"H\n\tFleetNode\x12\x0f\n\x07planner\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.ExecutorStatus\"[\n\x13StartRolloutRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x1e\n\x04plan\x18\x02 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\"\'\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"\xb0\x01\n\x07Rollout\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.swapmoe.v1.RolloutState\x12$\n\x05nodes\x18\x03 \x03(\x0b\x32\x15.swapmoe.v1.FleetNode\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\r\x12\x0e\n\x06nacked\x18\x05 \x01(\r\x12\x0f\n\x07pending\x18\x06 \x01(\r\x12\x12\n\nstarted_ns\x18\x07 \x01(\x04*\x83\x01\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROLLOUT_STATE_IN_PROGRESS\x10\x01\x12\x1b\n\x17ROLLOUT_STATE_SUCCEEDED\x10\x02\x12\x18\n\x14ROLLOUT_STATE_FAILED\x10\x03\x32\xe0\x01\n\x0c\x46leetService\x12H\n\tListNodes\x12\x1c.swapmoe.v1.ListNodesRequest\x1a\x1d.swapmoe.v1.ListNodesResponse\x12\x44\n\x0cStartRollout\x12\x1f.swapmoe.v1.StartRolloutRequest\x1a\x13.swapmoe.v1.Rollout\x12@\n\nGetRollout\x12\x1d.swapmoe.v1.GetRolloutRequest\x1a\x13.swapmoe.v1.Rolloutb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16swapmoe/v1/fleet.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\x1a\x18swapmoe/v1/planner.proto\"\x89\x01\n\x10ListNodesRequest\x12\x10\n\x08selector\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12$\n\x04view\x18\x04 \x01(\x0e\x32\x16.swapmoe.v1.StatusView\x12\x16\n\x0e\x63onnected_only\x18\x05 \x01(\x08\"\x9c\x01\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.swapmoe.v1.FleetNode\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12*\n\x07summary\x18\x03 \x01(\x0b\x32\x19.swapmoe.v1.StatusSummary\x12\x1c\n\x14unreachable_planners\x18\x04 \x03(\t\"\x8b\x01\n\tFleetNode\x12\x0f\n\x07planner\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.ExecutorStatus\x12\x33\n\rrollout_state\x18\x03 \x01(\x0e\x32\x1c.swapmoe.v1.RolloutNodeState\x12\x0c\n\x04wave\x18\x04 \x01(\r\"\xa2\x02\n\x13StartRolloutRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x1e\n\x04plan\x18\x02 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x10\n\x08selector\x18\x04 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x05 \x01(\x04\x12\x19\n\x0c\x63\x61nary_nodes\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x15\n\rwave_percents\x18\x07 \x03(\r\x12\x1e\n\x11max_failure_share\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x07\x62\x61ke_ms\x18\t \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\tB\x0f\n\r_canary_nodesB\x14\n\x12_max_failure_share\"d\n\x11GetRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x14\n\x0csummary_only\x18\x04 \x01(\x08\"\x8a\x03\n\x07Rollout\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\'\n\x05state\x18\x02 \x01(\x0e\x32\x18.swapmoe.v1.RolloutState\x12$\n\x05nodes\x18\x03 \x03(\x0b\x32\x15.swapmoe.v1.FleetNode\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\r\x12\x0e\n\x06nacked\x18\x05 \x01(\r\x12\x0f\n\x07pending\x18\x06 \x01(\r\x12\x12\n\nstarted_ns\x18\x07 \x01(\x04\x12\x13\n\x0bunreachable\x18\x08 \x01(\r\x12\x0f\n\x07waiting\x18\t \x01(\r\x12\x13\n\x0brolled_back\x18\n \x01(\r\x12\x10\n\x08targeted\x18\x0b \x01(\r\x12\x0c\n\x04wave\x18\x0c \x01(\r\x12\r\n\x05waves\x18\r \x01(\r\x12\x0f\n\x07message\x18\x0e \x01(\t\x12\x12\n\nupdated_ns\x18\x0f \x01(\x04\x12\x30\n\x07request\x18\x10 \x01(\x0b\x32\x1f.swapmoe.v1.StartRolloutRequest\x12\x17\n\x0fnext_page_token\x18\x11 \x01(\t\"\x15\n\x13ListRolloutsRequest\"=\n\x14ListRolloutsResponse\x12%\n\x08rollouts\x18\x01 \x03(\x0b\x32\x13.swapmoe.v1.Rollout\"L\n\x14RolloutActionRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x10\n\x08rollback\x18\x03 \x01(\x08*\xfb\x01\n\x10RolloutNodeState\x12\"\n\x1eROLLOUT_NODE_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aROLLOUT_NODE_STATE_WAITING\x10\x01\x12\x1e\n\x1aROLLOUT_NODE_STATE_PENDING\x10\x02\x12\x1c\n\x18ROLLOUT_NODE_STATE_ACKED\x10\x03\x12\x1d\n\x19ROLLOUT_NODE_STATE_NACKED\x10\x04\x12\"\n\x1eROLLOUT_NODE_STATE_UNREACHABLE\x10\x05\x12\"\n\x1eROLLOUT_NODE_STATE_ROLLED_BACK\x10\x06*\xd8\x01\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19ROLLOUT_STATE_IN_PROGRESS\x10\x01\x12\x1b\n\x17ROLLOUT_STATE_SUCCEEDED\x10\x02\x12\x18\n\x14ROLLOUT_STATE_FAILED\x10\x03\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x04\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x05\x12\x1e\n\x1aROLLOUT_STATE_ROLLING_BACK\x10\x06\x32\x89\x04\n\x0c\x46leetService\x12H\n\tListNodes\x12\x1c.swapmoe.v1.ListNodesRequest\x1a\x1d.swapmoe.v1.ListNodesResponse\x12\x44\n\x0cStartRollout\x12\x1f.swapmoe.v1.StartRolloutRequest\x1a\x13.swapmoe.v1.Rollout\x12@\n\nGetRollout\x12\x1d.swapmoe.v1.GetRolloutRequest\x1a\x13.swapmoe.v1.Rollout\x12Q\n\x0cListRollouts\x12\x1f.swapmoe.v1.ListRolloutsRequest\x1a .swapmoe.v1.ListRolloutsResponse\x12\x45\n\x0cPauseRollout\x12 .swapmoe.v1.RolloutActionRequest\x1a\x13.swapmoe.v1.Rollout\x12\x46\n\rResumeRollout\x12 .swapmoe.v1.RolloutActionRequest\x1a\x13.swapmoe.v1.Rollout\x12\x45\n\x0c\x41\x62ortRollout\x12 .swapmoe.v1.RolloutActionRequest\x1a\x13.swapmoe.v1.Rolloutb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swapmoe.v1.fleet_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLLOUTSTATE']._serialized_start=556
-  _globals['_ROLLOUTSTATE']._serialized_end=687
-  _globals['_LISTNODESREQUEST']._serialized_start=89
-  _globals['_LISTNODESREQUEST']._serialized_end=107
-  _globals['_LISTNODESRESPONSE']._serialized_start=109
-  _globals['_LISTNODESRESPONSE']._serialized_end=166
-  _globals['_FLEETNODE']._serialized_start=168
-  _globals['_FLEETNODE']._serialized_end=240
-  _globals['_STARTROLLOUTREQUEST']._serialized_start=242
-  _globals['_STARTROLLOUTREQUEST']._serialized_end=333
-  _globals['_GETROLLOUTREQUEST']._serialized_start=335
-  _globals['_GETROLLOUTREQUEST']._serialized_end=374
-  _globals['_ROLLOUT']._serialized_start=377
-  _globals['_ROLLOUT']._serialized_end=553
-  _globals['_FLEETSERVICE']._serialized_start=690
-  _globals['_FLEETSERVICE']._serialized_end=914
+  _globals['_ROLLOUTNODESTATE']._serialized_start=1487
+  _globals['_ROLLOUTNODESTATE']._serialized_end=1738
+  _globals['_ROLLOUTSTATE']._serialized_start=1741
+  _globals['_ROLLOUTSTATE']._serialized_end=1957
+  _globals['_LISTNODESREQUEST']._serialized_start=90
+  _globals['_LISTNODESREQUEST']._serialized_end=227
+  _globals['_LISTNODESRESPONSE']._serialized_start=230
+  _globals['_LISTNODESRESPONSE']._serialized_end=386
+  _globals['_FLEETNODE']._serialized_start=389
+  _globals['_FLEETNODE']._serialized_end=528
+  _globals['_STARTROLLOUTREQUEST']._serialized_start=531
+  _globals['_STARTROLLOUTREQUEST']._serialized_end=821
+  _globals['_GETROLLOUTREQUEST']._serialized_start=823
+  _globals['_GETROLLOUTREQUEST']._serialized_end=923
+  _globals['_ROLLOUT']._serialized_start=926
+  _globals['_ROLLOUT']._serialized_end=1320
+  _globals['_LISTROLLOUTSREQUEST']._serialized_start=1322
+  _globals['_LISTROLLOUTSREQUEST']._serialized_end=1343
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_start=1345
+  _globals['_LISTROLLOUTSRESPONSE']._serialized_end=1406
+  _globals['_ROLLOUTACTIONREQUEST']._serialized_start=1408
+  _globals['_ROLLOUTACTIONREQUEST']._serialized_end=1484
+  _globals['_FLEETSERVICE']._serialized_start=1960
+  _globals['_FLEETSERVICE']._serialized_end=2481
 # @@protoc_insertion_point(module_scope)

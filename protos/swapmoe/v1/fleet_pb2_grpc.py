@@ -50,6 +50,26 @@ class FleetServiceStub:
                 request_serializer=swapmoe_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
                 response_deserializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
                 _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/swapmoe.v1.FleetService/ListRollouts',
+                request_serializer=swapmoe_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+                response_deserializer=swapmoe_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/swapmoe.v1.FleetService/PauseRollout',
+                request_serializer=swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/swapmoe.v1.FleetService/ResumeRollout',
+                request_serializer=swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/swapmoe.v1.FleetService/AbortRollout',
+                request_serializer=swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.SerializeToString,
+                response_deserializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -57,21 +77,50 @@ class FleetServiceServicer:
     """
 
     def ListNodes(self, request, context):
-        """Lists the executors known to the control node's planners.
+        """Lists the executors known to the control node's planners, paged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartRollout(self, request, context):
-        """Starts a rollout of a plan to (a selection of) the fleet.
+        """Starts a staged rollout of a plan or a budget: a canary, then waves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetRollout(self, request, context):
-        """The current state of a rollout.
+        """The current state of a rollout (its nodes paged).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Every rollout the control node keeps, newest first, without nodes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Stops a rollout before its next wave; nothing is rolled back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Continues a paused rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Ends a rollout for good; with rollback, the nodes that acknowledged its
+        plan get their previous one back.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,6 +142,26 @@ def add_FleetServiceServicer_to_server(servicer, server):
             'GetRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRollout,
                     request_deserializer=swapmoe_dot_v1_dot_fleet__pb2.GetRolloutRequest.FromString,
+                    response_serializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=swapmoe_dot_v1_dot_fleet__pb2.ListRolloutsRequest.FromString,
+                    response_serializer=swapmoe_dot_v1_dot_fleet__pb2.ListRolloutsResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.FromString,
+                    response_serializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.FromString,
+                    response_serializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.FromString,
                     response_serializer=swapmoe_dot_v1_dot_fleet__pb2.Rollout.SerializeToString,
             ),
     }
@@ -177,6 +246,114 @@ class FleetService:
             target,
             '/swapmoe.v1.FleetService/GetRollout',
             swapmoe_dot_v1_dot_fleet__pb2.GetRolloutRequest.SerializeToString,
+            swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swapmoe.v1.FleetService/ListRollouts',
+            swapmoe_dot_v1_dot_fleet__pb2.ListRolloutsRequest.SerializeToString,
+            swapmoe_dot_v1_dot_fleet__pb2.ListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swapmoe.v1.FleetService/PauseRollout',
+            swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.SerializeToString,
+            swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swapmoe.v1.FleetService/ResumeRollout',
+            swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.SerializeToString,
+            swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swapmoe.v1.FleetService/AbortRollout',
+            swapmoe_dot_v1_dot_fleet__pb2.RolloutActionRequest.SerializeToString,
             swapmoe_dot_v1_dot_fleet__pb2.Rollout.FromString,
             options,
             channel_credentials,

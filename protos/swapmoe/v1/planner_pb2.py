@@ -27,45 +27,57 @@ from swapmoe.v1 import executor_pb2 as swapmoe_dot_v1_dot_executor__pb2
 from swapmoe.v1 import telemetry_pb2 as swapmoe_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18swapmoe/v1/planner.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\x1a\x19swapmoe/v1/executor.proto\x1a\x1aswapmoe/v1/telemetry.proto\"\xb8\x02\n\x0cRegistration\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12&\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\x18\n\x10min_budget_bytes\x18\x04 \x01(\x04\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12&\n\x0c\x63urrent_plan\x18\x06 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\x18\n\x10\x65xecutor_address\x18\x07 \x01(\t\x12$\n\x07reserve\x18\x08 \x01(\x0b\x32\x13.swapmoe.v1.Reserve\x12\x13\n\x0bnode_secret\x18\t \x01(\t\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\"S\n\x0c\x42udgetChange\x12\x1d\n\x15previous_budget_bytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x97\x02\n\x0f\x45xecutorMessage\x12\x30\n\x0cregistration\x18\x01 \x01(\x0b\x32\x18.swapmoe.v1.RegistrationH\x00\x12/\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.TelemetryEventH\x00\x12\x31\n\rbudget_change\x18\x03 \x01(\x0b\x32\x18.swapmoe.v1.BudgetChangeH\x00\x12-\n\x0bplan_result\x18\x04 \x01(\x0b\x32\x16.swapmoe.v1.PlanResultH\x00\x12\x34\n\x0eprofile_result\x18\x05 \x01(\x0b\x32\x1a.swapmoe.v1.ProfileOutcomeH\x00\x42\t\n\x07message\"r\n\x0eProfileOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x19.swapmoe.v1.ProfileResult\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\r\"`\n\x07Welcome\x12\x1d\n\x15telemetry_interval_ms\x18\x01 \x01(\r\x12!\n\x06topics\x18\x02 \x03(\x0e\x32\x11.swapmoe.v1.Topic\x12\x13\n\x0bnode_secret\x18\x03 \x01(\t\"\xb2\x01\n\x0ePlannerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.swapmoe.v1.WelcomeH\x00\x12 \n\x04plan\x18\x02 \x01(\x0b\x32\x10.swapmoe.v1.PlanH\x00\x12\x31\n\x0fprofile_request\x18\x03 \x01(\x0b\x32\x16.swapmoe.v1.ProfileAskH\x00\x12\x18\n\x0e\x63\x61ncel_profile\x18\x04 \x01(\tH\x00\x42\t\n\x07message\"M\n\nProfileAsk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.ProfileRequest\"\xa6\x04\n\x0e\x45xecutorStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\'\n\x06layout\x18\x04 \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12&\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12&\n\x0c\x64\x65sired_plan\x18\x06 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12$\n\nacked_plan\x18\x07 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12$\n\x05state\x18\x08 \x01(\x0e\x32\x15.swapmoe.v1.PlanState\x12+\n\x0blast_result\x18\t \x01(\x0b\x32\x16.swapmoe.v1.PlanResult\x12(\n\x06memory\x18\n \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12\x14\n\x0clast_seen_ns\x18\x0b \x01(\x04\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x10\n\x08workload\x18\r \x01(\t\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12-\n\tpredicted\x18\x0f \x01(\x0b\x32\x1a.swapmoe.v1.PlanPrediction\x12\x30\n\nthroughput\x18\x10 \x01(\x0b\x32\x1c.swapmoe.v1.ThroughputReport\x12\x15\n\rprofile_state\x18\x11 \x01(\t\"\xac\x01\n\x0ePlanPrediction\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63\x63uracy_metric\x18\x03 \x01(\t\x12\x16\n\x0einter_token_ns\x18\x04 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x07 \x01(\x04\"%\n\x11PlanStatusRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\"C\n\x12PlanStatusResponse\x12-\n\texecutors\x18\x01 \x03(\x0b\x32\x1a.swapmoe.v1.ExecutorStatus\"C\n\x0fPushPlanRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x1e\n\x04plan\x18\x02 \x01(\x0b\x32\x10.swapmoe.v1.Plan\"A\n\x10PushPlanResponse\x12-\n\texecutors\x18\x01 \x03(\x0b\x32\x1a.swapmoe.v1.ExecutorStatus\"i\n\x16ProfileExecutorRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.ProfileRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\r\"D\n\x17ProfileExecutorResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.swapmoe.v1.ProfileResult*l\n\tPlanState\x12\x1a\n\x16PLAN_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12PLAN_STATE_PENDING\x10\x01\x12\x14\n\x10PLAN_STATE_ACKED\x10\x02\x12\x15\n\x11PLAN_STATE_NACKED\x10\x03\x32\xcb\x02\n\x0ePlannerService\x12\x46\n\x07\x43onnect\x12\x1b.swapmoe.v1.ExecutorMessage\x1a\x1a.swapmoe.v1.PlannerMessage(\x01\x30\x01\x12N\n\rGetPlanStatus\x12\x1d.swapmoe.v1.PlanStatusRequest\x1a\x1e.swapmoe.v1.PlanStatusResponse\x12\x45\n\x08PushPlan\x12\x1b.swapmoe.v1.PushPlanRequest\x1a\x1c.swapmoe.v1.PushPlanResponse\x12Z\n\x0fProfileExecutor\x12\".swapmoe.v1.ProfileExecutorRequest\x1a#.swapmoe.v1.ProfileExecutorResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18swapmoe/v1/planner.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\x1a\x19swapmoe/v1/executor.proto\x1a\x1aswapmoe/v1/telemetry.proto\"\x9d\x03\n\x0cRegistration\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12&\n\x06\x64\x65vice\x18\x02 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\x18\n\x10min_budget_bytes\x18\x04 \x01(\x04\x12\'\n\x06layout\x18\x05 \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12&\n\x0c\x63urrent_plan\x18\x06 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\x18\n\x10\x65xecutor_address\x18\x07 \x01(\t\x12$\n\x07reserve\x18\x08 \x01(\x0b\x32\x13.swapmoe.v1.Reserve\x12\x13\n\x0bnode_secret\x18\t \x01(\t\x12\x19\n\x11model_fingerprint\x18\n \x01(\t\x12\x34\n\x06labels\x18\x0b \x03(\x0b\x32$.swapmoe.v1.Registration.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0c\x42udgetChange\x12\x1d\n\x15previous_budget_bytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x97\x02\n\x0f\x45xecutorMessage\x12\x30\n\x0cregistration\x18\x01 \x01(\x0b\x32\x18.swapmoe.v1.RegistrationH\x00\x12/\n\ttelemetry\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.TelemetryEventH\x00\x12\x31\n\rbudget_change\x18\x03 \x01(\x0b\x32\x18.swapmoe.v1.BudgetChangeH\x00\x12-\n\x0bplan_result\x18\x04 \x01(\x0b\x32\x16.swapmoe.v1.PlanResultH\x00\x12\x34\n\x0eprofile_result\x18\x05 \x01(\x0b\x32\x1a.swapmoe.v1.ProfileOutcomeH\x00\x42\t\n\x07message\"r\n\x0eProfileOutcome\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x06result\x18\x02 \x01(\x0b\x32\x19.swapmoe.v1.ProfileResult\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\r\"`\n\x07Welcome\x12\x1d\n\x15telemetry_interval_ms\x18\x01 \x01(\r\x12!\n\x06topics\x18\x02 \x03(\x0e\x32\x11.swapmoe.v1.Topic\x12\x13\n\x0bnode_secret\x18\x03 \x01(\t\"\xb2\x01\n\x0ePlannerMessage\x12&\n\x07welcome\x18\x01 \x01(\x0b\x32\x13.swapmoe.v1.WelcomeH\x00\x12 \n\x04plan\x18\x02 \x01(\x0b\x32\x10.swapmoe.v1.PlanH\x00\x12\x31\n\x0fprofile_request\x18\x03 \x01(\x0b\x32\x16.swapmoe.v1.ProfileAskH\x00\x12\x18\n\x0e\x63\x61ncel_profile\x18\x04 \x01(\tH\x00\x42\t\n\x07message\"M\n\nProfileAsk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.ProfileRequest\"\xa7\x05\n\x0e\x45xecutorStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tconnected\x18\x02 \x01(\x08\x12\x14\n\x0c\x62udget_bytes\x18\x03 \x01(\x04\x12\'\n\x06layout\x18\x04 \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12&\n\x06\x64\x65vice\x18\x05 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12&\n\x0c\x64\x65sired_plan\x18\x06 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12$\n\nacked_plan\x18\x07 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12$\n\x05state\x18\x08 \x01(\x0e\x32\x15.swapmoe.v1.PlanState\x12+\n\x0blast_result\x18\t \x01(\x0b\x32\x16.swapmoe.v1.PlanResult\x12(\n\x06memory\x18\n \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12\x14\n\x0clast_seen_ns\x18\x0b \x01(\x04\x12\x0e\n\x06pinned\x18\x0c \x01(\x08\x12\x10\n\x08workload\x18\r \x01(\t\x12\x0e\n\x06reason\x18\x0e \x01(\t\x12-\n\tpredicted\x18\x0f \x01(\x0b\x32\x1a.swapmoe.v1.PlanPrediction\x12\x30\n\nthroughput\x18\x10 \x01(\x0b\x32\x1c.swapmoe.v1.ThroughputReport\x12\x15\n\rprofile_state\x18\x11 \x01(\t\x12\x36\n\x06labels\x18\x12 \x03(\x0b\x32&.swapmoe.v1.ExecutorStatus.LabelsEntry\x12\x18\n\x10\x65xecutor_address\x18\x13 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x84\x01\n\rStatusSummary\x12\r\n\x05total\x18\x01 \x01(\r\x12\x11\n\tconnected\x18\x02 \x01(\r\x12\x0f\n\x07pending\x18\x03 \x01(\r\x12\r\n\x05\x61\x63ked\x18\x04 \x01(\r\x12\x0e\n\x06nacked\x18\x05 \x01(\r\x12\x11\n\tunplanned\x18\x06 \x01(\r\x12\x0e\n\x06pinned\x18\x07 \x01(\r\"\xac\x01\n\x0ePlanPrediction\x12\x10\n\x08workload\x18\x01 \x01(\t\x12\x10\n\x08\x61\x63\x63uracy\x18\x02 \x01(\x01\x12\x17\n\x0f\x61\x63\x63uracy_metric\x18\x03 \x01(\t\x12\x16\n\x0einter_token_ns\x18\x04 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x05 \x01(\x01\x12\x14\n\x0cmemory_bytes\x18\x06 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x07 \x01(\x04\"\xc3\x01\n\x11PlanStatusRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x10\n\x08selector\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\x12$\n\x04view\x18\x05 \x01(\x0e\x32\x16.swapmoe.v1.StatusView\x12\x16\n\x0e\x63onnected_only\x18\x06 \x01(\x08\x12%\n\x06states\x18\x07 \x03(\x0e\x32\x15.swapmoe.v1.PlanState\"\x88\x01\n\x12PlanStatusResponse\x12-\n\texecutors\x18\x01 \x03(\x0b\x32\x1a.swapmoe.v1.ExecutorStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12*\n\x07summary\x18\x03 \x01(\x0b\x32\x19.swapmoe.v1.StatusSummary\"\x91\x01\n\x0fPushPlanRequest\x12\x10\n\x08node_ids\x18\x01 \x03(\t\x12\x1e\n\x04plan\x18\x02 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\x10\n\x08selector\x18\x03 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12$\n\x04view\x18\x05 \x01(\x0e\x32\x16.swapmoe.v1.StatusView\"A\n\x10PushPlanResponse\x12-\n\texecutors\x18\x01 \x03(\x0b\x32\x1a.swapmoe.v1.ExecutorStatus\"i\n\x16ProfileExecutorRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12+\n\x07request\x18\x02 \x01(\x0b\x32\x1a.swapmoe.v1.ProfileRequest\x12\x11\n\ttimeout_s\x18\x03 \x01(\r\"D\n\x17ProfileExecutorResponse\x12)\n\x06result\x18\x01 \x01(\x0b\x32\x19.swapmoe.v1.ProfileResult*l\n\tPlanState\x12\x1a\n\x16PLAN_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12PLAN_STATE_PENDING\x10\x01\x12\x14\n\x10PLAN_STATE_ACKED\x10\x02\x12\x15\n\x11PLAN_STATE_NACKED\x10\x03*9\n\nStatusView\x12\x14\n\x10STATUS_VIEW_FULL\x10\x00\x12\x15\n\x11STATUS_VIEW_BRIEF\x10\x01\x32\xcb\x02\n\x0ePlannerService\x12\x46\n\x07\x43onnect\x12\x1b.swapmoe.v1.ExecutorMessage\x1a\x1a.swapmoe.v1.PlannerMessage(\x01\x30\x01\x12N\n\rGetPlanStatus\x12\x1d.swapmoe.v1.PlanStatusRequest\x1a\x1e.swapmoe.v1.PlanStatusResponse\x12\x45\n\x08PushPlan\x12\x1b.swapmoe.v1.PushPlanRequest\x1a\x1c.swapmoe.v1.PushPlanResponse\x12Z\n\x0fProfileExecutor\x12\".swapmoe.v1.ProfileExecutorRequest\x1a#.swapmoe.v1.ProfileExecutorResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swapmoe.v1.planner_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PLANSTATE']._serialized_start=2425
-  _globals['_PLANSTATE']._serialized_end=2533
+  _globals['_REGISTRATION_LABELSENTRY']._loaded_options = None
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_EXECUTORSTATUS_LABELSENTRY']._loaded_options = None
+  _globals['_EXECUTORSTATUS_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_PLANSTATE']._serialized_start=3098
+  _globals['_PLANSTATE']._serialized_end=3206
+  _globals['_STATUSVIEW']._serialized_start=3208
+  _globals['_STATUSVIEW']._serialized_end=3265
   _globals['_REGISTRATION']._serialized_start=121
-  _globals['_REGISTRATION']._serialized_end=433
-  _globals['_BUDGETCHANGE']._serialized_start=435
-  _globals['_BUDGETCHANGE']._serialized_end=518
-  _globals['_EXECUTORMESSAGE']._serialized_start=521
-  _globals['_EXECUTORMESSAGE']._serialized_end=800
-  _globals['_PROFILEOUTCOME']._serialized_start=802
-  _globals['_PROFILEOUTCOME']._serialized_end=916
-  _globals['_WELCOME']._serialized_start=918
-  _globals['_WELCOME']._serialized_end=1014
-  _globals['_PLANNERMESSAGE']._serialized_start=1017
-  _globals['_PLANNERMESSAGE']._serialized_end=1195
-  _globals['_PROFILEASK']._serialized_start=1197
-  _globals['_PROFILEASK']._serialized_end=1274
-  _globals['_EXECUTORSTATUS']._serialized_start=1277
-  _globals['_EXECUTORSTATUS']._serialized_end=1827
-  _globals['_PLANPREDICTION']._serialized_start=1830
-  _globals['_PLANPREDICTION']._serialized_end=2002
-  _globals['_PLANSTATUSREQUEST']._serialized_start=2004
-  _globals['_PLANSTATUSREQUEST']._serialized_end=2041
-  _globals['_PLANSTATUSRESPONSE']._serialized_start=2043
-  _globals['_PLANSTATUSRESPONSE']._serialized_end=2110
-  _globals['_PUSHPLANREQUEST']._serialized_start=2112
-  _globals['_PUSHPLANREQUEST']._serialized_end=2179
-  _globals['_PUSHPLANRESPONSE']._serialized_start=2181
-  _globals['_PUSHPLANRESPONSE']._serialized_end=2246
-  _globals['_PROFILEEXECUTORREQUEST']._serialized_start=2248
-  _globals['_PROFILEEXECUTORREQUEST']._serialized_end=2353
-  _globals['_PROFILEEXECUTORRESPONSE']._serialized_start=2355
-  _globals['_PROFILEEXECUTORRESPONSE']._serialized_end=2423
-  _globals['_PLANNERSERVICE']._serialized_start=2536
-  _globals['_PLANNERSERVICE']._serialized_end=2867
+  _globals['_REGISTRATION']._serialized_end=534
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_start=489
+  _globals['_REGISTRATION_LABELSENTRY']._serialized_end=534
+  _globals['_BUDGETCHANGE']._serialized_start=536
+  _globals['_BUDGETCHANGE']._serialized_end=619
+  _globals['_EXECUTORMESSAGE']._serialized_start=622
+  _globals['_EXECUTORMESSAGE']._serialized_end=901
+  _globals['_PROFILEOUTCOME']._serialized_start=903
+  _globals['_PROFILEOUTCOME']._serialized_end=1017
+  _globals['_WELCOME']._serialized_start=1019
+  _globals['_WELCOME']._serialized_end=1115
+  _globals['_PLANNERMESSAGE']._serialized_start=1118
+  _globals['_PLANNERMESSAGE']._serialized_end=1296
+  _globals['_PROFILEASK']._serialized_start=1298
+  _globals['_PROFILEASK']._serialized_end=1375
+  _globals['_EXECUTORSTATUS']._serialized_start=1378
+  _globals['_EXECUTORSTATUS']._serialized_end=2057
+  _globals['_EXECUTORSTATUS_LABELSENTRY']._serialized_start=489
+  _globals['_EXECUTORSTATUS_LABELSENTRY']._serialized_end=534
+  _globals['_STATUSSUMMARY']._serialized_start=2060
+  _globals['_STATUSSUMMARY']._serialized_end=2192
+  _globals['_PLANPREDICTION']._serialized_start=2195
+  _globals['_PLANPREDICTION']._serialized_end=2367
+  _globals['_PLANSTATUSREQUEST']._serialized_start=2370
+  _globals['_PLANSTATUSREQUEST']._serialized_end=2565
+  _globals['_PLANSTATUSRESPONSE']._serialized_start=2568
+  _globals['_PLANSTATUSRESPONSE']._serialized_end=2704
+  _globals['_PUSHPLANREQUEST']._serialized_start=2707
+  _globals['_PUSHPLANREQUEST']._serialized_end=2852
+  _globals['_PUSHPLANRESPONSE']._serialized_start=2854
+  _globals['_PUSHPLANRESPONSE']._serialized_end=2919
+  _globals['_PROFILEEXECUTORREQUEST']._serialized_start=2921
+  _globals['_PROFILEEXECUTORREQUEST']._serialized_end=3026
+  _globals['_PROFILEEXECUTORRESPONSE']._serialized_start=3028
+  _globals['_PROFILEEXECUTORRESPONSE']._serialized_end=3096
+  _globals['_PLANNERSERVICE']._serialized_start=3268
+  _globals['_PLANNERSERVICE']._serialized_end=3599
 # @@protoc_insertion_point(module_scope)

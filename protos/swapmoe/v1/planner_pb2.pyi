@@ -16,13 +16,27 @@ class PlanState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLAN_STATE_PENDING: _ClassVar[PlanState]
     PLAN_STATE_ACKED: _ClassVar[PlanState]
     PLAN_STATE_NACKED: _ClassVar[PlanState]
+
+class StatusView(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STATUS_VIEW_FULL: _ClassVar[StatusView]
+    STATUS_VIEW_BRIEF: _ClassVar[StatusView]
 PLAN_STATE_UNSPECIFIED: PlanState
 PLAN_STATE_PENDING: PlanState
 PLAN_STATE_ACKED: PlanState
 PLAN_STATE_NACKED: PlanState
+STATUS_VIEW_FULL: StatusView
+STATUS_VIEW_BRIEF: StatusView
 
 class Registration(_message.Message):
-    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve", "node_secret", "model_fingerprint")
+    __slots__ = ("node_id", "device", "budget_bytes", "min_budget_bytes", "layout", "current_plan", "executor_address", "reserve", "node_secret", "model_fingerprint", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +47,7 @@ class Registration(_message.Message):
     RESERVE_FIELD_NUMBER: _ClassVar[int]
     NODE_SECRET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     device: _common_pb2.DeviceInfo
     budget_bytes: int
@@ -43,7 +58,8 @@ class Registration(_message.Message):
     reserve: _common_pb2.Reserve
     node_secret: str
     model_fingerprint: str
-    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., node_secret: _Optional[str] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., current_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., executor_address: _Optional[str] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., node_secret: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class BudgetChange(_message.Message):
     __slots__ = ("previous_budget_bytes", "budget_bytes", "reason")
@@ -112,7 +128,14 @@ class ProfileAsk(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[_executor_pb2.ProfileRequest, _Mapping]] = ...) -> None: ...
 
 class ExecutorStatus(_message.Message):
-    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns", "pinned", "workload", "reason", "predicted", "throughput", "profile_state")
+    __slots__ = ("node_id", "connected", "budget_bytes", "layout", "device", "desired_plan", "acked_plan", "state", "last_result", "memory", "last_seen_ns", "pinned", "workload", "reason", "predicted", "throughput", "profile_state", "labels", "executor_address")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +153,8 @@ class ExecutorStatus(_message.Message):
     PREDICTED_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     PROFILE_STATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    EXECUTOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     connected: bool
     budget_bytes: int
@@ -147,7 +172,27 @@ class ExecutorStatus(_message.Message):
     predicted: PlanPrediction
     throughput: _telemetry_pb2.ThroughputReport
     profile_state: str
-    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., pinned: _Optional[bool] = ..., workload: _Optional[str] = ..., reason: _Optional[str] = ..., predicted: _Optional[_Union[PlanPrediction, _Mapping]] = ..., throughput: _Optional[_Union[_telemetry_pb2.ThroughputReport, _Mapping]] = ..., profile_state: _Optional[str] = ...) -> None: ...
+    labels: _containers.ScalarMap[str, str]
+    executor_address: str
+    def __init__(self, node_id: _Optional[str] = ..., connected: _Optional[bool] = ..., budget_bytes: _Optional[int] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., desired_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., acked_plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., state: _Optional[_Union[PlanState, str]] = ..., last_result: _Optional[_Union[_common_pb2.PlanResult, _Mapping]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., last_seen_ns: _Optional[int] = ..., pinned: _Optional[bool] = ..., workload: _Optional[str] = ..., reason: _Optional[str] = ..., predicted: _Optional[_Union[PlanPrediction, _Mapping]] = ..., throughput: _Optional[_Union[_telemetry_pb2.ThroughputReport, _Mapping]] = ..., profile_state: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., executor_address: _Optional[str] = ...) -> None: ...
+
+class StatusSummary(_message.Message):
+    __slots__ = ("total", "connected", "pending", "acked", "nacked", "unplanned", "pinned")
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    ACKED_FIELD_NUMBER: _ClassVar[int]
+    NACKED_FIELD_NUMBER: _ClassVar[int]
+    UNPLANNED_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    total: int
+    connected: int
+    pending: int
+    acked: int
+    nacked: int
+    unplanned: int
+    pinned: int
+    def __init__(self, total: _Optional[int] = ..., connected: _Optional[int] = ..., pending: _Optional[int] = ..., acked: _Optional[int] = ..., nacked: _Optional[int] = ..., unplanned: _Optional[int] = ..., pinned: _Optional[int] = ...) -> None: ...
 
 class PlanPrediction(_message.Message):
     __slots__ = ("workload", "accuracy", "accuracy_metric", "inter_token_ns", "tokens_per_second", "memory_bytes", "budget_bytes")
@@ -168,24 +213,46 @@ class PlanPrediction(_message.Message):
     def __init__(self, workload: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
 
 class PlanStatusRequest(_message.Message):
-    __slots__ = ("node_ids",)
+    __slots__ = ("node_ids", "selector", "page_size", "page_token", "view", "connected_only", "states")
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
     node_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    selector: str
+    page_size: int
+    page_token: str
+    view: StatusView
+    connected_only: bool
+    states: _containers.RepeatedScalarFieldContainer[PlanState]
+    def __init__(self, node_ids: _Optional[_Iterable[str]] = ..., selector: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[StatusView, str]] = ..., connected_only: _Optional[bool] = ..., states: _Optional[_Iterable[_Union[PlanState, str]]] = ...) -> None: ...
 
 class PlanStatusResponse(_message.Message):
-    __slots__ = ("executors",)
+    __slots__ = ("executors", "next_page_token", "summary")
     EXECUTORS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
     executors: _containers.RepeatedCompositeFieldContainer[ExecutorStatus]
-    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    summary: StatusSummary
+    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., summary: _Optional[_Union[StatusSummary, _Mapping]] = ...) -> None: ...
 
 class PushPlanRequest(_message.Message):
-    __slots__ = ("node_ids", "plan")
+    __slots__ = ("node_ids", "plan", "selector", "budget_bytes", "view")
     NODE_IDS_FIELD_NUMBER: _ClassVar[int]
     PLAN_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VIEW_FIELD_NUMBER: _ClassVar[int]
     node_ids: _containers.RepeatedScalarFieldContainer[str]
     plan: _common_pb2.Plan
-    def __init__(self, node_ids: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ...) -> None: ...
+    selector: str
+    budget_bytes: int
+    view: StatusView
+    def __init__(self, node_ids: _Optional[_Iterable[str]] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., selector: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., view: _Optional[_Union[StatusView, str]] = ...) -> None: ...
 
 class PushPlanResponse(_message.Message):
     __slots__ = ("executors",)

@@ -69,7 +69,8 @@ class PlannerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetPlanStatus(self, request, context):
-        """Plan status of one executor or all of them.
+        """Plan status of executors: paged, filtered by node ids or labels, with
+        counts by state over every match.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
