@@ -15,23 +15,17 @@ control node reports. ``fleet_report`` turns the figures into the report.
 from __future__ import annotations
 
 import argparse
-import collections
+import gc
 import json
-import os
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Callable
 
-import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.fleet_report import machine, percentiles, render
-from benchmarks.fleet_sim import parse_status
+from benchmarks.fleet_report import machine, render
+from benchmarks.fleet_watch import STATUS_EVERY_S, TELEMETRY_S, HealthProbe, Sim, proc_sample, spawn_planner
 from swapmoe.core.plan import DEFAULT_UPDATE_FREQUENCY
 from swapmoe.orchestration.processes import spawn
 from swapmoe.rpc import transport
@@ -40,10 +34,6 @@ from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 REPORT = HERE / "RESULTS-fleet.md"
-TELEMETRY_S = 10  # each simulated executor reports every 10 s (issue 15's idle goal)
-STATUS_EVERY_S = 0.2  # the simulators' status lines: the resolution of "all connected" and "all acked"
-HEALTH_EVERY_S = 0.05
-CHECK_TIMEOUT_S = 2.0
 POLL_S = 0.1  # GetRollout, summary only
 ROLLOUT_TIMEOUT_MS = 120_000  # per wave: generous, so a slow wave shows as slow, not as unreachable
 # The pinned plan every rollout carries: 4 of the bundled LM's 16 experts in each of its 6 layers.
@@ -51,127 +41,6 @@ PLAN = common_pb2.Plan(experts_per_layer=[4] * 6, update_frequency=DEFAULT_UPDAT
                        origin="benchmarks.fleet")
 NEW_TOKENS = 64  # per Generate in the TLS section, greedy
 FINAL = (fpb.ROLLOUT_STATE_SUCCEEDED, fpb.ROLLOUT_STATE_FAILED, fpb.ROLLOUT_STATE_ABORTED)
-
-
-def proc_sample(pid: int) -> dict:
-    """RSS and threads (``/proc/PID/status``), CPU seconds used so far (utime + stime, ``/proc/PID/stat``)."""
-    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return {"rss_bytes": int(status["VmRSS"].split()[0]) * 1024, "threads": int(status["Threads"]),
-            "cpu_s": (int(fields[11]) + int(fields[12])) / ticks}
-
-
-class HealthProbe:
-    """A ``grpc.health.v1`` Check every 50 ms on a thread; latencies kept with their times. A
-    ``reference`` probe (an idle server on the same machine) shows what the machine adds."""
-
-    def __init__(self, address: str, reference: "HealthProbe | None" = None):
-        self.reference = reference
-        self.channel = transport.channel(address)
-        self.stub = health_pb2_grpc.HealthStub(self.channel)
-        self.samples: list[tuple[float, float, str]] = []  # (monotonic, seconds, status code name)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="health-probe")
-
-    def start(self) -> "HealthProbe":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self.channel.close()
-
-    def _run(self) -> None:
-        due = time.monotonic()
-        while not self._stop.wait(max(0.0, due - time.monotonic())):
-            began = time.monotonic()
-            try:
-                self.stub.Check(health_pb2.HealthCheckRequest(), timeout=CHECK_TIMEOUT_S)
-                code = "OK"
-            except grpc.RpcError as error:
-                code = error.code().name
-            self.samples.append((began, time.monotonic() - began, code))
-            due = max(due + HEALTH_EVERY_S, time.monotonic())
-
-    def window(self, t0: float, t1: float) -> dict:
-        """p50/p99/max (ms) of the checks begun between ``t0`` and ``t1`` (a failed one counts as
-        the time it took: DEADLINE_EXCEEDED as the timeout), and the failures by status code."""
-        found = [(s, code) for t, s, code in list(self.samples) if t0 <= t <= t1]
-        failed = collections.Counter(code for _, code in found if code != "OK")
-        window = {**percentiles([s * 1e3 for s, _ in found]), "checks": len(found), "failed": dict(failed)}
-        if self.reference is not None:
-            window["reference"] = self.reference.window(t0, t1)
-        return window
-
-
-class Sim:
-    """A ``benchmarks.fleet_sim`` process and its status lines, each timed as it arrives."""
-
-    def __init__(self, planner: str, count: int, ramp_s: float, start: int = 0, log_dir: Path | None = None):
-        self.count, self.launched = count, time.monotonic()
-        args = ["--planner", planner, "--count", str(count), "--start", str(start), "--telemetry-interval",
-                str(TELEMETRY_S), "--ramp", str(ramp_s), "--status-every", str(STATUS_EVERY_S)]
-        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.fleet_sim", *args], cwd=ROOT,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        self.history: list[tuple[float, dict]] = []  # (monotonic, parsed status line)
-        self.other: list[str] = []  # every other line: start, errors by code, the last status
-        self.ended = False
-        self._log = open(log_dir / f"sim-{start}+{count}.log", "w") if log_dir else None
-        self._changed = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True, name=f"sim-{start}").start()
-
-    def _pump(self) -> None:
-        for line in self.process.stdout:
-            now = time.monotonic()
-            if self._log:
-                self._log.write(line)
-            with self._changed:
-                if line.startswith("fleet-sim t="):
-                    self.history.append((now, parse_status(line)))
-                else:
-                    self.other.append(line.rstrip())
-                self._changed.notify_all()
-        with self._changed:
-            self.ended = True
-            self._changed.notify_all()
-
-    @property
-    def latest(self) -> dict:
-        with self._changed:
-            return self.history[-1][1] if self.history else {"connected": 0, "acked": 0, "telemetry": 0,
-                                                               "errors": 0, "reconnects": 0}
-
-    def first(self, condition: Callable[[dict], bool], after: float = 0.0,
-              timeout: float = 300.0) -> tuple[float, dict]:
-        """The first status line read after ``after`` (monotonic) that satisfies ``condition``."""
-        deadline, i = time.monotonic() + timeout, 0
-        with self._changed:
-            while True:
-                for i in range(i, len(self.history)):
-                    t, status = self.history[i]
-                    if t >= after and condition(status):
-                        return t, status
-                i = len(self.history)
-                left = deadline - time.monotonic()
-                if self.ended or left <= 0:
-                    last = self.history[-1][1] if self.history else self.other[-3:]
-                    raise TimeoutError(f"fleet-sim ({self.count} nodes): condition not met; last status {last}")
-                self._changed.wait(left)
-
-    def stop(self) -> list[str]:
-        """SIGTERM; the error lines the simulator prints on its way out."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        time.sleep(0.2)
-        return [line for line in self.other if line.startswith("fleet-sim error")]
 
 
 def register(sims: list[Sim], probe: HealthProbe, pids: list[int], timeout: float) -> dict:
@@ -265,10 +134,10 @@ def _all_acked(sims: list[Sim], base: list[float], t0: float, timeout: float = 6
 
 def one_planner(n: int, args, work: Path, reference: HealthProbe) -> dict:
     """Sections 1 and 2 at one fleet size: registration, idle, then rollouts."""
-    planner = spawn(f"planner-{n}", ["planner", "serve", "--port", "0", "--no-device-profiling",
-                                     "--max-executors", str(max(n, 20_000))], log_dir=work)
+    planner, planner_control = spawn_planner(f"planner-{n}", work, "--max-executors", str(max(n, 20_000)))
     before = proc_sample(planner.process.pid)
-    probe, sim, control, result = HealthProbe(planner.address, reference).start(), None, None, {"n": n}
+    probe = HealthProbe(planner_control, reference, HealthProbe(planner.address)).start()
+    sim, control, result = None, None, {"n": n}
     try:
         sim = Sim(planner.address, n, ramp_for(n, args), log_dir=work)
         result["ramp_s"] = ramp_for(n, args)
@@ -279,8 +148,8 @@ def one_planner(n: int, args, work: Path, reference: HealthProbe) -> dict:
         print(f"N={n}: registered in {result['registration']['seconds']:.1f} s; idle planner "
               f"{result['idle']['cpu_cores']:.3f} cores, {result['idle']['rss_bytes'] / 2**20:.0f} MiB", flush=True)
         if not args.skip_rollouts:
-            result["push"] = push(planner.address, sim, probe)
-            control = spawn(f"fleet-{n}", ["fleet", "serve", "--planner", planner.address, "--port", "0"],
+            result["push"] = push(planner_control, sim, probe)
+            control = spawn(f"fleet-{n}", ["fleet", "serve", "--planner", planner_control, "--port", "0"],
                             log_dir=work)
             pids = {"planner": planner.process.pid, "control": control.process.pid}
             with transport.channel(control.address) as channel:
@@ -301,14 +170,15 @@ def one_planner(n: int, args, work: Path, reference: HealthProbe) -> dict:
 
 def two_planners(n: int, args, work: Path, reference: HealthProbe) -> dict:
     """Section 3: two planners, each with its own simulated shard, one control node."""
-    planners = [spawn(f"planner-shard-{i}", ["planner", "serve", "--port", "0", "--no-device-profiling"],
-                      log_dir=work) for i in range(2)]
-    probe, sims, control, result = HealthProbe(planners[0].address, reference).start(), [], None, {"n_each": n}
+    started = [spawn_planner(f"planner-shard-{i}", work) for i in range(2)]
+    planners = [p for p, _ in started]
+    probe = HealthProbe(started[0][1], reference, HealthProbe(planners[0].address)).start()
+    sims, control, result = [], None, {"n_each": n}
     try:
         sims = [Sim(p.address, n, ramp_for(n, args), start=i * n, log_dir=work) for i, p in enumerate(planners)]
         result["registration"] = register(sims, probe, [p.process.pid for p in planners], timeout=240)
         control = spawn("fleet-sharded", ["fleet", "serve", "--port", "0",
-                                          *[a for p in planners for a in ("--planner", p.address)]], log_dir=work)
+                                          *[a for _, c in started for a in ("--planner", c)]], log_dir=work)
         pids = {"planner-0": planners[0].process.pid, "planner-1": planners[1].process.pid,
                 "control": control.process.pid}
         with transport.channel(control.address) as channel:
@@ -384,6 +254,41 @@ def ramp_for(n: int, args) -> float:
     return args.ramp if args.ramp is not None else round(n / 1000, 1)
 
 
+def collector(n: int, work: Path) -> dict:
+    """Section 5: what CPython's full collection costs a planner holding ``n`` executors, before and
+    after the heap keeper froze them, and what it finds once they have all left (cycles the
+    frozen heap would have kept). The planner runs in this process, so its heap is measurable."""
+    from swapmoe.planner_service.heap import HeapKeeper, HeapSettings
+    from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.server import serve
+
+    server, registry = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))
+    keeper, sim = HeapKeeper(HeapSettings(freeze_every_s=3600.0)), None
+    try:
+        sim = Sim(f"127.0.0.1:{server.port}", n, round(n / 1000, 1), log_dir=work)
+        sim.first(lambda st: st["connected"] >= n and st["acked"] >= n, timeout=120)
+        time.sleep(TELEMETRY_S)  # a round of telemetry, as an idle fleet sends
+        started = time.perf_counter()
+        gc.collect()
+        walk_s, tracked = time.perf_counter() - started, len(gc.get_objects())
+        gc.freeze()
+        started = time.perf_counter()
+        gc.collect()
+        frozen_walk_s = time.perf_counter() - started
+        sim.stop()
+        sim = None
+        deadline = time.monotonic() + 60
+        while any(r.connected for r in registry.find([])) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return {"n": n, "tracked": tracked, "full_walk_s": walk_s, "frozen_walk_s": frozen_walk_s,
+                "found_after_leaving": keeper.full_collection()}
+    finally:
+        if sim is not None:
+            sim.stop()
+        gc.unfreeze()
+        server.stop(0)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.split("\n\n")[0])
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
@@ -396,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-rollouts", action="store_true")
     parser.add_argument("--skip-sharded", action="store_true")
     parser.add_argument("--skip-tls", action="store_true")
+    parser.add_argument("--collector", type=int, default=2000, help="executors in the collector section (0: skip)")
     parser.add_argument("--report", type=Path, default=REPORT, help="the Markdown report (the JSON goes next to it)")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fleet-bench-"))
@@ -414,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
         idle_planner.stop()
     if not args.skip_tls:
         results["tls"] = tls_cost(args.tls_rounds, work)
+    if args.collector:
+        results["collector"] = collector(args.collector, work)
     report = render(results)
     print(report)
     args.report.write_text(report)

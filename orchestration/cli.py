@@ -44,6 +44,8 @@ def _positive(text: str) -> int:
 def _serve_until_signalled(server, name: str) -> None:
     """Print the bound address, then serve until SIGINT/SIGTERM and drain in-flight calls."""
     print(f"{name} listening on {server.address}", flush=True)
+    for note in server.notes:
+        print(note, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -55,9 +57,9 @@ def _serve_until_signalled(server, name: str) -> None:
 class _Running:
     """A started transport.Server plus the address clients use, and what to stop with it."""
 
-    def __init__(self, server, host: str, on_stop=(), drain_seconds: float = 5.0):
+    def __init__(self, server, host: str, on_stop=(), drain_seconds: float = 5.0, notes=()):
         self.server, self.address, self.on_stop = server, f"{host}:{server.port}", on_stop
-        self.drain_seconds = drain_seconds
+        self.drain_seconds, self.notes = drain_seconds, notes
 
     def stop(self):
         for fn in self.on_stop:
@@ -95,7 +97,14 @@ def executor_serve(args) -> None:
     _serve_until_signalled(_Running(server, args.host, stops, args.drain_seconds), "executor")
 
 
+# The planner's threads (control port, pushes, the event loop) take turns at the interpreter; a
+# thread that waits for its turn waits up to this long (Python's default is 5 ms), and a health
+# check on the control port waits several times while 10,000 streams keep the loop busy.
+INTERPRETER_SWITCH_S = 0.001
+
+
 def planner_serve(args) -> None:
+    from swapmoe.planner_service.heap import HeapSettings
     from swapmoe.planner_service.planner import PlannerSettings
     from swapmoe.planner_service.search import SearchSettings
     from swapmoe.planner_service.server import serve
@@ -105,9 +114,13 @@ def planner_serve(args) -> None:
     settings = PlannerSettings(accuracy_roots=tuple(args.profiles or [default_root()]), latency_target_ns=args.latency_target_ms * 1e6
                                if args.latency_target_ms else None, profile_devices=not args.no_device_profiling,
                                search=SearchSettings(seed=args.seed))
+    control = None if args.control_port is None else f"{args.host}:{args.control_port}"
+    sys.setswitchinterval(INTERPRETER_SWITCH_S)
     server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors,
-                      settings=settings, security=security.server_from_args(args, "planner"))
-    _serve_until_signalled(_Running(server, args.host), "planner")
+                      settings=settings, security=security.server_from_args(args, "planner"),
+                      control_address=control, heap=HeapSettings())
+    notes = [f"planner control RPCs and health also on {args.host}:{server.control_port}"] if control else []
+    _serve_until_signalled(_Running(server, args.host, notes=notes), "planner")
 
 
 def planner_status(args) -> None:
@@ -206,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not profile new devices through their Connect stream (they keep the even split "
                         "until a device profile is stored under --state-dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
+    p.add_argument("--control-port", type=int,
+                   help="also serve the control RPCs and health on this port, on threads of their own: they answer "
+                        "within tens of ms while thousands of executors register or take a push, which on --port "
+                        "can take seconds; point the control node and health probes here (0 picks a free one; "
+                        "default: --port only)")
     security.add_server_arguments(p)
     p.set_defaults(func=planner_serve)
     p = planner.add_parser("status", help="each executor's plan, predicted and measured figures, workload and why")

@@ -4,8 +4,11 @@ A stream is a coroutine on the server's event loop, not a thread: an idle execut
 suspended coroutine and its outbox, which wakes the loop when the registry (on any thread)
 has something to send. Messages from executors are checked on the loop and handed to the
 registry, whose lock is held for microseconds; control calls (status pages, pushes,
-profiles) run on the loop's thread pool, so neither they nor health checks wait behind the
-streams. Besides plans, the stream carries profiles: ``ProfileExecutor`` sends a
+profiles: ``planner_service.control``) run on the loop's thread pool. A call on the loop
+still takes several of its turns, and with 10,000 streams a turn can take 50-200 ms during a
+registration storm or a fleet-wide push, so the control RPCs and health are also served on a
+sync server's threads (``control_address``), which answer within tens of ms throughout
+(benchmarks/RESULTS-fleet.md). Besides plans, the stream carries profiles: ``ProfileExecutor`` sends a
 ProfileRequest down a connected executor's stream and waits for its answer, so a device
 behind NAT can be profiled through the connection it opened itself.
 """
@@ -18,22 +21,21 @@ import logging
 import time
 from pathlib import Path
 
-import grpc
 
 from swapmoe.core.errors import Busy, InvalidField
-from swapmoe.core.labels import check_page_size, page_after, page_token, parse_selector
-from swapmoe.core.limits import (MAX_BYTES, MAX_REASON_CHARS, check_count, check_node_id, check_node_ids, check_range,
-                                 check_text)
-from swapmoe.core.plan import validate_plan
+from swapmoe.core.limits import MAX_REASON_CHARS, check_text
 from swapmoe.planner_service.outbox import Ended
 from swapmoe.planner_service.planner import Planner, PlannerSettings
 from swapmoe.planner_service.registration import check_budget_change, check_registration, check_result
-from swapmoe.planner_service.records import ExecutorRecord, PendingProfile
-from swapmoe.planner_service.registry import PUSH_CHUNK, Registry
+from swapmoe.planner_service.control import PROFILE_POLL_S, ControlServicer, PlannerControl
+from swapmoe.planner_service.heap import HeapKeeper, HeapSettings
+from swapmoe.planner_service.records import ExecutorRecord
+from swapmoe.planner_service.registry import Registry
 from swapmoe.planner_service.state import PlannerState
 from swapmoe.rpc import convert
 from swapmoe.rpc.aio_server import AioServer, run_blocking, start_aio_server
 from swapmoe.rpc.security import ServerSecurity
+from swapmoe.rpc.transport import start_server
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
@@ -45,20 +47,17 @@ STATUS_TOPICS = UPSTREAM_TOPICS[:2]
 # Connect streams served at once; more get RESOURCE_EXHAUSTED. Each costs ~45 KiB of planner memory
 # (benchmarks/RESULTS-fleet.md) and the file descriptors of its connection.
 MAX_EXECUTORS = 20_000
-DEFAULT_PROFILE_TIMEOUT_S = 600
-MAX_PROFILE_TIMEOUT_S = 3600
 STATE_WRITE_BEHIND_S = 0.2
 # Threads for registrations, status pages and pushes: few, so that they leave the event loop
 # (which serves the streams and health) its share of the interpreter.
 POOL_THREADS = 4
-STATUS_CHUNK = 256
-# An executor's failed profile keeps its status when it is one the caller can act on.
-_RELAYED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS}
+CONTROL_THREADS = 4
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
     def __init__(self, registry: Registry | None = None, max_executors: int = MAX_EXECUTORS):
         self.registry = registry or Registry()
+        self.control = PlannerControl(self.registry)
         self.max_executors = max_executors
         self.open_streams = 0  # changed on the loop only
 
@@ -132,81 +131,35 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             raise InvalidField("registration", "is sent once, as the first message of a stream")
 
     async def GetPlanStatus(self, request, context):
-        check_node_ids("node_ids", request.node_ids)
-        selector = parse_selector(request.selector)
-        size = check_page_size("page_size", request.page_size)
-        after = page_after("page_token", request.page_token)
-        check_count("states", request.states, len(ppb.PlanState.keys()))
-        records, last, summary = await run_blocking(self.registry.page, list(request.node_ids), selector, after,
-                                                    size, request.connected_only, frozenset(request.states))
-        statuses = await self._statuses(records, request.view)
-        return ppb.PlanStatusResponse(executors=statuses, next_page_token=page_token(last) if last else "",
-                                      summary=summary)
+        return await run_blocking(self.control.plan_status, request)
 
     async def PushPlan(self, request, context):
-        check_node_ids("node_ids", request.node_ids)
-        selector = parse_selector(request.selector)
-        check_range("budget_bytes", request.budget_bytes, 0, MAX_BYTES)
-        plan = None
-        if request.HasField("plan"):
-            plan = convert.plan_from_pb(request.plan).with_version(0).with_budget(0)  # the planner assigns versions
-            for record in await run_blocking(self.registry.find, list(request.node_ids)):
-                validate_plan(plan, record.layout)
-        records = await run_blocking(self.registry.select, list(request.node_ids), selector)
-        for start in range(0, len(records), PUSH_CHUNK):
-            # One chunk at a time, back on the loop in between: each chunk's plans are on their way
-            # before the next is made, so health checks and streams wait for one chunk, not the fleet.
-            await run_blocking(self.registry.push_to, records[start:start + PUSH_CHUNK], plan, request.budget_bytes)
-        return ppb.PushPlanResponse(executors=await self._statuses(records, request.view))
-
-    async def _statuses(self, records: list[ExecutorRecord], view: int) -> list[ppb.ExecutorStatus]:
-        """Statuses made a chunk at a time off the loop, back on it in between (10,000 of them take
-        ~1 s of the interpreter: the streams and health checks get their turns meanwhile)."""
-        statuses = []
-        for start in range(0, len(records), STATUS_CHUNK):
-            statuses += await run_blocking(self.registry.statuses, records[start:start + STATUS_CHUNK],
-                                           view == ppb.STATUS_VIEW_BRIEF)
-        return statuses
+        return await run_blocking(self.control.push_plan, request)
 
     async def ProfileExecutor(self, request, context):
-        check_node_id("node_id", request.node_id)
-        convert.check_profile_request(request.request, prefix="request.")
-        check_range("timeout_s", request.timeout_s, 0, MAX_PROFILE_TIMEOUT_S)
-        timeout = request.timeout_s or DEFAULT_PROFILE_TIMEOUT_S
-        pending = self.registry.ask_profile(request.node_id, request.request)
-        try:
-            outcome = await _wait(pending, timeout, context)
+        pending, timeout = await run_blocking(self.control.ask_profile, request)
+        deadline = time.monotonic() + timeout
+        try:  # waited for on the loop, not a thread: a caller that leaves cancels this coroutine
+            while not pending.done.is_set() and time.monotonic() < deadline:
+                await asyncio.sleep(PROFILE_POLL_S)
         finally:
             self.registry.end_profile(pending)  # cancels it on the executor when unanswered
-        if outcome.error:
-            code = grpc.StatusCode.FAILED_PRECONDITION
-            code = next((c for c in _RELAYED if c.value[0] == outcome.error_code), code)
-            await context.abort(code, f"executor {request.node_id!r} could not profile: {outcome.error}")
-        return ppb.ProfileExecutorResponse(result=outcome.result)
-
-
-async def _wait(pending: PendingProfile, timeout: float, context) -> ppb.ProfileOutcome:
-    """The executor's answer; aborts on a timeout or a stream that ended (a caller that leaves
-    cancels this coroutine)."""
-    deadline = time.monotonic() + timeout
-    while not pending.done.is_set():
-        if time.monotonic() >= deadline:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"executor {pending.node_id!r} did not finish profiling within {timeout:g} s")
-        await asyncio.sleep(0.05)
-    if pending.outcome is None:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, pending.failure)
-    return pending.outcome
+        return self.control.profile_answer(pending, timeout)
 
 
 def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_dir: Path | None = None,
           max_executors: int = MAX_EXECUTORS, settings: PlannerSettings | None = None,
-          security: ServerSecurity | None = None) -> tuple[AioServer, Registry]:
+          security: ServerSecurity | None = None, control_address: str | None = None,
+          heap: HeapSettings | None = None) -> tuple[AioServer, Registry]:
     """Start PlannerService. With ``state_dir`` (and no ``registry``) every executor's plans,
     the device profiles measured and the frontiers searched are kept there (written behind,
     every 0.2 s, and at stop) and restored at start; ``settings`` say where accuracy profiles
     are and how to search. At most ``max_executors`` Connect streams at once; ``security``: TLS
-    and the tokens accepted (``swapmoe.rpc.security``)."""
+    and the tokens accepted (``swapmoe.rpc.security``). ``control_address``: also serve the
+    control RPCs and health on a sync server's threads there (its port is the returned server's
+    ``control_port``), answered at once however busy the streams keep the loop. ``heap``: keep
+    the garbage collector's pauses short (``planner_service.heap``; it acts on the whole process,
+    so for a process that is mainly this planner)."""
     on_stop = []
     if registry is None:
         settings = dataclasses.replace(settings or PlannerSettings(), state_dir=state_dir)
@@ -218,5 +171,14 @@ def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_
     servicer = PlannerServicer(registry, max_executors)
     server = start_aio_server(lambda s: planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, s),
                               [SERVICE_NAME], address, pool_threads=POOL_THREADS, security=security)
+    server.control_port = None
+    if control_address is not None:
+        control = start_server(
+            lambda s: planner_pb2_grpc.add_PlannerServiceServicer_to_server(ControlServicer(servicer.control), s),
+            [SERVICE_NAME], control_address, unary_threads=CONTROL_THREADS, security=security)
+        server.control_port = control.port
+        server.on_stop.insert(0, lambda: control.stop(0))
+    if heap is not None:
+        server.on_stop.append(HeapKeeper(heap).start().stop)
     server.on_stop.extend(on_stop)
     return server, servicer.registry

@@ -7,6 +7,7 @@ import urllib.request
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swapmoe.orchestration.processes import spawn, swapmoe_command
 from swapmoe.rpc import transport
@@ -189,3 +190,20 @@ def test_a_restarted_executor_process_resumes_its_plan_and_serves_metrics(tiny_m
         assert described.plan.version == 4 and list(described.achieved_experts_per_layer) == [3, 2]
     finally:
         second.stop()
+
+
+def test_planner_serve_with_a_control_port_says_where_and_answers_there(tmp_path):
+    planner_process = spawn("planner-control", ["planner", "serve", "--port", "0", "--control-port", "0"],
+                            log_dir=tmp_path)
+    try:
+        note = wait_until(lambda: next((line for line in planner_process.output if "control RPCs and health" in line),
+                                       None), timeout=10, what="the control port's line")
+        control = note.split(" also on ")[1].strip()
+        assert control != planner_process.address
+        with transport.channel(control) as channel:
+            status = planner_pb2_grpc.PlannerServiceStub(channel).GetPlanStatus(ppb.PlanStatusRequest(), timeout=5)
+            assert status.summary.total == 0
+            assert health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+    finally:
+        assert planner_process.stop() == 0

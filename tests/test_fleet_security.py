@@ -30,13 +30,15 @@ CONTROL_CALLS = {
                  ("Profile", epb.ProfileRequest(repeats=1))],
     "planner": [("PushPlan", ppb.PushPlanRequest(plan=common_pb2.Plan(experts_per_layer=[1, 1]))),
                 ("ProfileExecutor", ppb.ProfileExecutorRequest(node_id="secure-node"))],
+    "planner-control": [("PushPlan", ppb.PushPlanRequest(plan=common_pb2.Plan(experts_per_layer=[1, 1]))),
+                        ("ProfileExecutor", ppb.ProfileExecutorRequest(node_id="secure-node"))],
     "fleet": [("StartRollout", fpb.StartRolloutRequest(plan=common_pb2.Plan(experts_per_layer=[1, 1]))),
               ("PauseRollout", fpb.RolloutActionRequest(rollout_id="rollout-1")),
               ("ResumeRollout", fpb.RolloutActionRequest(rollout_id="rollout-1")),
               ("AbortRollout", fpb.RolloutActionRequest(rollout_id="rollout-1"))],
 }
 STUBS = {"executor": executor_pb2_grpc.ExecutorServiceStub, "planner": planner_pb2_grpc.PlannerServiceStub,
-         "fleet": fleet_pb2_grpc.FleetServiceStub}
+         "planner-control": planner_pb2_grpc.PlannerServiceStub, "fleet": fleet_pb2_grpc.FleetServiceStub}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,7 @@ def secured(tmp_path_factory, engine):
     make_dev_certs(certs)
     args = argparse.Namespace(security=certs)
     planner, _ = serve_planner("127.0.0.1:0", settings=PlannerSettings(profile_devices=False),
-                               security=security.server_from_args(args, "planner"))
+                               security=security.server_from_args(args, "planner"), control_address="127.0.0.1:0")
     planner_address = f"127.0.0.1:{planner.port}"
     executor = serve_executor(engine, "127.0.0.1:0", security=security.server_from_args(args, "executor"))
     link = PlannerLink(engine, planner_address, f"127.0.0.1:{executor.port}",
@@ -53,7 +55,7 @@ def secured(tmp_path_factory, engine):
     fleet = serve_fleet([planner_address], "127.0.0.1:0", security=security.server_from_args(args, "fleet"),
                         planner_security=security.client_from_args(args, "control", cert="fleet"))
     addresses = {"executor": f"127.0.0.1:{executor.port}", "planner": planner_address,
-                 "fleet": f"127.0.0.1:{fleet.port}"}
+                 "planner-control": f"127.0.0.1:{planner.control_port}", "fleet": f"127.0.0.1:{fleet.port}"}
     try:
         wait_until(link.connected.is_set, timeout=30, what="the executor's mutual-TLS stream to its planner")
         yield certs, addresses
@@ -108,7 +110,7 @@ def test_each_role_reaches_what_it_is_for(secured):
         assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-@pytest.mark.parametrize("service", ["executor", "planner", "fleet"])
+@pytest.mark.parametrize("service", ["executor", "planner", "planner-control", "fleet"])
 def test_plaintext_to_a_tls_server_fails_clearly_and_health_needs_no_token(secured, service):
     certs, addresses = secured
     with grpc.insecure_channel(addresses[service]) as ch:

@@ -25,7 +25,7 @@ NODES = 300
 
 @pytest.fixture(scope="module")
 def fleet():
-    server, registry = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))
+    server, registry = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False), control_address="127.0.0.1:0")
     address = f"127.0.0.1:{server.port}"
     labels = [{"class": "phone", "region": "eu"}, {"class": "phone", "region": "us"}, {"class": "tablet", "region": "eu"}]
     sim = SimulatedFleet(SimSettings(address, count=NODES, labels=labels, telemetry_interval_s=1.0)).start()
@@ -33,7 +33,8 @@ def fleet():
     try:
         sim.wait_connected(timeout=60)
         sim.wait_acked(1, timeout=60)
-        yield sim, planner_pb2_grpc.PlannerServiceStub(channel), channel, registry
+        with transport.channel(f"127.0.0.1:{server.control_port}") as control:
+            yield sim, planner_pb2_grpc.PlannerServiceStub(channel), channel, registry, control
     finally:
         channel.close()
         sim.stop()
@@ -52,7 +53,7 @@ def every_page(stub, **request):
 
 
 def test_hundreds_of_executors_hold_streams_without_a_thread_each(fleet):
-    sim, stub, _, _ = fleet
+    sim, stub, _, _, _ = fleet
     import threading
 
     assert sim.stats()["connected"] == NODES
@@ -60,7 +61,7 @@ def test_hundreds_of_executors_hold_streams_without_a_thread_each(fleet):
 
 
 def test_status_pages_in_node_id_order_and_summarises_every_match(fleet):
-    _, stub, _, _ = fleet
+    _, stub, _, _, _ = fleet
     statuses, summary = every_page(stub, page_size=64, view=ppb.STATUS_VIEW_BRIEF)
     ids = [s.node_id for s in statuses]
     assert ids == sorted(ids) and len(ids) == len(set(ids)) == NODES
@@ -71,7 +72,7 @@ def test_status_pages_in_node_id_order_and_summarises_every_match(fleet):
 
 
 def test_a_selector_filters_status_by_labels(fleet):
-    _, stub, _, _ = fleet
+    _, stub, _, _, _ = fleet
     phones_eu, summary = every_page(stub, selector="class=phone,region=eu", page_size=500)
     assert len(phones_eu) == summary.total == NODES // 3
     assert all(s.labels["class"] == "phone" and s.labels["region"] == "eu" for s in phones_eu)
@@ -86,14 +87,14 @@ def test_a_selector_filters_status_by_labels(fleet):
     ({"page_size": 5001}, "page_size"),
 ])
 def test_a_malformed_status_request_names_its_field(fleet, request_fields, field):
-    _, stub, _, _ = fleet
+    _, stub, _, _, _ = fleet
     with pytest.raises(grpc.RpcError) as error:
         stub.GetPlanStatus(ppb.PlanStatusRequest(**request_fields), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
 
 
 def test_a_budget_policy_reaches_only_the_selected_class_as_a_plan_that_carries_it(fleet):
-    sim, stub, _, _ = fleet
+    sim, stub, _, _, _ = fleet
     memory = sim.settings.memory_model
     budget = memory.plan_bytes([1] * memory.layout.num_layers) + 1
     pushed = stub.PushPlan(ppb.PushPlanRequest(selector="class=tablet", budget_bytes=budget,
@@ -111,7 +112,7 @@ def test_a_budget_policy_reaches_only_the_selected_class_as_a_plan_that_carries_
 
 
 def test_a_budget_below_what_an_executor_accepts_is_nacked_by_it_and_its_budget_stays(fleet):
-    sim, stub, _, _ = fleet
+    sim, stub, _, _, _ = fleet
     node = sim.node_ids()[1]
     before = stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=[node]), timeout=10).executors[0]
     pushed = stub.PushPlan(ppb.PushPlanRequest(node_ids=[node], budget_bytes=1024), timeout=10).executors[0]
@@ -122,7 +123,7 @@ def test_a_budget_below_what_an_executor_accepts_is_nacked_by_it_and_its_budget_
 
 
 def test_health_and_status_answer_quickly_while_the_whole_fleet_is_replanned(fleet):
-    sim, stub, channel, _ = fleet
+    sim, stub, channel, _, _ = fleet
     health = health_pb2_grpc.HealthStub(channel)
     before = {r.node_id: r.acked_version for r in sim.records()}
     push = stub.PushPlan.future(ppb.PushPlanRequest(view=ppb.STATUS_VIEW_BRIEF), timeout=60)
@@ -134,6 +135,26 @@ def test_health_and_status_answer_quickly_while_the_whole_fleet_is_replanned(fle
     assert len(push.result().executors) == NODES
     sim.wait_acked(lambda r: r.acked_version > before[r.node_id], timeout=60)
     assert slowest < 1.0  # a loose bound on a shared machine; the benchmark measures the real figure
+
+
+def test_the_control_port_answers_status_and_pushes_on_threads_and_leaves_connect_to_the_executor_port(fleet):
+    sim, stub, _, _, control = fleet
+    on_threads = planner_pb2_grpc.PlannerServiceStub(control)
+    _, summary = every_page(on_threads, page_size=100, view=ppb.STATUS_VIEW_BRIEF)
+    assert summary.total == summary.connected == NODES
+    target = sorted(r.node_id for r in sim.records())[:3]
+    before = {r.node_id: r.acked_version for r in sim.records()}
+    pushed = on_threads.PushPlan(ppb.PushPlanRequest(node_ids=target, view=ppb.STATUS_VIEW_BRIEF), timeout=30)
+    assert [s.node_id for s in pushed.executors] == target
+    sim.wait_acked(lambda r: r.node_id not in target or r.acked_version > before[r.node_id], timeout=30)
+    assert health_pb2_grpc.HealthStub(control).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+        health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as refused:
+        next(iter(on_threads.Connect(iter([ppb.ExecutorMessage()]), timeout=5)))
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED and "executor address" in refused.value.details()
+    with pytest.raises(grpc.RpcError) as bad:
+        on_threads.GetPlanStatus(ppb.PlanStatusRequest(page_size=100_000), timeout=5)
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "page_size" in bad.value.details()
 
 
 def test_an_outbox_keeps_only_the_newest_unsent_plan_and_bounds_other_messages():

@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from swapmoe.rpc.security import ServerSecurity
-from swapmoe.rpc.status import status_for
+from swapmoe.rpc.status import describe
 from swapmoe.rpc.transport import SERVER_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -127,14 +127,7 @@ class AioErrorInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _abort(context, error: Exception, method: str):
-    code = status_for(error)
-    if code is grpc.StatusCode.INTERNAL:
-        log.error("%s failed", method, exc_info=error)
-    if isinstance(error, grpc.RpcError) and hasattr(error, "details"):
-        message = f"upstream call failed: {error.code().name}: {error.details()}"
-    else:
-        message = str(error) or type(error).__name__
-    await context.abort(code, message)
+    await context.abort(*describe(error, method))
 
 
 def _aborted(error: Exception) -> bool:

@@ -163,9 +163,15 @@ def authorize(table: TokenTable, method: str, metadata) -> str:
     return name
 
 
-def _rejection(error: Exception) -> tuple[grpc.StatusCode, str]:
-    code = grpc.StatusCode.UNAUTHENTICATED if isinstance(error, Unauthenticated) else grpc.StatusCode.PERMISSION_DENIED
-    return code, str(error)
+def _rejection(table: TokenTable, details) -> tuple[grpc.StatusCode, str] | None:
+    """The status a call is refused with, or None when its token allows its method."""
+    try:
+        authorize(table, details.method, details.invocation_metadata)
+    except Unauthenticated as error:
+        return grpc.StatusCode.UNAUTHENTICATED, str(error)
+    except Forbidden as error:
+        return grpc.StatusCode.PERMISSION_DENIED, str(error)
+    return None
 
 
 def _replace_behavior(handler, behavior):
@@ -182,18 +188,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        try:
-            authorize(self.table, handler_call_details.method, handler_call_details.invocation_metadata)
-        except (Unauthenticated, Forbidden) as error:
-            code, message = _rejection(error)
+        rejection = handler and _rejection(self.table, handler_call_details)
+        if not rejection:
+            return handler
 
-            def reject(request, context):
-                context.abort(code, message)
+        def reject(request, context):
+            context.abort(*rejection)
 
-            return _replace_behavior(handler, reject)
-        return handler
+        return _replace_behavior(handler, reject)
 
 
 class AioAuthInterceptor(grpc.aio.ServerInterceptor):
@@ -205,18 +207,14 @@ class AioAuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        try:
-            authorize(self.table, handler_call_details.method, handler_call_details.invocation_metadata)
-        except (Unauthenticated, Forbidden) as error:
-            code, message = _rejection(error)
+        rejection = handler and _rejection(self.table, handler_call_details)
+        if not rejection:
+            return handler
 
-            async def reject(request, context):
-                await context.abort(code, message)
+        async def reject(request, context):
+            await context.abort(*rejection)
 
-            return _replace_behavior(handler, reject)
-        return handler
+        return _replace_behavior(handler, reject)
 
 
 class _CallDetails(NamedTuple):

@@ -27,7 +27,18 @@ _STATUS = (
 )
 
 
+class Abort(Exception):
+    """Ends a call with exactly this status, for outcomes the error types above do not name
+    (a deadline the server enforces, an executor's relayed failure)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
 def status_for(error: Exception) -> grpc.StatusCode:
+    if isinstance(error, Abort):
+        return error.code
     if isinstance(error, grpc.RpcError) and hasattr(error, "code"):
         return error.code()  # an upstream call failed: pass its status on
     for kind, code in _STATUS:
@@ -53,15 +64,19 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
 
 
-def _abort(context: grpc.ServicerContext, error: Exception, method: str):
+def describe(error: Exception, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status and message a handler's exception ends its call with; INTERNAL ones are logged
+    with their traceback (the caller sees only the message)."""
     code = status_for(error)
     if code is grpc.StatusCode.INTERNAL:
-        log.exception("%s failed", method)
+        log.error("%s failed", method, exc_info=error)
     if isinstance(error, grpc.RpcError) and hasattr(error, "details"):
-        message = f"upstream call failed: {error.code().name}: {error.details()}"
-    else:
-        message = str(error) or type(error).__name__
-    context.abort(code, message)
+        return code, f"upstream call failed: {error.code().name}: {error.details()}"
+    return code, str(error) or type(error).__name__
+
+
+def _abort(context: grpc.ServicerContext, error: Exception, method: str):
+    context.abort(*describe(error, method))
 
 
 def _guard_unary(fn: Callable, method: str) -> Callable:
