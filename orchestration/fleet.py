@@ -64,9 +64,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             self._forget_old()
         if self.store is not None:
             self.store.save(rollout_id, lambda: self._snapshot(rollout))
-        self._drive(rollout)
         with self._lock:
-            return _summary(rollout)
+            started = _summary(rollout)  # as started: the driver's first wave may answer at once
+        self._drive(rollout)
+        return started
 
     def GetRollout(self, request, context):
         size = check_page_size("page_size", request.page_size, DEFAULT_ROLLOUT_PAGE)

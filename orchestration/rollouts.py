@@ -336,8 +336,10 @@ def rollback_pushes(rollout: Rollout) -> list[tuple[str, ppb.PushPlanRequest]]:
 
 
 def rolled_back(rollout: Rollout, node_ids: list[str]) -> None:
-    """A rollback push went through: the nodes that had acknowledged are rolled back."""
+    """A rollback push went through: the nodes that had acknowledged the rollout's plan, or had
+    not answered it yet when the rollout halted, are rolled back (a late answer to the
+    superseded plan changes nothing)."""
     for node_id in node_ids:
         target = rollout.targets[node_id]
-        if target.state == ACKED:
+        if target.state in (ACKED, PENDING):
             target.state = ROLLED_BACK
