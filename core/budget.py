@@ -1,10 +1,12 @@
 """The budget arithmetic: how many bytes a plan needs, and which plans fit a budget.
 
 An executor accounts for its model's dense weights, a ``Reserve`` that does not depend on the
-plan (staging buffers for expert loads, the KV cache and activations of its longest context),
-and the slots its plan keeps per layer. ``MemoryModel`` is that sum (the paper's E_memory,
-section 3.3): the executor checks plans and budgets with it, and the planner searches with
-the same one, built from what the executor reports at registration.
+plan (staging buffers for expert loads, the KV cache and activations of its longest context,
+and those of a full batch's other sequences), and the slots its plan keeps per layer.
+``MemoryModel`` is that sum (the paper's E_memory, section 3.3): the executor checks plans and
+budgets with it, and the planner searches with the same one, built from what the executor
+reports at registration. Plans the planner makes and even splits leave room for a full batch;
+a plan is accepted when it fits with one sequence, and the batch takes what it leaves.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ class Reserve:
     staging_bytes: int = 0  # buffers that expert loads pass through
     kv_cache_bytes: int = 0  # keys and values for the longest context
     activation_bytes: int = 0  # workspace of one forward pass over the longest context
+    batch_bytes: int = 0  # KV cache and logits of a full batch's other sequences
 
     @property
     def total_bytes(self) -> int:
-        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes
+        """Everything a plan leaves room for: a full batch."""
+        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes + self.batch_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +54,15 @@ class MemoryModel:
         return self.fixed_bytes + self.layout.expert_bytes(experts_per_layer)
 
     @property
-    def min_budget_bytes(self) -> int:
-        """One expert per layer: a layer with none cannot route."""
+    def smallest_plan_bytes(self) -> int:
+        """One expert per layer beside a full batch: the least budget plans are searched for."""
         return self.plan_bytes([1] * self.layout.num_layers)
+
+    @property
+    def min_budget_bytes(self) -> int:
+        """One expert per layer (a layer with none cannot route) and one sequence: below a plan's
+        full batch, the executor runs fewer sequences at once."""
+        return self.smallest_plan_bytes - self.reserve.batch_bytes
 
     def check_budget(self, budget: int) -> None:
         """Raise InvalidField naming ``budget_bytes`` when ``budget`` cannot hold any plan, or is more
@@ -69,22 +79,25 @@ class MemoryModel:
             )
 
     def over_budget(self, experts_per_layer: Sequence[int], budget: int) -> str:
-        """Why a plan does not fit ``budget``, or "" when it does."""
-        need = self.plan_bytes(experts_per_layer)
+        """Why a plan does not fit ``budget`` with one sequence, or "" when it does (the batch then
+        runs as many sequences as the rest of the budget holds)."""
+        need = self.plan_bytes(experts_per_layer) - self.reserve.batch_bytes
         if need <= budget:
             return ""
         return (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
                 f"{format_size(budget)} ({budget} bytes)")
 
-    def fit(self, budget: int) -> tuple[int, ...]:
-        """The most experts per layer that ``budget`` holds, spread evenly."""
-        return even_split(self.layout, budget - self.fixed_bytes)
+    def fit(self, budget: int, one_sequence: bool = False) -> tuple[int, ...]:
+        """The most experts per layer that ``budget`` holds beside a full batch (or one sequence),
+        spread evenly."""
+        return even_split(self.layout, budget - self.fixed_bytes + (self.reserve.batch_bytes if one_sequence else 0))
 
     def shrink(self, experts_per_layer: Sequence[int], budget: int) -> tuple[int, ...]:
-        """``experts_per_layer`` cut down, layer by layer, to what ``budget`` holds."""
+        """``experts_per_layer`` cut down, layer by layer, to what ``budget`` holds with one
+        sequence (a budget cut takes sequences out of the batch first, then experts)."""
         if not self.over_budget(experts_per_layer, budget):
             return tuple(experts_per_layer)
-        return tuple(min(a, b) for a, b in zip(self.fit(budget), experts_per_layer))
+        return tuple(min(a, b) for a, b in zip(self.fit(budget, one_sequence=True), experts_per_layer))
 
     def default_plan(self, budget: int, version: int, origin: str) -> Plan:
         """The plan to run before a better one is known: an even split of the budget."""

@@ -29,12 +29,13 @@ from swapmoe.core.memory import MemoryReport
 from swapmoe.core.plan import Plan, PlanResult, validate_plan
 from swapmoe.core.sizes import format_size
 from swapmoe.executor import memory
-from swapmoe.executor.generation import GenerationRequest, generate_ids
+from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.kv_batch import make_batch
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import ServingStats
 from swapmoe.executor.plans import PlanBook
 from swapmoe.executor.profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, Residency, profile
-from swapmoe.executor.scheduler import Scheduler
+from swapmoe.executor.scheduler import Scheduler, sequence_for
 from swapmoe.executor.telemetry import TelemetryHub
 from swapmoe.executor.text import Chunk, TextCodec, stream_chunks
 from swapmoe.executor.virtual_experts import LayerActivity, VirtualExperts
@@ -53,6 +54,9 @@ class EngineConfig:
     max_context: int = 0
     store_root: Path | None = None  # where the expert store is built; None: executor.store.default_root()
     max_queue: int = 64  # generation requests that may wait for their turn (more: RESOURCE_EXHAUSTED)
+    # Generations decoded together (continuous batching; encoder-decoder models run one at a time).
+    # The budget reserves the KV cache and logits of this many sequences.
+    max_batch: int = 8
     state_dir: Path | None = None  # where the last acknowledged plan is kept, to resume it after a restart
     max_loads_per_update: int = 1  # per layer: how far one update moves the resident set
     load_bandwidth: int = 0  # bytes/s cap on expert reads (0: none), to leave the device's storage to others
@@ -74,16 +78,23 @@ class Engine:
             self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
             dtype_bytes = next(self.model.parameters()).element_size()
             self.device_info = _device_info(config.device)
+            batch = make_batch(self.model, config.max_batch)
+            kv = memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes)
+            activations = lambda rows: memory.activation_bytes(self.model.config, self.max_context,  # noqa: E731
+                                                               dtype_bytes, rows)
+            # Each sequence past the first: its KV cache and a row of logits. Plans leave room for a
+            # full batch; one that fits with one sequence is accepted, and the batch takes the rest.
+            self.sequence_bytes = kv + activations(2) - activations(1)
             self.memory_model = MemoryModel(self.layout, Reserve(
-                staging_bytes=self.runtime.staging_bytes,
-                kv_cache_bytes=memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes),
-                activation_bytes=memory.activation_bytes(self.model.config, self.max_context, dtype_bytes),
+                self.runtime.staging_bytes, kv, activations(1), (batch.capacity - 1) * self.sequence_bytes,
             ), self.device_info.memory_bytes)
             self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
             note = self.plans.resume()
             self.stats = ServingStats()
             self.scheduler = Scheduler(config.max_queue)
+            self.scheduler.attach(batch, self._between_steps, self.runtime.begin_input, self.text.eos)
             self._apply_residency(self.plan)
+            self.scheduler.resize(self.batch_rows(self.budget_bytes, self.plan))
             self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
                            plan_version=self.plan.version)
         except BaseException:
@@ -116,14 +127,19 @@ class Engine:
     def min_budget_bytes(self) -> int:
         return self.memory_model.min_budget_bytes
 
+    def batch_rows(self, budget: int, plan: Plan) -> int:
+        """Sequences ``budget`` holds beside ``plan`` (at least one: plans are checked for one)."""
+        one = self.memory_model.plan_bytes(plan.experts_per_layer) - self.memory_model.reserve.batch_bytes
+        return max(1, min(self.scheduler.capacity, 1 + (budget - one) // self.sequence_bytes))
+
     def memory(self) -> MemoryReport:
-        reserve = self.memory_model.reserve
+        reserve, rows = self.memory_model.reserve, self.scheduler.limit
         return MemoryReport(
             budget_bytes=self.budget_bytes,
             dense_bytes=self.layout.dense_bytes,
             expert_bytes=self.runtime.slot_bytes() + reserve.staging_bytes,
-            kv_cache_bytes=reserve.kv_cache_bytes,
-            activation_bytes=reserve.activation_bytes,
+            kv_cache_bytes=reserve.kv_cache_bytes * rows,
+            activation_bytes=reserve.activation_bytes + (rows - 1) * (self.sequence_bytes - reserve.kv_cache_bytes),
             process_rss_bytes=memory.process_rss(),
             process_peak_rss_bytes=memory.process_peak_rss(),
         )
@@ -138,12 +154,15 @@ class Engine:
             reason = self.plans.review(plan)
             if not reason:
                 budget = plan.budget_bytes or previous
+                rows = self.batch_rows(budget, plan)
+                self.scheduler.resize(min(self.scheduler.limit, rows))  # rows leave before slots grow
                 if budget > previous:  # a budget grows before the slots do, and shrinks after them:
                     self.plans.set_budget(budget, None)  # accounted bytes never exceed it
                 self._apply_residency(plan)
                 self.plans.accept(plan)
                 if budget < previous:
                     self.plans.set_budget(budget, None)
+                self.scheduler.resize(rows)
         if not reason and self.budget_bytes != previous:
             self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
                            f"budget {format_size(previous)} -> {format_size(self.budget_bytes)}: with plan {plan.version}",
@@ -156,14 +175,18 @@ class Engine:
         return PlanResult(plan.version, True, "", self.achieved, self.memory(), time.perf_counter_ns() - start)
 
     def set_budget(self, budget: int, reason: str = "") -> int:
-        """Apply a new budget at once, shrinking the plan if it no longer fits; returns the old budget."""
+        """Apply a new budget at once, taking rows out of the batch, then shrinking the plan, as far
+        as it no longer fits (and the other way round when it grows); returns the old budget."""
         self.memory_model.check_budget(budget)
         with self.scheduler.between_passes():
             previous = self.budget_bytes
             shrunk = self.plans.shrunk_for(budget)
-            if shrunk is not None:  # slots shrink before the budget does: accounted bytes never exceed it
+            rows = self.batch_rows(budget, shrunk or self.plan)
+            self.scheduler.resize(min(self.scheduler.limit, rows))  # rows, then slots, shrink before the budget
+            if shrunk is not None:  # does: accounted bytes never exceed it
                 self._apply_residency(shrunk)
             self.plans.set_budget(budget, shrunk)
+            self.scheduler.resize(rows)
         self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
                        f"budget {format_size(previous)} -> {format_size(budget)}" + (f": {reason}" if reason else ""),
                        previous_budget_bytes=previous, budget_bytes=budget)
@@ -243,21 +266,13 @@ class Engine:
         if vocab and max(request.prompt_ids) >= vocab:
             raise InvalidField("prompt.token_ids", f"token id {max(request.prompt_ids)} is outside the vocabulary (size {vocab})")
         enqueued = time.perf_counter_ns()
-        with self.scheduler.turn(cancelled):
-            start = time.perf_counter_ns()
-            room = self.max_context - len(request.prompt_ids)
-            finish = "length" if request.max_new_tokens <= room else "context_full"
-            tokens = generate_ids(self.model, request.prompt_ids, min(request.max_new_tokens, room),
-                                  request.sampling, between_steps=self._between_steps)
-            self.runtime.begin_input()
-            yield from stream_chunks(self._steps(tokens), self.text, request, finish, self.stats, cancelled,
-                                     enqueued, start)
-
-    def _steps(self, tokens: Iterator[int]) -> Iterator[tuple[int, int]]:
-        """(token, when computed) pairs run ahead on the forward thread. Closing this stops that
-        thread first, then frees the generation's KV cache."""
-        with contextlib.closing(tokens):
-            yield from self.scheduler.run_ahead(tokens, self.text.eos)
+        room = self.max_context - len(request.prompt_ids)
+        finish = "length" if request.max_new_tokens <= room else "context_full"
+        sequence = sequence_for(request, min(request.max_new_tokens, room))
+        steps = self.scheduler.generate(sequence, cancelled)
+        first = next(steps)  # waits for a row (raising Busy or Cancelled), then the prefill's token
+        yield from stream_chunks(_prepend(first, steps), self.text, request, finish, self.stats, cancelled,
+                                 enqueued, sequence.joined_ns)
 
     def _between_steps(self) -> None:
         """Between forward passes (step lock held): see ``VirtualExperts.between_passes``."""
@@ -272,6 +287,13 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _prepend(first, rest: Iterator) -> Iterator:
+    """``first``, then ``rest``; closing this closes ``rest``."""
+    with contextlib.closing(rest):
+        yield first
+        yield from rest
 
 
 def _device_info(device: str) -> DeviceInfo:

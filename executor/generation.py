@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+from transformers import DynamicCache
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.limits import MAX_TEMPERATURE, MIN_TEMPERATURE, check_range
@@ -86,7 +87,7 @@ def generate_ids(
         generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
     device = next(model.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], device=device)
-    step = _seq2seq_step(model, prompt) if model.config.is_encoder_decoder else _causal_step(model, prompt)
+    step = seq2seq_step(model, prompt) if model.config.is_encoder_decoder else causal_step(model, prompt)
     logits = step(None)
     for n in range(max_new_tokens):
         token = choose_token(logits, sampling, generator)
@@ -97,21 +98,18 @@ def generate_ids(
         logits = step(token)
 
 
-def _causal_step(model, prompt: torch.Tensor):
+def causal_step(model, prompt: torch.Tensor):
     """Decoder-only models: prefill the prompt, then feed one token at a time."""
-    past = None
+    cache = DynamicCache(config=model.config)
 
     def step(token: int | None) -> torch.Tensor:
-        nonlocal past
-        ids = prompt if token is None else torch.tensor([[token]], device=prompt.device)
-        out = model(input_ids=ids, past_key_values=past, use_cache=True, logits_to_keep=1)
-        past = out.past_key_values
-        return out.logits[0, -1]
+        ids = prompt if token is None else prompt.new_tensor([[token]])
+        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
 
     return step
 
 
-def _seq2seq_step(model, prompt: torch.Tensor):
+def seq2seq_step(model, prompt: torch.Tensor):
     """Encoder-decoder models: encode once, then decode from the start token."""
     encoded = model.get_encoder()(input_ids=prompt)
     past = None

@@ -45,9 +45,11 @@ def kv_cache_bytes(config, max_context: int, dtype_bytes: int) -> int:
     return 2 * layers * heads * head_dim * max_context * dtype_bytes
 
 
-def activation_bytes(config, max_context: int, dtype_bytes: int) -> int:
+def activation_bytes(config, max_context: int, dtype_bytes: int, batch: int = 1) -> int:
     """Workspace of one forward pass over ``max_context`` tokens: hidden states, the widest
-    MLP, the attention scores of one layer and one row of logits."""
+    MLP, the attention scores of one layer and one row of logits, plus a row of logits for
+    each other sequence of a ``batch`` (a decode pass of ``batch`` <= ``max_context`` tokens
+    needs no more than a prefill of ``max_context`` besides its logits)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or text.d_model
     inner = max(
@@ -58,4 +60,4 @@ def activation_bytes(config, max_context: int, dtype_bytes: int) -> int:
     )
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     per_token = 6 * hidden + 3 * inner + heads * max_context
-    return (per_token * max_context + 2 * text.vocab_size) * dtype_bytes
+    return (per_token * max_context + 2 * text.vocab_size * batch) * dtype_bytes

@@ -170,11 +170,12 @@ def progress_to_pb(progress: ProfileProgress) -> epb.ProfileProgress:
 def serve(engine: Engine, address: str = "127.0.0.1:0", max_subscribers: int = 32,
           security: ServerSecurity | None = None) -> transport.Server:
     """Start ExecutorService (plus health and reflection) for ``engine``. Streams have slots of
-    their own: every generation the queue admits (one running, ``max_queue`` waiting) and a few
+    their own: every generation the scheduler admits (a batch running, ``max_queue`` waiting) and a few
     more (so a client past the queue hears the queue's own answer), up to ``max_subscribers``
     telemetry streams and two Profile calls (one runs, one waits); unary calls keep threads
     of their own beside them. ``security``: TLS and the tokens accepted (``swapmoe.rpc.security``)."""
-    stream_limits = {"Generate": engine.config.max_queue + 1 + 4, "Subscribe": max_subscribers, "Profile": 2}
+    stream_limits = {"Generate": engine.config.max_queue + engine.scheduler.capacity + 4,
+                     "Subscribe": max_subscribers, "Profile": 2}
     return transport.start_server(
         lambda server: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(engine), server),
         [SERVICE_NAME],

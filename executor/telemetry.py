@@ -144,7 +144,7 @@ class TelemetryReporter:
         then, tokens = self._tokens
         self._tokens = (now, snap["tokens_total"])
         return tpb.ThroughputReport(tokens_per_second=(snap["tokens_total"] - tokens) / max(now - then, 1e-9),
-                                    queue_depth=self.engine.queue_depth, **snap)
+                                    queue_depth=self.engine.queue_depth, running=self.engine.running, **snap)
 
     def _swaps(self) -> tpb.SwapReport:
         total = self.engine.load_counters()

@@ -73,7 +73,8 @@ def executor_serve(args) -> None:
     from swapmoe.executor.server import serve
 
     config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context,
-                          max_queue=args.max_queue, state_dir=args.state_dir, threads=args.threads,
+                          max_queue=args.max_queue, max_batch=args.max_batch, state_dir=args.state_dir,
+                          threads=args.threads,
                           load_bandwidth=args.load_bandwidth)
     if args.node_id:
         config.node_id = args.node_id
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="stable identity of this executor (default: host name)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--max-context", type=int, default=0, help="longest prompt + completion (default: model limit, <= 2048)")
+    p.add_argument("--max-batch", type=_positive, default=8,
+                   help="generations decoded together in one forward pass (continuous batching; the budget "
+                        "reserves each one's KV cache; encoder-decoder models run one at a time) (default 8)")
     p.add_argument("--max-queue", type=_non_negative, default=64,
                    help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--threads", type=_non_negative, default=0,

@@ -8,7 +8,8 @@ first chunk, because the executor went away (UNAVAILABLE) or its queue is full
 (RESOURCE_EXHAUSTED), is retried on the next executor; once tokens flow, an error is the
 caller's (a retry would repeat them).
 
-Load is the executor's waiting requests (``throughput.queue_depth``) plus the streams this
+Load is the executor's requests, running and waiting (``throughput.running`` and
+``queue_depth``: a batch shares its passes, but each row slows the others), plus the streams this
 router itself has open there (the telemetry is up to a second old, so a burst would
 otherwise land on one executor); then an executor that produced no tokens in its last
 report (idle) before one that did. Ties are broken at random, so clients spread out.
@@ -179,7 +180,8 @@ class Router:
 
         def load(node):
             t = node.status.throughput
-            return t.queue_depth + mine.get(node.status.executor_address, 0), t.tokens_per_second > 0, self._rng.random()
+            return (t.running + t.queue_depth + mine.get(node.status.executor_address, 0), t.tokens_per_second > 0,
+                    self._rng.random())
 
         return sorted(nodes, key=load)
 

@@ -50,10 +50,10 @@ class Frontier:
 
 
 def budgets(objectives: Objectives, points: int = MAX_POINTS) -> list[int]:
-    """Budgets spread evenly over the expert bytes a plan can hold: the minimum (one expert per
-    layer) to the full model, ``points`` of them at most."""
+    """Budgets spread evenly over the expert bytes a plan can hold: the smallest plan (one expert
+    per layer, beside a full batch) to the full model, ``points`` of them at most."""
     memory = objectives.memory
-    low, high = memory.min_budget_bytes, memory.plan_bytes(objectives.num_experts)
+    low, high = memory.smallest_plan_bytes, memory.plan_bytes(objectives.num_experts)
     return sorted({int(b) for b in np.linspace(low, high, max(2, points))})
 
 

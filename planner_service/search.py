@@ -85,8 +85,9 @@ def search(objectives: Objectives, budget_bytes: int, latency_target_ns: float |
            settings: SearchSettings = SearchSettings(), seeds: Sequence[Found] = ()) -> Found:
     """The best plan for ``budget_bytes`` (and ``latency_target_ns``, when given). ``seeds``
     (plans found for nearby budgets) join the random initial population, repaired to fit."""
-    if objectives.memory.min_budget_bytes > budget_bytes:
-        raise ValueError(f"budget {budget_bytes} is below the model's minimum {objectives.memory.min_budget_bytes}")
+    if (least := objectives.memory.smallest_plan_bytes) > budget_bytes:
+        raise ValueError(f"budget {budget_bytes} is below the smallest plan's {least} (one expert per layer and a "
+                         f"full batch)")
     problem = _PlanProblem(objectives, budget_bytes, math.inf if latency_target_ns is None else latency_target_ns)
     if problem.size <= settings.enumerate_below:
         return exhaustive(objectives, budget_bytes, latency_target_ns)

@@ -31,6 +31,21 @@ def test_over_budget_says_how_much_a_plan_needs_and_is_empty_when_it_fits():
     assert MODEL.over_budget((2, 2, 2), 1500) == "plan needs 1.6 KiB (1660 bytes) but the budget is 1.5 KiB (1500 bytes)"
 
 
+BATCHED = MemoryModel(LAYOUT, Reserve(staging_bytes=10, kv_cache_bytes=20, activation_bytes=30, batch_bytes=250))
+
+
+def test_plans_leave_room_for_a_full_batch_but_one_sequence_is_the_minimum_and_enough_to_accept():
+    assert BATCHED.smallest_plan_bytes == 1060 + 250 + 300 and BATCHED.min_budget_bytes == 1060 + 300
+    BATCHED.check_budget(BATCHED.min_budget_bytes)
+    assert BATCHED.fit(BATCHED.plan_bytes((2, 2, 2))) == (2, 2, 2)  # a plan made for a budget keeps the batch's room
+    assert BATCHED.fit(BATCHED.plan_bytes((2, 2, 2)) - 250) == (1, 1, 1)
+    assert BATCHED.over_budget((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 250) == ""  # runs with one sequence
+    assert BATCHED.over_budget((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 251) != ""
+    # A budget cut keeps the plan while one sequence fits beside it, then cuts experts.
+    assert BATCHED.shrink((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 250) == (2, 2, 2)
+    assert BATCHED.shrink((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 251) == (2, 2, 1)
+
+
 def test_fit_splits_what_the_budget_leaves_after_the_fixed_bytes_evenly():
     assert MODEL.fit(MODEL.min_budget_bytes) == (1, 1, 1)
     assert MODEL.fit(MODEL.plan_bytes((4, 4, 4)) + 99) == (4, 4, 4)

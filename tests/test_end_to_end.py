@@ -133,7 +133,8 @@ def test_a_pinned_plan_survives_a_budget_change_and_a_push_without_a_plan_unpins
 
 def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
     d = executor(cluster).Describe(epb.DescribeRequest(), timeout=5)
-    budget = d.min_budget_bytes + 2 * sum(l.bytes_per_expert for l in d.layout.layers)  # three per layer
+    # Three experts per layer beside a full batch (the planner's plans leave room for one).
+    budget = d.min_budget_bytes + d.reserve.batch_bytes + 2 * sum(l.bytes_per_expert for l in d.layout.layers)
     before = node_status(cluster).desired_plan.version
     executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="test"), timeout=10)
     status = wait_until(lambda: (s := node_status(cluster)).desired_plan.version > before

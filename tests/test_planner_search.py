@@ -94,10 +94,10 @@ def test_a_small_space_is_enumerated_instead_of_searched():
     assert search(obj, budget, 10.5e6) == exhaustive(obj, budget, 10.5e6)
 
 
-def test_a_budget_below_the_models_minimum_is_refused():
+def test_a_budget_below_the_smallest_plan_is_refused():
     obj = objectives()
-    with pytest.raises(ValueError, match="below the model's minimum"):
-        search(obj, obj.memory.min_budget_bytes - 1)
+    with pytest.raises(ValueError, match=r"below the smallest plan's \d+ \(one expert per layer and a full batch\)"):
+        search(obj, obj.memory.smallest_plan_bytes - 1)
 
 
 def test_on_demand_wins_where_misses_are_cheap_and_virtual_experts_where_they_are_dear():

@@ -72,10 +72,11 @@ def _connected(router, model):
         return []
 
 
-def _queue_depths(fleet_address):
+def _loads(fleet_address):
+    """Requests running and waiting on each executor, as its telemetry last said."""
     with Router(fleet_address) as router:
         nodes, _ = list_nodes(router._fleet(), view=ppb.STATUS_VIEW_BRIEF)
-    return {n.status.node_id: n.status.throughput.queue_depth for n in nodes}
+    return {n.status.node_id: n.status.throughput.running + n.status.throughput.queue_depth for n in nodes}
 
 
 def test_candidates_are_the_connected_executors_of_the_model_with_their_labels_and_addresses(fleet):
@@ -96,14 +97,14 @@ def test_an_unknown_model_is_not_found_naming_the_models_that_are_served(fleet):
     assert f"no connected executor serves model 'no-such-model' (labels seen: model={model})" in str(error.value)
 
 
-def test_a_generation_goes_to_the_executor_with_the_shorter_queue(fleet):
+def test_a_generation_goes_to_the_executor_with_the_lighter_load(fleet):
     fleet_address, model, (a, b) = fleet
     running = a.stub.Generate(epb.GenerateRequest(text="busy", max_new_tokens=LONG), timeout=60)
     next(running)
-    queued = a.stub.Generate(epb.GenerateRequest(text="waiting", max_new_tokens=2), timeout=60)  # waits its turn
+    queued = a.stub.Generate(epb.GenerateRequest(text="waiting", max_new_tokens=LONG), timeout=60)  # joins the batch
     try:
-        # The planner learns the queue from the executor's telemetry, once a second.
-        wait_until(lambda: _queue_depths(fleet_address)["exec-a"] >= 1, 10, "exec-a's queue in its telemetry")
+        # The planner learns the load from the executor's telemetry, once a second.
+        wait_until(lambda: _loads(fleet_address)["exec-a"] >= 2, 10, "exec-a's load in its telemetry")
         with Router(fleet_address) as router:
             assert {router.pick(model).status.node_id for _ in range(5)} == {"exec-b"}
             out = io.StringIO()

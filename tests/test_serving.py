@@ -29,7 +29,8 @@ def long_context_model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(long_context_model):
-    with Engine(EngineConfig(long_context_model, budget_bytes=1 << 30, node_id="serving", max_queue=2)) as engine:
+    with Engine(EngineConfig(long_context_model, budget_bytes=1 << 30, node_id="serving", max_queue=2,
+                             max_batch=1)) as engine:  # one at a time: these tests are about the queue
         server = serve(engine)
         with transport.channel(f"127.0.0.1:{server.port}") as channel:
             yield engine, executor_pb2_grpc.ExecutorServiceStub(channel)
@@ -163,7 +164,7 @@ def test_a_restarted_executor_resumes_its_last_acknowledged_plan(tiny_model_dir,
 def test_a_saved_plan_that_no_longer_fits_is_ignored_with_a_reason(tiny_model_dir, tmp_path):
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30)) as probe:
         layers = probe.layout.num_layers
-        small = probe.memory_model.plan_bytes((2,) * layers)
+        small = probe.memory_model.plan_bytes((2,) * layers) - probe.memory_model.reserve.batch_bytes  # one sequence
     plans.save(tmp_path, Plan(9, (8,) * layers))
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=small, state_dir=tmp_path)) as engine:
         assert engine.plan.version == 0 and engine.memory().accounted_bytes <= small

@@ -125,11 +125,11 @@ def memory_from_pb(msg: pb.MemoryReport) -> MemoryReport:
 
 def reserve_to_pb(reserve: Reserve) -> pb.Reserve:
     return pb.Reserve(staging_bytes=reserve.staging_bytes, kv_cache_bytes=reserve.kv_cache_bytes,
-                      activation_bytes=reserve.activation_bytes)
+                      activation_bytes=reserve.activation_bytes, batch_bytes=reserve.batch_bytes)
 
 
 def reserve_from_pb(msg: pb.Reserve) -> Reserve:
-    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes)
+    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes, msg.batch_bytes)
 
 
 def check_profile_request(msg: epb.ProfileRequest, max_tokens: int = MAX_PROFILE_TOKENS,

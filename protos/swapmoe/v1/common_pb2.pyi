@@ -101,14 +101,16 @@ class PlanResult(_message.Message):
     def __init__(self, plan_version: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., apply_ns: _Optional[int] = ...) -> None: ...
 
 class Reserve(_message.Message):
-    __slots__ = ("staging_bytes", "kv_cache_bytes", "activation_bytes")
+    __slots__ = ("staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes")
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     staging_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
-    def __init__(self, staging_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ...) -> None: ...
+    batch_bytes: int
+    def __init__(self, staging_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., batch_bytes: _Optional[int] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
     __slots__ = ("budget_bytes", "accounted_bytes", "dense_bytes", "expert_bytes", "kv_cache_bytes", "activation_bytes", "process_rss_bytes", "process_peak_rss_bytes")

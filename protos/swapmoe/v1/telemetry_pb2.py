@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from swapmoe.v1 import common_pb2 as swapmoe_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswapmoe/v1/telemetry.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\"\xcc\x01\n\x10ThroughputReport\x12\x19\n\x11tokens_per_second\x18\x01 \x01(\x01\x12\x14\n\x0ctokens_total\x18\x02 \x01(\x04\x12\x16\n\x0erequests_total\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\"\n\x1atime_to_first_token_p50_ns\x18\x05 \x01(\x04\x12\x1a\n\x12inter_token_p50_ns\x18\x06 \x01(\x04\x12\x1a\n\x12inter_token_p99_ns\x18\x07 \x01(\x04\"X\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x63tivations\x18\x02 \x03(\x04\x12\x12\n\nimportance\x18\x03 \x03(\x01\x12\x10\n\x08resident\x18\x04 \x03(\r\"8\n\x0c\x45xpertReport\x12(\n\x06layers\x18\x01 \x03(\x0b\x32\x18.swapmoe.v1.LayerExperts\"w\n\nSwapReport\x12\x16\n\x0e\x65xperts_loaded\x18\x01 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x02 \x01(\x04\x12\x0f\n\x07load_ns\x18\x03 \x01(\x04\x12\x1c\n\x14\x65xperts_loaded_total\x18\x04 \x01(\x04\x12\x0c\n\x04tier\x18\x05 \x01(\t\"P\n\nPlanReport\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x02 \x03(\r\"\xb5\x02\n\x05\x45vent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.swapmoe.v1.Event.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15previous_budget_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cplan_version\x18\x05 \x01(\x04\"\xa9\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_STARTED\x10\x01\x12\x17\n\x13KIND_BUDGET_CHANGED\x10\x02\x12\x15\n\x11KIND_PLAN_APPLIED\x10\x03\x12\x16\n\x12KIND_PLAN_REJECTED\x10\x04\x12\x19\n\x15KIND_REQUEST_FINISHED\x10\x05\x12\x16\n\x12KIND_SHUTTING_DOWN\x10\x06\"\xe7\x02\n\x0eTelemetryEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ns\x18\x03 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x12*\n\x06memory\x18\n \x01(\x0b\x32\x18.swapmoe.v1.MemoryReportH\x00\x12\x32\n\nthroughput\x18\x0b \x01(\x0b\x32\x1c.swapmoe.v1.ThroughputReportH\x00\x12+\n\x07\x65xperts\x18\x0c \x01(\x0b\x32\x18.swapmoe.v1.ExpertReportH\x00\x12\'\n\x05swaps\x18\r \x01(\x0b\x32\x16.swapmoe.v1.SwapReportH\x00\x12&\n\x04plan\x18\x0e \x01(\x0b\x32\x16.swapmoe.v1.PlanReportH\x00\x12\"\n\x05\x65vent\x18\x0f \x01(\x0b\x32\x11.swapmoe.v1.EventH\x00\x42\t\n\x07payload*\x8c\x01\n\x05Topic\x12\x15\n\x11TOPIC_UNSPECIFIED\x10\x00\x12\x10\n\x0cTOPIC_MEMORY\x10\x01\x12\x14\n\x10TOPIC_THROUGHPUT\x10\x02\x12\x11\n\rTOPIC_EXPERTS\x10\x03\x12\x0f\n\x0bTOPIC_SWAPS\x10\x04\x12\x0e\n\nTOPIC_PLAN\x10\x05\x12\x10\n\x0cTOPIC_EVENTS\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aswapmoe/v1/telemetry.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\"\xdd\x01\n\x10ThroughputReport\x12\x19\n\x11tokens_per_second\x18\x01 \x01(\x01\x12\x14\n\x0ctokens_total\x18\x02 \x01(\x04\x12\x16\n\x0erequests_total\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\r\x12\"\n\x1atime_to_first_token_p50_ns\x18\x05 \x01(\x04\x12\x1a\n\x12inter_token_p50_ns\x18\x06 \x01(\x04\x12\x1a\n\x12inter_token_p99_ns\x18\x07 \x01(\x04\x12\x0f\n\x07running\x18\x08 \x01(\r\"X\n\x0cLayerExperts\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x13\n\x0b\x61\x63tivations\x18\x02 \x03(\x04\x12\x12\n\nimportance\x18\x03 \x03(\x01\x12\x10\n\x08resident\x18\x04 \x03(\r\"8\n\x0c\x45xpertReport\x12(\n\x06layers\x18\x01 \x03(\x0b\x32\x18.swapmoe.v1.LayerExperts\"w\n\nSwapReport\x12\x16\n\x0e\x65xperts_loaded\x18\x01 \x01(\x04\x12\x14\n\x0c\x62ytes_loaded\x18\x02 \x01(\x04\x12\x0f\n\x07load_ns\x18\x03 \x01(\x04\x12\x1c\n\x14\x65xperts_loaded_total\x18\x04 \x01(\x04\x12\x0c\n\x04tier\x18\x05 \x01(\t\"P\n\nPlanReport\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x02 \x03(\r\"\xb5\x02\n\x05\x45vent\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.swapmoe.v1.Event.Kind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15previous_budget_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cplan_version\x18\x05 \x01(\x04\"\xa9\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_STARTED\x10\x01\x12\x17\n\x13KIND_BUDGET_CHANGED\x10\x02\x12\x15\n\x11KIND_PLAN_APPLIED\x10\x03\x12\x16\n\x12KIND_PLAN_REJECTED\x10\x04\x12\x19\n\x15KIND_REQUEST_FINISHED\x10\x05\x12\x16\n\x12KIND_SHUTTING_DOWN\x10\x06\"\xe7\x02\n\x0eTelemetryEvent\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ns\x18\x03 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x04 \x01(\x04\x12*\n\x06memory\x18\n \x01(\x0b\x32\x18.swapmoe.v1.MemoryReportH\x00\x12\x32\n\nthroughput\x18\x0b \x01(\x0b\x32\x1c.swapmoe.v1.ThroughputReportH\x00\x12+\n\x07\x65xperts\x18\x0c \x01(\x0b\x32\x18.swapmoe.v1.ExpertReportH\x00\x12\'\n\x05swaps\x18\r \x01(\x0b\x32\x16.swapmoe.v1.SwapReportH\x00\x12&\n\x04plan\x18\x0e \x01(\x0b\x32\x16.swapmoe.v1.PlanReportH\x00\x12\"\n\x05\x65vent\x18\x0f \x01(\x0b\x32\x11.swapmoe.v1.EventH\x00\x42\t\n\x07payload*\x8c\x01\n\x05Topic\x12\x15\n\x11TOPIC_UNSPECIFIED\x10\x00\x12\x10\n\x0cTOPIC_MEMORY\x10\x01\x12\x14\n\x10TOPIC_THROUGHPUT\x10\x02\x12\x11\n\rTOPIC_EXPERTS\x10\x03\x12\x0f\n\x0bTOPIC_SWAPS\x10\x04\x12\x0e\n\nTOPIC_PLAN\x10\x05\x12\x10\n\x0cTOPIC_EVENTS\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swapmoe.v1.telemetry_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOPIC']._serialized_start=1300
-  _globals['_TOPIC']._serialized_end=1440
+  _globals['_TOPIC']._serialized_start=1317
+  _globals['_TOPIC']._serialized_end=1457
   _globals['_THROUGHPUTREPORT']._serialized_start=68
-  _globals['_THROUGHPUTREPORT']._serialized_end=272
-  _globals['_LAYEREXPERTS']._serialized_start=274
-  _globals['_LAYEREXPERTS']._serialized_end=362
-  _globals['_EXPERTREPORT']._serialized_start=364
-  _globals['_EXPERTREPORT']._serialized_end=420
-  _globals['_SWAPREPORT']._serialized_start=422
-  _globals['_SWAPREPORT']._serialized_end=541
-  _globals['_PLANREPORT']._serialized_start=543
-  _globals['_PLANREPORT']._serialized_end=623
-  _globals['_EVENT']._serialized_start=626
-  _globals['_EVENT']._serialized_end=935
-  _globals['_EVENT_KIND']._serialized_start=766
-  _globals['_EVENT_KIND']._serialized_end=935
-  _globals['_TELEMETRYEVENT']._serialized_start=938
-  _globals['_TELEMETRYEVENT']._serialized_end=1297
+  _globals['_THROUGHPUTREPORT']._serialized_end=289
+  _globals['_LAYEREXPERTS']._serialized_start=291
+  _globals['_LAYEREXPERTS']._serialized_end=379
+  _globals['_EXPERTREPORT']._serialized_start=381
+  _globals['_EXPERTREPORT']._serialized_end=437
+  _globals['_SWAPREPORT']._serialized_start=439
+  _globals['_SWAPREPORT']._serialized_end=558
+  _globals['_PLANREPORT']._serialized_start=560
+  _globals['_PLANREPORT']._serialized_end=640
+  _globals['_EVENT']._serialized_start=643
+  _globals['_EVENT']._serialized_end=952
+  _globals['_EVENT_KIND']._serialized_start=783
+  _globals['_EVENT_KIND']._serialized_end=952
+  _globals['_TELEMETRYEVENT']._serialized_start=955
+  _globals['_TELEMETRYEVENT']._serialized_end=1314
 # @@protoc_insertion_point(module_scope)

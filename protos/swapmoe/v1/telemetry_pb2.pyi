@@ -26,7 +26,7 @@ TOPIC_PLAN: Topic
 TOPIC_EVENTS: Topic
 
 class ThroughputReport(_message.Message):
-    __slots__ = ("tokens_per_second", "tokens_total", "requests_total", "queue_depth", "time_to_first_token_p50_ns", "inter_token_p50_ns", "inter_token_p99_ns")
+    __slots__ = ("tokens_per_second", "tokens_total", "requests_total", "queue_depth", "time_to_first_token_p50_ns", "inter_token_p50_ns", "inter_token_p99_ns", "running")
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class ThroughputReport(_message.Message):
     TIME_TO_FIRST_TOKEN_P50_NS_FIELD_NUMBER: _ClassVar[int]
     INTER_TOKEN_P50_NS_FIELD_NUMBER: _ClassVar[int]
     INTER_TOKEN_P99_NS_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
     tokens_per_second: float
     tokens_total: int
     requests_total: int
@@ -41,7 +42,8 @@ class ThroughputReport(_message.Message):
     time_to_first_token_p50_ns: int
     inter_token_p50_ns: int
     inter_token_p99_ns: int
-    def __init__(self, tokens_per_second: _Optional[float] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., queue_depth: _Optional[int] = ..., time_to_first_token_p50_ns: _Optional[int] = ..., inter_token_p50_ns: _Optional[int] = ..., inter_token_p99_ns: _Optional[int] = ...) -> None: ...
+    running: int
+    def __init__(self, tokens_per_second: _Optional[float] = ..., tokens_total: _Optional[int] = ..., requests_total: _Optional[int] = ..., queue_depth: _Optional[int] = ..., time_to_first_token_p50_ns: _Optional[int] = ..., inter_token_p50_ns: _Optional[int] = ..., inter_token_p99_ns: _Optional[int] = ..., running: _Optional[int] = ...) -> None: ...
 
 class LayerExperts(_message.Message):
     __slots__ = ("layer", "activations", "importance", "resident")
