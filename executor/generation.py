@@ -68,6 +68,20 @@ def choose_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def generator_for(sampling: SamplingParams) -> torch.Generator | None:
+    """The request's own random generator for sampling (seeded as it says), None when greedy."""
+    if sampling.temperature == 0:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    return generator
+
+
+def last_logits(model, ids: torch.Tensor, cache: DynamicCache, **inputs) -> torch.Tensor:
+    """Last-position logits [B, V] for ids [B, T], appending T columns to ``cache``."""
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **inputs).logits[:, -1]
+
+
 @torch.inference_mode()
 def generate_ids(
     model,
@@ -81,10 +95,7 @@ def generate_ids(
     ``between_steps`` runs between forward passes: the engine applies plans and
     resident-set updates there, never inside one.
     """
-    generator = None
-    if sampling.temperature > 0:
-        generator = torch.Generator()
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+    generator = generator_for(sampling)
     device = next(model.parameters()).device
     prompt = torch.tensor([list(prompt_ids)], device=device)
     step = seq2seq_step(model, prompt) if model.config.is_encoder_decoder else causal_step(model, prompt)
@@ -104,7 +115,7 @@ def causal_step(model, prompt: torch.Tensor):
 
     def step(token: int | None) -> torch.Tensor:
         ids = prompt if token is None else prompt.new_tensor([[token]])
-        return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        return last_logits(model, ids, cache)[0]
 
     return step
 

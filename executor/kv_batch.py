@@ -19,12 +19,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from swapmoe.executor.generation import causal_step, seq2seq_step
-
-
-def _forward(model, ids: torch.Tensor, cache: DynamicCache, **inputs) -> torch.Tensor:
-    """Last-position logits [B, V] for ids [B, T], appending T columns to `cache`."""
-    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **inputs).logits[:, -1]
+from swapmoe.executor.generation import causal_step, last_logits, seq2seq_step
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -74,7 +69,7 @@ class CausalBatch:
         if not prompt_ids:
             raise ValueError("an empty prompt has nothing to prefill")
         cache = DynamicCache(config=self.model.config)
-        logits = _forward(self.model, torch.tensor([list(prompt_ids)], device=self.device), cache)
+        logits = last_logits(self.model, torch.tensor([list(prompt_ids)], device=self.device), cache)
         self._merge(cache, torch.ones(1, len(prompt_ids), dtype=torch.long, device=self.device))
         return logits[0]
 
@@ -97,7 +92,7 @@ class CausalBatch:
         # A row's next position is its own token count, not the padded width L.
         positions = self.mask.sum(1, keepdim=True)  # [B, 1]
         mask = F.pad(self.mask, (0, 1), value=1)  # [B, L + 1]
-        logits = _forward(self.model, ids, self.cache, attention_mask=mask, position_ids=positions)
+        logits = last_logits(self.model, ids, self.cache, attention_mask=mask, position_ids=positions)
         self.mask = mask
         return logits
 

@@ -35,7 +35,7 @@ from swapmoe.core.errors import InvalidField
 from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.core.limits import MAX_REASON_CHARS, MAX_SUBSCRIBE_INTERVAL_MS
 from swapmoe.core.plan import PlanResult
-from swapmoe.executor.admission import Cancelled
+from swapmoe.executor.scheduler import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.server import describe_pb, profile_spec_from_pb
 from swapmoe.executor.telemetry import TelemetryReporter

@@ -25,7 +25,7 @@ from torch import nn
 from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
 from swapmoe.core.layout import DeviceInfo
 from swapmoe.core.plan import Strategy
-from swapmoe.executor.admission import Cancelled
+from swapmoe.executor.scheduler import Cancelled
 from swapmoe.executor.generation import SamplingParams, generate_ids
 
 DEFAULT_TOKEN_COUNTS = (1, 4, 16, 64)

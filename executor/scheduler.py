@@ -28,8 +28,7 @@ from typing import Callable, Iterator
 import torch
 
 from swapmoe.core.errors import Busy
-from swapmoe.executor.admission import Cancelled
-from swapmoe.executor.generation import GenerationRequest, choose_token
+from swapmoe.executor.generation import GenerationRequest, choose_token, generator_for
 
 POLL_S = 0.05  # how often a waiting consumer looks at its client's ``cancelled()``
 # Prefills between two decode passes: the running streams wait for this many prompts at most.
@@ -37,6 +36,10 @@ POLL_S = 0.05  # how often a waiting consumer looks at its client's ``cancelled(
 # once gave 5.3x one stream's tokens/s and inter-token p99 226 ms; one per pass 4.6x and 63 ms;
 # four per pass 4.9x and 152 ms.
 JOINS_PER_PASS = 4
+
+
+class Cancelled(Exception):
+    """The client went away (cancelled, deadline passed) while its request waited."""
 
 
 @dataclass(eq=False)
@@ -78,11 +81,7 @@ class Sequence:
 
 def sequence_for(request: GenerationRequest, limit: int) -> Sequence:
     """A sequence with the generator its sampling needs (seeded as the request says)."""
-    generator = None
-    if request.sampling.temperature > 0:
-        generator = torch.Generator()
-        generator.manual_seed(request.sampling.seed if request.sampling.seed is not None else torch.seed())
-    return Sequence(request, limit, generator)
+    return Sequence(request, limit, generator_for(request.sampling))
 
 
 class Scheduler:

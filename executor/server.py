@@ -7,7 +7,7 @@ import time
 
 from swapmoe.core import limits
 from swapmoe.core.errors import InvalidField
-from swapmoe.executor.admission import Cancelled
+from swapmoe.executor.scheduler import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.generation import GenerationRequest, SamplingParams
 from swapmoe.executor.profiling import ProfileProgress, ProfileSpec
