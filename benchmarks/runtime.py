@@ -50,6 +50,7 @@ class Config:
     strategy: Strategy = Strategy.MASKED_GATING
     update_frequency: int = UPDATE_FREQUENCY
     original: bool = False
+    background: bool | None = None  # decide updates on the updater thread (None: the runtime's default)
 
 
 CONFIGS = (
@@ -57,6 +58,7 @@ CONFIGS = (
     Config("virtual 100%", 1.0),
     Config("virtual 75%", 0.75),
     Config("virtual 50%", 0.5),
+    Config("virtual 50%, updates on a thread", 0.5, background=True),
     Config("virtual 25%", 0.25),
     Config("pruning 50% (= updates off)", 0.5, update_frequency=0),
     Config("on-demand LRU 50%", 0.5, Strategy.ON_DEMAND, update_frequency=0),
@@ -72,7 +74,8 @@ class Subject:
         if config.original:
             self.model = load_checkpoint(checkpoint).model
             return
-        self.runtime = VirtualExperts(checkpoint, store_root=store_root, load_bandwidth=bandwidth, log=lambda _: None)
+        self.runtime = VirtualExperts(checkpoint, store_root=store_root, load_bandwidth=bandwidth, log=lambda _: None,
+                                      background_updates=config.background)
         self.runtime.resize([max(1, round(l.num_experts * config.fraction)) for l in self.runtime.layout.layers])
         self.runtime.set_strategy(config.strategy)
         self.model = self.runtime.model
@@ -176,7 +179,7 @@ def peak_memory(checkpoint: Path, config_index: int, store_root: Path, new_token
     code = ("import json;from pathlib import Path;import benchmarks.runtime as b;"
             f"s=b.Subject(b.CONFIGS[{config_index}],Path({str(checkpoint)!r}),Path({str(store_root)!r}));"
             f"b.generate_timed(s,list(range(5,37)),{new_tokens});" + report)
-    bare = "import json,torch,transformers,swapmoe.executor.virtual_experts;" + report
+    bare = f"import json;from pathlib import Path;import benchmarks.memory as m;m.import_libraries(Path({str(checkpoint)!r}));" + report
     out = {}
     for key, program in (("peak", code), ("bare", bare)):
         done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
@@ -293,7 +296,9 @@ def render(rows: list[dict], slow: list[dict], args) -> str:
         f"{UPDATE_FREQUENCY} tokens per forward pass, updates between passes. Swap MiB/s is bytes read / time "
         "spent reading. Accounted = dense + slots + staging buffers (the original: all parameters). "
         "Peak RSS is measured in a fresh process per configuration; 'above libraries' subtracts the peak of "
-        "a process that only imports torch, transformers and the runtime.",
+        "a process that only imports torch, transformers, the runtime and the model's transformers modeling "
+        "module, and warms torch up (`benchmarks.memory.import_libraries`; RESULTS-memory.md explains the "
+        "rest).",
         "",
         "## Against the goals",
         "",

@@ -2,7 +2,8 @@
 
 An executor accounts for its model's dense weights, a ``Reserve`` that does not depend on the
 plan (staging buffers for expert loads, the KV cache and activations of its longest context,
-and those of a full batch's other sequences), and the slots its plan keeps per layer.
+those of a full batch's other sequences, and what the executor allocates beyond these
+tensors), and the slots its plan keeps per layer.
 ``MemoryModel`` is that sum (the paper's E_memory, section 3.3): the executor checks plans and
 budgets with it, and the planner searches with the same one, built from what the executor
 reports at registration. Plans the planner makes and even splits leave room for a full batch;
@@ -28,12 +29,13 @@ class Reserve:
     staging_bytes: int = 0  # buffers that expert loads pass through
     kv_cache_bytes: int = 0  # keys and values for the longest context
     activation_bytes: int = 0  # workspace of one forward pass over the longest context
-    batch_bytes: int = 0  # KV cache and logits of a full batch's other sequences
+    batch_bytes: int = 0  # KV cache (with its slack) and logits of a full batch's other sequences
+    runtime_bytes: int = 0  # the executor's own allocations for one sequence (executor.memory.runtime_bytes)
 
     @property
     def total_bytes(self) -> int:
         """Everything a plan leaves room for: a full batch."""
-        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes + self.batch_bytes
+        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes + self.batch_bytes + self.runtime_bytes
 
 
 @dataclass(frozen=True, slots=True)

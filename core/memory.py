@@ -14,7 +14,8 @@ class MemoryReport:
     activation_bytes: int
     process_rss_bytes: int = 0
     process_peak_rss_bytes: int = 0
+    runtime_bytes: int = 0  # the executor's own allocations (executor.memory.runtime_bytes)
 
     @property
     def accounted_bytes(self) -> int:
-        return self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.activation_bytes
+        return self.dense_bytes + self.expert_bytes + self.kv_cache_bytes + self.activation_bytes + self.runtime_bytes

@@ -75,6 +75,8 @@ class Engine:
         try:
             self.text = TextCodec(config.model_dir, self.model)
             limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
+            if self.layout.max_positions and config.max_context > limit:
+                raise InvalidField("max_context", f"{config.max_context} is above the model's {limit} positions")
             self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
             dtype_bytes = next(self.model.parameters()).element_size()
             self.device_info = _device_info(config.device)
@@ -82,11 +84,13 @@ class Engine:
             kv = memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes)
             activations = lambda rows: memory.activation_bytes(self.model.config, self.max_context,  # noqa: E731
                                                                dtype_bytes, rows)
-            # Each sequence past the first: its KV cache and a row of logits. Plans leave room for a
-            # full batch; one that fits with one sequence is accepted, and the batch takes the rest.
-            self.sequence_bytes = kv + activations(2) - activations(1)
+            # Each sequence past the first: its KV cache with the cache's growth slack, and a row of
+            # logits. Plans leave room for a full batch; one that fits with one sequence is accepted,
+            # and the batch takes the rest.
+            self.sequence_bytes = kv + memory.kv_slack_bytes(kv) + activations(2) - activations(1)
             self.memory_model = MemoryModel(self.layout, Reserve(
                 self.runtime.staging_bytes, kv, activations(1), (batch.capacity - 1) * self.sequence_bytes,
+                memory.runtime_bytes(kv),
             ), self.device_info.memory_bytes)
             self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
             note = self.plans.resume()
@@ -134,12 +138,14 @@ class Engine:
 
     def memory(self) -> MemoryReport:
         reserve, rows = self.memory_model.reserve, self.scheduler.limit
+        kv, slack = reserve.kv_cache_bytes, memory.kv_slack_bytes(reserve.kv_cache_bytes)
         return MemoryReport(
             budget_bytes=self.budget_bytes,
             dense_bytes=self.layout.dense_bytes,
             expert_bytes=self.runtime.slot_bytes() + reserve.staging_bytes,
-            kv_cache_bytes=reserve.kv_cache_bytes * rows,
-            activation_bytes=reserve.activation_bytes + (rows - 1) * (self.sequence_bytes - reserve.kv_cache_bytes),
+            kv_cache_bytes=kv * rows,
+            activation_bytes=reserve.activation_bytes + (rows - 1) * (self.sequence_bytes - kv - slack),
+            runtime_bytes=reserve.runtime_bytes + (rows - 1) * slack,
             process_rss_bytes=memory.process_rss(),
             process_peak_rss_bytes=memory.process_peak_rss(),
         )

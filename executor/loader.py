@@ -14,6 +14,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -109,8 +110,10 @@ class Copier:
 class ExpertLoader:
     """One background thread serving a queue of loads; the caller collects finished ones."""
 
-    def __init__(self, store: ExpertStore, device: torch.device, stats: LoadStats):
+    def __init__(self, store: ExpertStore, device: torch.device, stats: LoadStats,
+                 on_finished: Callable[[], None] = lambda: None):
         self._copier = Copier(store, device, stats)
+        self._on_finished = on_finished  # called on the loader's thread, before it counts as idle
         self.staging_bytes = self._copier.staging_bytes
         self._queue: deque[Load] = deque()
         self._finished: list[Load] = []
@@ -168,6 +171,8 @@ class ExpertLoader:
                 load.error = error
             finally:
                 with self._cond:
-                    self._busy = False
                     self._finished.append(load)
+                self._on_finished()
+                with self._cond:
+                    self._busy = False
                     self._cond.notify_all()

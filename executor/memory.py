@@ -30,6 +30,27 @@ def process_peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+# What the executor allocates beside the tensors a budget names, measured in a fresh process
+# above the libraries (torch, transformers and the model's own modeling module, imported):
+# the tokenizer, the model's, the store's and the batch's Python objects, thread stacks and
+# the allocator's arenas came to 13-18 MiB on the three benchmark models
+# (``python -m benchmarks.memory``, RESULTS-memory.md); this leaves room to spare.
+RUNTIME_FIXED_BYTES = 24 << 20
+
+
+def kv_slack_bytes(kv_bytes: int) -> int:
+    """Memory a sequence holds beyond its keys and values: DynamicCache grows each layer by one
+    column per pass through a new, larger tensor, and the allocator keeps freed copies (and
+    prefills' workspace) it cannot reuse for the next, larger one. Measured up to 1.7x the KV
+    cache with 16 sequences at full context (RESULTS-memory.md); counted as twice the KV cache."""
+    return 2 * kv_bytes
+
+
+def runtime_bytes(kv_bytes: int) -> int:
+    """The executor's own allocations with one sequence: the fixed overhead and its KV slack."""
+    return RUNTIME_FIXED_BYTES + kv_slack_bytes(kv_bytes)
+
+
 def kv_cache_bytes(config, max_context: int, dtype_bytes: int) -> int:
     """Keys and values of every attention layer for ``max_context`` positions."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -235,7 +235,7 @@ def _generate_on_demand(runtime, count: int, cancelled) -> tuple[list[int], int]
 
 def _settle(runtime) -> None:
     """Loads a previous measurement started land before the next one starts."""
-    runtime.loader.wait_idle(timeout=30)
+    runtime.wait_for_loads()
     runtime.poll()
 
 

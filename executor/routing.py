@@ -11,12 +11,14 @@ Legend: T = tokens, E = experts, K = experts per token, H = hidden size.
 
 from __future__ import annotations
 
-from typing import Callable
+import threading
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
 from swapmoe.core.plan import Strategy
+from swapmoe.executor.slot_experts import call
 
 # (router, raw logits [T, E], resident [E] bool) -> (weights [T, K], index [T, K])
 Select = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -61,6 +63,9 @@ class MaskedRouter(nn.Module):
         self.router = router
         self.select = select
         self.register_buffer("expert_norms", expert_norms.float(), persistent=False)  # [E]: ||E_i||
+        # ||E_i|| with 0 for the "no expert" index E, as ``flush`` weighs contributions.
+        self.register_buffer("_norms_padded", torch.nn.functional.pad(expert_norms.double(), (0, 1)),
+                             persistent=False)
         self.register_buffer("resident", torch.ones_like(expert_norms, dtype=torch.bool), persistent=False)
         self.all_resident = True
         # What happens to an assignment to an absent expert: masked gating re-selects among
@@ -74,44 +79,64 @@ class MaskedRouter(nn.Module):
         # no masking; per-pass contributions wait in ``_pending`` and are summed when read.
         self.register_buffer("_activations", torch.zeros(num_experts + 1, dtype=torch.long), persistent=False)
         self.register_buffer("_importance", torch.zeros(num_experts + 1, dtype=torch.double), persistent=False)
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (index, ||x||, weights)
+        # Passes record on the forward thread while the expert updater reads importance: the
+        # hand-over of ``_pending`` and the sums each take a lock (the first for a list swap only).
+        self._handover = threading.Lock()
+        self._sums = threading.Lock()
 
-    def set_resident(self, experts: list[int]) -> None:
-        mask = torch.zeros_like(self.resident)
-        mask[experts] = True
+    def mask(self, experts: Iterable[int]) -> torch.Tensor:
+        """The resident mask [E] for ``experts`` (distinct ids); any thread."""
+        flags = [False] * self.num_experts
+        for expert in experts:
+            flags[expert] = True
+        return torch.tensor(flags, device=self.resident.device)
+
+    def install(self, mask: torch.Tensor) -> None:
+        """Route only to the experts ``mask`` marks, from the next forward pass on."""
         self.resident = mask
         self.all_resident = bool(mask.all())
 
+    def set_resident(self, experts: list[int]) -> None:
+        self.install(self.mask(experts))
+
     def forward(self, hidden: torch.Tensor):
-        logits, weights, index = self.router(hidden)
-        hidden_2d = hidden.reshape(-1, hidden.shape[-1])  # [T, H]
-        self.record(hidden_2d, weights, index)
+        logits, weights, index = call(self.router, hidden)
+        self.record(hidden, weights, index)
         if self.all_resident or self.strategy is Strategy.ON_DEMAND:
             return logits, weights, index
         if self.strategy is Strategy.SKIP:
             return logits, weights, _absent_to_sentinel(index, self.resident)
-        weights, index = self.select(self.router, logits.reshape(hidden_2d.shape[0], -1), self.resident)
+        weights, index = self.select(self.router, logits.reshape(hidden.numel() // hidden.shape[-1], -1),
+                                     self.resident)
         return logits, weights, index
 
-    @torch.no_grad()
     def record(self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
         """Eq. 1: importance_i += sum over tokens routed to i of ||x|| * |G(x)_i| * ||E_i||.
-        Per pass this only computes ||x|| * |G(x)_i|; the sums are done in ``flush``."""
-        contrib = hidden.float().norm(dim=-1, keepdim=True) * weights.float().abs()  # [T, K]
-        self._pending.append((index.reshape(-1), contrib.reshape(-1)))
-        if len(self._pending) >= 64:
+        A pass only takes ||x|| (one op: this runs in every MoE layer of every pass, with every
+        expert resident too); the products and sums wait for ``flush``."""
+        if hidden.requires_grad:  # no graph kept alive until the flush (inference passes need no detach)
+            hidden, weights = hidden.detach(), weights.detach()
+        norm = torch.linalg.vector_norm(hidden, dim=-1, keepdim=True, dtype=torch.float32)  # [..., 1]: T rows
+        with self._handover:
+            self._pending.append((index, norm, weights))  # [T, K], [..., 1], [T, K]
+            full = len(self._pending) >= 64
+        if full:
             self.flush()
 
     @torch.no_grad()
     def flush(self) -> None:
-        if not self._pending:
+        with self._handover:
+            pending, self._pending = self._pending, []
+        if not pending:
             return
-        index = torch.cat([i for i, _ in self._pending])
-        contrib = torch.cat([c for _, c in self._pending]).double()
-        self._pending.clear()
-        norms = torch.nn.functional.pad(self.expert_norms, (0, 1)).double()  # ||E_i||, 0 for "no expert"
-        self._activations.index_add_(0, index, torch.ones_like(index))
-        self._importance.index_add_(0, index, contrib * norms[index])
+        index = torch.cat([i for i, _, _ in pending]).reshape(-1)
+        norms = torch.cat([n.reshape(-1, 1) for _, n, _ in pending])  # [T, 1]
+        weights = torch.cat([w for _, _, w in pending])
+        contrib = (norms * weights.float().abs()).reshape(-1).double()
+        with self._sums:
+            self._activations.index_add_(0, index, torch.ones_like(index))
+            self._importance.index_add_(0, index, contrib * self._norms_padded[index])
 
     @property
     def importance(self) -> torch.Tensor:
@@ -134,7 +159,7 @@ class MaskedTop1Router(MaskedRouter):
     """Switch Transformers: ``forward(hidden [B,S,H]) -> (dispatch one-hot [B,S,E], prob [B,S,1], logits)``."""
 
     def forward(self, hidden: torch.Tensor):
-        dispatch, probs, logits = self.router(hidden)
+        dispatch, probs, logits = call(self.router, hidden)
         chosen = dispatch.argmax(dim=-1)
         routed = dispatch.sum(dim=-1) > 0  # tokens within capacity
         index = torch.where(routed, chosen, self.expert_norms.numel()).reshape(-1, 1)

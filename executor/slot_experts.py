@@ -16,10 +16,12 @@ from __future__ import annotations
 import copy
 import math
 import mmap
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 
 def page_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -31,6 +33,25 @@ def page_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch
     if nbytes == 0:
         return torch.empty(shape, dtype=dtype)
     return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).view(dtype).view(shape)
+
+
+def call(module: nn.Module, *args):
+    """``module(*args)``, skipping nn.Module's call machinery when no hook is registered: the
+    wrappers here run in every MoE layer of every forward pass, where it shows (about 1% of a
+    small model's token; transformers' output recorders are hooks, and still run)."""
+    hooked = module._forward_hooks or module._forward_pre_hooks or _module._global_forward_hooks \
+        or _module._global_forward_pre_hooks
+    return module(*args) if hooked else module.forward(*args)
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTable:
+    """Where each expert is: ``slot_of`` [E+1] (``capacity``: nowhere; index E is "no expert"),
+    ``expert_in_slot`` [capacity] (E: empty); ``identity`` when expert i is in slot i for all."""
+
+    slot_of: torch.Tensor
+    expert_in_slot: torch.Tensor
+    identity: bool
 
 
 class Packed:
@@ -110,32 +131,40 @@ class SlotExperts(nn.Module):
         self.slot_of = torch.zeros(num_experts + 1, dtype=torch.long)
         self.expert_in_slot = torch.zeros(0, dtype=torch.long)
         self.identity = False
+        self.device = torch.device("cpu")  # of the slots, set by ``resize``
         # On-demand strategy: ``load_now(experts)`` makes those experts resident before use.
         self.load_now: Callable[[list[int]], None] | None = None
 
     def resize(self, capacity: int, moves: dict[int, int], device) -> None:
         self.kind.resize(self.inner, capacity, moves, device)
         self.capacity = capacity
+        self.device = torch.device(device)
 
     def slot_tensors(self, slot: int) -> dict[str, torch.Tensor]:
         return self.kind.slot_tensors(self.inner, slot)
 
-    def map(self, ready: dict[int, int]) -> None:
-        """Install a new expert -> slot mapping (experts absent from ``ready`` route nowhere)."""
+    def table(self, ready: Mapping[int, int]) -> SlotTable:
+        """The expert -> slot table for ``ready`` (experts absent from it route nowhere); any thread."""
         slot_of = [self.capacity] * (self.num_experts + 1)
         expert_in_slot = [self.num_experts] * self.capacity
         for expert, slot in ready.items():
             slot_of[expert], expert_in_slot[slot] = slot, expert
-        device = self._device()
-        self.identity = len(ready) == self.num_experts == self.capacity and all(e == s for e, s in ready.items())
-        self.slot_of = torch.tensor(slot_of, device=device)
-        self.expert_in_slot = torch.tensor(expert_in_slot, device=device)
+        identity = len(ready) == self.num_experts == self.capacity and all(e == s for e, s in ready.items())
+        return SlotTable(torch.tensor(slot_of, device=self.device), torch.tensor(expert_in_slot, device=self.device),
+                         identity)
+
+    def install(self, table: SlotTable) -> None:
+        """Route by ``table`` from the next forward pass on (between passes only)."""
+        self.slot_of, self.expert_in_slot, self.identity = table.slot_of, table.expert_in_slot, table.identity
+
+    def map(self, ready: Mapping[int, int]) -> None:
+        self.install(self.table(ready))
 
     def forward(self, hidden: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.identity:  # every expert in its own slot: routing is already in slot space
-            return self.inner(hidden, routing, weights)
+            return call(self.inner, hidden, routing, weights)
         if self.load_now is None:
-            return self.inner(hidden, self.kind.to_slots(routing, self.slot_of, self.expert_in_slot), weights)
+            return call(self.inner, hidden, self.kind.to_slots(routing, self.slot_of, self.expert_in_slot), weights)
         return self._on_demand(hidden, routing, weights)
 
     def _on_demand(self, hidden, routing, weights):
@@ -153,6 +182,3 @@ class SlotExperts(nn.Module):
                                                          self.expert_in_slot), weights)
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(hidden)
-
-    def _device(self):
-        return next(self.inner.parameters()).device

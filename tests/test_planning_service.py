@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from swapmoe.core.budget import MemoryModel
 from swapmoe.core.sizes import format_size
 from swapmoe.models.bundled import LM_DIR
 from swapmoe.orchestration import client
@@ -21,13 +22,14 @@ from swapmoe.planner_service.server import serve
 from swapmoe.planner_service.state import PlannerState
 from swapmoe.planner_service.workload import Hysteresis
 from swapmoe.profiler.workloads import rows
-from swapmoe.rpc import transport
+from swapmoe.rpc import convert, transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
 from polling import wait_until
 
 PROFILES = Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"
 NODE = "lm-1"
+BUDGET = 96 << 20  # the bundled LM: room for a full batch and a choice of experts per layer
 SETTINGS = PlannerSettings(
     accuracy_roots=(PROFILES,),
     search=SearchSettings(population=16, generations=12),
@@ -84,7 +86,7 @@ def planner(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(planner, tmp_path_factory):
-    service = spawn("executor", ["executor", "serve", "--model", str(LM_DIR), "--budget", "64MiB", "--port", "0",
+    service = spawn("executor", ["executor", "serve", "--model", str(LM_DIR), "--budget", str(BUDGET), "--port", "0",
                                  "--planner", planner.address, "--node-id", NODE,
                                  "--state-dir", str(tmp_path_factory.mktemp("executor-state"))],
                     log_dir=tmp_path_factory.mktemp("logs"))
@@ -125,7 +127,7 @@ def test_a_new_device_is_served_the_fallback_profiled_through_its_stream_then_ge
     assert first[2].startswith("planner:even-split") and "device profile profiling" in first[2]
     assert status.profile_state == "ready"
     assert status.predicted.workload == "mix" and status.predicted.accuracy_metric == "perplexity"
-    assert status.predicted.memory_bytes <= status.budget_bytes == 64 << 20
+    assert status.predicted.memory_bytes <= status.budget_bytes == BUDGET
     assert "searched plan for workload 'mix'" in status.reason
     stored = list((planner.state_dir / "profiles").glob(f"*/devices/*{NODE}/device.json"))
     assert len(stored) == 1  # the device profile is kept for a restart
@@ -134,7 +136,8 @@ def test_a_new_device_is_served_the_fallback_profiled_through_its_stream_then_ge
 def test_a_budget_cut_gets_a_searched_plan_that_fits_and_is_acked(planner, lm):
     before = acked_search(planner)
     described = executor(lm).Describe(epb.DescribeRequest(), timeout=5)
-    budget = (described.min_budget_bytes + before.predicted.memory_bytes) // 2
+    model = MemoryModel(convert.layout_from_pb(described.layout), convert.reserve_from_pb(described.reserve))
+    budget = (model.smallest_plan_bytes + before.predicted.memory_bytes) // 2  # searched plans leave room for a full batch
     executor(lm).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="thermal"), timeout=30)
     status = acked_search(planner, budget=budget)
     assert status.acked_plan.version > before.acked_plan.version

@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from swapmoe.core.errors import InvalidField
 from swapmoe.core.plan import Plan, Strategy
 from swapmoe.executor.adapters import adapter_for, find_moe_blocks
 from swapmoe.executor.checkpoint import load_checkpoint
@@ -122,7 +123,7 @@ def test_background_loads_never_change_a_concurrent_forward_pass(runtime_for):
     reserved = max(layer.pool.ready)  # reserve a slot for loading, as an update does
     layer.pool.evict(reserved)
     [(_, slot)] = layer.pool.fill([reserved])
-    runtime._publish(layer)
+    runtime._publish_now(0)
     expected = sample_logits(runtime.model, "mixtral")
     stop = threading.Event()
 
@@ -191,9 +192,11 @@ def test_growing_the_budget_fills_the_new_slots_in_the_background(checkpoint_dir
     try:
         engine.apply_plan(Plan(1, (1,) * engine.layout.num_layers, update_frequency=1))
         engine.apply_plan(Plan(2, (4,) * engine.layout.num_layers, update_frequency=0))
-        assert [len(r) for r in engine.runtime.resident()] == [1] * engine.layout.num_layers
-        assert engine.runtime.loader.wait_idle(5)
+        routed = lambda: [int(layer.router.resident.sum()) for layer in engine.runtime.layers]  # noqa: E731
+        assert routed() == [1] * engine.layout.num_layers  # apply_plan did not wait for the loads
+        engine.runtime.wait_for_loads()
         _generate(engine, 2)  # finished loads become usable between forward passes
+        assert routed() == [4] * engine.layout.num_layers
         assert [len(r) for r in engine.runtime.resident()] == [4] * engine.layout.num_layers
     finally:
         engine.close()
@@ -245,3 +248,8 @@ def test_a_failed_on_demand_load_raises_and_leaves_every_mapping_valid(monkeypat
     assert all(len(l.pool.ready) + len(l.pool.free) == l.pool.capacity for l in runtime.layers)
     torch.testing.assert_close(sample_logits(runtime.model, "mixtral"), sample_logits(reference, "mixtral"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_context_longer_than_the_model_has_positions_is_refused(checkpoint_dirs):
+    with pytest.raises(InvalidField, match="max_context: 10000 is above the model's 256 positions"):
+        Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30, max_context=10_000))

@@ -102,6 +102,7 @@ def memory_to_pb(report: MemoryReport) -> pb.MemoryReport:
         activation_bytes=report.activation_bytes,
         process_rss_bytes=report.process_rss_bytes,
         process_peak_rss_bytes=report.process_peak_rss_bytes,
+        runtime_bytes=report.runtime_bytes,
     )
 
 
@@ -120,16 +121,17 @@ def plan_result_to_pb(result: PlanResult) -> pb.PlanResult:
 
 def memory_from_pb(msg: pb.MemoryReport) -> MemoryReport:
     return MemoryReport(msg.budget_bytes, msg.dense_bytes, msg.expert_bytes, msg.kv_cache_bytes,
-                        msg.activation_bytes, msg.process_rss_bytes, msg.process_peak_rss_bytes)
+                        msg.activation_bytes, msg.process_rss_bytes, msg.process_peak_rss_bytes, msg.runtime_bytes)
 
 
 def reserve_to_pb(reserve: Reserve) -> pb.Reserve:
     return pb.Reserve(staging_bytes=reserve.staging_bytes, kv_cache_bytes=reserve.kv_cache_bytes,
-                      activation_bytes=reserve.activation_bytes, batch_bytes=reserve.batch_bytes)
+                      activation_bytes=reserve.activation_bytes, batch_bytes=reserve.batch_bytes,
+                      runtime_bytes=reserve.runtime_bytes)
 
 
 def reserve_from_pb(msg: pb.Reserve) -> Reserve:
-    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes, msg.batch_bytes)
+    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes, msg.batch_bytes, msg.runtime_bytes)
 
 
 def check_profile_request(msg: epb.ProfileRequest, max_tokens: int = MAX_PROFILE_TOKENS,

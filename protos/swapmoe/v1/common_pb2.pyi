@@ -101,19 +101,21 @@ class PlanResult(_message.Message):
     def __init__(self, plan_version: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., apply_ns: _Optional[int] = ...) -> None: ...
 
 class Reserve(_message.Message):
-    __slots__ = ("staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes")
+    __slots__ = ("staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes", "runtime_bytes")
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
     staging_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
     batch_bytes: int
-    def __init__(self, staging_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., batch_bytes: _Optional[int] = ...) -> None: ...
+    runtime_bytes: int
+    def __init__(self, staging_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., batch_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
-    __slots__ = ("budget_bytes", "accounted_bytes", "dense_bytes", "expert_bytes", "kv_cache_bytes", "activation_bytes", "process_rss_bytes", "process_peak_rss_bytes")
+    __slots__ = ("budget_bytes", "accounted_bytes", "dense_bytes", "expert_bytes", "kv_cache_bytes", "activation_bytes", "process_rss_bytes", "process_peak_rss_bytes", "runtime_bytes")
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACCOUNTED_BYTES_FIELD_NUMBER: _ClassVar[int]
     DENSE_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +124,7 @@ class MemoryReport(_message.Message):
     ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESS_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PROCESS_PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
     budget_bytes: int
     accounted_bytes: int
     dense_bytes: int
@@ -130,7 +133,8 @@ class MemoryReport(_message.Message):
     activation_bytes: int
     process_rss_bytes: int
     process_peak_rss_bytes: int
-    def __init__(self, budget_bytes: _Optional[int] = ..., accounted_bytes: _Optional[int] = ..., dense_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., process_peak_rss_bytes: _Optional[int] = ...) -> None: ...
+    runtime_bytes: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., accounted_bytes: _Optional[int] = ..., dense_bytes: _Optional[int] = ..., expert_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., process_rss_bytes: _Optional[int] = ..., process_peak_rss_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
