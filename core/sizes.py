@@ -1,30 +1,27 @@
-"""Memory sizes as users write them: ``512MiB``, ``2GiB``, ``1.5GB``, ``1048576``."""
+"""Memory sizes as users write them: ``512MiB``, ``2Gi``, ``1.5GB``, ``800M``, ``1048576``."""
 
 from __future__ import annotations
 
 import re
 
+# Units are case-insensitive. SI units and Kubernetes' decimal suffixes (k, M, G, T, P) are powers of
+# 1000; IEC units and Kubernetes' binary suffixes (Ki, Mi, Gi, Ti, Pi) powers of 1024.
 _UNITS = {
     "": 1, "b": 1,
-    "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2,
-    "g": 1000**3, "gb": 1000**3, "t": 1000**4, "tb": 1000**4,
-    "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4,
+    **{f"{letter}{b}": 1000**power for power, letter in enumerate("kmgtp", start=1) for b in ("", "b")},
+    **{f"{letter}i{b}": 1024**power for power, letter in enumerate("kmgtp", start=1) for b in ("", "b")},
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+ACCEPTED = ("a number of bytes with an optional unit: kB, MB, GB, TB, PB or k, M, G, T, P (powers of 1000); "
+            "KiB, MiB, GiB, TiB, PiB or Ki, Mi, Gi, Ti, Pi (powers of 1024); e.g. 512MiB, 2Gi, 1.5GB")
 
 
 def parse_size(text: str) -> int:
-    """Bytes in ``text``; SI units (kB, MB, GB) are powers of 1000, IEC (KiB, MiB, GiB) of 1024.
-
-    Raises ValueError with the accepted forms when the text is malformed.
-    """
+    """Bytes in ``text``. Raises ValueError listing the accepted spellings when it is malformed."""
     match = _SIZE.match(str(text))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _UNITS:
-        raise ValueError(
-            f"malformed size {text!r}: expected a number with an optional unit "
-            "B, kB, MB, GB, TB, KiB, MiB, GiB or TiB (e.g. 512MiB, 2GiB, 1.5GB)"
-        )
+        raise ValueError(f"malformed size {text!r}: expected {ACCEPTED}")
     size = float(match.group(1)) * _UNITS[unit]
     if size < 1:
         raise ValueError(f"size {text!r} must be at least one byte")

@@ -1,4 +1,4 @@
-"""Serving statistics: counters and recent latencies, for telemetry reports."""
+"""Serving statistics: counters, recent latencies and histograms, for telemetry reports and Prometheus."""
 
 from __future__ import annotations
 
@@ -40,6 +40,7 @@ class Histogram:
 # vLLM's buckets, with finer ones at the low end for small models on CPU.
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+E2E_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0)
 
 
 class ServingStats:
@@ -51,6 +52,10 @@ class ServingStats:
         self._itl = collections.deque(maxlen=window)
         self.ttft_histogram = Histogram(TTFT_BUCKETS)
         self.itl_histogram = Histogram(ITL_BUCKETS)
+        # Requests as their calls ended (``executor.request_log``), refused and failed ones included.
+        self.prompt_tokens_total = 0
+        self.outcomes: collections.Counter[tuple[str, str]] = collections.Counter()  # (finish reason, code)
+        self.e2e_histogram = Histogram(E2E_BUCKETS)
 
     def token(self, gap_ns: int | None) -> None:
         with self._lock:
@@ -67,6 +72,19 @@ class ServingStats:
     def finished(self) -> None:
         with self._lock:
             self.requests_total += 1
+
+    def request_ended(self, finish_reason: str, code: str, prompt_tokens: int, seconds: float) -> None:
+        """A Generate call ended: how (finish reason, status code name), its prompt, its time end to end."""
+        with self._lock:
+            self.prompt_tokens_total += prompt_tokens
+            self.outcomes[finish_reason, code] += 1
+            self.e2e_histogram.observe(seconds)
+
+    def requests(self) -> tuple[dict[tuple[str, str], int], int, list[tuple[str, int]], float]:
+        """(requests by (finish reason, code), prompt tokens, end-to-end latency buckets, their sum)."""
+        with self._lock:
+            return (dict(self.outcomes), self.prompt_tokens_total, self.e2e_histogram.cumulative(),
+                    self.e2e_histogram.sum)
 
     def histograms(self) -> tuple[list[tuple[str, int]], float, list[tuple[str, int]], float]:
         """(TTFT buckets, TTFT sum, inter-token buckets, inter-token sum), consistent with each other."""

@@ -15,6 +15,12 @@ The planner may also ask for a device profile down the stream: it runs through
 telemetry meanwhile) and its outcome goes up; a cancel from the planner, or the stream
 ending, stops it between measurements.
 
+Reconnects are jittered, so a fleet does not stampede a planner that restarts: the link keeps
+one channel, whose transport reconnects with gRPC's own connection backoff (±20% jitter, capped
+at ``Reconnect.maximum_s``), and a new stream waits for it (``wait_for_ready``). After a
+stream fails or ends, the next one starts after a full-jitter exponential delay
+(``backoff_delays``), from the start again once a stream has stayed up ``Reconnect.stable_s``.
+
 Telemetry windows are per stream: each experts report counts the activations routed
 since the previous one (since the Welcome, for the first), the recent window from which
 the planner recognises the workload a device is serving.
@@ -26,8 +32,12 @@ import contextlib
 import logging
 import os
 import queue
+import random
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 
@@ -55,16 +65,55 @@ MIN_UPSTREAM_INTERVAL_MS = 100
 MAX_TELEMETRY_BACKLOG = 64
 
 
+@dataclass(frozen=True, slots=True)
+class Reconnect:
+    """How the link comes back. The delay before the n-th new stream in a row is uniform in
+    [0, min(maximum_s, initial_s * multiplier**n)] (full jitter); the transport underneath reconnects
+    with gRPC's connection backoff (initial_s, growing 1.6x with ±20% jitter, capped at maximum_s).
+    A planner back up is therefore reached within about 1.2 * maximum_s."""
+
+    initial_s: float = 1.0
+    maximum_s: float = 10.0
+    multiplier: float = 2.0
+    stable_s: float = 60.0  # a stream up this long was a success: the delays start again from initial_s
+    connect_timeout_s: float = 20.0  # what one connection attempt may take (gRPC's default), TLS included
+
+    def __post_init__(self):
+        if not 0 < self.initial_s <= self.maximum_s or self.multiplier < 1 or self.connect_timeout_s <= 0:
+            raise ValueError(f"reconnect: need 0 < initial_s <= maximum_s, multiplier >= 1, got {self}")
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [("grpc.initial_reconnect_backoff_ms", round(self.initial_s * 1000)),
+                ("grpc.max_reconnect_backoff_ms", round(self.maximum_s * 1000)),
+                # Despite its name, gRPC core's minimum connect timeout (doc/connection-backoff.md).
+                ("grpc.min_reconnect_backoff_ms", round(self.connect_timeout_s * 1000))]
+
+
+def backoff_delays(initial: float, maximum: float, multiplier: float, rng: random.Random) -> Iterator[float]:
+    """Full-jitter exponential backoff: uniform in [0, cap], the cap growing ``multiplier``-fold from
+    ``initial`` up to ``maximum``. Executors that lost one planner at the same instant draw
+    independent delays, so their retries spread over the whole window instead of arriving together."""
+    cap = initial
+    while True:
+        yield rng.uniform(0.0, cap)
+        cap = min(maximum, cap * multiplier)
+
+
 class PlannerLink:
     def __init__(self, engine: Engine, planner_address: str, executor_address: str = "",
-                 labels: dict[str, str] | None = None, security: ClientSecurity | None = None):
+                 labels: dict[str, str] | None = None, security: ClientSecurity | None = None,
+                 reconnect: Reconnect = Reconnect(), rng: random.Random | None = None):
         self.engine = engine
+        self.reconnect = reconnect
+        self._rng = rng or random.Random()
         self.security = security
         self.labels = {**default_labels(engine), **(labels or {})}
         self.planner_address = planner_address
         self.executor_address = executor_address
         self._stop = threading.Event()
         self._call = None
+        self._unreachable = False  # logged once per outage, not at every transport retry
+        self._welcomed_at: float | None = None  # when the current stream's Welcome came
         self.connected = threading.Event()
         state_dir = engine.config.state_dir
         self._secret_file = Path(state_dir) / SECRET_FILE if state_dir is not None else None
@@ -82,19 +131,42 @@ class PlannerLink:
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        backoff = 0.2
-        while not self._stop.is_set():
+        settings = self.reconnect
+        options = transport.CHANNEL_OPTIONS + settings.channel_options()
+        with (self.security or ClientSecurity()).channel(self.planner_address, options) as channel:
+            channel.subscribe(self._on_transport)
             try:
-                self._session()
-                backoff = 0.2
+                self._retry(channel, settings)
+            finally:
+                channel.unsubscribe(self._on_transport)
+
+    def _retry(self, channel: grpc.Channel, settings: Reconnect) -> None:
+        delays = None
+        while not self._stop.is_set():
+            self._welcomed_at = None
+            try:
+                self._session(channel)
+                outcome = "stream ended"
             except grpc.RpcError as error:
-                if self._stop.is_set():
-                    return
-                log.warning("planner %s: %s (%s); keeping plan %d, retrying in %.1fs", self.planner_address,
-                            error.code().name, error.details(), self.engine.plan.version, backoff)
+                outcome = f"{error.code().name} ({error.details()})"
             self.connected.clear()
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, 5.0)
+            if self._stop.is_set():
+                return
+            stayed_up = self._welcomed_at is not None and time.monotonic() - self._welcomed_at >= settings.stable_s
+            if delays is None or stayed_up:
+                delays = backoff_delays(settings.initial_s, settings.maximum_s, settings.multiplier, self._rng)
+            delay = next(delays)
+            log.warning("planner %s: %s; keeping plan %d, new stream in %.1fs", self.planner_address, outcome,
+                        self.engine.plan.version, delay)
+            self._stop.wait(delay)
+
+    def _on_transport(self, state: grpc.ChannelConnectivity) -> None:
+        """Say once per outage that the planner is unreachable; gRPC retries the connection meanwhile."""
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and not self._unreachable:
+            log.warning("planner %s unreachable; keeping plan %d, reconnecting with backoff (at most %.0fs apart)",
+                        self.planner_address, self.engine.plan.version, self.reconnect.maximum_s * 1.2)
+        if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.READY):
+            self._unreachable = state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
     def registration(self) -> ppb.Registration:
         described = describe_pb(self.engine)
@@ -106,7 +178,7 @@ class PlannerLink:
             labels=self.labels,
         )
 
-    def _session(self) -> None:
+    def _session(self, channel: grpc.Channel) -> None:
         outbox: queue.Queue = queue.Queue()
         outbox.put(ppb.ExecutorMessage(registration=self.registration()))
         hub = self.engine.hub
@@ -114,29 +186,33 @@ class PlannerLink:
         forwarder = threading.Thread(target=self._forward, args=(events, outbox), daemon=True)
         profiles: dict[str, threading.Event] = {}  # running profiles by request id: set to cancel
         ended = threading.Event()  # stops this stream's periodic telemetry
-        with transport.channel(self.planner_address, self.security) as channel:
-            self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox))
-            forwarder.start()
-            try:
-                for message in self._call:
-                    kind = message.WhichOneof("message")
-                    if kind == "welcome":
-                        self._keep_secret(message.welcome.node_secret)
-                        self._start_telemetry(message.welcome, outbox, ended)
-                        self.connected.set()
-                        log.info("connected to planner %s", self.planner_address)
-                    elif kind == "plan":
-                        outbox.put(ppb.ExecutorMessage(plan_result=self._apply(message.plan)))
-                    elif kind == "profile_request":
-                        self._start_profile(message.profile_request, outbox, profiles)
-                    elif kind == "cancel_profile" and message.cancel_profile in profiles:
-                        profiles[message.cancel_profile].set()
-            finally:
-                ended.set()
-                hub.unsubscribe(events)
-                for cancel in list(profiles.values()):  # the answer has nowhere to go: stop measuring
-                    cancel.set()
-                outbox.put(None)
+        # wait_for_ready: while the planner is away the stream waits for the transport's next
+        # connection instead of failing at once, so gRPC's jittered connection backoff paces retries.
+        self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox), wait_for_ready=True)
+        if self._stop.is_set():  # stop() may have run before this call existed to be cancelled
+            self._call.cancel()
+        forwarder.start()
+        try:
+            for message in self._call:
+                kind = message.WhichOneof("message")
+                if kind == "welcome":
+                    self._welcomed_at = time.monotonic()
+                    self._keep_secret(message.welcome.node_secret)
+                    self._start_telemetry(message.welcome, outbox, ended)
+                    self.connected.set()
+                    log.info("connected to planner %s", self.planner_address)
+                elif kind == "plan":
+                    outbox.put(ppb.ExecutorMessage(plan_result=self._apply(message.plan)))
+                elif kind == "profile_request":
+                    self._start_profile(message.profile_request, outbox, profiles)
+                elif kind == "cancel_profile" and message.cancel_profile in profiles:
+                    profiles[message.cancel_profile].set()
+        finally:
+            ended.set()
+            hub.unsubscribe(events)
+            for cancel in list(profiles.values()):  # the answer has nowhere to go: stop measuring
+                cancel.set()
+            outbox.put(None)
 
     def _keep_secret(self, secret: str) -> None:
         if secret and secret != self.node_secret:

@@ -1,32 +1,39 @@
-"""Prometheus metrics for an executor, named as vLLM's (``vllm:...``) with our prefix.
+"""Prometheus metrics for an executor: vLLM's names in Prometheus's own conventions.
 
-Values are read from the engine when Prometheus scrapes, so serving pays nothing for
-them beyond the histograms ``ServingStats`` already keeps.
+Names are vLLM's (``vllm:time_to_first_token_seconds`` -> ``swapmoe_time_to_first_token_seconds``)
+so its dashboards port by a prefix, but with an underscore: Prometheus reserves colons for
+recording rules, so exporters should not use them. Base units (``_seconds``, ``_bytes``),
+counters ending ``_total``. Every series is labelled ``model`` (the checkpoint directory's name,
+as the planner labels executors) and ``node`` (the node id), so several executors on one host,
+or behind one scrape target, stay apart. The process and Python collectors
+(``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ``python_gc_*``,
+``python_info``) are served too, with the same labels.
+
+Values are read from the engine when Prometheus scrapes, so serving pays nothing for them
+beyond the counters and histograms ``ServingStats`` already keeps.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, start_http_server
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, GCCollector, Metric, PlatformCollector, ProcessCollector
+from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-PREFIX = "swapmoe:"
+PREFIX = "swapmoe_"
 
 
 class EngineCollector:
+    """The engine's serving, memory, expert-load and plan metrics, read at each scrape."""
+
     def __init__(self, engine):
         self.engine = engine
 
     def collect(self):
         engine = self.engine
-        snap = engine.stats.snapshot()
-        ttft, ttft_sum, itl, itl_sum = engine.stats.histograms()
-        yield HistogramMetricFamily(PREFIX + "time_to_first_token_seconds", "Time to first token, per request.",
-                                    buckets=ttft, sum_value=ttft_sum)
-        yield HistogramMetricFamily(PREFIX + "inter_token_latency_seconds", "Time between two streamed tokens.",
-                                    buckets=itl, sum_value=itl_sum)
-        yield CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated.", value=snap["tokens_total"])
-        yield CounterMetricFamily(PREFIX + "request_success", "Generations that finished.",
-                                  value=snap["requests_total"])
+        yield from self._latencies(engine.stats)
+        yield from self._requests(engine.stats)
         yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Generation requests waiting for their turn.",
                                 value=engine.queue_depth)
         yield GaugeMetricFamily(PREFIX + "num_requests_running", "Generation requests being served.",
@@ -37,7 +44,6 @@ class EngineCollector:
             ("memory_accounted_bytes", memory.accounted_bytes, "Dense weights + expert slots + KV cache and "
                                                                "activation reserves."),
             ("memory_expert_bytes", memory.expert_bytes, "Expert slots and staging buffers."),
-            ("process_resident_memory_bytes", memory.process_rss_bytes, "Resident memory of the whole process."),
         ):
             yield GaugeMetricFamily(PREFIX + name, doc, value=value)
         loads = engine.load_counters()
@@ -46,10 +52,65 @@ class EngineCollector:
         yield CounterMetricFamily(PREFIX + "expert_load_seconds", "Time spent loading experts.", value=loads.seconds)
         yield GaugeMetricFamily(PREFIX + "plan_version", "Version of the plan in force.", value=engine.plan.version)
 
+    @staticmethod
+    def _latencies(stats):
+        ttft, ttft_sum, itl, itl_sum = stats.histograms()
+        yield HistogramMetricFamily(PREFIX + "time_to_first_token_seconds",
+                                    "Time from a request's first prefill to its first token.",
+                                    buckets=ttft, sum_value=ttft_sum)
+        yield HistogramMetricFamily(PREFIX + "inter_token_latency_seconds", "Time between two streamed tokens.",
+                                    buckets=itl, sum_value=itl_sum)
+        yield CounterMetricFamily(PREFIX + "generation_tokens", "Tokens generated.",
+                                  value=stats.snapshot()["tokens_total"])
+
+    @staticmethod
+    def _requests(stats):
+        outcomes, prompt_tokens, e2e, e2e_sum = stats.requests()
+        requests = CounterMetricFamily(PREFIX + "requests", "Generate calls that ended, by finish reason and "
+                                                            "gRPC status code.", labels=("finish_reason", "code"))
+        for (finish_reason, code), count in sorted(outcomes.items()):
+            requests.add_metric((finish_reason, code), count)
+        yield requests
+        yield CounterMetricFamily(PREFIX + "prompt_tokens", "Prompt tokens of the Generate calls that ended.",
+                                  value=prompt_tokens)
+        yield HistogramMetricFamily(PREFIX + "e2e_request_latency_seconds",
+                                    "Time from a Generate call's arrival to its end, queue included.",
+                                    buckets=e2e, sum_value=e2e_sum)
+
+
+class ConstantLabels:
+    """Another collector's metrics with ``labels`` added to every sample (Prometheus's client
+    has constant labels for metrics it owns, not for collectors like the process one)."""
+
+    def __init__(self, collector, labels: dict[str, str]):
+        self.collector, self.labels = collector, labels
+
+    def collect(self):
+        for family in self.collector.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [s._replace(labels={**self.labels, **s.labels}) for s in family.samples]
+            yield labelled
+
+
+def model_name(engine) -> str:
+    """The ``model`` label: the checkpoint directory's name, as ``swapmoe executor serve`` labels executors."""
+    return Path(engine.config.model_dir).name or "model"
+
+
+def metrics_registry(engine) -> CollectorRegistry:
+    """A registry of its own (several executors may share a process, as in the tests) holding the
+    engine's metrics and the default process, platform and GC collectors, all labelled."""
+    collectors = CollectorRegistry(auto_describe=False)
+    collectors.register(EngineCollector(engine))
+    ProcessCollector(registry=collectors)
+    PlatformCollector(registry=collectors)
+    GCCollector(registry=collectors)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ConstantLabels(collectors, {"model": model_name(engine), "node": engine.config.node_id}))
+    return registry
+
 
 def serve_metrics(engine, host: str = "127.0.0.1", port: int = 0):
     """Serve ``/metrics`` over HTTP on a daemon thread; returns the HTTP server (``server_port``)."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(EngineCollector(engine))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    server, _thread = start_http_server(port, addr=host, registry=metrics_registry(engine))
     return server

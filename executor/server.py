@@ -5,16 +5,20 @@ from __future__ import annotations
 import contextlib
 import time
 
+import grpc
+
 from swapmoe.core import limits
 from swapmoe.core.errors import InvalidField
 from swapmoe.executor.scheduler import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.generation import GenerationRequest, SamplingParams
 from swapmoe.executor.profiling import ProfileProgress, ProfileSpec
+from swapmoe.executor.request_log import RequestRecord, new_request_id, report_request
 from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.executor.text import Chunk
 from swapmoe.rpc import convert, transport
 from swapmoe.rpc.security import ServerSecurity
+from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
 SERVICE_NAME = epb.DESCRIPTOR.services_by_name["ExecutorService"].full_name
@@ -41,6 +45,8 @@ def request_from_pb(msg: epb.GenerateRequest, engine: Engine) -> GenerationReque
     for i, stop in enumerate(msg.stop):
         limits.check_text(f"stop[{i}]", stop, limits.MAX_STOP_CHARS)
     limits.check_text("request_id", msg.request_id)
+    if not msg.request_id.isprintable():  # it goes into log lines: no forged ones
+        raise InvalidField("request_id", "has non-printable characters")
     if msg.max_new_tokens > MAX_NEW_TOKENS_LIMIT:
         raise InvalidField("max_new_tokens", f"{msg.max_new_tokens} is above the limit of {MAX_NEW_TOKENS_LIMIT}")
     s = msg.sampling
@@ -51,8 +57,8 @@ def request_from_pb(msg: epb.GenerateRequest, engine: Engine) -> GenerationReque
     return GenerationRequest(ids, msg.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, sampling, tuple(msg.stop))
 
 
-def chunk_to_pb(chunk: Chunk) -> epb.GenerateResponse:
-    msg = epb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text)
+def chunk_to_pb(chunk: Chunk, request_id: str = "") -> epb.GenerateResponse:
+    msg = epb.GenerateResponse(token_ids=chunk.token_ids, text=chunk.text, request_id=request_id)
     if chunk.finish_reason:
         msg.finish_reason = _FINISH[chunk.finish_reason]
         msg.usage.CopyFrom(common_pb2.Usage(prompt_tokens=chunk.prompt_tokens,
@@ -67,14 +73,25 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
 
     def Generate(self, request, context):
         # A client that cancels or passes its deadline stops the work: while queued, between
-        # tokens, and by closing the stream.
-        chunks = self.engine.generate(request_from_pb(request, self.engine), cancelled=lambda: not context.is_active())
-        with contextlib.closing(chunks):
-            try:
-                for chunk in chunks:
-                    yield chunk_to_pb(chunk)
-            except Cancelled:
-                return
+        # tokens, and by closing the stream. However the call ends, it leaves one request line.
+        record = RequestRecord(_loggable(request.request_id) or new_request_id())
+        try:
+            generation = request_from_pb(request, self.engine)
+            record.prompt_tokens = len(generation.prompt_ids)
+            chunks = self.engine.generate(generation, cancelled=lambda: not context.is_active())
+            with contextlib.closing(chunks):
+                for n, chunk in enumerate(chunks):
+                    record.chunk(chunk)
+                    yield chunk_to_pb(chunk, record.request_id if n == 0 or chunk.finish_reason else "")
+        except Cancelled:
+            pass
+        except Exception as error:  # the interceptor turns it into the call's status
+            record.end(status_for(error).name, str(error) or type(error).__name__)
+            raise
+        finally:  # also when the stream is closed under it (GeneratorExit: its client went away)
+            if not record.code:
+                record.end("OK" if record.finish_reason else _gone(context).name)
+            report_request(record, self.engine.stats, self.engine.hub)
 
     def Subscribe(self, request, context):
         if request.interval_ms:
@@ -131,6 +148,19 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                     yield progress_to_pb(step)
             except Cancelled:
                 return
+
+
+def _loggable(request_id: str) -> str:
+    """The id as the request line gives it, even for a request refused for its id: at most the
+    id's length limit, control characters escaped."""
+    request_id = request_id[:limits.MAX_LABEL_CHARS]
+    return request_id if request_id.isprintable() else ascii(request_id)
+
+
+def _gone(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """Why a call ended with no answer from us: its deadline passed, or its client cancelled it."""
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
 
 
 def profile_spec_from_pb(msg: epb.ProfileRequest, engine: Engine) -> ProfileSpec:

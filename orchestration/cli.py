@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import signal
 import sys
 import threading
+from importlib import metadata
 from pathlib import Path
 
-from swapmoe.core.errors import Corrupted
+import grpc
+
+from swapmoe.core import logs
+from swapmoe.core.errors import Corrupted, NotFound
 from swapmoe.core.labels import parse_labels
 from swapmoe.core.sizes import parse_size
-from swapmoe.orchestration import devcerts, fleet_commands
+from swapmoe.orchestration import devcerts, fleet_commands, http_commands
 from swapmoe.rpc import security
 from swapmoe.profiler import commands as profile_commands
+from swapmoe.orchestration import env_defaults, preflight
+from swapmoe.orchestration.addresses import EXECUTOR_PORT, FLEET_PORT, PLANNER_PORT, address_type, port_number
 
 
 def _size(text: str) -> int:
@@ -22,6 +28,11 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _size_or_zero(text: str) -> int:
+    """A size, or 0 for "none" (a flag whose default is 0 accepts it spelled out)."""
+    return 0 if text.strip() == "0" else _size(text)
 
 
 def _non_negative(text: str) -> int:
@@ -68,6 +79,10 @@ class _Running:
 
 
 def executor_serve(args) -> None:
+    preflight.check_port_free(args.host, args.port)
+    preflight.check_port_free(args.host, args.metrics_port, "--metrics-port")
+    preflight.check_state_dir(args.state_dir)
+    preflight.check_model(Path(args.model))
     from swapmoe.executor.engine import Engine, EngineConfig
     from swapmoe.executor.planner_link import PlannerLink
     from swapmoe.executor.server import serve
@@ -82,8 +97,13 @@ def executor_serve(args) -> None:
     server_security = security.server_from_args(args, "executor")
     dial_security = security.client_from_args(args, "executor", cert="executor")
     engine = Engine(config)
-    server = serve(engine, f"{args.host}:{args.port}", max_subscribers=args.max_subscribers,
-                   security=server_security)
+    try:
+        with preflight.binding(args.host, args.port):
+            server = serve(engine, f"{args.host}:{args.port}", max_subscribers=args.max_subscribers,
+                           security=server_security)
+    except ValueError:
+        engine.close()
+        raise
     address = f"{args.host}:{server.port}"
     stops = [engine.hub.close_all]  # ends Subscribe streams so shutdown can drain
     if args.planner:
@@ -105,6 +125,9 @@ INTERPRETER_SWITCH_S = 0.001
 
 
 def planner_serve(args) -> None:
+    preflight.check_port_free(args.host, args.port)
+    preflight.check_port_free(args.host, args.control_port, "--control-port")
+    preflight.check_state_dir(args.state_dir)
     from swapmoe.planner_service.heap import HeapSettings
     from swapmoe.planner_service.planner import PlannerSettings
     from swapmoe.planner_service.search import SearchSettings
@@ -117,9 +140,10 @@ def planner_serve(args) -> None:
                                search=SearchSettings(seed=args.seed))
     control = None if args.control_port is None else f"{args.host}:{args.control_port}"
     sys.setswitchinterval(INTERPRETER_SWITCH_S)
-    server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors,
-                      settings=settings, security=security.server_from_args(args, "planner"),
-                      control_address=control, heap=HeapSettings())
+    with preflight.binding(args.host, args.port):
+        server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors,
+                          settings=settings, security=security.server_from_args(args, "planner"),
+                          control_address=control, heap=HeapSettings())
     notes = [f"planner control RPCs and health also on {args.host}:{server.control_port}"] if control else []
     _serve_until_signalled(_Running(server, args.host, notes=notes), "planner")
 
@@ -127,13 +151,13 @@ def planner_serve(args) -> None:
 def planner_status(args) -> None:
     from swapmoe.orchestration import client
 
-    client.print_plan_status(args.planner, args.node_ids)
+    client.print_plan_status(args.planner, args.node_ids, as_json=args.json)
 
 
 def generate(args) -> None:
     from swapmoe.orchestration import client
 
-    target = args.executor or "127.0.0.1:50051"
+    target = args.executor
     if args.fleet:
         if not args.model:
             raise ValueError("--fleet needs --model: the model to route to (its executors' `model` label)")
@@ -148,13 +172,13 @@ def generate(args) -> None:
 def describe(args) -> None:
     from swapmoe.orchestration import client
 
-    client.print_description(args.executor)
+    client.print_description(args.executor, as_json=args.json)
 
 
 def set_budget(args) -> None:
     from swapmoe.orchestration import client
 
-    client.set_budget(args.executor, args.budget, args.reason)
+    client.set_budget(args.executor, args.budget, args.reason, as_json=args.json)
 
 
 def demo(args) -> None:
@@ -163,22 +187,41 @@ def demo(args) -> None:
     sys.exit(run_demo(args))
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage mistake is one line, as every other error of the command (subcommands inherit this)."""
+
+    def error(self, message: str):
+        self.exit(2, f"swapmoe: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("swapmoe")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="swapmoe", description=__doc__)
+    parser = _Parser(prog="swapmoe", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get("SWAPMOE_LOG_FORMAT", "text"),
+                        help="log lines as text, or one JSON object per line (env SWAPMOE_LOG_FORMAT; default text)")
+    parser.add_argument("--version", action="version", version=f"swapmoe {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def server(sub, help_text, default_port):
         p = sub.add_parser("serve", help=help_text)
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-        p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port}; 0 picks a free one)")
+        p.add_argument("--port", type=port_number, default=default_port,
+                       help=f"port (default {default_port}; 0 picks a free one)")
         return p
 
     executor = commands.add_parser("executor", help="the on-device executor").add_subparsers(dest="action", required=True)
-    p = server(executor, "serve a checkpoint within a memory budget", 50051)
+    p = server(executor, "serve a checkpoint within a memory budget", EXECUTOR_PORT)
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--budget", required=True, type=_size, help="memory budget, e.g. 512MiB, 2GiB, 1.5GB")
-    p.add_argument("--planner", help="planner address to dial out to (host:port)")
+    p.add_argument("--budget", required=True, type=_size, help="memory budget, e.g. 512MiB, 2GiB, 2Gi, 1.5GB")
+    p.add_argument("--planner", type=address_type(PLANNER_PORT),
+                   help=f"planner address to dial out to, HOST[:PORT] (default port {PLANNER_PORT})")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
                    help="a label the planner and control node select this executor by, e.g. class=phone "
                         "(repeatable; model=<checkpoint directory name> and device=<cpu|cuda> are added unless given)")
@@ -193,20 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--threads", type=_non_negative, default=0,
                    help="torch threads (default 0: all cores but one, left to gRPC and expert loads)")
-    p.add_argument("--load-bandwidth", type=_size, default=0,
+    p.add_argument("--load-bandwidth", type=_size_or_zero, default=0,
                    help="cap expert reads at this many bytes per second, e.g. 200MiB (default: no cap)")
     p.add_argument("--state-dir", type=Path,
                    help="keep the last acknowledged plan and the planner's node secret here, and resume them on restart")
     p.add_argument("--max-subscribers", type=_positive, default=32,
                    help="telemetry streams served at once; more get RESOURCE_EXHAUSTED (default 32)")
-    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0 picks a free one)")
+    p.add_argument("--metrics-port", type=port_number, help="serve Prometheus metrics on this port (0 picks a free one)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, let in-flight streams finish for up to this long (default 30)")
     security.add_server_arguments(p, dials_out=True)
     p.set_defaults(func=executor_serve)
 
     planner = commands.add_parser("planner", help="the planner service").add_subparsers(dest="action", required=True)
-    p = server(planner, "serve the planner", 50052)
+    p = server(planner, "serve the planner", PLANNER_PORT)
     p.add_argument("--state-dir", type=Path,
                    help="keep each executor's plans (desired, acknowledged, pinned, why), the device profiles "
                         "measured and the frontiers searched here, and restore them on restart")
@@ -224,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not profile new devices through their Connect stream (they keep the even split "
                         "until a device profile is stored under --state-dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
-    p.add_argument("--control-port", type=int,
+    p.add_argument("--control-port", type=port_number,
                    help="also serve the control RPCs and health on this port, on threads of their own: they answer "
                         "within tens of ms while thousands of executors register or take a push, which on --port "
                         "can take seconds; point the control node and health probes here (0 picks a free one; "
@@ -232,36 +275,47 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_server_arguments(p)
     p.set_defaults(func=planner_serve)
     p = planner.add_parser("status", help="each executor's plan, predicted and measured figures, workload and why")
-    p.add_argument("--planner", default="127.0.0.1:50052", help="planner address (default 127.0.0.1:50052)")
+    p.add_argument("--planner", type=address_type(PLANNER_PORT), default=f"127.0.0.1:{PLANNER_PORT}",
+                   help=f"planner address, HOST[:PORT] (default 127.0.0.1:{PLANNER_PORT})")
+    p.add_argument("--json", action="store_true", help="print the GetPlanStatus answer as JSON (proto3 JSON mapping)")
     p.add_argument("node_ids", nargs="*", help="executors to show (default: all)")
     p.set_defaults(func=planner_status)
 
     fleet_commands.add_parser(commands)
+    http_commands.add_parser(commands)
 
     p = commands.add_parser("generate", help="stream a completion from an executor")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--executor", help="executor address (default 127.0.0.1:50051)")
-    target.add_argument("--fleet", help="control node address: the least-loaded healthy executor serving --model "
-                                        "answers")
+    executor_help = f"executor address, HOST[:PORT] (default 127.0.0.1:{EXECUTOR_PORT})"
+    target.add_argument("--executor", type=address_type(EXECUTOR_PORT), default=f"127.0.0.1:{EXECUTOR_PORT}",
+                        help=executor_help)
+    target.add_argument("--fleet", type=address_type(FLEET_PORT),
+                        help=f"control node address, HOST[:PORT] (default port {FLEET_PORT}): the least-loaded "
+                             "healthy executor serving --model answers")
     p.add_argument("--model", help="with --fleet: the model to route to (the checkpoint directory's name)")
     p.add_argument("--selector", default="", help="with --fleet: label selector, e.g. class=phone,region=eu")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop", action="append", default=[])
-    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="stop after this many tokens (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature (default 0: greedy; otherwise 0.001 to 100)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep this share of probability (default 1)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument("--seed", type=int, help="seed of the sampler, for repeatable samples")
+    p.add_argument("--stop", action="append", default=[], help="end the completion at this text (repeatable)")
+    p.add_argument("prompt", help="the text to continue (an encoder-decoder model answers it)")
     p.set_defaults(func=generate)
 
     p = commands.add_parser("describe", help="show an executor's model, budget and plan")
-    p.add_argument("--executor", default="127.0.0.1:50051")
+    p.add_argument("--executor", type=address_type(EXECUTOR_PORT), default=f"127.0.0.1:{EXECUTOR_PORT}",
+                   help=executor_help)
+    p.add_argument("--json", action="store_true", help="print the Describe answer as JSON (proto3 JSON mapping)")
     p.set_defaults(func=describe)
 
     p = commands.add_parser("budget", help="change an executor's memory budget")
-    p.add_argument("--executor", default="127.0.0.1:50051")
-    p.add_argument("--reason", default="")
-    p.add_argument("budget", type=_size)
+    p.add_argument("--executor", type=address_type(EXECUTOR_PORT), default=f"127.0.0.1:{EXECUTOR_PORT}",
+                   help=executor_help)
+    p.add_argument("--reason", default="", help="why, recorded with the budget change")
+    p.add_argument("--json", action="store_true", help="print the SetBudget answer as JSON (proto3 JSON mapping)")
+    p.add_argument("budget", type=_size, help="the new budget, e.g. 512MiB, 2Gi, 1.5GB")
     p.set_defaults(func=set_budget)
 
     profile_commands.add_parser(commands)
@@ -270,16 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("demo", help="planner + executor + a streamed generation under a budget")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
     p.add_argument("--budget", help="memory budget (default: 60%% of what the model needs in full)")
-    p.add_argument("--prompt", default="def fibonacci(n):")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--prompt", default="def fibonacci(n):", help="the text to continue (default: a code prompt)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
     p.set_defaults(func=demo)
     for leaf in _client_commands(parser):
         security.add_client_arguments(leaf)
+    env_defaults.apply_to_servers(parser, os.environ)
     return parser
 
 
 # Commands that call a server with the client token; every other client command is a control one.
-CLIENT_ROLE_COMMANDS = {"generate", "describe"}
+CLIENT_ROLE_COMMANDS = {"generate", "describe", "http"}
 
 
 def _client_commands(parser: argparse.ArgumentParser):
@@ -300,13 +355,34 @@ EXTRA_OF_MODULE = {
                      "tqdm"), "executor"),
     **dict.fromkeys(("ray", "sklearn", "matplotlib", "pymoo"), "planner"),
     "rouge_score": "models",
+    **dict.fromkeys(("fastapi", "uvicorn", "starlette", "pydantic"), "http"),
 }
 
 
+def _fail(message: str, status: int = 2):
+    """End the command with one line on stderr, whatever the message held (gRPC details can span lines)."""
+    print(f"swapmoe: error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _server_called(args) -> str:
+    """Who a client command was talking to, for its error line: ``executor 10.0.0.7:50051``."""
+    for flag, role in (("fleet", "control node"), ("executor", "executor"), ("planner", "planner")):
+        address = getattr(args, flag, None)
+        if isinstance(address, str) and address:
+            return f"{role} {address}"
+    return "the server"
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+    except env_defaults.EnvError as error:  # a SWAPMOE_... variable the command's flag does not accept
+        _fail(str(error))
+    try:
+        logs.configure(args.log_format, args.verbose)
+    except ValueError as error:  # SWAPMOE_LOG_FORMAT names no format
+        _fail(f"SWAPMOE_LOG_FORMAT: {error}")
     try:
         if hasattr(args, "token_file") and not hasattr(args, "auth_tokens"):  # a client command
             from swapmoe.orchestration import client
@@ -314,19 +390,22 @@ def main(argv: list[str] | None = None) -> None:
             role = "client" if args.command in CLIENT_ROLE_COMMANDS else "control"
             client.security = security.client_from_args(args, role)
         args.func(args)
-    except ValueError as error:  # bad input that argparse could not see (e.g. budget below minimum)
-        print(f"swapmoe: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    except grpc.RpcError as error:  # UNAVAILABLE, INVALID_ARGUMENT, NOT_FOUND, DEADLINE_EXCEEDED, ...
+        _fail(f"{_server_called(args)}: {error.code().name}: {error.details()}")
+    except (ValueError, NotFound) as error:  # what argparse cannot see: a budget below minimum, no such model
+        _fail(str(error))
     except Corrupted as error:  # a damaged expert store: marked, and rebuilt by the next start
-        print(f"swapmoe: error: {error}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(error), 1)
     except ModuleNotFoundError as error:
         extra = EXTRA_OF_MODULE.get((error.name or "").split(".")[0])
         if extra is None:
             raise
-        print(f"swapmoe: error: this command needs {error.name}, which this installation lacks; "
-              f"install it with: pip install \"swapmoe[{extra}]\"", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"this command needs {error.name}, which this installation lacks; "
+              f"install it with: pip install \"swapmoe[{extra}]\"")
+    except OSError as error:  # a file or socket the command needed (a TLS key it may not read, ...)
+        _fail(str(error))
+    except KeyboardInterrupt:  # Ctrl-C on a client command: stop quietly, as shells expect
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 
 import grpc
+from google.protobuf import json_format
 
 from swapmoe.core.sizes import format_size
 from swapmoe.rpc import convert, transport
@@ -25,12 +27,13 @@ def executor_stub(address: str) -> executor_pb2_grpc.ExecutorServiceStub:
     return executor_pb2_grpc.ExecutorServiceStub(channel(address))
 
 
-def stream_generation(target, prompt: str, out=sys.stdout, model: str = "", selector: str = "",
+def stream_generation(target, prompt: str, out=None, model: str = "", selector: str = "",
                       **params) -> epb.GenerateResponse:
     """Print tokens as they arrive, after the prompt they continue (a seq2seq model's answer stands
     alone); returns the final chunk (finish reason, usage, timings). ``target`` is an executor's
     address, or a ``routing.Router``: then the least-loaded healthy executor serving ``model``
     (and matching the label ``selector``) answers."""
+    out = out or sys.stdout  # looked up now: a redirected stdout gets it
     sampling = epb.SamplingParams(temperature=params.get("temperature", 0.0), top_p=params.get("top_p", 1.0),
                                   top_k=params.get("top_k", 0))
     if params.get("seed") is not None:
@@ -60,6 +63,13 @@ def stream_generation(target, prompt: str, out=sys.stdout, model: str = "", sele
     return last
 
 
+def print_json(message, out=None) -> None:
+    """``message`` in proto3's JSON mapping (as grpcurl prints it: camelCase names, 64-bit integers
+    as strings), with every field, zeros and empty lists included, so scripts need no defaults."""
+    fields = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+    print(json.dumps(fields, indent=2), file=out or sys.stdout)
+
+
 def memory_line(m: common_pb2.MemoryReport) -> str:
     return (f"accounted {format_size(m.accounted_bytes)} of budget {format_size(m.budget_bytes)} "
             f"(dense {format_size(m.dense_bytes)}, experts {format_size(m.expert_bytes)}, "
@@ -67,8 +77,10 @@ def memory_line(m: common_pb2.MemoryReport) -> str:
             f"process RSS {format_size(m.process_rss_bytes)}")
 
 
-def print_description(address: str) -> None:
+def print_description(address: str, as_json: bool = False) -> None:
     d = executor_stub(address).Describe(epb.DescribeRequest(), timeout=30)
+    if as_json:
+        return print_json(d)
     layout = d.layout
     print(f"node {d.node_id} on {d.device.kind} ({d.device.name})")
     print(f"model {layout.model_class} ({layout.architecture}, {layout.dtype}): {len(layout.layers)} MoE layers, "
@@ -82,18 +94,24 @@ def print_description(address: str) -> None:
     print(memory_line(d.memory))
 
 
-def set_budget(address: str, budget: int, reason: str = "") -> None:
+def set_budget(address: str, budget: int, reason: str = "", as_json: bool = False) -> None:
     r = executor_stub(address).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason=reason), timeout=30)
+    if as_json:
+        return print_json(r)
     print(f"budget {format_size(r.previous_budget_bytes)} -> {format_size(r.budget_bytes)}; "
           f"resident experts {list(r.achieved_experts_per_layer)}")
     print(memory_line(r.memory))
 
 
-def print_plan_status(address: str, node_ids: list[str], out=sys.stdout) -> None:
+def print_plan_status(address: str, node_ids: list[str], out=None, as_json: bool = False) -> None:
     """Per executor: the plan, what the models predict for it and what was last measured, the
     workload recognised, and why the plan was sent."""
+    out = out or sys.stdout
     stub = planner_pb2_grpc.PlannerServiceStub(channel(address))
-    for s in stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=node_ids), timeout=30).executors:
+    response = stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=node_ids), timeout=30)
+    if as_json:
+        return print_json(response, out)
+    for s in response.executors:
         plan = convert.plan_from_pb(s.desired_plan)
         print(f"{s.node_id}: {'connected' if s.connected else 'away'}, budget {format_size(s.budget_bytes)}, "
               f"plan v{plan.version} {list(plan.experts_per_layer)} f={plan.update_frequency} {plan.strategy.value} "
@@ -139,7 +157,8 @@ def fetch_device_profile(executor: str | None = None, planner: str | None = None
             result = stub.ProfileExecutor(ppb.ProfileExecutorRequest(node_id=node_id, request=request, timeout_s=1800),
                                           timeout=1860).result
     except grpc.RpcError as error:
-        raise ValueError(f"profiling failed: {error.code().name}: {error.details()}") from None
+        where = f"executor {executor}" if executor else f"{node_id} through planner {planner}"
+        raise ValueError(f"profiling {where} failed: {error.code().name}: {error.details()}") from None
     if result is None:
         raise ValueError("profiling failed: the executor's stream ended without a result")
     return convert.device_profile_from_pb(result)

@@ -1,9 +1,10 @@
 """``swapmoe fleet ...``: serve the control node, list the fleet, start and watch staged rollouts,
 pause, resume and abort them.
 
-Every client command talks to a control node (``--fleet``, default 127.0.0.1:50053), with the
-TLS and token flags the CLI adds to client commands, and exits 2 when a call fails (the status
-and its message printed). ``fleet rollout --watch`` redraws one
+Every client command talks to a control node (``--fleet``, default 127.0.0.1:50053; a bare host
+dials port 50053), with the TLS and token flags the CLI adds to client commands; a failed call
+is the CLI's one-line error (the address, the status and its message) with exit status 2.
+``nodes``, ``status`` and ``rollouts`` print JSON with ``--json``. ``fleet rollout --watch`` redraws one
 progress line about twice a second from summary-only ``GetRollout`` calls (cheap for 10,000
 nodes) and exits 0 only when the rollout succeeded.
 """
@@ -11,21 +12,19 @@ nodes) and exits 0 only when the rollout succeeded.
 from __future__ import annotations
 
 import argparse
-import functools
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
-import grpc
-
 from swapmoe.core.sizes import format_size, parse_size
 from swapmoe.orchestration import fleet_up
+from swapmoe.orchestration.addresses import FLEET_PORT, PLANNER_PORT, address_type, port_number
 from swapmoe.rpc import security
 from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, planner_pb2 as ppb
 
-DEFAULT_FLEET = "127.0.0.1:50053"
+DEFAULT_FLEET = f"127.0.0.1:{FLEET_PORT}"
 WATCH_S = 0.5
 FINAL = (fpb.ROLLOUT_STATE_SUCCEEDED, fpb.ROLLOUT_STATE_FAILED, fpb.ROLLOUT_STATE_ABORTED)
 CALL_S = 30
@@ -37,20 +36,6 @@ def _stub(address: str):
     from swapmoe.v1 import fleet_pb2_grpc
 
     return fleet_pb2_grpc.FleetServiceStub(client.channel(address))
-
-
-def _calls_fleet(command):
-    """A failed call ends the command with its status and message, and exit status 2."""
-
-    @functools.wraps(command)
-    def run(args):
-        try:
-            return command(args)
-        except grpc.RpcError as error:
-            print(f"swapmoe: fleet: {error.code().name}: {error.details()}", file=sys.stderr)
-            sys.exit(2)
-
-    return run
 
 
 # -- what is printed -----------------------------------------------------------------------------
@@ -90,12 +75,16 @@ def table(rows: list[list[str]], header: list[str], out=None) -> None:
 # -- commands ------------------------------------------------------------------------------------
 
 def serve(args) -> None:
+    from swapmoe.orchestration import preflight
     from swapmoe.orchestration.fleet import serve as serve_fleet
 
+    preflight.check_port_free(args.host, args.port)
+    preflight.check_state_dir(args.state_dir)
     # The control node's own certificate serves its clients and is presented to the planners.
-    server = serve_fleet(args.planner, f"{args.host}:{args.port}", state_dir=args.state_dir,
-                         security=security.server_from_args(args, "fleet"),
-                         planner_security=security.client_from_args(args, "control", cert="fleet"))
+    with preflight.binding(args.host, args.port):
+        server = serve_fleet(args.planner, f"{args.host}:{args.port}", state_dir=args.state_dir,
+                             security=security.server_from_args(args, "fleet"),
+                             planner_security=security.client_from_args(args, "control", cert="fleet"))
     print(f"fleet listening on {args.host}:{server.port}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -105,18 +94,22 @@ def serve(args) -> None:
     server.stop(5.0)
 
 
-@_calls_fleet
 def nodes(args) -> None:
     stub = _stub(args.fleet)
     request = fpb.ListNodesRequest(selector=args.selector, page_size=args.page_size, page_token=args.page_token,
                                    view=ppb.STATUS_VIEW_BRIEF, connected_only=args.connected)
-    rows, response = [], None
+    listed = fpb.ListNodesResponse()
     while True:
         response = stub.ListNodes(request, timeout=CALL_S)
-        rows += [node_row(n) for n in response.nodes]
+        listed.nodes.extend(response.nodes)
         if not (args.all_pages and response.next_page_token):
             break
         request.page_token = response.next_page_token
+    if args.json:  # the pages as one answer: every node, the last page's summary and token
+        del response.nodes[:]
+        listed.MergeFrom(response)
+        return _print_json(listed)
+    rows = [node_row(n) for n in listed.nodes]
     table(rows, ["NODE", "PLANNER", "LABELS", "CONNECTED", "BUDGET", "PLAN", "STATE"])
     print(summary_line(response.summary))
     if response.unreachable_planners:
@@ -138,7 +131,6 @@ def rollout_request(args) -> fpb.StartRolloutRequest:
     return request
 
 
-@_calls_fleet
 def rollout(args) -> None:
     stub = _stub(args.fleet)
     started = stub.StartRollout(rollout_request(args), timeout=CALL_S)
@@ -171,35 +163,44 @@ def watch(stub, rollout_id: str, out=None, interval_s: float = WATCH_S) -> int:
         time.sleep(interval_s)
 
 
-@_calls_fleet
 def status(args) -> None:
     stub = _stub(args.fleet)
     request = fpb.GetRolloutRequest(rollout_id=args.rollout_id, summary_only=not args.nodes, page_size=1000)
     current = stub.GetRollout(request, timeout=CALL_S)
+    nodes = list(current.nodes)
+    while args.nodes and current.next_page_token:
+        request.page_token = current.next_page_token
+        current = stub.GetRollout(request, timeout=CALL_S)
+        nodes += current.nodes
+    if args.json:  # the pages as one rollout, every node in it
+        del current.nodes[:]
+        current.nodes.extend(nodes)
+        return _print_json(current)
     print(progress_line(current))
     if not args.nodes:
         return
-    rows = []
-    while True:
-        rows += [[n.status.node_id, n.planner, str(n.wave), _state(n.rollout_state, fpb.RolloutNodeState),
-                  f"v{n.status.acked_plan.version}", n.status.last_result.reason or ""] for n in current.nodes]
-        if not current.next_page_token:
-            break
-        request.page_token = current.next_page_token
-        current = stub.GetRollout(request, timeout=CALL_S)
+    rows = [[n.status.node_id, n.planner, str(n.wave), _state(n.rollout_state, fpb.RolloutNodeState),
+             f"v{n.status.acked_plan.version}", n.status.last_result.reason or ""] for n in nodes]
     table(rows, ["NODE", "PLANNER", "WAVE", "STATE", "ACKED", "LAST ANSWER"])
 
 
-@_calls_fleet
 def rollouts(args) -> None:
-    found = _stub(args.fleet).ListRollouts(fpb.ListRolloutsRequest(), timeout=CALL_S).rollouts
+    answer = _stub(args.fleet).ListRollouts(fpb.ListRolloutsRequest(), timeout=CALL_S)
+    if args.json:
+        return _print_json(answer)
+    found = answer.rollouts
     table([[r.rollout_id, _state(r.state), f"{min(r.wave + 1, r.waves)}/{r.waves}", str(r.targeted), str(r.acked),
             str(r.nacked + r.unreachable), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started_ns / 1e9)),
             r.message or r.request.description] for r in found],
           ["ROLLOUT", "STATE", "WAVE", "NODES", "ACKED", "FAILED", "STARTED", "MESSAGE"])
 
 
-@_calls_fleet
+def _print_json(message) -> None:
+    from swapmoe.orchestration.client import print_json
+
+    print_json(message)
+
+
 def act(args) -> None:
     stub = _stub(args.fleet)
     call = {"pause": stub.PauseRollout, "resume": stub.ResumeRollout, "abort": stub.AbortRollout}[args.action]
@@ -233,23 +234,28 @@ def add_parser(commands) -> None:
     sub = commands.add_parser("fleet", help="the control node: fleet listing and staged rollouts") \
         .add_subparsers(dest="action", required=True)
 
-    def client(name: str, help_text: str, func) -> argparse.ArgumentParser:
+    def client(name: str, help_text: str, func, json: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text)
-        p.add_argument("--fleet", default=DEFAULT_FLEET, help=f"control node address (default {DEFAULT_FLEET})")
+        p.add_argument("--fleet", type=address_type(FLEET_PORT), default=DEFAULT_FLEET,
+                       help=f"control node address, HOST[:PORT] (default {DEFAULT_FLEET})")
+        if json:
+            p.add_argument("--json", action="store_true", help="print the answer as JSON (proto3 JSON mapping)")
         p.set_defaults(func=func)
         return p
 
     p = sub.add_parser("serve", help="serve the control node")
-    p.add_argument("--planner", action="append", required=True, help="planner address (repeatable: one per shard)")
+    p.add_argument("--planner", action="append", required=True, type=address_type(PLANNER_PORT),
+                   help=f"planner address, HOST[:PORT] (default port {PLANNER_PORT}); repeatable: one per shard")
     p.add_argument("--state-dir", type=Path, help="keep rollouts here (DIR/rollouts/) and resume them on restart")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50053, help="port (default 50053; 0 picks a free one)")
+    p.add_argument("--port", type=port_number, default=FLEET_PORT,
+                   help=f"port (default {FLEET_PORT}; 0 picks a free one)")
     security.add_server_arguments(p, dials_out=True)
     p.set_defaults(func=serve)
 
     fleet_up.add_up_parser(sub)
 
-    p = client("nodes", "list executors across planners", nodes)
+    p = client("nodes", "list executors across planners", nodes, json=True)
     p.add_argument("--selector", default="", help="labels, e.g. class=phone,region!=us")
     p.add_argument("--connected", action="store_true", help="only executors connected now")
     p.add_argument("--page-size", type=int, default=0, help="executors per page (default 500, at most 5000)")
@@ -270,15 +276,15 @@ def add_parser(commands) -> None:
     p.add_argument("--description", default="", help="free text kept with the rollout")
     p.add_argument("--watch", action="store_true", help="show progress until it ends; exit 0 only on success")
 
-    p = client("status", "show a rollout", status)
-    p.add_argument("rollout_id")
+    p = client("status", "show a rollout", status, json=True)
+    p.add_argument("rollout_id", help="as `fleet rollout` printed it, e.g. rollout-3")
     p.add_argument("--nodes", action="store_true", help="and every node's state in it")
 
-    client("rollouts", "list rollouts, newest first", rollouts)
+    client("rollouts", "list rollouts, newest first", rollouts, json=True)
     for name, help_text in (("pause", "stop a rollout before its next wave"), ("resume", "continue a paused rollout"),
                             ("abort", "end a rollout for good")):
         p = client(name, help_text, act)
-        p.add_argument("rollout_id")
+        p.add_argument("rollout_id", help="as `fleet rollout` printed it, e.g. rollout-3")
         p.add_argument("--reason", default="", help="why (kept with the rollout)")
         if name == "abort":
             p.add_argument("--rollback", action="store_true", help="give the nodes reached their previous plans")

@@ -264,7 +264,7 @@ def up(spec: FleetSpec, extra_args: ExtraArgs | None = None, connect_timeout: fl
         print("interrupted while starting", file=out, flush=True)
         return 130
     except (RuntimeError, TimeoutError) as error:
-        print(f"swapmoe: fleet up failed: {error}", file=sys.stderr, flush=True)
+        print(f"swapmoe: error: fleet up: {error}", file=sys.stderr, flush=True)
         return 1
     finally:
         fleet.stop(out)

@@ -70,6 +70,7 @@ def _is_encoder_decoder(model: Path) -> bool:
 
 def add_parser(commands) -> None:
     """The ``profile`` command group, on the ``swapmoe`` parser's subcommands."""
+    from swapmoe.orchestration.addresses import EXECUTOR_PORT, PLANNER_PORT, address_type
     from swapmoe.profiler.artifacts import default_root
 
     group = commands.add_parser("profile", help="device and accuracy profiling, stored profiles")
@@ -93,8 +94,11 @@ def add_parser(commands) -> None:
 
     p = sub.add_parser("device", help="profile an executor's device (directly or through its planner)")
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--executor", help="executor address (host:port)")
-    where.add_argument("--planner", help="planner address, for an executor that dials out to it (with --node-id)")
+    where.add_argument("--executor", type=address_type(EXECUTOR_PORT),
+                       help=f"executor address, HOST[:PORT] (default port {EXECUTOR_PORT})")
+    where.add_argument("--planner", type=address_type(PLANNER_PORT),
+                       help=f"planner address, HOST[:PORT] (default port {PLANNER_PORT}), for an executor that dials "
+                            "out to it (with --node-id)")
     p.add_argument("--node-id", help="the executor's node id at the planner")
     p.add_argument("--repeats", type=int, default=5, help="repetitions per measurement (default 5)")
     p.add_argument("--sweep-tokens", type=int, default=48, help="tokens generated per update frequency (default 48)")

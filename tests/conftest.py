@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
@@ -53,3 +54,12 @@ def ray_cluster():
     start_ray(cpus=2)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def taken_port():
+    """A loopback port another server holds."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]

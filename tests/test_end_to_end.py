@@ -1,5 +1,6 @@
 """The walking skeleton: planner, executor and control node as separate processes on loopback."""
 
+import re
 import subprocess
 import threading
 import time
@@ -181,7 +182,8 @@ def test_a_restarted_executor_process_resumes_its_plan_and_serves_metrics(tiny_m
                                   timeout=10).accepted
             list(stub.Generate(epb.GenerateRequest(text="count me", max_new_tokens=4), timeout=30))
         url = next(line.split()[-1] for line in first.output if line.startswith("metrics on "))
-        assert "swapmoe:generation_tokens_total 4.0" in urllib.request.urlopen(url, timeout=10).read().decode()
+        metrics = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert re.search(r'^swapmoe_generation_tokens_total\{.*node="[^"]+".*\} 4\.0$', metrics, re.MULTILINE), metrics
     finally:
         assert first.stop() == 0, "the executor should drain and exit cleanly"
     second = spawn("executor-2", args, log_dir=tmp_path)

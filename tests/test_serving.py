@@ -7,6 +7,7 @@ import urllib.request
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from swapmoe.core.plan import Plan
 from swapmoe.executor import plans
@@ -208,11 +209,11 @@ def test_prometheus_metrics_use_the_names_serving_dashboards_expect(served):
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics.server_port}/metrics", timeout=10).read().decode()
     finally:
         metrics.shutdown()
-    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-              if line and not line.startswith("#")}
-    assert values["swapmoe:generation_tokens_total"] >= 5
-    assert values['swapmoe:time_to_first_token_seconds_bucket{le="+Inf"}'] >= 1
-    assert values["swapmoe:inter_token_latency_seconds_count"] >= 4
-    assert values["swapmoe:num_requests_waiting"] == 0
-    assert 0 < values["swapmoe:memory_accounted_bytes"] <= values["swapmoe:memory_budget_bytes"]
-    assert values["swapmoe:process_resident_memory_bytes"] > 0
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.labels.get("le", "+Inf") == "+Inf" and "code" not in s.labels}
+    assert values["swapmoe_generation_tokens_total"] >= 5
+    assert values["swapmoe_time_to_first_token_seconds_bucket"] >= 1
+    assert values["swapmoe_inter_token_latency_seconds_count"] >= 4
+    assert values["swapmoe_num_requests_waiting"] == 0
+    assert 0 < values["swapmoe_memory_accounted_bytes"] <= values["swapmoe_memory_budget_bytes"]
+    assert values["process_resident_memory_bytes"] > 0

@@ -4,6 +4,11 @@
 field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, ``Forbidden`` PERMISSION_DENIED,
 ``Corrupted`` DATA_LOSS, a failed upstream call its own status; anything else is INTERNAL and
 logged with its traceback.
+
+An ``InvalidField`` also carries the richer error model of google.rpc (AIP-193): a
+``google.rpc.Status`` in the ``grpc-status-details-bin`` trailer holding a ``BadRequest`` whose
+field violation names the field, so a client reads which field failed with
+``grpc_status.rpc_status.from_call(error)`` instead of parsing the message, which stays as before.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import logging
 from typing import Callable
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-from swapmoe.core.errors import Busy, Corrupted, Forbidden, NotFound, Unauthenticated
+from swapmoe.core.errors import Busy, Corrupted, Forbidden, InvalidField, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -64,19 +72,51 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler._replace(stream_stream=_guard_stream(handler.stream_stream, method))
 
 
-def describe(error: Exception, method: str) -> tuple[grpc.StatusCode, str]:
-    """The status and message a handler's exception ends its call with; INTERNAL ones are logged
-    with their traceback (the caller sees only the message)."""
+def describe(error: Exception, method: str) -> tuple[grpc.StatusCode, str, tuple]:
+    """The status, message and trailing metadata (the rich status: ``rich_details``) a handler's
+    exception ends its call with; INTERNAL ones are logged with their traceback (the caller sees
+    only the message). grpc.aio's ``context.abort`` takes the three as they are."""
     code = status_for(error)
     if code is grpc.StatusCode.INTERNAL:
         log.error("%s failed", method, exc_info=error)
     if isinstance(error, grpc.RpcError) and hasattr(error, "details"):
-        return code, f"upstream call failed: {error.code().name}: {error.details()}"
-    return code, str(error) or type(error).__name__
+        message = f"upstream call failed: {error.code().name}: {error.details()}"
+    else:
+        message = str(error) or type(error).__name__
+    return code, message, rich_details(error, code, message)
+
+
+def rich_details(error: Exception, code: grpc.StatusCode, message: str) -> tuple:
+    """The trailer with a ``google.rpc.Status`` for ``error``: a ``BadRequest`` naming the field of an
+    ``InvalidField``, or the details an upstream call failed with; empty for other errors."""
+    if isinstance(error, InvalidField):
+        violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.detail)
+        details = [_packed(error_details_pb2.BadRequest(field_violations=[violation]))]
+    elif isinstance(error, grpc.RpcError) and hasattr(error, "trailing_metadata"):  # sync or aio
+        try:
+            upstream = rpc_status.from_call(error)
+        except ValueError:  # a trailer that does not match its call: pass nothing on
+            upstream = None
+        details = list(upstream.details) if upstream is not None else []
+    else:
+        details = []
+    if not details:
+        return ()
+    status = status_pb2.Status(code=code.value[0], message=message, details=details)
+    return tuple(rpc_status.to_status(status).trailing_metadata)
+
+
+def _packed(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
 
 
 def _abort(context: grpc.ServicerContext, error: Exception, method: str):
-    context.abort(*describe(error, method))
+    code, message, trailing_metadata = describe(error, method)
+    if trailing_metadata:
+        context.set_trailing_metadata(trailing_metadata)
+    context.abort(code, message)
 
 
 def _guard_unary(fn: Callable, method: str) -> Callable:

@@ -26,15 +26,15 @@ from swapmoe.v1 import common_pb2 as swapmoe_dot_v1_dot_common__pb2
 from swapmoe.v1 import telemetry_pb2 as swapmoe_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swapmoe/v1/executor.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\x1a\x1aswapmoe/v1/telemetry.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xbe\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.swapmoe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.swapmoe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\xac\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.swapmoe.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.swapmoe.v1.Usage\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.swapmoe.v1.Timings\"J\n\x10SubscribeRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12!\n\x06topics\x18\x02 \x03(\x0e\x32\x11.swapmoe.v1.Topic\"2\n\x10\x41pplyPlanRequest\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.swapmoe.v1.Plan\"8\n\x10SetBudgetRequest\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb6\x01\n\x11SetBudgetResponse\x12\x1d\n\x15previous_budget_bytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12(\n\x06memory\x18\x03 \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12\x1e\n\x04plan\x18\x04 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x05 \x03(\r\"\x11\n\x0f\x44\x65scribeRequest\"\xb8\x02\n\x10\x44\x65scribeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12&\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x18\n\x10min_budget_bytes\x18\x05 \x01(\x04\x12\x1e\n\x04plan\x18\x06 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x07 \x03(\r\x12(\n\x06memory\x18\x08 \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12$\n\x07reserve\x18\t \x01(\x0b\x32\x13.swapmoe.v1.Reserve\"\x84\x01\n\x0eProfileRequest\x12\x14\n\x0ctoken_counts\x18\x01 \x03(\r\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x1a\n\x12update_frequencies\x18\x03 \x03(\r\x12\x14\n\x0csweep_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x65xperts_per_layer\x18\x05 \x03(\r\":\n\rComputeSample\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x19\n\x11\x65xpert_forward_ns\x18\x02 \x01(\x04\"x\n\x0cLayerProfile\x12\x18\n\x10\x62ytes_per_expert\x18\x01 \x01(\x04\x12\"\n\x1a\x61\x63tivation_bytes_per_token\x18\x02 \x01(\x04\x12*\n\x07\x63ompute\x18\x03 \x03(\x0b\x32\x19.swapmoe.v1.ComputeSample\"L\n\nLoadSample\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x16\n\x0e\x65xpert_load_ns\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x03 \x01(\x01\"r\n\nSweepPoint\x12\x18\n\x10update_frequency\x18\x01 \x01(\r\x12\x16\n\x0einter_token_ns\x18\x02 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12\x17\n\x0floads_per_token\x18\x04 \x01(\x01\"\xcf\x04\n\rProfileResult\x12\x16\n\x0e\x65xpert_load_ns\x18\x01 \x01(\x04\x12\x1d\n\x15load_bytes_per_second\x18\x02 \x01(\x01\x12\x11\n\tload_tier\x18\x03 \x01(\t\x12*\n\x07\x63ompute\x18\x04 \x03(\x0b\x32\x19.swapmoe.v1.ComputeSample\x12\x18\n\x10\x62ytes_per_expert\x18\x05 \x03(\x04\x12\x13\n\x0b\x64\x65nse_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12&\n\x06\x64\x65vice\x18\x08 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\'\n\x06layout\x18\n \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12(\n\x06layers\x18\x0b \x03(\x0b\x32\x18.swapmoe.v1.LayerProfile\x12%\n\x05loads\x18\x0c \x03(\x0b\x32\x16.swapmoe.v1.LoadSample\x12\x18\n\x10\x64\x65nse_forward_ns\x18\r \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_step_ns\x18\x0e \x01(\x04\x12\x1f\n\x17sweep_experts_per_layer\x18\x0f \x03(\r\x12%\n\x05sweep\x18\x10 \x03(\x0b\x32\x16.swapmoe.v1.SweepPoint\x12#\n\x1binflection_update_frequency\x18\x11 \x01(\r\x12,\n\ton_demand\x18\x12 \x01(\x0b\x32\x19.swapmoe.v1.OnDemandPoint\"A\n\rOnDemandPoint\x12\x16\n\x0einter_token_ns\x18\x01 \x01(\x04\x12\x18\n\x10misses_per_token\x18\x02 \x01(\x01\"]\n\x0fProfileProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x02\x12\r\n\x05stage\x18\x02 \x01(\t\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x19.swapmoe.v1.ProfileResult*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x04\x32\xbd\x03\n\x0f\x45xecutorService\x12G\n\x08Generate\x12\x1b.swapmoe.v1.GenerateRequest\x1a\x1c.swapmoe.v1.GenerateResponse0\x01\x12G\n\tSubscribe\x12\x1c.swapmoe.v1.SubscribeRequest\x1a\x1a.swapmoe.v1.TelemetryEvent0\x01\x12\x41\n\tApplyPlan\x12\x1c.swapmoe.v1.ApplyPlanRequest\x1a\x16.swapmoe.v1.PlanResult\x12H\n\tSetBudget\x12\x1c.swapmoe.v1.SetBudgetRequest\x1a\x1d.swapmoe.v1.SetBudgetResponse\x12\x45\n\x08\x44\x65scribe\x12\x1b.swapmoe.v1.DescribeRequest\x1a\x1c.swapmoe.v1.DescribeResponse\x12\x44\n\x07Profile\x12\x1a.swapmoe.v1.ProfileRequest\x1a\x1b.swapmoe.v1.ProfileProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19swapmoe/v1/executor.proto\x12\nswapmoe.v1\x1a\x17swapmoe/v1/common.proto\x1a\x1aswapmoe/v1/telemetry.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xbe\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x14.swapmoe.v1.TokenIdsH\x00\x12\x16\n\x0emax_new_tokens\x18\x03 \x01(\r\x12,\n\x08sampling\x18\x04 \x01(\x0b\x32\x1a.swapmoe.v1.SamplingParams\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\tB\x08\n\x06prompt\"\xc0\x01\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.swapmoe.v1.FinishReason\x12 \n\x05usage\x18\x04 \x01(\x0b\x32\x11.swapmoe.v1.Usage\x12$\n\x07timings\x18\x05 \x01(\x0b\x32\x13.swapmoe.v1.Timings\x12\x12\n\nrequest_id\x18\x06 \x01(\t\"J\n\x10SubscribeRequest\x12\x13\n\x0binterval_ms\x18\x01 \x01(\r\x12!\n\x06topics\x18\x02 \x03(\x0e\x32\x11.swapmoe.v1.Topic\"2\n\x10\x41pplyPlanRequest\x12\x1e\n\x04plan\x18\x01 \x01(\x0b\x32\x10.swapmoe.v1.Plan\"8\n\x10SetBudgetRequest\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xb6\x01\n\x11SetBudgetResponse\x12\x1d\n\x15previous_budget_bytes\x18\x01 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x02 \x01(\x04\x12(\n\x06memory\x18\x03 \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12\x1e\n\x04plan\x18\x04 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x05 \x03(\r\"\x11\n\x0f\x44\x65scribeRequest\"\xb8\x02\n\x10\x44\x65scribeResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\'\n\x06layout\x18\x02 \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12&\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x18\n\x10min_budget_bytes\x18\x05 \x01(\x04\x12\x1e\n\x04plan\x18\x06 \x01(\x0b\x32\x10.swapmoe.v1.Plan\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x07 \x03(\r\x12(\n\x06memory\x18\x08 \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12$\n\x07reserve\x18\t \x01(\x0b\x32\x13.swapmoe.v1.Reserve\"\x84\x01\n\x0eProfileRequest\x12\x14\n\x0ctoken_counts\x18\x01 \x03(\r\x12\x0f\n\x07repeats\x18\x02 \x01(\r\x12\x1a\n\x12update_frequencies\x18\x03 \x03(\r\x12\x14\n\x0csweep_tokens\x18\x04 \x01(\r\x12\x19\n\x11\x65xperts_per_layer\x18\x05 \x03(\r\":\n\rComputeSample\x12\x0e\n\x06tokens\x18\x01 \x01(\r\x12\x19\n\x11\x65xpert_forward_ns\x18\x02 \x01(\x04\"x\n\x0cLayerProfile\x12\x18\n\x10\x62ytes_per_expert\x18\x01 \x01(\x04\x12\"\n\x1a\x61\x63tivation_bytes_per_token\x18\x02 \x01(\x04\x12*\n\x07\x63ompute\x18\x03 \x03(\x0b\x32\x19.swapmoe.v1.ComputeSample\"L\n\nLoadSample\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x16\n\x0e\x65xpert_load_ns\x18\x02 \x01(\x04\x12\x18\n\x10\x62ytes_per_second\x18\x03 \x01(\x01\"r\n\nSweepPoint\x12\x18\n\x10update_frequency\x18\x01 \x01(\r\x12\x16\n\x0einter_token_ns\x18\x02 \x01(\x04\x12\x19\n\x11tokens_per_second\x18\x03 \x01(\x01\x12\x17\n\x0floads_per_token\x18\x04 \x01(\x01\"\xcf\x04\n\rProfileResult\x12\x16\n\x0e\x65xpert_load_ns\x18\x01 \x01(\x04\x12\x1d\n\x15load_bytes_per_second\x18\x02 \x01(\x01\x12\x11\n\tload_tier\x18\x03 \x01(\t\x12*\n\x07\x63ompute\x18\x04 \x03(\x0b\x32\x19.swapmoe.v1.ComputeSample\x12\x18\n\x10\x62ytes_per_expert\x18\x05 \x03(\x04\x12\x13\n\x0b\x64\x65nse_bytes\x18\x06 \x01(\x04\x12\x0f\n\x07node_id\x18\x07 \x01(\t\x12&\n\x06\x64\x65vice\x18\x08 \x01(\x0b\x32\x16.swapmoe.v1.DeviceInfo\x12\x19\n\x11model_fingerprint\x18\t \x01(\t\x12\'\n\x06layout\x18\n \x01(\x0b\x32\x17.swapmoe.v1.ModelLayout\x12(\n\x06layers\x18\x0b \x03(\x0b\x32\x18.swapmoe.v1.LayerProfile\x12%\n\x05loads\x18\x0c \x03(\x0b\x32\x16.swapmoe.v1.LoadSample\x12\x18\n\x10\x64\x65nse_forward_ns\x18\r \x01(\x04\x12\x16\n\x0e\x64\x65\x63ode_step_ns\x18\x0e \x01(\x04\x12\x1f\n\x17sweep_experts_per_layer\x18\x0f \x03(\r\x12%\n\x05sweep\x18\x10 \x03(\x0b\x32\x16.swapmoe.v1.SweepPoint\x12#\n\x1binflection_update_frequency\x18\x11 \x01(\r\x12,\n\ton_demand\x18\x12 \x01(\x0b\x32\x19.swapmoe.v1.OnDemandPoint\"A\n\rOnDemandPoint\x12\x16\n\x0einter_token_ns\x18\x01 \x01(\x04\x12\x18\n\x10misses_per_token\x18\x02 \x01(\x01\"]\n\x0fProfileProgress\x12\x10\n\x08\x66raction\x18\x01 \x01(\x02\x12\r\n\x05stage\x18\x02 \x01(\t\x12)\n\x06result\x18\x03 \x01(\x0b\x32\x19.swapmoe.v1.ProfileResult*\x96\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x12\x1e\n\x1a\x46INISH_REASON_CONTEXT_FULL\x10\x04\x32\xbd\x03\n\x0f\x45xecutorService\x12G\n\x08Generate\x12\x1b.swapmoe.v1.GenerateRequest\x1a\x1c.swapmoe.v1.GenerateResponse0\x01\x12G\n\tSubscribe\x12\x1c.swapmoe.v1.SubscribeRequest\x1a\x1a.swapmoe.v1.TelemetryEvent0\x01\x12\x41\n\tApplyPlan\x12\x1c.swapmoe.v1.ApplyPlanRequest\x1a\x16.swapmoe.v1.PlanResult\x12H\n\tSetBudget\x12\x1c.swapmoe.v1.SetBudgetRequest\x1a\x1d.swapmoe.v1.SetBudgetResponse\x12\x45\n\x08\x44\x65scribe\x12\x1b.swapmoe.v1.DescribeRequest\x1a\x1c.swapmoe.v1.DescribeResponse\x12\x44\n\x07Profile\x12\x1a.swapmoe.v1.ProfileRequest\x1a\x1b.swapmoe.v1.ProfileProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swapmoe.v1.executor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2557
-  _globals['_FINISHREASON']._serialized_end=2707
+  _globals['_FINISHREASON']._serialized_start=2577
+  _globals['_FINISHREASON']._serialized_end=2727
   _globals['_TOKENIDS']._serialized_start=94
   _globals['_TOKENIDS']._serialized_end=117
   _globals['_SAMPLINGPARAMS']._serialized_start=119
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_start=217
   _globals['_GENERATEREQUEST']._serialized_end=407
   _globals['_GENERATERESPONSE']._serialized_start=410
-  _globals['_GENERATERESPONSE']._serialized_end=582
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=584
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=658
-  _globals['_APPLYPLANREQUEST']._serialized_start=660
-  _globals['_APPLYPLANREQUEST']._serialized_end=710
-  _globals['_SETBUDGETREQUEST']._serialized_start=712
-  _globals['_SETBUDGETREQUEST']._serialized_end=768
-  _globals['_SETBUDGETRESPONSE']._serialized_start=771
-  _globals['_SETBUDGETRESPONSE']._serialized_end=953
-  _globals['_DESCRIBEREQUEST']._serialized_start=955
-  _globals['_DESCRIBEREQUEST']._serialized_end=972
-  _globals['_DESCRIBERESPONSE']._serialized_start=975
-  _globals['_DESCRIBERESPONSE']._serialized_end=1287
-  _globals['_PROFILEREQUEST']._serialized_start=1290
-  _globals['_PROFILEREQUEST']._serialized_end=1422
-  _globals['_COMPUTESAMPLE']._serialized_start=1424
-  _globals['_COMPUTESAMPLE']._serialized_end=1482
-  _globals['_LAYERPROFILE']._serialized_start=1484
-  _globals['_LAYERPROFILE']._serialized_end=1604
-  _globals['_LOADSAMPLE']._serialized_start=1606
-  _globals['_LOADSAMPLE']._serialized_end=1682
-  _globals['_SWEEPPOINT']._serialized_start=1684
-  _globals['_SWEEPPOINT']._serialized_end=1798
-  _globals['_PROFILERESULT']._serialized_start=1801
-  _globals['_PROFILERESULT']._serialized_end=2392
-  _globals['_ONDEMANDPOINT']._serialized_start=2394
-  _globals['_ONDEMANDPOINT']._serialized_end=2459
-  _globals['_PROFILEPROGRESS']._serialized_start=2461
-  _globals['_PROFILEPROGRESS']._serialized_end=2554
-  _globals['_EXECUTORSERVICE']._serialized_start=2710
-  _globals['_EXECUTORSERVICE']._serialized_end=3155
+  _globals['_GENERATERESPONSE']._serialized_end=602
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=604
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=678
+  _globals['_APPLYPLANREQUEST']._serialized_start=680
+  _globals['_APPLYPLANREQUEST']._serialized_end=730
+  _globals['_SETBUDGETREQUEST']._serialized_start=732
+  _globals['_SETBUDGETREQUEST']._serialized_end=788
+  _globals['_SETBUDGETRESPONSE']._serialized_start=791
+  _globals['_SETBUDGETRESPONSE']._serialized_end=973
+  _globals['_DESCRIBEREQUEST']._serialized_start=975
+  _globals['_DESCRIBEREQUEST']._serialized_end=992
+  _globals['_DESCRIBERESPONSE']._serialized_start=995
+  _globals['_DESCRIBERESPONSE']._serialized_end=1307
+  _globals['_PROFILEREQUEST']._serialized_start=1310
+  _globals['_PROFILEREQUEST']._serialized_end=1442
+  _globals['_COMPUTESAMPLE']._serialized_start=1444
+  _globals['_COMPUTESAMPLE']._serialized_end=1502
+  _globals['_LAYERPROFILE']._serialized_start=1504
+  _globals['_LAYERPROFILE']._serialized_end=1624
+  _globals['_LOADSAMPLE']._serialized_start=1626
+  _globals['_LOADSAMPLE']._serialized_end=1702
+  _globals['_SWEEPPOINT']._serialized_start=1704
+  _globals['_SWEEPPOINT']._serialized_end=1818
+  _globals['_PROFILERESULT']._serialized_start=1821
+  _globals['_PROFILERESULT']._serialized_end=2412
+  _globals['_ONDEMANDPOINT']._serialized_start=2414
+  _globals['_ONDEMANDPOINT']._serialized_end=2479
+  _globals['_PROFILEPROGRESS']._serialized_start=2481
+  _globals['_PROFILEPROGRESS']._serialized_end=2574
+  _globals['_EXECUTORSERVICE']._serialized_start=2730
+  _globals['_EXECUTORSERVICE']._serialized_end=3175
 # @@protoc_insertion_point(module_scope)

@@ -86,7 +86,7 @@ class PlanReport(_message.Message):
     def __init__(self, plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("kind", "message", "previous_budget_bytes", "budget_bytes", "plan_version")
+    __slots__ = ("kind", "message", "previous_budget_bytes", "budget_bytes", "plan_version", "request_id")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Event.Kind]
@@ -108,12 +108,14 @@ class Event(_message.Message):
     PREVIOUS_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     kind: Event.Kind
     message: str
     previous_budget_bytes: int
     budget_bytes: int
     plan_version: int
-    def __init__(self, kind: _Optional[_Union[Event.Kind, str]] = ..., message: _Optional[str] = ..., previous_budget_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., plan_version: _Optional[int] = ...) -> None: ...
+    request_id: str
+    def __init__(self, kind: _Optional[_Union[Event.Kind, str]] = ..., message: _Optional[str] = ..., previous_budget_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., plan_version: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TelemetryEvent(_message.Message):
     __slots__ = ("node_id", "sequence", "timestamp_ns", "dropped", "memory", "throughput", "experts", "swaps", "plan", "event")
