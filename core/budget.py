@@ -77,7 +77,8 @@ class MemoryModel:
             raise InvalidField(
                 "budget_bytes",
                 f"{format_size(budget)} is below this model's minimum of {format_size(self.min_budget_bytes)} "
-                f"({self.min_budget_bytes} bytes: dense weights, one expert per layer, KV cache and activations)",
+                f"({self.min_budget_bytes} bytes: dense weights, one expert per layer, KV cache, activations "
+                "and the executor's own allocations)",
             )
 
     def over_budget(self, experts_per_layer: Sequence[int], budget: int) -> str:
