@@ -73,7 +73,8 @@ def print_json(message, out=None) -> None:
 def memory_line(m: common_pb2.MemoryReport) -> str:
     return (f"accounted {format_size(m.accounted_bytes)} of budget {format_size(m.budget_bytes)} "
             f"(dense {format_size(m.dense_bytes)}, experts {format_size(m.expert_bytes)}, "
-            f"KV {format_size(m.kv_cache_bytes)}, activations {format_size(m.activation_bytes)}); "
+            f"KV {format_size(m.kv_cache_bytes)}, activations {format_size(m.activation_bytes)}, "
+            f"executor's own {format_size(m.runtime_bytes)}); "
             f"process RSS {format_size(m.process_rss_bytes)}")
 
 

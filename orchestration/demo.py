@@ -8,11 +8,12 @@ import threading
 import time
 from pathlib import Path
 
+from swapmoe.core.budget import MemoryModel
 from swapmoe.core.sizes import format_size, parse_size
 from swapmoe.models.bundled import LM_DIR
 from swapmoe.orchestration import client
 from swapmoe.orchestration.processes import spawn
-from swapmoe.rpc import transport
+from swapmoe.rpc import convert, transport
 from swapmoe.v1 import executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 
@@ -75,10 +76,12 @@ def run_demo(args) -> int:
                 d = client.executor_stub(executor.address).Describe(epb.DescribeRequest(), timeout=30)
                 experts = d.layout.total_bytes - d.layout.dense_bytes
                 per_layer = sum(l.bytes_per_expert for l in d.layout.layers)
-                budget = d.min_budget_bytes + experts * 3 // 4 - per_layer
+                memory = MemoryModel(convert.layout_from_pb(d.layout), convert.reserve_from_pb(d.reserve))
+                budget = memory.smallest_plan_bytes + experts * 3 // 4 - per_layer  # plans leave room for a full batch
                 print(f"cutting the budget to {format_size(budget)}: weights {format_size(d.layout.total_bytes)} in full, "
-                      f"minimum budget {format_size(d.min_budget_bytes)} (dense + one expert per layer + KV and "
-                      f"activation reserve)")
+                      f"minimum budget {format_size(d.min_budget_bytes)} (dense, one expert per layer, one sequence's "
+                      f"KV cache and activations, the executor's own allocations); 3/4 of the experts beside a full "
+                      f"batch")
                 client.set_budget(executor.address, budget, "demo: another app needs memory")
                 time.sleep(0.3)
                 status = wait_for_ack(planner.address, node_id)
