@@ -15,41 +15,10 @@ import grpc
 from swapmoe.core import logs
 from swapmoe.core.errors import Corrupted, NotFound
 from swapmoe.core.labels import parse_labels
-from swapmoe.core.sizes import parse_size
-from swapmoe.orchestration import devcerts, fleet_commands, http_commands
+from swapmoe.orchestration import arg_types, devcerts, env_defaults, fleet_commands, http_commands, preflight
 from swapmoe.rpc import security
 from swapmoe.profiler import commands as profile_commands
-from swapmoe.orchestration import env_defaults, preflight
 from swapmoe.orchestration.addresses import EXECUTOR_PORT, FLEET_PORT, PLANNER_PORT, address_type, port_number
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _size_or_zero(text: str) -> int:
-    """A size, or 0 for "none" (a flag whose default is 0 accepts it spelled out)."""
-    return 0 if text.strip() == "0" else _size(text)
-
-
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _non_negative(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be >= 1, got 0")
-    return value
 
 
 def _serve_until_signalled(server, name: str) -> None:
@@ -219,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     executor = commands.add_parser("executor", help="the on-device executor").add_subparsers(dest="action", required=True)
     p = server(executor, "serve a checkpoint within a memory budget", EXECUTOR_PORT)
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--budget", required=True, type=_size, help="memory budget, e.g. 512MiB, 2GiB, 2Gi, 1.5GB")
+    p.add_argument("--budget", required=True, type=arg_types.size, help="memory budget, e.g. 512MiB, 2GiB, 2Gi, 1.5GB")
     p.add_argument("--planner", type=address_type(PLANNER_PORT),
                    help=f"planner address to dial out to, HOST[:PORT] (default port {PLANNER_PORT})")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE",
@@ -228,19 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="stable identity of this executor (default: host name)")
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--max-context", type=int, default=0, help="longest prompt + completion (default: model limit, <= 2048)")
-    p.add_argument("--max-batch", type=_positive, default=8,
+    p.add_argument("--max-batch", type=arg_types.positive, default=8,
                    help="generations decoded together in one forward pass (continuous batching: plans leave room "
                         "for each one's KV cache, and a budget cut runs fewer at once; encoder-decoder models run "
                         "one at a time) (default 8)")
-    p.add_argument("--max-queue", type=_non_negative, default=64,
+    p.add_argument("--max-queue", type=arg_types.non_negative, default=64,
                    help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
-    p.add_argument("--threads", type=_non_negative, default=0,
+    p.add_argument("--threads", type=arg_types.non_negative, default=0,
                    help="torch threads (default 0: all cores but one, left to gRPC and expert loads)")
-    p.add_argument("--load-bandwidth", type=_size_or_zero, default=0,
+    p.add_argument("--load-bandwidth", type=arg_types.size_or_zero, default=0,
                    help="cap expert reads at this many bytes per second, e.g. 200MiB (default: no cap)")
     p.add_argument("--state-dir", type=Path,
                    help="keep the last acknowledged plan and the planner's node secret here, and resume them on restart")
-    p.add_argument("--max-subscribers", type=_positive, default=32,
+    p.add_argument("--max-subscribers", type=arg_types.positive, default=32,
                    help="telemetry streams served at once; more get RESOURCE_EXHAUSTED (default 32)")
     p.add_argument("--metrics-port", type=port_number, help="serve Prometheus metrics on this port (0 picks a free one)")
     p.add_argument("--drain-seconds", type=float, default=30.0,
@@ -253,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path,
                    help="keep each executor's plans (desired, acknowledged, pinned, why), the device profiles "
                         "measured and the frontiers searched here, and restore them on restart")
-    p.add_argument("--max-executors", type=_positive, default=20_000,
+    p.add_argument("--max-executors", type=arg_types.positive, default=20_000,
                    help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 20000; "
                         "each holds a connection: raise `ulimit -n` past twice this)")
     p.add_argument("--profiles", type=Path, action="append", default=[],
@@ -315,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=executor_help)
     p.add_argument("--reason", default="", help="why, recorded with the budget change")
     p.add_argument("--json", action="store_true", help="print the SetBudget answer as JSON (proto3 JSON mapping)")
-    p.add_argument("budget", type=_size, help="the new budget, e.g. 512MiB, 2Gi, 1.5GB")
+    p.add_argument("budget", type=arg_types.size, help="the new budget, e.g. 512MiB, 2Gi, 1.5GB")
     p.set_defaults(func=set_budget)
 
     profile_commands.add_parser(commands)

@@ -18,8 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from swapmoe.core.sizes import format_size, parse_size
-from swapmoe.orchestration import fleet_up
+from swapmoe.core.sizes import format_size
+from swapmoe.orchestration import arg_types, fleet_up
 from swapmoe.orchestration.addresses import FLEET_PORT, PLANNER_PORT, address_type, port_number
 from swapmoe.rpc import security
 from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, planner_pb2 as ppb
@@ -211,13 +211,6 @@ def act(args) -> None:
 
 # -- the parser ----------------------------------------------------------------------------------
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
@@ -267,7 +260,7 @@ def add_parser(commands) -> None:
     where.add_argument("--nodes", type=_ids, default=[], help="comma-separated node ids (default: every connected)")
     where.add_argument("--selector", default="", help="connected executors with these labels, e.g. class=phone")
     p.add_argument("--experts", type=_ints, help="experts per layer, e.g. 4,4,4 (default: each planner decides)")
-    p.add_argument("--budget", type=_size, help="set every target's budget, e.g. 1.5GiB")
+    p.add_argument("--budget", type=arg_types.size, help="set every target's budget, e.g. 1.5GiB")
     p.add_argument("--canary", type=int, help="nodes in the canary wave (default 1; 0: none)")
     p.add_argument("--waves", type=_ints, help="cumulative percentages after the canary (default 10,50,100)")
     p.add_argument("--max-failures", type=float, help="halt and roll back past this share of failures (default 0.05)")
