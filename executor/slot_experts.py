@@ -157,9 +157,6 @@ class SlotExperts(nn.Module):
         """Route by ``table`` from the next forward pass on (between passes only)."""
         self.slot_of, self.expert_in_slot, self.identity = table.slot_of, table.expert_in_slot, table.identity
 
-    def map(self, ready: Mapping[int, int]) -> None:
-        self.install(self.table(ready))
-
     def forward(self, hidden: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.identity:  # every expert in its own slot: routing is already in slot space
             return call(self.inner, hidden, routing, weights)

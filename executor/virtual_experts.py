@@ -40,6 +40,11 @@ class Layer:
     scores: torch.Tensor  # decayed importance: what the resident set moves toward
     seen: torch.Tensor  # the router's cumulative importance at the last update
 
+    def install(self, tables: Tables) -> None:
+        """Route by ``tables`` from the next forward pass on."""
+        self.experts.install(tables.slots)
+        self.router.install(tables.resident)
+
 
 @dataclass(frozen=True, slots=True)
 class Tables:
@@ -108,8 +113,8 @@ class VirtualExperts:
         # a second thread doing small tensor ops hands the interpreter lock back and forth with it
         # and costs more than it saves (measured: ITL mean +5% over deciding inline), so the
         # forward thread decides between passes.
-        self.background = self.device.type == "cuda" if background_updates is None else background_updates
-        self.updater = Worker(self._work, "expert-updater") if self.background else None
+        background = self.device.type == "cuda" if background_updates is None else background_updates
+        self.updater = Worker(self._work, "expert-updater") if background else None
         self.loader = ExpertLoader(self.store, self.device, self.io,
                                    on_finished=self.updater.kick if self.updater else lambda: None)
         self._filled = False
@@ -154,8 +159,7 @@ class VirtualExperts:
         """Between passes: the newest tables become what routing uses, then their loads start."""
         tables, loads = self._outbox.take()
         for index, t in tables.items():
-            self.layers[index].experts.install(t.slots)
-            self.layers[index].router.install(t.resident)
+            self.layers[index].install(t)
         for load in loads:
             self.loader.submit(load)
 
@@ -234,9 +238,10 @@ class VirtualExperts:
         here (see ``__init__``). Each layer has a turn every ``update_frequency`` passes (0:
         never, a static resident set); a share of the layers after each pass, so the work is
         spread over the passes."""
-        if not self.updater:  # deciding on this thread (see __init__)
+        if self.updater:
+            self._install()
+        else:  # deciding on this thread (see __init__): finished loads are collected here too
             self.poll()
-        self._install()
         if not update_frequency:
             return
         self._since_update += 1
@@ -356,11 +361,9 @@ class VirtualExperts:
                 self._publish_now(index)
 
     def _publish_now(self, index: int) -> None:
-        layer = self.layers[index]
+        """Install the layer's tables at once (inside a pass: on-demand loads), superseding any waiting."""
         self._outbox.drop(index)
-        tables = self._tables(layer)
-        layer.experts.install(tables.slots)
-        layer.router.install(tables.resident)
+        self.layers[index].install(self._tables(self.layers[index]))
 
     def close(self) -> None:
         if self.updater:

@@ -13,7 +13,6 @@ import argparse
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 import grpc
@@ -56,15 +55,11 @@ def add_parser(commands) -> None:
 
 
 def serve(args: argparse.Namespace) -> None:
-    try:
-        import uvicorn
+    import uvicorn  # missing: the CLI names the extra to install (cli.EXTRA_OF_MODULE)
 
-        from swapmoe.orchestration import openai_http
-        from swapmoe.orchestration.executor_pool import ExecutorPool
-    except ModuleNotFoundError as error:
-        print(f"swapmoe: error: `swapmoe http` needs {error.name}, which this installation lacks; "
-              f"install it with: pip install \"swapmoe[http]\"", file=sys.stderr)
-        sys.exit(2)
+    from swapmoe.orchestration import openai_http
+    from swapmoe.orchestration.executor_pool import ExecutorPool
+
     _check_https(args)
     client_security = security.client_from_args(args, "client")
     tokenizer = openai_http.load_tokenizer(args.tokenizer) if args.tokenizer else None
