@@ -72,7 +72,7 @@ class Subject:
         self.config = config
         self.runtime = None
         if config.original:
-            self.model = load_checkpoint(checkpoint).model
+            self.model = load_checkpoint(checkpoint, experts_implementation=None).model  # as transformers loads it
             return
         self.runtime = VirtualExperts(checkpoint, store_root=store_root, load_bandwidth=bandwidth, log=lambda _: None,
                                       background_updates=config.background)

@@ -38,12 +38,14 @@ def auto_class(config):
     return AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
 
 
-def load_checkpoint(path: str | Path, device: str = "cpu") -> Checkpoint:
+def load_checkpoint(path: str | Path, device: str = "cpu", experts_implementation: str | None = "eager") -> Checkpoint:
+    """The whole model as transformers loads it. The eager experts forward (the default here)
+    skips the index E that masked gating uses for "no resident expert", so masked routers can
+    wrap this model; None: transformers' default (``grouped_mm`` for packed experts), which
+    masks E only under expert parallelism."""
     path = Path(path)
     auto = auto_class(read_config(path))
-    # The eager experts forward skips the index E that masked gating uses for "no resident
-    # expert"; transformers' grouped_mm default only masks it under expert parallelism.
     model = auto.from_pretrained(path, local_files_only=True, dtype="auto",
-                                 experts_implementation="eager").to(device).eval()
+                                 experts_implementation=experts_implementation).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Checkpoint(path, model, tokenizer)

@@ -68,14 +68,16 @@ def kv_cache_bytes(config, max_context: int, dtype_bytes: int) -> int:
 
 def activation_bytes(config, max_context: int, dtype_bytes: int, batch: int = 1) -> int:
     """Workspace of one forward pass over ``max_context`` tokens: hidden states, the widest
-    MLP, the attention scores of one layer and one row of logits, plus a row of logits for
-    each other sequence of a ``batch`` (a decode pass of ``batch`` <= ``max_context`` tokens
-    needs no more than a prefill of ``max_context`` besides its logits)."""
+    MLP (a token's ``top_k`` experts run in one grouped matmul, so their widths add up), the
+    attention scores of one layer and one row of logits, plus a row of logits for each other
+    sequence of a ``batch`` (a decode pass of ``batch`` <= ``max_context`` tokens needs no
+    more than a prefill of ``max_context`` besides its logits)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or text.d_model
+    expert = getattr(text, "moe_intermediate_size", 0) or getattr(text, "intermediate_size", 0) or 0
     inner = max(
         getattr(text, "intermediate_size", 0) or 0,
-        getattr(text, "moe_intermediate_size", 0) or 0,
+        (getattr(text, "num_experts_per_tok", 1) or 1) * expert,
         getattr(text, "d_ff", 0) or 0,
         hidden * 4,
     )

@@ -15,8 +15,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from swapmoe.executor.adapters import UnsupportedModel, expert_prefixes, find_moe_blocks
+from swapmoe.executor.adapters import ADAPTERS, UnsupportedModel, expert_prefixes, find_moe_blocks
 from swapmoe.executor.checkpoint import auto_class, read_config
+from swapmoe.executor.slot_experts import Packed
 from swapmoe.executor.store import Manifest
 
 
@@ -41,7 +42,8 @@ def parameters_on_meta():
 def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device: torch.device) -> nn.Module:
     """The model with dense weights on ``device`` and routed experts still on meta."""
     config = read_config(checkpoint)
-    config._experts_implementation = "eager"  # masks the "no expert" index E (see executor.checkpoint)
+    if ADAPTERS[config.model_type].slots is Packed:  # see executor.slot_experts
+        config._experts_implementation = "grouped_mm"
     dtype = getattr(torch, manifest.dtype)
     with parameters_on_meta():
         model = auto_class(config).from_config(config, dtype=dtype)

@@ -9,6 +9,12 @@ forward pass sees either the old mapping or the new one, never a mix.
 Two routing shapes exist: packed experts (Mixtral family) take ``index [T, K]`` with
 ``E`` meaning "no expert"; Switch takes a one-hot ``dispatch [T, 1, E]``. ``Packed`` and
 ``OneHot`` hide the difference.
+
+Packed experts run transformers' ``grouped_mm`` experts forward (one grouped matmul per
+projection; ``executor.skeleton`` selects it) rather than the eager one (a Python loop over
+the experts a pass routes to): a batch of 16 decoding sequences reaches most experts of a
+layer, and that loop was most of the pass. ``grouped_mm`` has no "no expert" index outside expert parallelism, so such
+assignments go to a slot that holds an expert, with weight zero.
 """
 
 from __future__ import annotations
@@ -47,19 +53,30 @@ def call(module: nn.Module, *args):
 @dataclass(frozen=True, slots=True)
 class SlotTable:
     """Where each expert is: ``slot_of`` [E+1] (``capacity``: nowhere; index E is "no expert"),
-    ``expert_in_slot`` [capacity] (E: empty); ``identity`` when expert i is in slot i for all."""
+    ``expert_in_slot`` [capacity] (E: empty); ``identity`` when expert i is in slot i for all;
+    ``spare``: a slot holding an expert (-1: none), where assignments to no expert go with
+    weight zero (an empty or loading slot may hold anything, NaN included)."""
 
     slot_of: torch.Tensor
     expert_in_slot: torch.Tensor
     identity: bool
+    spare: int = -1
 
 
 class Packed:
     """Routing ``index [T, K]`` in 0..E (E: no expert); weights are 3D ``[slots, ...]`` parameters."""
 
     @staticmethod
-    def to_slots(index: torch.Tensor, slot_of: torch.Tensor, expert_in_slot: torch.Tensor) -> torch.Tensor:
-        return slot_of[index]
+    def run(inner: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+            table: SlotTable | None) -> torch.Tensor:
+        """The experts on ``index`` in expert space (``table``: None when expert i is in slot i)."""
+        if table is not None:
+            if table.spare < 0:  # no expert resident: every assignment goes nowhere
+                return torch.zeros_like(hidden)
+            slots = table.slot_of[index]
+            routed = slots < table.expert_in_slot.numel()
+            index, weights = torch.where(routed, slots, table.spare), weights * routed
+        return call(inner, hidden, index, weights)
 
     @staticmethod
     def needed(index: torch.Tensor, num_experts: int) -> list[int]:
@@ -89,8 +106,11 @@ class OneHot:
     """Routing ``dispatch [T, 1, E]`` one-hot; experts are modules ``expert_{slot}`` (Switch)."""
 
     @staticmethod
-    def to_slots(dispatch: torch.Tensor, slot_of: torch.Tensor, expert_in_slot: torch.Tensor) -> torch.Tensor:
-        return nn.functional.pad(dispatch, (0, 1))[..., expert_in_slot]
+    def run(inner: nn.Module, hidden: torch.Tensor, dispatch: torch.Tensor, weights: torch.Tensor,
+            table: SlotTable | None) -> torch.Tensor:
+        if table is not None:
+            dispatch = nn.functional.pad(dispatch, (0, 1))[..., table.expert_in_slot]
+        return call(inner, hidden, dispatch, weights)
 
     @staticmethod
     def needed(dispatch: torch.Tensor, num_experts: int) -> list[int]:
@@ -128,9 +148,7 @@ class SlotExperts(nn.Module):
         self.kind = kind
         self.num_experts = num_experts
         self.capacity = 0
-        self.slot_of = torch.zeros(num_experts + 1, dtype=torch.long)
-        self.expert_in_slot = torch.zeros(0, dtype=torch.long)
-        self.identity = False
+        self.slots = SlotTable(torch.zeros(num_experts + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), False)
         self.device = torch.device("cpu")  # of the slots, set by ``resize``
         # On-demand strategy: ``load_now(experts)`` makes those experts resident before use.
         self.load_now: Callable[[list[int]], None] | None = None
@@ -151,23 +169,22 @@ class SlotExperts(nn.Module):
             slot_of[expert], expert_in_slot[slot] = slot, expert
         identity = len(ready) == self.num_experts == self.capacity and all(e == s for e, s in ready.items())
         return SlotTable(torch.tensor(slot_of, device=self.device), torch.tensor(expert_in_slot, device=self.device),
-                         identity)
+                         identity, min(ready.values(), default=-1))
 
     def install(self, table: SlotTable) -> None:
         """Route by ``table`` from the next forward pass on (between passes only)."""
-        self.slot_of, self.expert_in_slot, self.identity = table.slot_of, table.expert_in_slot, table.identity
+        self.slots = table
 
     def forward(self, hidden: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.identity:  # every expert in its own slot: routing is already in slot space
-            return call(self.inner, hidden, routing, weights)
-        if self.load_now is None:
-            return call(self.inner, hidden, self.kind.to_slots(routing, self.slot_of, self.expert_in_slot), weights)
-        return self._on_demand(hidden, routing, weights)
+        if self.load_now is not None:
+            return self._on_demand(hidden, routing, weights)
+        table = None if self.slots.identity else self.slots  # identity: routing is in slot space already
+        return self.kind.run(self.inner, hidden, routing, weights, table)
 
     def _on_demand(self, hidden, routing, weights):
         """Serve every routed expert exactly, loading misses, in groups that fit the slots."""
         needed = self.kind.needed(routing, self.num_experts)
-        resident = set((self.slot_of[:-1] < self.capacity).nonzero().flatten().tolist())
+        resident = set((self.slots.slot_of[:-1] < self.capacity).nonzero().flatten().tolist())
         needed.sort(key=lambda e: e not in resident)  # use what is there before loading more
         out = None
         for start in range(0, len(needed), self.capacity):
@@ -175,7 +192,6 @@ class SlotExperts(nn.Module):
             self.load_now(group)
             keep = torch.zeros(self.num_experts + 1, dtype=torch.bool, device=routing.device)
             keep[group] = True
-            part = self.inner(hidden, self.kind.to_slots(self.kind.restrict(routing, keep), self.slot_of,
-                                                         self.expert_in_slot), weights)
+            part = self.kind.run(self.inner, hidden, self.kind.restrict(routing, keep), weights, self.slots)
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(hidden)

@@ -99,13 +99,13 @@ def test_routing_tables_change_only_when_the_forward_thread_installs_them(half_r
     runtime = half_runtime
     sample_logits(runtime.model, "mixtral")  # importance: some absent experts are now wanted
     before = sample_logits(runtime.model, "mixtral")
-    tables = [(l.experts.slot_of, l.router.resident) for l in runtime.layers]
+    tables = [(l.experts.slots, l.router.resident) for l in runtime.layers]
     loads_before = runtime.io.snapshot().loads
     runtime.updater.kick(range(len(runtime.layers)))
     assert runtime.updater.wait_idle(5)
     assert runtime.stats.loads_started > 0  # decided...
     assert runtime.loader.wait_idle(5) and runtime.io.snapshot().loads == loads_before  # ...none started
-    assert all(l.experts.slot_of is s and l.router.resident is r for l, (s, r) in zip(runtime.layers, tables))
+    assert all(l.experts.slots is s and l.router.resident is r for l, (s, r) in zip(runtime.layers, tables))
     torch.testing.assert_close(sample_logits(runtime.model, "mixtral"), before, rtol=0, atol=0)
     runtime.between_passes(update_frequency=0)  # installs the tables, then starts their loads
     runtime.wait_for_loads()
