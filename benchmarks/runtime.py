@@ -4,9 +4,10 @@
     python -m benchmarks.runtime --quick         # fewer prompts, for a smoke run
 
 Configurations (all but "original" run in the executor's runtime, ``swapmoe.executor.virtual_experts``):
-original (unmodified transformers as it loads by default, every expert), virtual experts at 100/75/50/25% of the
-experts (masked gating, an update every ``F`` tokens), pruning (the top-||E_i|| experts per
-layer, never swapped) and on-demand (an LRU cache of the same size that loads misses: exact).
+original (unmodified transformers as it loads by default, every expert), virtual experts at
+100/75/50/25% of the experts (masked gating, an update every ``F`` tokens), pruning (the
+top-||E_i|| experts per layer, never swapped) and on-demand (an LRU cache of the same size
+that loads misses: exact).
 Prompts are interleaved across configurations so drift on a shared machine hits them alike.
 Peak memory is measured in a fresh process per configuration.
 """

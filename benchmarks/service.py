@@ -18,6 +18,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import torch
 from tqdm import tqdm
 
@@ -38,9 +39,16 @@ BATCH = 16
 PATHS = ("one at a time", "batched", "gRPC, batched")
 
 
-def run_clients(generate, prompts: list[str]) -> tuple[float, list[float], list[float], int]:
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def run_clients(generate, prompts: list[str], server: psutil.Process | None = None
+                ) -> tuple[float, list[float], list[float], int, float]:
     """All prompts at once, one thread each: (wall seconds, TTFT per request, gaps between a
-    request's tokens, tokens)."""
+    request's tokens, tokens, CPU seconds of ``server``, by default this process)."""
+    server = server or psutil.Process()
     ttfts, gaps, tokens = [], [], []
     start = threading.Barrier(len(prompts) + 1)
 
@@ -62,10 +70,10 @@ def run_clients(generate, prompts: list[str]) -> tuple[float, list[float], list[
     for thread in threads:
         thread.start()
     start.wait()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), cpu_seconds(server)
     for thread in threads:
         thread.join()
-    return time.perf_counter() - began, ttfts, gaps, sum(tokens)
+    return time.perf_counter() - began, ttfts, gaps, sum(tokens), cpu_seconds(server) - cpu
 
 
 def main(argv=None) -> None:
@@ -98,15 +106,17 @@ def main(argv=None) -> None:
     results = {}
     try:
         paths = dict(zip(PATHS, (in_process(solo), in_process(batched), over_grpc)))
+        processes = {PATHS[2]: psutil.Process(server.process.pid)}  # in-process: this one
         for path in paths.values():  # warm-up
             run_clients(path, prompts[:2])
         for clients in args.clients:
             for round_ in tqdm(range(args.rounds), desc=f"{clients} clients", unit="round"):
                 batch = [prompts[(round_ * clients + i) % len(prompts)] for i in range(clients)]
                 for name, path in paths.items():
-                    seconds, ttfts, gaps, tokens = run_clients(path, batch)
-                    entry = results.setdefault((clients, name), dict(seconds=0.0, tokens=0, ttfts=[], gaps=[]))
+                    seconds, ttfts, gaps, tokens, cpu = run_clients(path, batch, processes.get(name))
+                    entry = results.setdefault((clients, name), dict(seconds=0.0, tokens=0, ttfts=[], gaps=[], cpu=0.0))
                     entry["seconds"] += seconds
+                    entry["cpu"] += cpu
                     entry["tokens"] += tokens
                     entry["ttfts"] += ttfts
                     entry["gaps"] += gaps
@@ -135,10 +145,13 @@ def render(results: dict, args) -> str:
         f"{args.new_tokens} new tokens per request, greedy, the three paths alternating within each round. "
         f"\"one at a time\": the engine in-process with `max_batch=1` (the executor before continuous batching); "
         f"\"batched\": in-process with `max_batch={BATCH}`; \"gRPC, batched\": an executor process "
-        f"(`--max-batch {BATCH}`) on loopback. Inter-token latency: the gaps between a request's streamed tokens.",
+        f"(`--max-batch {BATCH}`) on loopback. Inter-token latency: the gaps between a request's streamed tokens. "
+        f"Server CPU: CPU seconds per wall second of the process that generates (in-process: the benchmark's own, "
+        f"clients included; gRPC: the executor's), out of {os.cpu_count()}.",
         "",
-        "| clients | path | tokens/s (aggregate) | vs one at a time | TTFT p50 / p99 ms | inter-token p50 / p99 ms |",
-        "|---|---|---|---|---|---|",
+        "| clients | path | tokens/s (aggregate) | vs one at a time | TTFT p50 / p99 ms | inter-token p50 / p99 ms "
+        "| server CPU |",
+        "|---|---|---|---|---|---|---|",
     ]
     rate = {key: r["tokens"] / r["seconds"] for key, r in results.items()}
     for clients in args.clients:
@@ -147,7 +160,8 @@ def render(results: dict, args) -> str:
             lines.append(f"| {clients} | {name} | {rate[(clients, name)]:.1f} | "
                          f"{rate[(clients, name)] / rate[(clients, PATHS[0])]:.2f}x | "
                          f"{_pct(r['ttfts'], 0.5):.1f} / {_pct(r['ttfts'], 0.99):.1f} | "
-                         f"{_pct(r['gaps'], 0.5):.1f} / {_pct(r['gaps'], 0.99):.1f} |")
+                         f"{_pct(r['gaps'], 0.5):.1f} / {_pct(r['gaps'], 0.99):.1f} | "
+                         f"{r['cpu'] / r['seconds']:.2f} |")
     most, grpc_path = max(args.clients), PATHS[2]
     scale = rate[(most, grpc_path)] / rate[(1, grpc_path)]
     overhead = rate[(1, grpc_path)] / rate[(1, PATHS[1])]
