@@ -74,9 +74,10 @@ def activation_bytes(config, max_context: int, dtype_bytes: int, batch: int = 1)
     more than a prefill of ``max_context`` besides its logits)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = getattr(text, "hidden_size", None) or text.d_model
-    expert = getattr(text, "moe_intermediate_size", 0) or getattr(text, "intermediate_size", 0) or 0
+    dense = getattr(text, "intermediate_size", 0) or 0  # Mixtral's: its experts' width
+    expert = getattr(text, "moe_intermediate_size", 0) or dense
     inner = max(
-        getattr(text, "intermediate_size", 0) or 0,
+        dense,
         (getattr(text, "num_experts_per_tok", 1) or 1) * expert,
         getattr(text, "d_ff", 0) or 0,
         hidden * 4,

@@ -13,8 +13,8 @@ Two routing shapes exist: packed experts (Mixtral family) take ``index [T, K]`` 
 Packed experts run transformers' ``grouped_mm`` experts forward (one grouped matmul per
 projection; ``executor.skeleton`` selects it) rather than the eager one (a Python loop over
 the experts a pass routes to): a batch of 16 decoding sequences reaches most experts of a
-layer, and that loop was most of the pass. ``grouped_mm`` has no "no expert" index outside expert parallelism, so such
-assignments go to a slot that holds an expert, with weight zero.
+layer, and that loop was most of the pass. ``grouped_mm`` has no "no expert" index outside
+expert parallelism, so such assignments go to a slot that holds an expert, with weight zero.
 """
 
 from __future__ import annotations
