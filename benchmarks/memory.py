@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     models = [("tiny Mixtral 4x16, 1.5 MiB experts (random)", random_mixtral(work / "tiny", 256, 512)),
               ("swapmoe-lm 6x16, 192 KiB experts (bundled)", BUNDLED_LM),
               ("wide Mixtral 4x16, 24 MiB experts (random)", random_mixtral(work / "wide", 1024, 2048))]
-    from swapmoe.executor.store import ensure_store
+    from swapmoe.executor.store_build import ensure_store
 
     for _, path in models:  # built once beforehand: a store build reads the checkpoint, serving does not
         ensure_store(path, store_root, log=lambda _: None)

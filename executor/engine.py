@@ -52,7 +52,7 @@ class EngineConfig:
     device: str = "cpu"
     # Longest prompt + completion; 0 means the model's limit, at most DEFAULT_MAX_CONTEXT.
     max_context: int = 0
-    store_root: Path | None = None  # where the expert store is built; None: executor.store.default_root()
+    store_root: Path | None = None  # where the expert store is built; None: executor.store_build.default_root()
     max_queue: int = 64  # generation requests that may wait for their turn (more: RESOURCE_EXHAUSTED)
     # Generations decoded together (continuous batching; encoder-decoder models run one at a time).
     # The budget reserves the KV cache and logits of this many sequences.

@@ -29,7 +29,8 @@ from swapmoe.executor.routing import MaskedRouter
 from swapmoe.executor.skeleton import build_skeleton
 from swapmoe.executor.slot_experts import SlotExperts, SlotTable
 from swapmoe.executor.slots import SlotPool
-from swapmoe.executor.store import ExpertStore, ensure_store
+from swapmoe.executor.store import ExpertStore
+from swapmoe.executor.store_build import ensure_store
 from swapmoe.executor.updater import Outbox, Worker
 
 @dataclass(slots=True)

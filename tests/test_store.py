@@ -7,7 +7,8 @@ import torch
 
 from swapmoe.executor.adapters import adapter_for, find_moe_blocks
 from swapmoe.executor.checkpoint import load_checkpoint
-from swapmoe.executor.store import ALIGN, ExpertStore, build_store
+from swapmoe.executor.store import ALIGN, ExpertStore
+from swapmoe.executor.store_build import build_store
 from swapmoe.models.tiny import ARCHITECTURES
 
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.plan import Strategy
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.store import DAMAGED, ExpertStore, Manifest, build_store, check_store, ensure_store, verify_store
+from swapmoe.executor.store import DAMAGED, ExpertStore, Manifest, check_store, verify_store
+from swapmoe.executor.store_build import build_store, ensure_store
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.models.tiny import sample_logits
 
