@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between telemetry reports (default: what the planner's Welcome asks; 0: none)")
     p.add_argument("--ack-delay", type=float, default=0.0, metavar="S", help="seconds before answering a plan")
     p.add_argument("--budget", help="each node's budget, e.g. 20MiB (default: half of the experts)")
-    p.add_argument("--fingerprint", default="fleet-sim-swapmoe-lm", help="model fingerprint registered")
+    p.add_argument("--fingerprint", default="f1ee700000000000", help="model fingerprint registered")
     p.add_argument("--connections", type=int, default=0, help="TCP connections to spread streams over "
                                                               "(default: one per 50 streams)")
     p.add_argument("--ramp", type=float, default=0.0, metavar="S", help="spread first registrations over S seconds")

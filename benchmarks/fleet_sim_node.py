@@ -77,7 +77,7 @@ class SimSettings:
     layout: ModelLayout = field(default_factory=lm_layout)
     reserve: Reserve = LM_RESERVE
     device_memory_bytes: int = 8 * GiB
-    model_fingerprint: str = "fleet-sim-swapmoe-lm"  # no accuracy profile: the planner sends even splits
+    model_fingerprint: str = "f1ee700000000000"  # no accuracy profile: the planner sends even splits
     telemetry_interval_s: float | None = None  # None: what the Welcome asks; 0: no telemetry
     nack: Collection[str] | Callable[[str], bool] = frozenset()  # node ids (or a predicate) that NACK every plan
     ack_delay_s: float = 0.0

@@ -1,5 +1,6 @@
-"""Soak: a planner and an executor (the bundled LM) under steady hostile-free load, restarted on
-purpose, for ten minutes; reports every RPC outcome, lost plans and memory over time.
+"""Soak: a planner, an executor (the bundled LM), a control node and 20 simulated executors under
+steady load, restarted and starved of disk on purpose, for ten minutes; reports every RPC
+outcome, lost plans and memory over time.
 
     python -m benchmarks.soak                 # 10 minutes; writes benchmarks/RESULTS-soak.{md,json}
     python -m benchmarks.soak --minutes 2     # a short run (report written all the same)
@@ -8,10 +9,16 @@ Load: 16 clients stream Generate back to back (some cancel after two chunks, som
 0.5 s deadline), 3 telemetry subscribers read continuously, the budget changes every 10 s
 (between the executor's minimum and the whole model), an operator pins a plan or unpins every
 45 s, and the planner and the executor are restarted in turn every 2 minutes (SIGTERM, same
-port, same state directory). UNAVAILABLE while a process restarts, and the cancellations and
-deadlines the clients cause themselves, are expected; any other failure is an error. After
-each restart the planner's acknowledged plan, its pinned flag and the executor's running plan
-must agree again within 30 s, or a plan was lost. Not part of the test suite.
+port, same state directory). Each planner restart comes in the middle of a staged rollout over
+all 21 executors (after its canary's ACK), which must still succeed. After the first executor
+restart, the disk fills under the planner, the executor and the control node for a minute
+(``soak_faults``): every
+plan must still be ACKed, both sides must say what they could not write, and once space
+returns everything must be on disk again without a restart. UNAVAILABLE while a process
+restarts, and the cancellations and deadlines the clients cause themselves, are expected; any
+other failure is an error. After each restart the planner's acknowledged plan, its pinned flag
+and the executor's running plan must agree again within 30 s, or a plan was lost. Not part of
+the test suite.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 import grpc
 import psutil
 
+from benchmarks import soak_faults
+from benchmarks.fleet_sim import SimSettings, SimulatedFleet
 from swapmoe.core.sizes import format_size
 from swapmoe.models.bundled import LM_DIR
 from swapmoe.orchestration.processes import spawn
@@ -41,6 +50,8 @@ NODE = "soak"
 PROMPTS = ["def fibonacci(n):", "import os\n", "The history of", "class Stack:\n    def push(self, x):",
            "Once upon a time", "for i in range(10):"]
 EXPECTED = {"CANCELLED", "DEADLINE_EXCEEDED"}  # caused by the clients themselves
+SIMULATED = 20  # executors beside the real one, on the planner's Connect protocol (benchmarks.fleet_sim)
+DISK_FULL_S = 60.0
 
 
 class Soak:
@@ -56,8 +67,13 @@ class Soak:
         self.tokens = 0
         self.lock = threading.Lock()
         self.restarting = threading.Event()  # UNAVAILABLE is expected while set
+        self.rollouts: list[soak_faults.RolloutAcrossRestart] = []
+        self.disk_full: soak_faults.DiskFullPhase | None = None
         self.planner = spawn("planner", self._planner_args(0), log_dir=self.tmp)
         self.executor = spawn("executor", self._executor_args(0), log_dir=self.tmp)
+        self.fleet = spawn("fleet", ["fleet", "serve", "--port", "0", "--planner", self.planner.address,
+                                     "--state-dir", str(self.tmp / "fleet")], log_dir=self.tmp)
+        self.simulated = SimulatedFleet(SimSettings(self.planner.address, count=SIMULATED, prefix="soak-sim-")).start()
 
     # --- processes ------------------------------------------------------------------------
     def _planner_args(self, port: int) -> list[str]:
@@ -70,6 +86,7 @@ class Soak:
 
     def restart(self, which: str) -> None:
         self.restarting.set()
+        rollout = self.start_rollout() if which == "planner" else None
         before = self.status()
         service = getattr(self, which)
         port = int(service.address.rsplit(":", 1)[1])
@@ -79,8 +96,49 @@ class Soak:
                                    log_dir=self.tmp))
         self.restarts.append(f"{which} (exit {code}, back in {time.monotonic() - started:.1f} s)")
         self.check_plans(f"after the {which} restart", before)
+        if rollout is not None:
+            self.finish_rollout(*rollout)
         time.sleep(5)  # clients reconnect
         self.restarting.clear()
+
+    def start_rollout(self):
+        """A staged rollout over every executor, once its canary ACKed (the planner restarts next)."""
+        described = self.describe()
+        if described is None:
+            return None
+        try:
+            stub, rollout = soak_faults.start_rollout(self.fleet.address, len(described.layout.layers))
+            soak_faults.wait_canary(stub, rollout)
+            self.record("StartRollout", "OK")
+            return stub, rollout, time.monotonic()
+        except grpc.RpcError as error:
+            self.record("StartRollout", error.code().name, error.details())
+            return None
+
+    def finish_rollout(self, stub, rollout: soak_faults.RolloutAcrossRestart, started: float) -> None:
+        soak_faults.finish(stub, rollout, started)
+        self.rollouts.append(rollout)
+        if rollout.state != "ROLLOUT_STATE_SUCCEEDED":
+            self.unexpected.append(f"{rollout.rollout_id} across a planner restart: {rollout.state} {rollout.message}")
+
+    def fill_disk(self, seconds: float) -> None:
+        """Every process's file writes fail for ``seconds`` while the load goes on; then space returns."""
+        pids = [s.process.pid for s in (self.planner, self.executor, self.fleet)]
+        phase = self.disk_full = soak_faults.DiskFullPhase(seconds)
+        soak_faults.full_disk(pids, True)
+        try:
+            described = self.describe()
+            if described is not None:
+                self.push(random.Random(len(self.restarts)), described, pin=True)  # a plan to save, now
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                soak_faults.watch_disk_full(self, phase)
+                time.sleep(2)
+        finally:
+            soak_faults.full_disk(pids, False)
+        soak_faults.wait_recovered(self, phase, self.tmp / "executor", time.monotonic())
+        if phase.missing:
+            self.lost.append(f"after the full disk: {phase.missing}")
 
     # --- RPCs -----------------------------------------------------------------------------
     def record(self, method: str, code: str, detail: str = "") -> None:
@@ -96,14 +154,18 @@ class Soak:
     def planner_stub(self):
         return planner_pb2_grpc.PlannerServiceStub(transport.channel(self.planner.address))
 
-    def status(self) -> ppb.ExecutorStatus | None:
+    def planner_status(self) -> ppb.PlanStatusResponse | None:
         try:
-            found = self.planner_stub().GetPlanStatus(ppb.PlanStatusRequest(node_ids=[NODE]), timeout=5).executors
+            answer = self.planner_stub().GetPlanStatus(ppb.PlanStatusRequest(node_ids=[NODE]), timeout=5)
             self.record("GetPlanStatus", "OK")
-            return found[0]
+            return answer
         except grpc.RpcError as error:
             self.record("GetPlanStatus", error.code().name, error.details())
             return None
+
+    def status(self) -> ppb.ExecutorStatus | None:
+        answer = self.planner_status()
+        return answer.executors[0] if answer is not None else None
 
     def describe(self) -> epb.DescribeResponse | None:
         try:
@@ -168,11 +230,11 @@ class Soak:
         start = time.monotonic()
         while time.monotonic() < self.end:
             described = self.describe()
-            rss = {name: _rss(getattr(self, name).process.pid) for name in ("executor", "planner")}
+            rss = {name: _rss(getattr(self, name).process.pid) for name in ("executor", "planner", "fleet")}
             if described is not None:
                 m = described.memory
                 self.samples.append(dict(t=round(time.monotonic() - start), executor_rss=rss["executor"],
-                                         planner_rss=rss["planner"], accounted=m.accounted_bytes,
+                                         planner_rss=rss["planner"], fleet_rss=rss["fleet"], accounted=m.accounted_bytes,
                                          budget=m.budget_bytes, over_budget=m.accounted_bytes > m.budget_bytes))
             time.sleep(10)
 
@@ -196,13 +258,15 @@ class Soak:
                     self.push(rng, described)
             if time.monotonic() >= next_restart:
                 self.restart(restarts[0])
+                if restarts[0] == "executor" and self.disk_full is None:
+                    self.fill_disk(DISK_FULL_S)  # after the first executor restart, before the next planner one
                 restarts.reverse()
                 next_restart = time.monotonic() + self.restart_every
 
-    def push(self, rng: random.Random, described: epb.DescribeResponse) -> None:
+    def push(self, rng: random.Random, described: epb.DescribeResponse, pin: bool = False) -> None:
         """Pin a small plan (it fits any budget the soak sets) or, every other time, unpin."""
         request = ppb.PushPlanRequest(node_ids=[NODE])
-        if rng.random() < 0.5:
+        if pin or rng.random() < 0.5:
             request.plan.CopyFrom(common_pb2.Plan(experts_per_layer=[rng.randint(1, 2) for _ in described.layout.layers],
                                                   update_frequency=rng.choice([1, 4, 16]), origin="soak operator"))
         try:
@@ -226,12 +290,15 @@ class Soak:
             thread.join(timeout=max(1.0, self.end - time.monotonic() + 130))
         self.check_plans("at the end", self.status())
         seconds = time.monotonic() - started
-        for service in (self.executor, self.planner):
+        self.simulated.stop()
+        for service in (self.fleet, self.executor, self.planner):
             service.stop()
         return dict(seconds=round(seconds), clients=self.clients, tokens=self.tokens,
                     tokens_per_second=round(self.tokens / seconds, 1), restarts=self.restarts,
                     outcomes={f"{m} {c}": n for (m, c), n in sorted(self.outcomes.items())},
                     unexpected=self.unexpected, lost_plans=self.lost, samples=self.samples,
+                    rollouts=[r.to_json() for r in self.rollouts],
+                    disk_full=self.disk_full.to_json() if self.disk_full else None,
                     machine=f"{platform.machine()}, {psutil.cpu_count()} cores, "
                             f"{format_size(psutil.virtual_memory().total)}")
 
@@ -256,14 +323,16 @@ def report(result: dict, command: str) -> str:
     rows = "\n".join(f"| {k} | {n} |" for k, n in result["outcomes"].items())
     per_minute = {s["t"] // 60: s for s in result["samples"]}
     memory = "\n".join(f"| {m} | {format_size(s['executor_rss'])} | {format_size(s['planner_rss'])} | "
-                       f"{format_size(s['accounted'])} | {format_size(s['budget'])} |" for m, s in sorted(per_minute.items()))
+                       f"{format_size(s['fleet_rss'])} | {format_size(s['accounted'])} | {format_size(s['budget'])} |"
+                       for m, s in sorted(per_minute.items()))
     over = sum(s["over_budget"] for s in result["samples"])
     verdict = "PASS" if not result["unexpected"] and not result["lost_plans"] and not over else "FAIL"
     listing = lambda items: "\n".join(f"- {i}" for i in items[:50]) or "- none"  # noqa: E731
-    return f"""# Soak: planner + executor under load, with restarts
+    return f"""# Soak: planner, executor and control node under load, with restarts and a full disk
 
 `{command}` on {result['machine']}; {result['seconds']} s, {result['clients']} streaming clients, 3 subscribers,
-a budget change every 10 s, a plan pinned or unpinned every 45 s, restarts: {', '.join(result['restarts']) or 'none'}.
+{SIMULATED} simulated executors beside the real one, a budget change every 10 s, a plan pinned or unpinned every
+45 s, restarts: {', '.join(result['restarts']) or 'none'}.
 
 **Verdict: {verdict}.** {len(result['unexpected'])} unexpected outcomes, {len(result['lost_plans'])} lost plans,
 {over} of {len(result['samples'])} memory samples over budget; {result['tokens']} tokens streamed
@@ -283,9 +352,10 @@ clients' own doing (1 in 8 cancels after two chunks, 1 in 8 has a 0.5 s deadline
 ## Lost plans
 {listing(result['lost_plans'])}
 
+{soak_faults.report(result)}
 ## Memory over time (first sample of each minute)
-| minute | executor RSS | planner RSS | executor accounted | budget |
-|---|---|---|---|---|
+| minute | executor RSS | planner RSS | control node RSS | executor accounted | budget |
+|---|---|---|---|---|---|
 {memory}
 """
 

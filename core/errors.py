@@ -37,6 +37,11 @@ class Forbidden(PermissionError):
     """The caller may not do this, e.g. take over another executor's node id (PERMISSION_DENIED)."""
 
 
+class Conflict(RuntimeError):
+    """The request is well formed but the target's state forbids it now, e.g. forgetting an executor
+    that is connected (FAILED_PRECONDITION)."""
+
+
 class Corrupted(OSError):
     """Stored data fails its checksum or its own description (DATA_LOSS); the message names the file
     and what in it is damaged."""

@@ -16,6 +16,10 @@ from swapmoe.core.errors import InvalidField
 # Plan versions count plans: at 1,000 plans a second this lasts 285,000 years, and every
 # version, plus one, is still exact in a double (JSON, Prometheus) and in uint64.
 MAX_PLAN_VERSION = 2**53 - 1
+# How far one plan may move an executor's version ahead of the plan it runs: no single call can
+# spend the version space (2^53 - 1 is 2^21 such steps), while a planner counting one by one
+# never comes near it.
+MAX_VERSION_STEP = 2**32
 # MoE layers in one model, and experts in one layer (the largest public models have
 # under 100 MoE layers and 384 routed experts per layer).
 MAX_LAYERS = 1024
@@ -27,6 +31,13 @@ MAX_UPDATE_FREQUENCY = 1 << 20
 MAX_NODE_ID_CHARS = 128
 MAX_LABEL_CHARS = 256  # short free text: a plan's origin, a model's class name, a dtype
 MAX_REASON_CHARS = 4096  # a budget change's or a NACK's reason
+# A model's content hash (``swapmoe.core.fingerprint``: 16 hex digits; up to a whole SHA-256).
+MIN_FINGERPRINT_CHARS, MAX_FINGERPRINT_CHARS = 16, 64
+MAX_ADDRESS_CHARS = 256  # host:port, a DNS name at most 253 characters
+MAX_SECRET_CHARS = 128  # a node secret (``secrets.token_urlsafe(32)``: 43 characters)
+MAX_TOKEN_IDS = 1 << 20  # a prompt's token ids (the executor also keeps them within its context)
+MAX_TOPICS = 16  # telemetry topics in one request: each at most once
+MAX_PROFILE_SAMPLES = 4096  # compute samples, load tiers or sweep points in one device profile
 MAX_NODES_PER_REQUEST = 100_000
 # Sampling: below this temperature logits / T overflows float32 for ordinary logits (the
 # softmax turns into NaN); above the maximum the distribution is uniform in all but name.
@@ -36,6 +47,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_PROMPT_CHARS = 1 << 20
 MAX_SUBSCRIBE_INTERVAL_MS = 3_600_000
+MAX_SUBSCRIBERS_PER_CALLER = 4  # an executor's telemetry streams one caller may hold at once
 MAX_PROFILE_TOKEN_COUNTS = 16
 MAX_PROFILE_REPEATS = 100
 MAX_ROLLOUT_TIMEOUT_MS = 24 * 3_600_000
@@ -70,6 +82,15 @@ def check_node_ids(field: str, node_ids) -> None:
     check_count(field, node_ids, MAX_NODES_PER_REQUEST)
     for i, node_id in enumerate(node_ids):
         check_node_id(f"{field}[{i}]", node_id)
+
+
+def check_fingerprint(field: str, fingerprint: str) -> None:
+    """A model fingerprint names profile directories: empty (unknown) or 16 to 64 lowercase hex digits."""
+    if fingerprint and (not MIN_FINGERPRINT_CHARS <= len(fingerprint) <= MAX_FINGERPRINT_CHARS
+                        or fingerprint.strip("0123456789abcdef")):
+        shown = fingerprint[:80] + "..." if len(fingerprint) > 80 else fingerprint
+        raise InvalidField(field, f"{shown!r} is not a model fingerprint ({MIN_FINGERPRINT_CHARS} to "
+                                  f"{MAX_FINGERPRINT_CHARS} lowercase hex digits)")
 
 
 def check_finite(field: str, value: float) -> None:

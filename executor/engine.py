@@ -34,7 +34,7 @@ from swapmoe.executor.kv_batch import make_batch
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import ServingStats
 from swapmoe.executor.plans import PlanBook
-from swapmoe.executor.profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, Residency, profile
+from swapmoe.executor.profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, profile
 from swapmoe.executor.scheduler import Scheduler, sequence_for
 from swapmoe.executor.telemetry import TelemetryHub
 from swapmoe.executor.text import Chunk, TextCodec, stream_chunks
@@ -96,7 +96,7 @@ class Engine:
             note = self.plans.resume()
             self.stats = ServingStats()
             self.scheduler = Scheduler(config.max_queue)
-            self.scheduler.attach(batch, self._between_steps, self.runtime.begin_input, self.text.eos)
+            self.scheduler.attach(batch, self._between_steps, self._joining, self.text.eos)
             self._apply_residency(self.plan)
             self.scheduler.resize(self.batch_rows(self.budget_bytes, self.plan))
             self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
@@ -156,6 +156,7 @@ class Engine:
         start = time.perf_counter_ns()
         validate_plan(plan, self.layout)
         with self.scheduler.between_passes():  # checks and application together: plans and budgets serialize
+            self.plans.check_step(plan)
             previous = self.budget_bytes
             reason = self.plans.review(plan)
             if not reason:
@@ -165,7 +166,7 @@ class Engine:
                 if budget > previous:  # a budget grows before the slots do, and shrinks after them:
                     self.plans.set_budget(budget, None)  # accounted bytes never exceed it
                 self._apply_residency(plan)
-                self.plans.accept(plan)
+                unsaved = self.plans.accept(plan)
                 if budget < previous:
                     self.plans.set_budget(budget, None)
                 self.scheduler.resize(rows)
@@ -176,9 +177,10 @@ class Engine:
         if reason:
             self.hub.event(tpb.Event.KIND_PLAN_REJECTED, reason, plan_version=plan.version)
             return PlanResult(plan.version, False, reason, memory=self.memory())
-        self.hub.event(tpb.Event.KIND_PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}",
-                       plan_version=plan.version)
-        return PlanResult(plan.version, True, "", self.achieved, self.memory(), time.perf_counter_ns() - start)
+        note = f"applied, but {unsaved}: a restart meanwhile resumes an older plan" if unsaved else ""
+        self.hub.event(tpb.Event.KIND_PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}"
+                       + (f"; {unsaved}" if unsaved else ""), plan_version=plan.version)
+        return PlanResult(plan.version, True, note, self.achieved, self.memory(), time.perf_counter_ns() - start)
 
     def set_budget(self, budget: int, reason: str = "") -> int:
         """Apply a new budget at once, taking rows out of the batch, then shrinking the plan, as far
@@ -206,6 +208,23 @@ class Engine:
         if tuple(plan.experts_per_layer) != self.runtime.capacities:
             self.runtime.resize(plan.experts_per_layer)
 
+    # --- the state directory ------------------------------------------------------
+    def keep_state(self, name: str, text: str, mode: int = 0o644) -> None:
+        """Keep ``text`` in the state directory's file ``name`` (nothing without one), retried until written."""
+        if self.plans.files is not None:
+            self.plans.files.keep(name, text, mode)
+
+    @property
+    def state_error(self) -> str:
+        """Why the state directory lags behind (its writes fail and are retried), "" when it does not."""
+        return self.plans.files.error if self.plans.files is not None else ""
+
+    @property
+    def state_writes(self) -> tuple[int, int]:
+        """(state file writes that failed, ever; files not written yet)."""
+        files = self.plans.files
+        return (files.failures, files.unsaved) if files is not None else (0, 0)
+
     # --- statistics ---------------------------------------------------------------
     def activity(self) -> list[LayerActivity]:
         """Per layer: cumulative activations and importance, and the resident experts."""
@@ -229,19 +248,24 @@ class Engine:
         return self.scheduler.running
 
     def profile(self, spec: ProfileSpec, cancelled: Callable[[], bool] = lambda: False) -> Iterator[ProfileProgress]:
-        """Measure this device and model (``executor.profiling``) in the generation queue's turn
-        (no generation shares the cores meanwhile), each measurement between forward passes.
-        Raises InvalidField for a sweep residency that cannot run or does not fit the budget,
-        Busy when too many requests wait already, Cancelled when ``cancelled()`` turns true."""
+        """Measure this device and model (``executor.profiling``), one short measurement at a time,
+        each in its turn in the generation queue (no generation shares the cores meanwhile): the
+        generations that arrive while one runs are served before the next, so a long profile delays
+        a request by one measurement, not by the whole profile. Raises InvalidField for a sweep
+        residency that cannot run or does not fit the budget, Cancelled when ``cancelled()`` turns true."""
         if spec.experts_per_layer:
             self.check_residency(spec.experts_per_layer)
         identity = Identity(self.config.node_id, self.device_info, model_fingerprint(self.config.model_dir))
-        residency = Residency(
-            sweep=lambda: self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer,
-                                                   self.budget_bytes),
-            plan=lambda: tuple(self.plan.experts_per_layer))
-        with self.scheduler.turn(cancelled):
-            yield from profile(self.runtime, spec, identity, residency, cancelled, self.scheduler.between_passes())
+
+        def sweep() -> tuple[int, ...]:  # asked at each measurement: plans and budgets change between two
+            return self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer, self.budget_bytes)
+
+        with self.scheduler.exclusive(cancelled) as measurement:
+            try:
+                yield from profile(self.runtime, spec, identity, sweep, cancelled, measurement)
+            finally:  # however it ended, the slots are the plan's again
+                with self.scheduler.between_passes():
+                    self._back_to_plan()
 
     def check_residency(self, experts_per_layer: tuple[int, ...]) -> None:
         """InvalidField (``experts_per_layer...``) unless the layout can run it within the budget."""
@@ -284,8 +308,23 @@ class Engine:
         """Between forward passes (step lock held): see ``VirtualExperts.between_passes``."""
         self.runtime.between_passes(self.plan.update_frequency)
 
+    def _joining(self) -> None:
+        """A generation joins the batch (step lock held): with the plan's slots, whatever a
+        profile's measurement left before it, and the start of a new input."""
+        self._back_to_plan()
+        self.runtime.begin_input()
+
+    def _back_to_plan(self) -> None:
+        """Slots a profile's measurement left become the plan's again, loaded before anything runs
+        on them, so a generation has the experts it would have had without the profile (step lock held)."""
+        if tuple(self.plan.experts_per_layer) != self.achieved or self.plan.strategy is not self.runtime.strategy:
+            self._apply_residency(self.plan)
+            self.runtime.wait_for_loads()
+            self.runtime.poll()
+
     def close(self) -> None:
         self.scheduler.close()
+        self.plans.close()
         self.runtime.close()
 
     def __enter__(self) -> "Engine":

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import queue
 import random
 import threading
@@ -41,12 +40,12 @@ from typing import Iterator
 
 import grpc
 
-from swapmoe.core.errors import InvalidField
 from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.core.limits import MAX_REASON_CHARS, MAX_SUBSCRIBE_INTERVAL_MS
 from swapmoe.core.plan import PlanResult
 from swapmoe.executor.scheduler import Cancelled
 from swapmoe.executor.engine import Engine
+from swapmoe.executor.plans import SECRET_FILE, read_secret
 from swapmoe.executor.server import describe_pb, profile_spec_from_pb
 from swapmoe.executor.telemetry import TelemetryReporter
 from swapmoe.rpc import convert, transport
@@ -55,7 +54,6 @@ from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 log = logging.getLogger(__name__)
-SECRET_FILE = "node_secret"
 # What the planner may ask for upstream, and how often: faster than 10 reports a second
 # would cost the device more than the planner can use.
 UPSTREAM_TOPICS = frozenset({tpb.TOPIC_MEMORY, tpb.TOPIC_THROUGHPUT, tpb.TOPIC_EXPERTS})
@@ -115,12 +113,14 @@ class PlannerLink:
         self._unreachable = False  # logged once per outage, not at every transport retry
         self._welcomed_at: float | None = None  # when the current stream's Welcome came
         self.connected = threading.Event()
-        state_dir = engine.config.state_dir
-        self._secret_file = Path(state_dir) / SECRET_FILE if state_dir is not None else None
-        self.node_secret = _read_secret(self._secret_file)
+        self.node_secret = read_secret(engine.config.state_dir)
         self._thread = threading.Thread(target=self._run, daemon=True, name="planner-link")
 
     def start(self) -> "PlannerLink":
+        if self.engine.config.state_dir is None:
+            log.warning("no --state-dir: the secret the planner issues to node id %r is kept in memory only; once "
+                        "this process restarts, the planner refuses the id until an operator runs `swapmoe planner "
+                        "forget %s` or it expires", self.engine.config.node_id, self.engine.config.node_id)
         self._thread.start()
         return self
 
@@ -149,6 +149,9 @@ class PlannerLink:
                 outcome = "stream ended"
             except grpc.RpcError as error:
                 outcome = f"{error.code().name} ({error.details()})"
+            except Exception as error:  # noqa: BLE001 - a bug must not end the link: say it, and come back
+                log.exception("planner %s: the stream failed", self.planner_address)
+                outcome = f"stream failed ({type(error).__name__}: {error})"
             self.connected.clear()
             if self._stop.is_set():
                 return
@@ -194,19 +197,11 @@ class PlannerLink:
         forwarder.start()
         try:
             for message in self._call:
-                kind = message.WhichOneof("message")
-                if kind == "welcome":
-                    self._welcomed_at = time.monotonic()
-                    self._keep_secret(message.welcome.node_secret)
-                    self._start_telemetry(message.welcome, outbox, ended)
-                    self.connected.set()
-                    log.info("connected to planner %s", self.planner_address)
-                elif kind == "plan":
-                    outbox.put(ppb.ExecutorMessage(plan_result=self._apply(message.plan)))
-                elif kind == "profile_request":
-                    self._start_profile(message.profile_request, outbox, profiles)
-                elif kind == "cancel_profile" and message.cancel_profile in profiles:
-                    profiles[message.cancel_profile].set()
+                try:
+                    self._handle(message, outbox, profiles, ended)
+                except Exception:  # noqa: BLE001 - one message that fails leaves the stream to the next
+                    log.exception("planner %s: a %s message failed", self.planner_address,
+                                  message.WhichOneof("message"))
         finally:
             ended.set()
             hub.unsubscribe(events)
@@ -214,17 +209,37 @@ class PlannerLink:
                 cancel.set()
             outbox.put(None)
 
+    def _handle(self, message: ppb.PlannerMessage, outbox: queue.Queue, profiles: dict[str, threading.Event],
+                ended: threading.Event) -> None:
+        kind = message.WhichOneof("message")
+        if kind == "welcome":
+            self._welcomed_at = time.monotonic()
+            self._keep_secret(message.welcome.node_secret)
+            self._start_telemetry(message.welcome, outbox, ended)
+            self.connected.set()
+            log.info("connected to planner %s", self.planner_address)
+        elif kind == "plan":
+            outbox.put(ppb.ExecutorMessage(plan_result=self._apply(message.plan)))
+        elif kind == "profile_request":
+            self._start_profile(message.profile_request, outbox, profiles)
+        elif kind == "cancel_profile" and message.cancel_profile in profiles:
+            profiles[message.cancel_profile].set()
+
     def _keep_secret(self, secret: str) -> None:
+        """Kept in memory at once; in the state directory owner-only, retried while it cannot be written."""
         if secret and secret != self.node_secret:
             self.node_secret = secret
-            if self._secret_file is not None:
-                _write_secret(self._secret_file, secret)
+            self.engine.keep_state(SECRET_FILE, secret, 0o600)
 
     def _apply(self, plan_pb: common_pb2.Plan) -> common_pb2.PlanResult:
+        """The plan's ACK or NACK; a plan that fails in any way is answered too, never left pending."""
         try:
             result = self.engine.apply_plan(convert.plan_from_pb(plan_pb))
-        except InvalidField as error:
-            result = PlanResult(plan_pb.version, False, str(error), memory=self.engine.memory())
+        except Exception as error:  # noqa: BLE001 - a malformed plan, or a failure applying it: a NACK
+            if status_for(error) is grpc.StatusCode.INTERNAL:
+                log.exception("plan %d failed", plan_pb.version)
+            reason = (str(error) or type(error).__name__)[:MAX_REASON_CHARS]
+            result = PlanResult(plan_pb.version, False, reason, memory=self.engine.memory())
         return convert.plan_result_to_pb(result)
 
     def _start_profile(self, ask: ppb.ProfileAsk, outbox: queue.Queue, profiles: dict[str, threading.Event]) -> None:
@@ -297,19 +312,3 @@ def default_labels(engine: Engine) -> dict[str, str]:
     return {"model": "".join(c if c.isalnum() or c in "-_." else "-" for c in model)[:63].strip("-_.") or "model",
             "device": str(engine.device_info.kind or "cpu").split(":")[0]}
 
-
-def _read_secret(path: Path | None) -> str:
-    try:
-        return path.read_text().strip() if path is not None and path.is_file() else ""
-    except OSError as error:
-        log.warning("cannot read the node secret %s (%s): registering without it", path, error.strerror)
-        return ""
-
-
-def _write_secret(path: Path, secret: str) -> None:
-    """Owner-only, written atomically: a crash leaves the previous secret."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secret)
-    tmp.replace(path)

@@ -63,15 +63,6 @@ class Identity:
 
 
 @dataclass(frozen=True, slots=True)
-class Residency:
-    """Experts per layer, asked at the moment of use (a plan or budget change may land between
-    two measurements): ``sweep()`` for the decode step and the sweep, ``plan()`` to restore."""
-
-    sweep: Callable[[], tuple[int, ...]]
-    plan: Callable[[], tuple[int, ...]]
-
-
-@dataclass(frozen=True, slots=True)
 class ProfileProgress:
     fraction: float
     stage: str
@@ -105,14 +96,17 @@ def relative_spread(samples: Sequence[int]) -> float:
 
 
 # --- measurements -------------------------------------------------------------------------
-def _median_ns(fn, repeats: int, cancelled: Callable[[], bool]) -> int:
+def _median_ns(fn, repeats: int, cancelled: Callable[[], bool],
+               measurement: Callable[[], ContextManager] = contextlib.nullcontext) -> int:
+    """The median time of ``repeats`` calls of ``fn``, each inside ``measurement()``."""
     times = []
     for _ in range(repeats):
         if cancelled():
             raise Cancelled()
-        start = time.perf_counter_ns()
-        fn()
-        times.append(time.perf_counter_ns() - start)
+        with measurement():
+            start = time.perf_counter_ns()
+            fn()
+            times.append(time.perf_counter_ns() - start)
     return max(1, int(statistics.median(times)))
 
 
@@ -146,15 +140,16 @@ def _sync(device: torch.device) -> None:
         getattr(torch, device.type).synchronize(device)
 
 
-def _load_samples(runtime, repeats: int, cancelled) -> list[LoadSample]:
+def _load_samples(runtime, repeats: int, cancelled, measurement) -> list[LoadSample]:
     """The store's tier (a different expert each read, of the layer with the largest experts),
-    then, off the CPU, the copy of one expert from pinned host memory to the device."""
+    then, off the CPU, the copy of one expert from pinned host memory to the device; each read
+    and copy a measurement of its own."""
     store = runtime.store
     layer = max(range(len(store.manifest.layers)), key=lambda i: store.manifest.layers[i].expert_bytes)
     spec = store.manifest.layers[layer]
     buffer = store.buffer(layer)
     experts = itertools.cycle(range(spec.num_experts))
-    load_ns = _median_ns(lambda: store.read_into(layer, next(experts), buffer), repeats, cancelled)
+    load_ns = _median_ns(lambda: store.read_into(layer, next(experts), buffer), repeats, cancelled, measurement)
     samples = [LoadSample(store.tier, load_ns, spec.expert_bytes / (load_ns / 1e9))]
     device = runtime.device
     if device.type != "cpu":
@@ -165,25 +160,23 @@ def _load_samples(runtime, repeats: int, cancelled) -> list[LoadSample]:
             target.copy_(host, non_blocking=True)
             _sync(device)
 
-        copy()  # warm-up
-        copy_ns = _median_ns(copy, repeats, cancelled)
+        with measurement():
+            copy()  # warm-up
+        copy_ns = _median_ns(copy, repeats, cancelled, measurement)
         samples.append(LoadSample(f"pinned host memory -> {device.type}", copy_ns,
                                   spec.expert_bytes / (copy_ns / 1e9)))
     return samples
 
 
-def _compute_samples(inner: nn.Module, token_counts, repeats: int, cancelled, device) -> tuple[ComputeSample, ...]:
-    samples = []
-    for tokens in token_counts:
-        forward = _expert_forward(inner, tokens)
+def _compute_sample(inner: nn.Module, tokens: int, repeats: int, cancelled, device) -> ComputeSample:
+    forward = _expert_forward(inner, tokens)
 
-        def run():
-            forward()
-            _sync(device)
+    def run():
+        forward()
+        _sync(device)
 
-        run()  # warm-up
-        samples.append(ComputeSample(tokens, _median_ns(run, repeats, cancelled)))
-    return tuple(samples)
+    run()  # warm-up
+    return ComputeSample(tokens, _median_ns(run, repeats, cancelled))
 
 
 def _prompt(vocab_size: int) -> tuple[int, ...]:
@@ -240,68 +233,68 @@ def _settle(runtime) -> None:
 
 
 @torch.inference_mode()
-def profile(runtime, spec: ProfileSpec, identity: Identity, residency: Residency,
+def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Callable[[], tuple[int, ...]],
             cancelled: Callable[[], bool] = lambda: False,
-            between_passes: ContextManager = contextlib.nullcontext()) -> Iterator[ProfileProgress]:
-    """Measure ``runtime`` (a ``VirtualExperts``), reporting progress. Each measurement holds
-    ``between_passes`` (no plan resizes a slot it uses); ``cancelled()`` is checked before every
-    repeat (raises Cancelled). The decode step and the sweep run at ``residency.sweep()``;
-    afterwards the slots go back to the plan in force, ``residency.plan()``."""
+            measurement: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[ProfileProgress]:
+    """Measure ``runtime`` (a ``VirtualExperts``), reporting progress. The work is a series of
+    short measurements, each inside ``measurement()`` (the engine's exclusive step: no pass of a
+    generation runs and no plan resizes a slot meanwhile; generations may run between two): one
+    expert read or copy, one token count of one layer's expert, the decode step, one generation
+    of the sweep. ``cancelled()`` is checked before every repeat (raises Cancelled). The decode
+    step and the sweep run with ``sweep_residency()`` experts per layer, asked at each step (a plan
+    or budget change may land between two); the caller puts the plan's slots back afterwards."""
     layers, frequencies = runtime.layers, spec.frequencies
     steps = 2 + len(layers) + (len(frequencies) + 1) * spec.repeats  # + an on-demand run per round
     device = runtime.device
     yield ProfileProgress(0.0, "expert load")
-    with between_passes:
-        loads = _load_samples(runtime, spec.repeats, cancelled)
+    loads = _load_samples(runtime, spec.repeats, cancelled, measurement)
     profiles = []
     for i, (layer, layout) in enumerate(zip(layers, runtime.layout.layers)):
         yield ProfileProgress((1 + i) / steps, f"expert compute, layer {i}")
-        with between_passes:
-            inner = layer.experts.inner
-            compute = _compute_samples(inner, spec.token_counts, spec.repeats, cancelled, device)
-            profiles.append(LayerProfile(layout.bytes_per_expert, activation_bytes_per_token(inner), compute))
-    sweep_capacities = residency.sweep()
+        compute = []
+        for tokens in spec.token_counts:
+            with measurement():
+                compute.append(_compute_sample(layer.experts.inner, tokens, spec.repeats, cancelled, device))
+        profiles.append(LayerProfile(layout.bytes_per_expert, activation_bytes_per_token(layer.experts.inner),
+                                     tuple(compute)))
+    sweep_capacities = sweep_residency()
     decode_steps = max(1, min(spec.repeats, spec.sweep_tokens))
-    try:
-        yield ProfileProgress((1 + len(layers)) / steps, "decode step")
-        with between_passes:
-            _resize(runtime, sweep_capacities)
-            _settle(runtime)
-            decode_ns = _decode_step_ns(runtime, decode_steps, cancelled)
-        with between_passes:  # warm-up: the first generation after a resize runs slower
-            _generate_once(runtime, 0, spec.sweep_tokens, cancelled)
-        gaps = {f: [] for f in frequencies}
-        medians = {f: [] for f in frequencies}
-        loads_started = dict.fromkeys(frequencies, 0)
-        on_demand_medians, on_demand_misses, on_demand_gaps = [], 0, 0
-        for repeat in range(spec.repeats):  # frequencies interleaved: drift on the device hits all alike
-            yield ProfileProgress((2 + len(layers) + repeat * (len(frequencies) + 1)) / steps,
-                                  f"update-frequency sweep, round {repeat + 1} of {spec.repeats}")
-            for frequency in frequencies:
-                if cancelled():
-                    raise Cancelled()
-                with between_passes:
-                    _resize(runtime, residency.sweep())  # a budget cut meanwhile may have shrunk it
-                    _settle(runtime)
-                    times, started = _generate_once(runtime, frequency, spec.sweep_tokens, cancelled)
-                gaps[frequency] += times
-                medians[frequency].append(int(statistics.median(times)) if times else 0)
-                loads_started[frequency] += started
-            with between_passes:  # and what a synchronous miss costs
-                _resize(runtime, residency.sweep())
+    yield ProfileProgress((1 + len(layers)) / steps, "decode step")
+    with measurement():
+        _resize(runtime, sweep_capacities)
+        _settle(runtime)
+        decode_ns = _decode_step_ns(runtime, decode_steps, cancelled)
+    with measurement():  # warm-up: the first generation after a resize runs slower
+        _resize(runtime, sweep_residency())
+        _generate_once(runtime, 0, spec.sweep_tokens, cancelled)
+    gaps = {f: [] for f in frequencies}
+    medians = {f: [] for f in frequencies}
+    loads_started = dict.fromkeys(frequencies, 0)
+    on_demand_medians, on_demand_misses, on_demand_gaps = [], 0, 0
+    for repeat in range(spec.repeats):  # frequencies interleaved: drift on the device hits all alike
+        yield ProfileProgress((2 + len(layers) + repeat * (len(frequencies) + 1)) / steps,
+                              f"update-frequency sweep, round {repeat + 1} of {spec.repeats}")
+        for frequency in frequencies:
+            if cancelled():
+                raise Cancelled()
+            with measurement():
+                _resize(runtime, sweep_residency())  # a generation or a budget cut meanwhile changed it
                 _settle(runtime)
-                times, misses = _generate_on_demand(runtime, spec.sweep_tokens, cancelled)
-            on_demand_medians.append(int(statistics.median(times)) if times else 0)
-            on_demand_misses += misses
-            on_demand_gaps += len(times)
-        baseline_medians = medians[0]
-        sweep = [SweepPoint(f, max(1, int(statistics.median(medians[f]))),
-                            len(gaps[f]) / (sum(gaps[f]) / 1e9) if sum(gaps[f]) else 0.0,
-                            loads_started[f] / (spec.sweep_tokens * spec.repeats)) for f in frequencies]
-    finally:
-        with between_passes:
+                times, started = _generate_once(runtime, frequency, spec.sweep_tokens, cancelled)
+            gaps[frequency] += times
+            medians[frequency].append(int(statistics.median(times)) if times else 0)
+            loads_started[frequency] += started
+        with measurement():  # and what a synchronous miss costs
+            _resize(runtime, sweep_residency())
             _settle(runtime)
-            _resize(runtime, residency.plan())
+            times, misses = _generate_on_demand(runtime, spec.sweep_tokens, cancelled)
+        on_demand_medians.append(int(statistics.median(times)) if times else 0)
+        on_demand_misses += misses
+        on_demand_gaps += len(times)
+    baseline_medians = medians[0]
+    sweep = [SweepPoint(f, max(1, int(statistics.median(medians[f]))),
+                        len(gaps[f]) / (sum(gaps[f]) / 1e9) if sum(gaps[f]) else 0.0,
+                        loads_started[f] / (spec.sweep_tokens * spec.repeats)) for f in frequencies]
     experts_ns = sum(l.top_k * _at_one_token(p.compute) for l, p in zip(runtime.layout.layers, profiles))
     tolerance = max(LATENCY_TOLERANCE, relative_spread(baseline_medians) if baseline_medians else 0.0)
     result = DeviceProfile(

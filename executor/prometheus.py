@@ -51,6 +51,12 @@ class EngineCollector:
         yield CounterMetricFamily(PREFIX + "expert_load_bytes", "Bytes read to load experts.", value=loads.nbytes)
         yield CounterMetricFamily(PREFIX + "expert_load_seconds", "Time spent loading experts.", value=loads.seconds)
         yield GaugeMetricFamily(PREFIX + "plan_version", "Version of the plan in force.", value=engine.plan.version)
+        failures, unsaved = engine.state_writes
+        yield CounterMetricFamily(PREFIX + "state_write_failures", "Writes to the state directory that failed "
+                                                                   "(each is retried).", value=failures)
+        yield GaugeMetricFamily(PREFIX + "state_unsaved_files", "State files (the plan, the node secret) not "
+                                                                "written yet: a restart now resumes older ones.",
+                                value=unsaved)
 
     @staticmethod
     def _latencies(stats):
@@ -110,7 +116,12 @@ def metrics_registry(engine) -> CollectorRegistry:
     return registry
 
 
-def serve_metrics(engine, host: str = "127.0.0.1", port: int = 0):
-    """Serve ``/metrics`` over HTTP on a daemon thread; returns the HTTP server (``server_port``)."""
-    server, _thread = start_http_server(port, addr=host, registry=metrics_registry(engine))
+def serve_metrics(engine, host: str = "127.0.0.1", port: int = 0, tls=None):
+    """Serve ``/metrics`` on a daemon thread; returns the HTTP server (``server_port``). With ``tls``
+    (the executor's ``swapmoe.rpc.tls.TlsFiles``) it is HTTPS with the executor's certificate and,
+    when ``tls.ca`` is set, requires a client certificate signed by it, as the gRPC port does."""
+    secured = {} if tls is None else {"certfile": str(tls.cert), "keyfile": str(tls.key),
+                                      "client_cafile": None if tls.ca is None else str(tls.ca),
+                                      "client_auth_required": tls.ca is not None}
+    server, _thread = start_http_server(port, addr=host, registry=metrics_registry(engine), **secured)
     return server

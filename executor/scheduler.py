@@ -5,8 +5,10 @@ with a prefill of its own, then every decode pass feeds one token per row); past
 capacity they wait first come, first served, and past ``max_queue`` waiting they are refused
 (RESOURCE_EXHAUSTED, so a client backs off instead of piling up). Every forward pass runs
 under the step lock, and so do plan and budget changes, which therefore land between two
-passes and never inside one. An exclusive turn (a profile) stops admissions and waits for
-the batch to drain.
+passes and never inside one. An exclusive job (a profile) runs in short steps, each of which
+waits for the generations queued before it to finish and then runs alone; generations that
+arrive meanwhile run between two steps (first come, first served by arrival), so a long job
+delays a request by one step, never by the whole job.
 
 The model always runs on the same thread whichever RPC thread serves a request (torch's
 intra-op thread team is per calling thread; teams left spinning by many request threads
@@ -17,13 +19,14 @@ sending the previous tokens.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import queue
 import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -54,6 +57,7 @@ class Sequence:
     out: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     leaving: threading.Event = field(default_factory=threading.Event)  # its consumer is gone
     joined_ns: int = 0  # when its first prefill began (perf_counter_ns)
+    arrival: int = 0  # its place in the order requests and exclusive steps arrived in
     generated: list[int] = field(default_factory=list)
     done: bool = False
 
@@ -96,8 +100,9 @@ class Scheduler:
         self._rows: list[Sequence] = []  # the batch, in row order
         self._limit = 1  # rows the budget allows now (``resize``), at most the batch's capacity
         self._looping = False
-        self._exclusive = 0  # exclusive turns held or waited for: no admissions meanwhile
-        self._turns = 0  # exclusive turns held
+        self._arrivals = itertools.count(1)  # generations and exclusive steps, in the order they came
+        self._steps: list[int] = []  # arrivals of the exclusive steps held or waited for, oldest first
+        self._jobs = 0  # exclusive jobs in progress
         self._batch = None
         self._between_passes: Callable[[], None] = lambda: None
         self._on_join: Callable[[], None] = lambda: None
@@ -140,8 +145,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Generations in the batch, or 1 during an exclusive turn."""
-        return len(self._rows) + self._turns
+        """Generations in the batch, plus the exclusive jobs in progress."""
+        return len(self._rows) + self._jobs
 
     def between_passes(self) -> threading.Lock:
         """Hold this (``with``) to change what forward passes see: no pass runs meanwhile."""
@@ -157,6 +162,7 @@ class Scheduler:
             if len(self._waiting) + len(self._rows) >= self.capacity + self.max_queue:
                 raise Busy(f"{len(self._waiting)} requests are already waiting, the most this executor "
                            f"queues (max_queue {self.max_queue}); retry later")
+            sequence.arrival = next(self._arrivals)
             self._waiting.append(sequence)
             self._wake()
         started = False
@@ -182,33 +188,53 @@ class Scheduler:
                 self._cond.notify_all()
 
     @contextlib.contextmanager
-    def turn(self, cancelled: Callable[[], bool]):
-        """An exclusive turn (a profile): no new rows meanwhile; waits for the batch to drain.
-        Raises Cancelled when ``cancelled()`` turns true while waiting."""
+    def exclusive(self, cancelled: Callable[[], bool]) -> Iterator[Callable[[], ContextManager[None]]]:
+        """An exclusive job (a profile), counted as running while it lasts; yields ``step``: each
+        ``with step():`` runs alone, with the step lock held, once the generations that arrived
+        before it have finished. Generations arriving during a step join after it, before the
+        job's next step. Raises Cancelled when ``cancelled()`` turns true while a step waits."""
         with self._cond:
-            self._exclusive += 1
+            self._jobs += 1
+        try:
+            yield lambda: self._step(cancelled)
+        finally:
+            with self._cond:
+                self._jobs -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def _step(self, cancelled: Callable[[], bool]):
+        with self._cond:
+            arrival = next(self._arrivals)
+            self._steps.append(arrival)
             try:
-                while self._rows or self._looping:
+                while (self._steps[0] != arrival or self._rows or self._looping
+                       or any(s.arrival < arrival for s in self._waiting)):
                     if cancelled():
                         raise Cancelled()
                     self._cond.wait(POLL_S)
             except BaseException:
-                self._exclusive -= 1
-                self._wake()
+                self._end_step(arrival)
                 raise
-            self._turns += 1
         try:
-            yield
+            with self._step_lock:
+                yield
         finally:
             with self._cond:
-                self._turns -= 1
-                self._exclusive -= 1
-                self._wake()
+                self._end_step(arrival)
+
+    def _end_step(self, arrival: int) -> None:
+        self._steps.remove(arrival)
+        self._wake()
+
+    def _admits(self, sequence: Sequence) -> bool:
+        """Whether ``sequence`` may join now: it came before every exclusive step waiting (lock held)."""
+        return not self._steps or sequence.arrival < self._steps[0]
 
     def _wake(self) -> None:
         """Start the loop on the forward thread if there is work and it is not running (lock held)."""
         self._cond.notify_all()
-        if not self._looping and self._waiting and not self._exclusive:
+        if not self._looping and self._waiting and self._admits(self._waiting[0]):
             self._looping = True
             self._forward_thread.submit(self._loop)
 
@@ -249,7 +275,7 @@ class Scheduler:
 
     def _next_waiting(self) -> Sequence | None:
         with self._cond:
-            while self._waiting and len(self._rows) < self._limit and not self._exclusive:
+            while self._waiting and len(self._rows) < self._limit and self._admits(self._waiting[0]):
                 s = self._waiting.popleft()
                 if not s.leaving.is_set():
                     return s
@@ -259,7 +285,7 @@ class Scheduler:
     def _join(self, s: Sequence) -> None:
         if not s.generated:  # a first join; a preempted sequence rejoins with what it made so far
             s.joined_ns = time.perf_counter_ns()
-            self._on_join()
+        self._on_join()
         try:
             logits = self._batch.join(tuple(s.request.prompt_ids) + tuple(s.generated))
         except BaseException as error:

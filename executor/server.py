@@ -1,22 +1,33 @@
-"""ExecutorService over gRPC: thin translators between protos and the engine."""
+"""ExecutorService over gRPC: thin translators between protos and the engine.
+
+Telemetry is per caller: a caller is the name of its token when the server checks tokens, else
+its address (host). One caller holds at most ``subscribers_per_caller`` Subscribe streams, so
+one client cannot take every slot; and what one tenant's requests reveal (the finished-request
+events, with their ids and timings, and the per-expert activation counts their prompts produce)
+goes only to callers with the ``control`` or ``viewer`` role. Without tokens every caller is
+trusted alike (the server then serves loopback only, unless told it is insecure).
+"""
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import threading
 import time
 
 import grpc
 
 from swapmoe.core import limits
-from swapmoe.core.errors import InvalidField
+from swapmoe.core.errors import Busy, Forbidden, InvalidField, Unauthenticated
 from swapmoe.executor.scheduler import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.generation import GenerationRequest, SamplingParams
 from swapmoe.executor.profiling import ProfileProgress, ProfileSpec
 from swapmoe.executor.request_log import RequestRecord, new_request_id, report_request
-from swapmoe.executor.telemetry import TelemetryReporter
+from swapmoe.executor.telemetry import ALL_TOPICS, TelemetryReporter
 from swapmoe.executor.text import Chunk
 from swapmoe.rpc import convert, transport
+from swapmoe.rpc.auth import CONTROL, VIEWER, TokenTable, bearer_token
 from swapmoe.rpc.security import ServerSecurity
 from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
@@ -30,6 +41,8 @@ _FINISH = {
     "eos": epb.FINISH_REASON_EOS,
     "context_full": epb.FINISH_REASON_CONTEXT_FULL,
 }
+TENANT_TOPICS = frozenset({tpb.TOPIC_EXPERTS})  # topics only callers who see every tenant may ask for
+SEE_TENANTS = frozenset({CONTROL, VIEWER})
 
 
 def request_from_pb(msg: epb.GenerateRequest, engine: Engine) -> GenerationRequest:
@@ -68,8 +81,13 @@ def chunk_to_pb(chunk: Chunk, request_id: str = "") -> epb.GenerateResponse:
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, tokens: TokenTable | None = None,
+                 subscribers_per_caller: int = limits.MAX_SUBSCRIBERS_PER_CALLER):
         self.engine = engine
+        self.tokens = tokens
+        self.subscribers_per_caller = subscribers_per_caller
+        self._subscribers: collections.Counter[str] = collections.Counter()  # open Subscribe streams per caller
+        self._lock = threading.Lock()
 
     def Generate(self, request, context):
         # A client that cancels or passes its deadline stops the work: while queued, between
@@ -100,9 +118,34 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
         unknown = [t for t in request.topics if t not in tpb.Topic.values() or t == tpb.TOPIC_UNSPECIFIED]
         if unknown:
             raise InvalidField("topics", f"unknown topic values {unknown}")
-        interval = (request.interval_ms or 1000) / 1000
+        caller, roles = caller_of(context, self.tokens)
+        sees_tenants = self.tokens is None or bool(roles & SEE_TENANTS)
+        if not sees_tenants and (denied := TENANT_TOPICS & set(request.topics)):
+            names = ", ".join(tpb.Topic.Name(t) for t in sorted(denied))
+            raise Forbidden(f"topics: {names} needs role {' or '.join(sorted(SEE_TENANTS))}; {caller!r} has "
+                            f"{', '.join(sorted(roles))}")
+        topics = frozenset(request.topics) or (ALL_TOPICS if sees_tenants else ALL_TOPICS - TENANT_TOPICS)
+        with self._subscriber_slot(caller):
+            yield from self._stream(topics, sees_tenants, (request.interval_ms or 1000) / 1000, context)
+
+    @contextlib.contextmanager
+    def _subscriber_slot(self, caller: str):
+        with self._lock:
+            if self._subscribers[caller] >= self.subscribers_per_caller:
+                raise Busy(f"{self.subscribers_per_caller} Subscribe streams of {caller!r} are open, the most one "
+                           f"caller may hold; retry once one ends")
+            self._subscribers[caller] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._subscribers[caller] -= 1
+                if not self._subscribers[caller]:
+                    del self._subscribers[caller]
+
+    def _stream(self, topics: frozenset[int], sees_tenants: bool, interval: float, context):
         hub = self.engine.hub
-        subscription = hub.subscribe(request.topics)
+        subscription = hub.subscribe(topics, requests=sees_tenants)
         context.add_callback(lambda: hub.unsubscribe(subscription))
         reporter = TelemetryReporter(self.engine)
         due = time.monotonic()
@@ -150,6 +193,18 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServiceServicer):
                 return
 
 
+def caller_of(context: grpc.ServicerContext, tokens: TokenTable | None) -> tuple[str, frozenset[str]]:
+    """Who is calling, and with which roles: the name and roles of its token when ``tokens`` are
+    checked (the auth interceptor let the call in), else its host and no roles."""
+    if tokens is None:
+        peer = context.peer()  # "ipv4:127.0.0.1:50123", "ipv6:[::1]:50123", "unix:/path"
+        return (peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer), frozenset()
+    issued = tokens.lookup(bearer_token(context.invocation_metadata()) or "")
+    if issued is None:
+        raise Unauthenticated("the call carries no token this server issued")
+    return issued
+
+
 def _loggable(request_id: str) -> str:
     """The id as the request line gives it, even for a request refused for its id: at most the
     id's length limit, control characters escaped."""
@@ -187,6 +242,7 @@ def describe_pb(engine: Engine) -> epb.DescribeResponse:
         achieved_experts_per_layer=engine.achieved,
         memory=convert.memory_to_pb(engine.memory()),
         reserve=convert.reserve_to_pb(engine.memory_model.reserve),
+        state_error=engine.state_error,
     )
 
 
@@ -198,16 +254,19 @@ def progress_to_pb(progress: ProfileProgress) -> epb.ProfileProgress:
 
 
 def serve(engine: Engine, address: str = "127.0.0.1:0", max_subscribers: int = 32,
-          security: ServerSecurity | None = None) -> transport.Server:
+          security: ServerSecurity | None = None,
+          subscribers_per_caller: int = limits.MAX_SUBSCRIBERS_PER_CALLER) -> transport.Server:
     """Start ExecutorService (plus health and reflection) for ``engine``. Streams have slots of
     their own: every generation the scheduler admits (a batch running, ``max_queue`` waiting) and a few
     more (so a client past the queue hears the queue's own answer), up to ``max_subscribers``
-    telemetry streams and two Profile calls (one runs, one waits); unary calls keep threads
-    of their own beside them. ``security``: TLS and the tokens accepted (``swapmoe.rpc.security``)."""
+    telemetry streams (``subscribers_per_caller`` of them per caller) and two Profile calls;
+    unary calls keep threads of their own beside them. ``security``: TLS and the tokens accepted
+    (``swapmoe.rpc.security``)."""
     stream_limits = {"Generate": engine.config.max_queue + engine.scheduler.capacity + 4,
                      "Subscribe": max_subscribers, "Profile": 2}
+    servicer = ExecutorServicer(engine, security.tokens if security is not None else None, subscribers_per_caller)
     return transport.start_server(
-        lambda server: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(ExecutorServicer(engine), server),
+        lambda server: executor_pb2_grpc.add_ExecutorServiceServicer_to_server(servicer, server),
         [SERVICE_NAME],
         address,
         stream_limits,

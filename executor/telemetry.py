@@ -3,7 +3,8 @@ periodic reports (memory, throughput, experts, swaps, plan) each subscriber rece
 
 Each subscriber has a bounded queue; when it is full the oldest event is
 dropped and counted, and the count travels with the next event delivered
-(``TelemetryEvent.dropped``). Publishing never blocks.
+(``TelemetryEvent.dropped``). Publishing never blocks. A subscriber that may not see other
+tenants' requests never receives a finished-request event (its id, tokens and timings).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ def topic_of(event: tpb.TelemetryEvent) -> int:
 class Subscription:
     """One subscriber's queue; ``next`` numbers events and reports drops."""
 
-    def __init__(self, topics: frozenset[int], capacity: int):
+    def __init__(self, topics: frozenset[int], capacity: int, requests: bool = True):
         self.topics = topics
+        self.requests = requests  # receives KIND_REQUEST_FINISHED events
         self._queue: collections.deque = collections.deque(maxlen=capacity)
         self._ready = threading.Condition()
         self._dropped = 0
@@ -80,8 +82,9 @@ class TelemetryHub:
         self._subscribers: list[Subscription] = []
         self._lock = threading.Lock()
 
-    def subscribe(self, topics=(), capacity: int = 256) -> Subscription:
-        subscription = Subscription(frozenset(topics) or ALL_TOPICS, capacity)
+    def subscribe(self, topics=(), capacity: int = 256, requests: bool = True) -> Subscription:
+        """A subscription to ``topics`` (all when empty); ``requests``: with finished-request events."""
+        subscription = Subscription(frozenset(topics) or ALL_TOPICS, capacity, requests)
         with self._lock:
             self._subscribers.append(subscription)
         return subscription
@@ -97,8 +100,9 @@ class TelemetryHub:
 
     def publish(self, event: tpb.TelemetryEvent) -> None:
         topic = topic_of(event)
+        private = topic == tpb.TOPIC_EVENTS and event.event.kind == tpb.Event.KIND_REQUEST_FINISHED
         with self._lock:
-            targets = [s for s in self._subscribers if topic in s.topics]
+            targets = [s for s in self._subscribers if topic in s.topics and (s.requests or not private)]
         for subscription in targets:
             subscription.offer(event)
 

@@ -15,8 +15,10 @@ import grpc
 from swapmoe.core import logs
 from swapmoe.core.errors import Corrupted, NotFound
 from swapmoe.core.labels import parse_labels
-from swapmoe.orchestration import arg_types, devcerts, env_defaults, fleet_commands, http_commands, preflight
+from swapmoe.orchestration import (arg_types, devcerts, env_defaults, fleet_commands, http_commands, planner_commands,
+                                   preflight)
 from swapmoe.rpc import security
+from swapmoe.rpc.tls import check_bind
 from swapmoe.profiler import commands as profile_commands
 from swapmoe.orchestration.addresses import EXECUTOR_PORT, FLEET_PORT, PLANNER_PORT, address_type, port_number
 
@@ -48,8 +50,9 @@ class _Running:
 
 
 def executor_serve(args) -> None:
+    metrics_host = args.metrics_host or args.host
     preflight.check_port_free(args.host, args.port)
-    preflight.check_port_free(args.host, args.metrics_port, "--metrics-port")
+    preflight.check_port_free(metrics_host, args.metrics_port, "--metrics-port")
     preflight.check_state_dir(args.state_dir)
     preflight.check_model(Path(args.model))
     from swapmoe.executor.engine import Engine, EngineConfig
@@ -65,6 +68,10 @@ def executor_serve(args) -> None:
     labels = parse_labels("--label", args.label)
     server_security = security.server_from_args(args, "executor")
     dial_security = security.client_from_args(args, "executor", cert="executor")
+    if not args.insecure:  # before the model loads (with --insecure, binding warns)
+        server_security.check_bind(f"{args.host}:{args.port}")
+    if args.metrics_port is not None:
+        _check_metrics_bind(metrics_host, server_security)
     engine = Engine(config)
     try:
         with preflight.binding(args.host, args.port):
@@ -81,10 +88,18 @@ def executor_serve(args) -> None:
     if args.metrics_port is not None:
         from swapmoe.executor.prometheus import serve_metrics
 
-        metrics = serve_metrics(engine, args.host, args.metrics_port)
-        print(f"metrics on http://{args.host}:{metrics.server_port}/metrics", flush=True)
+        metrics = serve_metrics(engine, metrics_host, args.metrics_port, tls=server_security.tls)
+        scheme = "http" if server_security.tls is None else "https"
+        print(f"metrics on {scheme}://{metrics_host}:{metrics.server_port}/metrics", flush=True)
         stops.append(metrics.shutdown)
     _serve_until_signalled(_Running(server, args.host, stops, args.drain_seconds), "executor")
+
+
+def _check_metrics_bind(host: str, server_security: security.ServerSecurity) -> None:
+    """Metrics are served with the gRPC port's TLS; beyond loopback they need its client
+    certificates too, since the metrics server cannot check tokens."""
+    check_bind(host, server_security.tls, server_security.insecure, flag="--metrics-host",
+               server="the metrics server", ways="--tls-ca (client certificates: mutual TLS)")
 
 
 # The planner's threads (control port, pushes, the event loop) take turns at the interpreter; a
@@ -99,6 +114,7 @@ def planner_serve(args) -> None:
     preflight.check_state_dir(args.state_dir)
     from swapmoe.planner_service.heap import HeapSettings
     from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.claims import RegistrySettings
     from swapmoe.planner_service.search import SearchSettings
     from swapmoe.planner_service.server import serve
 
@@ -112,15 +128,10 @@ def planner_serve(args) -> None:
     with preflight.binding(args.host, args.port):
         server, _ = serve(f"{args.host}:{args.port}", state_dir=args.state_dir, max_executors=args.max_executors,
                           settings=settings, security=security.server_from_args(args, "planner"),
-                          control_address=control, heap=HeapSettings())
+                          control_address=control, heap=HeapSettings(),
+                          records=RegistrySettings(args.max_nodes, away_ttl_s=args.forget_after_hours * 3600))
     notes = [f"planner control RPCs and health also on {args.host}:{server.control_port}"] if control else []
     _serve_until_signalled(_Running(server, args.host, notes=notes), "planner")
-
-
-def planner_status(args) -> None:
-    from swapmoe.orchestration import client
-
-    client.print_plan_status(args.planner, args.node_ids, as_json=args.json)
 
 
 def generate(args) -> None:
@@ -211,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the last acknowledged plan and the planner's node secret here, and resume them on restart")
     p.add_argument("--max-subscribers", type=arg_types.positive, default=32,
                    help="telemetry streams served at once; more get RESOURCE_EXHAUSTED (default 32)")
-    p.add_argument("--metrics-port", type=port_number, help="serve Prometheus metrics on this port (0 picks a free one)")
+    p.add_argument("--metrics-port", type=port_number,
+                   help="serve Prometheus metrics on this port (0 picks a free one); HTTPS with the executor's "
+                        "certificate when it has one, and client certificates required when it has --tls-ca")
+    p.add_argument("--metrics-host", help="address to serve metrics on (default: --host); beyond loopback they "
+                                          "need mutual TLS (--tls-ca) or --insecure")
     p.add_argument("--drain-seconds", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, let in-flight streams finish for up to this long (default 30)")
     security.add_server_arguments(p, dials_out=True)
@@ -236,6 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not profile new devices through their Connect stream (they keep the even split "
                         "until a device profile is stored under --state-dir)")
     p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
+    p.add_argument("--max-nodes", type=arg_types.positive, default=100_000,
+                   help="executors remembered, connected or away; a new node id past this is refused with "
+                        "RESOURCE_EXHAUSTED unless some expired (default 100000)")
+    p.add_argument("--forget-after-hours", type=float, default=168.0,
+                   help="forget an executor away this long (its node id may then be claimed anew; default 168: a "
+                        "week); one that never acknowledged a plan is forgotten 10 minutes after it left")
     p.add_argument("--control-port", type=port_number,
                    help="also serve the control RPCs and health on this port, on threads of their own: they answer "
                         "within tens of ms while thousands of executors register or take a push, which on --port "
@@ -243,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: --port only)")
     security.add_server_arguments(p)
     p.set_defaults(func=planner_serve)
-    p = planner.add_parser("status", help="each executor's plan, predicted and measured figures, workload and why")
-    p.add_argument("--planner", type=address_type(PLANNER_PORT), default=f"127.0.0.1:{PLANNER_PORT}",
-                   help=f"planner address, HOST[:PORT] (default 127.0.0.1:{PLANNER_PORT})")
-    p.add_argument("--json", action="store_true", help="print the GetPlanStatus answer as JSON (proto3 JSON mapping)")
-    p.add_argument("node_ids", nargs="*", help="executors to show (default: all)")
-    p.set_defaults(func=planner_status)
+    planner_commands.add_parsers(planner)
 
     fleet_commands.add_parser(commands)
     http_commands.add_parser(commands)

@@ -129,6 +129,9 @@ def print_plan_status(address: str, node_ids: list[str], out=None, as_json: bool
         if s.HasField("memory"):
             print(f"  memory: {memory_line(s.memory)}", file=out)
         print(f"  why: {s.reason or '(adopted the plan the executor ran)'}", file=out)
+    if response.unsaved_records:
+        print(f"planner state: {response.unsaved_records} records not written to disk ({response.state_error}); "
+              f"kept in memory and written again until they are", file=out)
 
 
 def fetch_device_profile(executor: str | None = None, planner: str | None = None, node_id: str | None = None,
@@ -136,7 +139,7 @@ def fetch_device_profile(executor: str | None = None, planner: str | None = None
     """Profile an executor's device: by calling it (showing its progress), or, for an executor
     that dialled out to ``planner``, by asking the planner to ask it down its Connect stream.
     Returns a ``swapmoe.core.device_profile.DeviceProfile``."""
-    from swapmoe.rpc import convert
+    from swapmoe.rpc import bounds, convert
     from swapmoe.v1 import planner_pb2_grpc
 
     out = out or sys.stderr  # progress; looked up now, so a redirected stderr gets it
@@ -162,4 +165,5 @@ def fetch_device_profile(executor: str | None = None, planner: str | None = None
         raise ValueError(f"profiling {where} failed: {error.code().name}: {error.details()}") from None
     if result is None:
         raise ValueError("profiling failed: the executor's stream ended without a result")
+    bounds.check_message(result, "result.")  # it may come from a machine the operator does not control
     return convert.device_profile_from_pb(result)

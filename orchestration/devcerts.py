@@ -1,11 +1,13 @@
 """``swapmoe dev-certs DIR``: a development CA, a certificate per process and a token per role.
 
 So TLS, mutual TLS and tokens are one flag away (``--security DIR``) without openssl recipes.
-Every certificate is good for both ends of a connection (serverAuth and clientAuth), since a
-process presents one certificate whether it serves or dials, and names localhost, 127.0.0.1,
-::1 and each ``--host``. Tokens are random; the servers' ``tokens.json`` keeps their hashes
-only. Keys and tokens are owner-only (0600). For development and tests: a production fleet
-uses its own CA and issues tokens from its own secret store.
+Each certificate is good only for what its process does (``USES``): the executor and the control
+node serve and dial out (serverAuth and clientAuth), the planner only serves (serverAuth: it never
+dials out), and clients only dial (clientAuth), so a stolen ``client.pem`` cannot pose as a
+server. Every certificate names localhost, 127.0.0.1, ::1 and each ``--host``. Tokens are random;
+the servers' ``tokens.json`` keeps their hashes only. Keys and tokens are owner-only (0600). For
+development and tests: a production fleet uses its own CA and issues tokens from its own secret
+store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ from typing import Sequence
 from swapmoe.core.errors import InvalidField
 from swapmoe.rpc.auth import ROLES, TOKEN_FORMAT, hash_token
 from swapmoe.rpc.security import CERT_NAMES
+
+# What each certificate may prove (its extended key usage): "server" as a TLS server, "client" as a TLS client.
+USES = {"planner": ("server",), "executor": ("server", "client"), "fleet": ("server", "client"),
+        "client": ("client",)}
 
 
 def plan_files(directory: Path) -> list[Path]:
@@ -72,6 +78,7 @@ def make_dev_certs(directory: Path, hosts: Sequence[str] = (), days: int = 365, 
     ])
     written += [_write(directory / "ca.pem", _cert_pem(ca)), _write(directory / "ca-key.pem", _key_pem(ca_key), 0o600)]
     authority = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    purposes = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
     for name in CERT_NAMES:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = certificate(f"swapmoe {name}", key, ca.subject, ca_key, [
@@ -79,7 +86,7 @@ def make_dev_certs(directory: Path, hosts: Sequence[str] = (), days: int = 365, 
             (x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False, content_commitment=False,
                            key_encipherment=False, data_encipherment=False, key_agreement=True,
                            encipher_only=False, decipher_only=False), True),
-            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+            (x509.ExtendedKeyUsage([purposes[use] for use in USES[name]]), False),
             (x509.SubjectAlternativeName(names), False),
             (authority, False),
         ])

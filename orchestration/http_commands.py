@@ -3,14 +3,16 @@
 The gateway needs the ``http`` extra (FastAPI, uvicorn, and transformers for the tokenizer's
 chat template; no torch). It calls its executors with the client TLS and token flags
 (``--security DIR`` uses DIR's client certificate and ``client.token``), and guards ``/v1/``
-with ``--api-key`` (or ``$SWAPMOE_API_KEY``). Like every ``serve``, it prints
+with the key in ``--api-key-file`` (or ``$SWAPMOE_API_KEY``; never on the command line, where
+``ps`` shows it). A gateway others can reach (HTTPS, or a non-loopback ``--host``) needs a key
+unless ``--no-api-key`` says it is meant to be open. Like every ``serve``, it prints
 ``... listening on HOST:PORT`` once bound (``--port 0`` picks a free port).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import logging
 import signal
 import socket
 from pathlib import Path
@@ -20,10 +22,22 @@ import grpc
 from swapmoe.core.errors import InvalidField
 from swapmoe.orchestration.addresses import EXECUTOR_PORT, address_type, port_number
 from swapmoe.rpc import security, transport
+from swapmoe.rpc.auth import read_token
 from swapmoe.rpc.tls import is_loopback
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 DESCRIBE_S = 10.0
+API_KEY_ENV = "SWAPMOE_API_KEY"
+
+
+class _KeyOnCommandLine(argparse.Action):
+    """``--api-key KEY``, refused: every user of the machine reads a command line in ``ps``."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"--api-key is not accepted: a key on the command line shows in `ps`; put it in a file "
+                     f"for --api-key-file FILE, or in ${API_KEY_ENV}")
 
 
 def add_parser(commands) -> None:
@@ -36,8 +50,13 @@ def add_parser(commands) -> None:
                         "gateway's requests open)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--api-key", default=os.environ.get("SWAPMOE_API_KEY"),
-                   help="require `Authorization: Bearer KEY` on /v1/ (default: $SWAPMOE_API_KEY; none: open)")
+    p.add_argument("--api-key-file", type=Path, metavar="FILE",
+                   help=f"require `Authorization: Bearer KEY` on /v1/, KEY being this file's content "
+                        f"(default: ${API_KEY_ENV}; none: open, on a loopback plain-HTTP --host only)")
+    p.add_argument("--no-api-key", action="store_true",
+                   help="serve /v1/ without a key on HTTPS or a non-loopback --host, where a key is otherwise "
+                        "required")
+    p.add_argument("--api-key", nargs="?", action=_KeyOnCommandLine, help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="the served checkpoint's directory, for its chat template (without it, chat "
                         "completions answer 400; token counts come from the executor either way)")
@@ -61,22 +80,27 @@ def serve(args: argparse.Namespace) -> None:
     from swapmoe.orchestration.executor_pool import ExecutorPool
 
     _check_https(args)
+    api_key = read_token(args.api_key_file, "--api-key-file", API_KEY_ENV)
+    _check_api_key(args, api_key)
     client_security = security.client_from_args(args, "client")
     tokenizer = openai_http.load_tokenizer(args.tokenizer) if args.tokenizer else None
     model = args.model_name or (args.tokenizer.resolve().name if args.tokenizer else
                                 described_architecture(args.executor, client_security))
     app = openai_http.create_app(openai_http.Settings(ExecutorPool(args.executor, client_security), model, tokenizer,
-                                                      args.api_key or None, args.request_timeout))
+                                                      api_key, args.request_timeout))
     listener = socket.create_server((args.host, args.port), family=_family(args.host), backlog=2048)
     port = listener.getsockname()[1]
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=args.drain_seconds,
                             ssl_certfile=args.http_tls_cert, ssl_keyfile=args.http_tls_key)
+    server = uvicorn.Server(config)
+    # uvicorn drains on these, then re-raises them to the handlers it found: end with 0 then, as every
+    # serve does. One that comes before uvicorn has its own handlers (once the line below is out) stops it too.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: setattr(server, "should_exit", True))
     scheme = "https" if args.http_tls_cert else "http"
     print(f"openai {scheme} listening on {args.host}:{port} (model {model!r}, "
           f"{len(args.executor)} executor{'s' if len(args.executor) > 1 else ''})", flush=True)
-    for sig in (signal.SIGINT, signal.SIGTERM):  # uvicorn drains on these, then re-raises them to the
-        signal.signal(sig, lambda *_: None)       # handlers it found: end with 0 then, as every serve does
-    uvicorn.Server(config).run(sockets=[listener])
+    server.run(sockets=[listener])
     print("openai http stopped", flush=True)
 
 
@@ -100,6 +124,21 @@ def _check_https(args: argparse.Namespace) -> None:
         raise InvalidField("--host", f"{args.host} is not a loopback address and the gateway has no HTTPS: pass "
                                      "--http-tls-cert/--http-tls-key, or --insecure to serve plain HTTP anyway "
                                      "(API keys then cross the network readable)")
+
+
+def _check_api_key(args: argparse.Namespace, api_key: str | None) -> None:
+    """Only a loopback plain-HTTP gateway may go without a key unasked: HTTPS or a non-loopback
+    --host says others will reach it."""
+    exposed = bool(args.http_tls_cert) or not is_loopback(args.host)
+    if api_key is not None and args.no_api_key:
+        raise InvalidField("--no-api-key", f"an API key is given too (--api-key-file or ${API_KEY_ENV})")
+    if api_key is not None or not exposed:
+        return
+    if not args.no_api_key:
+        served = "serves HTTPS" if args.http_tls_cert else f"listens on {args.host} (not loopback)"
+        raise InvalidField("--api-key-file", f"the gateway {served} and has no API key: pass --api-key-file FILE "
+                                             f"(or set ${API_KEY_ENV}), or --no-api-key to let anyone generate")
+    log.warning("serving /v1/ on %s without an API key (--no-api-key): anyone who reaches it can generate", args.host)
 
 
 def _family(host: str) -> socket.AddressFamily:

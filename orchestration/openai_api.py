@@ -1,9 +1,10 @@
 """OpenAI's completions and chat completions, as the executor's Generate speaks them.
 
-Pure mapping with no I/O: the request bodies (pydantic models, so a bad field is a 400 naming
-it), a body to a ``GenerateRequest``, the executor's chunks to OpenAI's responses and stream
-chunks, and a gRPC status to an HTTP status with OpenAI's error body
-(``{"error": {"message", "type", "param", "code"}}``). The HTTP side is ``openai_http``.
+Pure mapping with no I/O: the API key check, the request bodies (JSON parsed here, then pydantic
+models, so a bad field or value is a 400 naming it), a body to a ``GenerateRequest``, the
+executor's chunks to OpenAI's responses and stream chunks, and a gRPC status to an HTTP status
+with OpenAI's error body (``{"error": {"message", "type", "param", "code"}}``). The HTTP side is
+``openai_http``.
 
 Token counts are the executor's own (the last chunk's ``usage``): it tokenized the prompt, so
 the gateway never counts tokens itself.
@@ -11,6 +12,8 @@ the gateway never counts tokens itself.
 
 from __future__ import annotations
 
+import hmac
+import json
 import re
 import time
 import uuid
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import grpc
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from swapmoe.v1 import executor_pb2 as epb
 
@@ -26,6 +29,9 @@ from swapmoe.v1 import executor_pb2 as epb
 # may go on until the context is full, and the executor stops there ("length").
 CHAT_MAX_TOKENS = 4096
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+# max_new_tokens, top_k and token ids are uint32 in GenerateRequest: a larger number fits no field.
+MAX_UINT32 = 2**32 - 1
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 FINISH_REASONS = {epb.FINISH_REASON_LENGTH: "length", epb.FINISH_REASON_CONTEXT_FULL: "length",
                   epb.FINISH_REASON_STOP: "stop", epb.FINISH_REASON_EOS: "stop"}
@@ -85,11 +91,62 @@ def error_from_rpc(code: grpc.StatusCode, details: str | None, prompt_param: str
     return ApiError(status, message, kind, param, code.name.lower())
 
 
+def key_error(authorization: str | None, key: str) -> ApiError | None:
+    """The 401 for an ``Authorization`` header that does not carry ``Bearer <key>``; None when it does."""
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return ApiError(401, "missing API key: send the header `Authorization: Bearer KEY`",
+                        "authentication_error", code="invalid_api_key")
+    if not hmac.compare_digest(given.strip().encode(), key.encode()):
+        return ApiError(401, "incorrect API key provided", "authentication_error", code="invalid_api_key")
+    return None
+
+
+def parse_body(raw: bytes, kind: type[BaseModel]) -> BaseModel:
+    """``raw`` as a ``kind`` (``CompletionBody``, ``ChatBody``), or a 400: not JSON (numbers of more
+    than 4,300 digits and nesting past Python's recursion limit included), a string that is not
+    Unicode text, or a field out of its bounds, naming it."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not JSON: {error}") from None
+    except ValueError:  # Python's own bound on int() of a decimal string
+        raise ApiError(400, "the request body holds a number of more than 4300 digits") from None
+    except RecursionError:
+        raise ApiError(400, "the request body nests arrays or objects too deep") from None
+    if _holds_lone_surrogate(data):
+        param = next((k for k, v in data.items() if _holds_lone_surrogate([k, v])), None) \
+            if isinstance(data, dict) else None
+        param = None if param is None else param.encode("utf-8", "backslashreplace").decode()  # as the client spelt it
+        raise ApiError(400, f"{param or 'the request body'}: holds a lone UTF-16 surrogate (a \\ud800-\\udfff "
+                            "escape), which is not Unicode text", param=param)
+    try:
+        return kind.model_validate(data)
+    except ValidationError as error:
+        raise error_from_validation(error.errors()) from None
+
+
+def _holds_lone_surrogate(data) -> bool:
+    """Whether a string (or key) in parsed JSON holds a lone surrogate: JSON's ``\\ud800`` escape
+    can spell one, but no UTF-8 text (the executor's, the tokenizer's) can hold it."""
+    stack = [data]
+    while stack:  # no recursion: JSON may nest as deep as the parser allows
+        value = stack.pop()
+        if isinstance(value, str):
+            if _LONE_SURROGATE.search(value):
+                return True
+        elif isinstance(value, dict):
+            stack += [*value, *value.values()]
+        elif isinstance(value, list):
+            stack += value
+    return False
+
+
 def error_from_validation(errors: list[dict]) -> ApiError:
     """A 400 for pydantic's first complaint about the body: ``param`` is the top-level field,
     the message gives the full path (``messages.0.content: ...``)."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request body"}
-    loc = [str(p) for p in first.get("loc", ())][1:]  # loc[0] is "body"
+    loc = [str(p) for p in first.get("loc", ())]
     message = f"{'.'.join(loc)}: {first['msg']}" if loc else first["msg"]
     return ApiError(400, message, param=loc[0] if loc else None)
 
@@ -105,10 +162,10 @@ class _Sampled(BaseModel):
 
     # Clients may send null for any optional parameter: None means OpenAI's default.
     model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)  # OpenAI's range; default 1, 0 is greedy
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # an extension, as vLLM's server has it; 0 disables it
+    max_tokens: int | None = Field(None, ge=1, le=MAX_UINT32)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range; default 1, 0 is greedy
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=0, le=MAX_UINT32)  # an extension, as vLLM's server has it; 0 disables it
     seed: int | None = Field(None, ge=0, lt=1 << 64)
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -140,6 +197,16 @@ class CompletionBody(_Sampled):
     best_of: int | None = None
     suffix: str | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _token_ids_in_range(cls, prompt):
+        """Token ids the request can carry (the executor checks them against its vocabulary)."""
+        if isinstance(prompt, list):
+            ids = (t for t in prompt if isinstance(t, int) and not isinstance(t, bool))
+            if (bad := next((t for t in ids if not 0 <= t <= MAX_UINT32), None)) is not None:
+                raise ValueError(f"{bad} is not a token id (0 to {MAX_UINT32})")
+        return prompt
+
     def unsupported(self) -> ApiError | None:
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) > 1:
             return ApiError(400, "prompt: one prompt per request is supported", param="prompt")
@@ -167,7 +234,7 @@ class Message(BaseModel):
 
 class ChatBody(_Sampled):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_UINT32)
 
 
 # -- bodies -> GenerateRequest --------------------------------------------------------------------

@@ -4,7 +4,9 @@ bake, go on; a halt or an abort with rollback sends the nodes reached their prev
 The policy is ``rollouts`` (pure); this module only calls planners and applies what they say
 under the control node's lock. A wave is one PushPlan per planner with the wave's node ids
 (brief answers), then GetPlanStatus for the nodes still pending every ``POLL_S`` until each
-answered or the wave's timeout. The rollout is saved (``rollout_store``) after every push and
+answered or the wave's timeout; nodes whose planner did not answer the push (it is restarting)
+are pushed again every ``REPUSH_S``, and a node away counts as failed only once the wave's time
+is up, since a restarted planner's executors take a moment to return. The rollout is saved (``rollout_store``) after every push and
 decision, and throttled while ACKs stream in. A driver started on a rollout read back from disk
 re-polls its current wave (the versions sent are kept), with a fresh timeout: the control node
 being away is not the executors' fault.
@@ -30,6 +32,7 @@ FULL_POLL_S = 3.0
 IDLE_S = 1.0  # a paused driver looks at its rollout at least this often
 ROLLBACK_TRIES = 3
 ROLLBACK_RETRY_S = 1.0
+REPUSH_S = 1.0  # a wave's nodes whose planner did not answer the push are pushed again this often
 # A planner that refuses a push for what it carries (a plan that does not fit a model) NACKs it
 # for its nodes; any other failure leaves them unreachable.
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE)
@@ -41,6 +44,7 @@ class RolloutDriver:
         self.rollout, self.planners, self.store, self.lock = rollout, planners, store, lock
         self._wake, self._stop = threading.Event(), threading.Event()
         self._full_poll = time.monotonic()  # the wave was just sent: nobody answered yet
+        self._pushed_at = 0.0  # monotonic time of the last push
         self._thread = threading.Thread(target=self._run, name=rollout.rollout_id, daemon=True)
         if resumed and rollout.wave_started_ns:
             rollout.wave_started_ns = time.time_ns()
@@ -91,15 +95,24 @@ class RolloutDriver:
             else:
                 self._push_wave()
             return True
+        if self._unsent() and time.monotonic() - self._pushed_at >= REPUSH_S:
+            self._push_wave()  # a planner that was away (restarting) when the wave went
         self._poll_wave()
         if self._decide() is ro.Decision.WAIT:
             self._sleep(POLL_S)
         return True
 
-    def _push_wave(self) -> None:
-        r = self.rollout
+    def _unsent(self) -> bool:
+        """Whether nodes of the wave were not pushed for want of their planner (not refused)."""
         with self.lock:
-            unsent = [t for t in r.wave_targets() if not t.version]
+            return any(not t.version and t.state == ro.UNREACHABLE for t in self.rollout.wave_targets())
+
+    def _push_wave(self) -> None:
+        """Push the wave to the nodes not pushed yet; its timeout runs from the first push."""
+        r = self.rollout
+        self._pushed_at = time.monotonic()
+        with self.lock:
+            unsent = [t for t in r.wave_targets() if not t.version and t.state != ro.NACKED]
             request = r.request
         by_planner = _group(unsent)
 
@@ -114,13 +127,14 @@ class RolloutDriver:
         with self.lock:
             for address, result in results.items():
                 _apply_push(by_planner[address], address, result)
-            r.wave_started_ns = r.updated_ns = time.time_ns()
+            r.updated_ns = time.time_ns()
+            r.wave_started_ns = r.wave_started_ns or r.updated_ns
         self._save(urgent=True)
 
     def _poll_wave(self) -> None:
         with self.lock:
             watched = [t for t in self.rollout.wave_targets() if t.version and t.state in (ro.PENDING, ro.UNREACHABLE)]
-            if not any(t.state == ro.PENDING for t in watched):
+            if not watched:
                 return
         by_planner = _group(watched)
         # Most polls ask only for the nodes that answered (a wave of 10,000 would otherwise read

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -24,6 +23,8 @@ from typing import Callable
 from google.protobuf import json_format
 
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.files import write_atomically
+from swapmoe.core.paths import path_name
 from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_REASON_CHARS, check_node_id, check_range, check_text
 from swapmoe.orchestration.rollouts import Previous, Rollout, Target, check_plan, check_request
 from swapmoe.v1 import common_pb2, fleet_pb2 as fpb
@@ -48,7 +49,7 @@ class RolloutStore:
     def path(self, rollout_id: str) -> Path:
         if not _ID.match(rollout_id):
             raise InvalidField("rollout_id", f"{rollout_id!r} is not a rollout id")
-        return self.directory / f"{rollout_id}.json"
+        return self.directory / f"{path_name('rollout_id', rollout_id)}.json"
 
     def save(self, rollout_id: str, snapshot: Callable[[], dict], urgent: bool = True) -> None:
         """Write ``snapshot()`` now when ``urgent`` or the last write is ``interval_s`` old;
@@ -67,10 +68,7 @@ class RolloutStore:
                 self._write(rollout_id, snapshot())
 
     def _write(self, rollout_id: str, data: dict) -> None:
-        path = self.path(rollout_id)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data, separators=(",", ":")))
-        tmp.replace(path)
+        write_atomically(self.path(rollout_id), json.dumps(data, separators=(",", ":")).encode())
         self._written[rollout_id] = time.monotonic()
         self._dirty.discard(rollout_id)
 

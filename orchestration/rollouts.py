@@ -270,13 +270,14 @@ class Decision(enum.Enum):
 
 def decide(rollout: Rollout, timed_out: bool) -> Decision:
     """After a look at the current wave (call ``expire`` first once ``timed_out``). NACKs halt at
-    once; unreachable nodes count when the wave is over, since an executor away may return."""
+    once; unreachable nodes count when the wave is over, since an executor away (or the planner it
+    connects to, restarting) may return."""
     sent = rollout.sent()
     states = Counter(t.state for t in sent)
     canary = rollout.has_canary and rollout.wave == 0
     if _too_many(states[NACKED], len(sent), rollout.settings.max_failure_share, canary):
         return Decision.HALT
-    if not timed_out and any(t.state == PENDING for t in rollout.wave_targets()):
+    if not timed_out and any(t.state in (PENDING, UNREACHABLE) for t in rollout.wave_targets()):
         return Decision.WAIT
     if _too_many(states[NACKED] + states[UNREACHABLE], len(sent), rollout.settings.max_failure_share, canary):
         return Decision.HALT

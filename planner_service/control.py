@@ -15,6 +15,7 @@ from typing import Callable
 
 import grpc
 
+from swapmoe.core.errors import InvalidField
 from swapmoe.core.labels import check_page_size, page_after, page_token, parse_selector
 from swapmoe.core.limits import MAX_BYTES, check_count, check_node_id, check_node_ids, check_range
 from swapmoe.core.plan import validate_plan
@@ -33,8 +34,10 @@ _RELAYED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class PlannerControl:
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, state_health: Callable[[], tuple[int, str]] = lambda: (0, "")):
+        """``state_health``: records not written yet and why (``state.PlannerState.health``)."""
         self.registry = registry
+        self.state_health = state_health
 
     def plan_status(self, request: ppb.PlanStatusRequest) -> ppb.PlanStatusResponse:
         check_node_ids("node_ids", request.node_ids)
@@ -44,8 +47,16 @@ class PlannerControl:
         check_count("states", request.states, len(ppb.PlanState.keys()))
         records, last, summary = self.registry.page(list(request.node_ids), selector, after, size,
                                                     request.connected_only, frozenset(request.states))
+        unsaved, error = self.state_health()
         return ppb.PlanStatusResponse(executors=self._statuses(records, request.view),
-                                      next_page_token=page_token(last) if last else "", summary=summary)
+                                      next_page_token=page_token(last) if last else "", summary=summary,
+                                      unsaved_records=unsaved, state_error=error)
+
+    def forget_nodes(self, request: ppb.ForgetNodesRequest) -> ppb.ForgetNodesResponse:
+        if not request.node_ids:
+            raise InvalidField("node_ids", "name the executors to forget")
+        check_node_ids("node_ids", request.node_ids)
+        return ppb.ForgetNodesResponse(forgotten=self.registry.forget(list(request.node_ids)))
 
     def push_plan(self, request: ppb.PushPlanRequest) -> ppb.PushPlanResponse:
         check_node_ids("node_ids", request.node_ids)
@@ -120,3 +131,6 @@ class ControlServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     def ProfileExecutor(self, request, context):
         return self.control.profile(request, context.is_active)
+
+    def ForgetNodes(self, request, context):
+        return self.control.forget_nodes(request)

@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 # How often the accuracy profiles on disk are looked for again when an unprofiled model registers
 # (10,000 executors of one unprofiled model would otherwise scan the disk 10,000 times).
 RESCAN_S = 10.0
+# Searches (frontiers, refinements) waiting for the search thread: each takes seconds, so a burst of
+# registrations (or of fake nodes) queues hours of work past this; the rest wait for a re-registration.
+MAX_QUEUED_SEARCHES = 64
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class Planner:
         self._accuracy = profiles.find_accuracy(self._roots())
         self._scanned = time.monotonic()
         self._work = ThreadPoolExecutor(1, thread_name_prefix="planner-search")  # searches, one at a time
+        self._queued: set[tuple] = set()  # (node id, what) of the searches waiting, each once
         self._profiling = ThreadPoolExecutor(4, thread_name_prefix="planner-profile")  # waits on devices
         self.registry = None  # the Registry, once attached
 
@@ -103,7 +107,7 @@ class Planner:
                                                                f"({reason})")
             return Choice(plan, f"{why}; {reason}: even split")
         if found.budget_bytes != budget:
-            self._work.submit(self._refine, record.node_id, workload, budget, found)
+            self._search_later(self._refine, record.node_id, workload, budget, found)
         origin = (f"planner:search workload={workload} budget={format_size(budget)} strategy={found.strategy.value} "
                   f"predicted={found.predicted.accuracy:.4g} {found.predicted.inter_token_ns / 1e6:.2f}ms")
         return Choice(found.plan(0, origin), f"{why}; searched plan for workload {workload!r}", found)
@@ -128,6 +132,13 @@ class Planner:
             return False
         node.profile_state = "profiling"
         return True
+
+    def registered(self, node_id: str) -> None:
+        """``node_id`` is registered and connected: search the frontiers it still lacks (ones skipped
+        while it was away, or never queued)."""
+        node = self._nodes.get(node_id)
+        if node is not None and node.profile_state == "ready":
+            self._build_missing(node_id)
 
     def measure(self, node_id: str) -> None:
         """Profile a registered executor's device through its Connect stream, in the background."""
@@ -164,6 +175,10 @@ class Planner:
         node = self._nodes.get(node_id)
         return node.tracker.current if node and node.tracker else ""
 
+    def forget(self, node_id: str) -> None:
+        """The registry forgot ``node_id``: its profile state, frontiers and workload go too."""
+        self._nodes.pop(node_id, None)
+
     def close(self) -> None:
         self._work.shutdown(wait=False, cancel_futures=True)
         self._profiling.shutdown(wait=False, cancel_futures=True)
@@ -182,11 +197,19 @@ class Planner:
             if pending.outcome is None or pending.outcome.error:
                 raise RuntimeError(pending.failure or pending.outcome.error)
             device = convert.device_profile_from_pb(pending.outcome.result)
+            node = self._nodes.get(node_id)
+            if node is None:
+                return  # forgotten meanwhile
+            if (device.model_fingerprint, device.node_id) != (node.fingerprint, node_id):
+                raise ValueError(f"the executor answered with a profile of model {device.model_fingerprint[:64]!r} "
+                                 f"on node {device.node_id[:128]!r}, not of the model it registered "
+                                 f"({node.fingerprint}) on {node_id!r}")
             if self._profile_root():
                 report.save_device(self._profile_root(), device)
         except Exception as error:  # noqa: BLE001 - the fallback stays; the status says why
             log.warning("device profile of %s failed: %s", node_id, error)
-            self._nodes[node_id].profile_state = f"failed: {error}"[:200]
+            if node_id in self._nodes:
+                self._nodes[node_id].profile_state = f"failed: {error}"[:200]
             return
         self._ready(node_id, device)
 
@@ -199,11 +222,41 @@ class Planner:
         node.key = _frontier_key(node, accuracy, device)
         node.profile_state = "ready"
         loaded = self._load_frontiers(node)
-        for workload in sorted(node.objectives, key=lambda w: w != accuracy.default_workload):
-            if workload not in loaded:
-                self._work.submit(self._build, node_id, workload)
+        if replan:  # else (at registration) ``registered`` queues them once the record is in
+            self._build_missing(node_id)
         if loaded and replan:
             self._replan(node_id, "frontiers loaded from the planner's state")
+
+    def _build_missing(self, node_id: str) -> None:
+        """Queue a search for each workload of a ready node that has no frontier yet, default first."""
+        node = self._nodes[node_id]
+        default = self._default_workload(node)
+        with self._lock:
+            missing = [w for w in sorted(node.objectives, key=lambda w: w != default) if w not in node.frontiers]
+        for workload in missing:
+            self._search_later(self._build, node_id, workload)
+
+    def _search_later(self, search, node_id: str, *args) -> None:
+        """Queue ``search(node_id, *args)`` for the search thread, once per (node, search) and at most
+        ``MAX_QUEUED_SEARCHES`` in all; it is skipped if the node is gone or away by its turn (nobody
+        to plan for: it is queued again when the node registers)."""
+        key = (node_id, search.__name__, *args[:2])
+        with self._lock:
+            if key in self._queued:
+                return
+            if len(self._queued) >= MAX_QUEUED_SEARCHES:
+                log.warning("search queue full (%d waiting): %s of %s waits for its next registration",
+                            MAX_QUEUED_SEARCHES, search.__name__, node_id)
+                return
+            self._queued.add(key)
+
+        def run():
+            with self._lock:
+                self._queued.discard(key)
+            if node_id in self._nodes and (self.registry is None or self.registry.connected(node_id)):
+                search(node_id, *args)
+
+        self._work.submit(run)
 
     def _build(self, node_id: str, workload: str) -> None:
         node = self._nodes[node_id]

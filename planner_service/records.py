@@ -38,6 +38,7 @@ class ExecutorRecord:
     last_seen_ns: int = 0
     version: int = 0  # highest plan version this executor has seen
     secret_digest: str = ""  # sha256 of the secret issued to this node id
+    claimed: bool = False  # the executor answered after its secret was sent: later claims must prove it
     # What to send: the newest plan, profile messages (PlannerMessage); bounded.
     outbox: Outbox = field(default_factory=Outbox)
     profiles: dict[str, "PendingProfile"] = field(default_factory=dict)  # asked, not answered yet

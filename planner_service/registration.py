@@ -1,17 +1,21 @@
-"""What an executor's messages must satisfy before the planner acts on them.
+"""What an executor's messages must satisfy before the planner acts on them, and what of them
+the planner can verify.
 
 Every check here runs on the stream's own thread before the registry's lock is taken, so a
 hostile registration (2^32 experts, a budget of 2^64 bytes, a plan version of 2^64) costs
-one bounded check and an INVALID_ARGUMENT, never a wedged planner.
+one bounded check and an INVALID_ARGUMENT, never a wedged planner. The address clients will
+use to reach an executor is not taken from what it asserts: ``published_address`` keeps its
+port and takes the host from what the planner saw (``Peer``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from swapmoe.core import limits
 from swapmoe.core.budget import MemoryModel
-from swapmoe.core.errors import InvalidField
+from swapmoe.core.errors import Forbidden, InvalidField
 from swapmoe.core.labels import check_labels
 from swapmoe.core.layout import validate_layout
 from swapmoe.core.plan import Plan, validate_plan
@@ -29,9 +33,71 @@ class Registered:
     current: Plan | None
 
 
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """Who is at the other end of a Connect stream, as the transport saw it: the IP address the
+    stream came from (None: not an IP connection), and the names of the client certificate it
+    presented (None: no certificate, so no mutual TLS)."""
+
+    ip: str | None = None
+    certificate_names: frozenset[str] | None = None
+
+    @classmethod
+    def from_grpc(cls, peer: str, auth_context: dict) -> "Peer":
+        """From ``context.peer()`` (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``) and ``context.auth_context()``."""
+        ip = None
+        if peer.startswith(("ipv4:", "ipv6:")):
+            ip = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
+        names = auth_context.get("x509_subject_alternative_name")
+        return cls(ip, frozenset(n.decode(errors="replace").lower() for n in names) if names else None)
+
+
+def published_address(asserted: str, peer: Peer) -> str:
+    """The address the planner publishes for an executor that asserts ``asserted``: its port, with
+    a host the planner verified. With a client certificate the host must be one of its names (a
+    wildcard bind, 0.0.0.0 or ::, becomes the stream's IP, which must be one too); without one,
+    the host is the IP the stream came from. "" when the executor gave no address (or the stream
+    has no IP and no certificate). Raises Forbidden for a host its certificate does not name."""
+    if not asserted:
+        return ""
+    host, port = _split_address(asserted)
+    if peer.certificate_names is not None:
+        if _wildcard(host):
+            host = peer.ip or ""
+        if _canonical(host) not in {_canonical(n) for n in peer.certificate_names}:
+            raise Forbidden(f"registration.executor_address: {host or asserted!r} is not a name in the executor's "
+                            f"client certificate ({', '.join(sorted(peer.certificate_names))}); clients could not "
+                            f"verify that server: advertise one of those names")
+        return _join(host, port)
+    return _join(peer.ip, port) if peer.ip else ""
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidField("registration.executor_address", f"{address!r} is not host:port with a port of 1 to 65535")
+    return host.strip("[]"), int(port)
+
+
+def _wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "*")
+
+
+def _canonical(host: str) -> str:
+    try:
+        return str(ipaddress.ip_address(host.split("%")[0]))
+    except ValueError:
+        return host.lower().rstrip(".")
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def check_registration(reg: ppb.Registration) -> Registered:
     """Raise InvalidField (naming ``registration.<field>``) unless every field is within bounds."""
     limits.check_node_id("registration.node_id", reg.node_id)
+    limits.check_fingerprint("registration.model_fingerprint", reg.model_fingerprint)
     limits.check_text("registration.node_secret", reg.node_secret)
     limits.check_text("registration.executor_address", reg.executor_address)
     check_labels("registration.labels", reg.labels)

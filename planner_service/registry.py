@@ -16,9 +16,10 @@ The rules, in one place:
   executor do what it does already is not sent.
 - An operator's plan (``push`` with a plan) is pinned: budget changes and registrations
   leave it in place until the next push; a push without a plan unpins and replans.
-- Versions only grow, by one per plan sent, never past ``MAX_PLAN_VERSION``.
-- A node id whose stream is open is taken over only by a registration carrying the secret
-  the planner issued to it (``Forbidden`` otherwise).
+- Versions only grow, by one per plan sent, never past ``MAX_PLAN_VERSION``; a registration
+  whose plan is more than ``MAX_VERSION_STEP`` ahead of what the planner issued is refused.
+- A node id is claimed once, and records of executors gone for good expire (``claims``);
+  ``forget`` releases an id; at most ``RegistrySettings.max_nodes`` records are kept.
 - A profile is asked of a connected executor only, one at a time per executor and
   ``MAX_PROFILES`` in all; the asker waits on its ``PendingProfile`` outside the lock, and a
   stream that ends fails the profiles it owed.
@@ -27,17 +28,18 @@ The rules, in one place:
 from __future__ import annotations
 
 import bisect
-import hmac
 import secrets
 import threading
 import time
 from typing import Callable
 
-from swapmoe.core.errors import Busy, Forbidden, InvalidField, NotFound
+from swapmoe.core.errors import Busy, Conflict, InvalidField, NotFound
 from swapmoe.core.labels import Selector
 from swapmoe.core.limits import next_version
 from swapmoe.core.plan import Plan
 from swapmoe.core.sizes import format_size
+from swapmoe.planner_service import claims
+from swapmoe.planner_service.claims import RegistrySettings
 from swapmoe.planner_service.planner import Planner
 from swapmoe.planner_service.records import ExecutorRecord, PendingProfile, count, digest
 from swapmoe.planner_service.registration import Registered
@@ -52,37 +54,46 @@ PUSH_CHUNK = 64
 
 class Registry:
     def __init__(self, records: list[ExecutorRecord] = (), persist: Callable[[ExecutorRecord], None] = lambda r: None,
-                 planner: Planner | None = None):
+                 planner: Planner | None = None, settings: RegistrySettings = RegistrySettings(),
+                 erase: Callable[[str], None] = lambda node_id: None):
         """``records``: executors known from before a restart (disconnected until they register);
-        ``planner``: the policy that chooses plans (profiles, frontiers, workloads)."""
+        ``planner``: the policy that chooses plans (profiles, frontiers, workloads); ``persist`` and
+        ``erase`` keep and drop a record on disk."""
         self._lock = threading.Lock()
         self._records: dict[str, ExecutorRecord] = {r.node_id: r for r in records}
         self._order: list[str] = sorted(self._records)  # node ids in order, for pages
         for record in self._records.values():
             record.connected = False
         self._profiling = 0  # profiles asked and not answered, over every executor
-        self._persist = persist
+        self._persist, self._erase = persist, erase
+        self.settings = settings
         self.planner = planner or Planner()
         self.planner.attach(self)
 
-    def connect(self, registered: Registered) -> tuple[ExecutorRecord, str]:
+    def connect(self, registered: Registered, address: str | None = None) -> tuple[ExecutorRecord, str]:
         """Register (or resync) a checked registration; returns its record and the node's secret,
-        and queues the plan the executor should run if it runs another."""
+        and queues the plan the executor should run if it runs another. ``address``: where clients
+        reach it, as the planner verified it (``registration.published_address``); None keeps the
+        registered one (an in-process caller)."""
         reg, current = registered.registration, registered.current
         measure = self.planner.prepare(reg.node_id, reg.model_fingerprint, registered.memory)  # reads files: unlocked
         with self._lock:
             old = self._records.get(reg.node_id)
-            secret = self._admit(old, reg.node_secret)
+            secret = claims.admit(old, reg.node_secret)
+            running = current.version if current else 0
+            claims.check_version_step(running, old.version if old else 0)
             if old is not None:
                 old.outbox.close()  # ends a lingering stream of the same executor
             else:
+                self._make_room()
                 bisect.insort(self._order, reg.node_id)
             stored = ppb.Registration()
             stored.CopyFrom(reg)
             stored.ClearField("node_secret")
+            if address is not None:
+                stored.executor_address = address
             record = ExecutorRecord(reg.node_id, stored, registered.memory, last_seen_ns=time.time_ns(),
-                                    secret_digest=digest(secret))
-            running = current.version if current else 0
+                                    secret_digest=digest(secret), claimed=bool(old and old.claimed))
             record.version = max(running, old.version if old else 0)
             if old is not None:
                 record.pinned, record.desired, record.acked, record.state = old.pinned, old.desired, old.acked, old.state
@@ -96,16 +107,17 @@ class Registry:
             self._persist(record)
         if measure:
             self.planner.measure(record.node_id)
+        self.planner.registered(record.node_id)
         return record, secret
 
-    def _admit(self, old: ExecutorRecord | None, secret: str) -> str:
-        """The secret for this registration: the one it proved, or a new one. Raises Forbidden for a
-        node id whose stream is open, unless the registration carries that node's secret."""
-        proved = old is not None and bool(secret) and hmac.compare_digest(digest(secret), old.secret_digest)
-        if old is not None and old.connected and not proved:
-            raise Forbidden(f"registration.node_id: {old.node_id!r} is connected on another stream; only a "
-                            f"registration carrying that executor's node_secret may take it over")
-        return secret if proved else secrets.token_urlsafe(32)
+    def _make_room(self) -> None:
+        """Room for one more record: expired ones go first; Busy when every record is current."""
+        if len(self._records) < self.settings.max_nodes:
+            return
+        self._expire(time.time_ns())
+        if len(self._records) >= self.settings.max_nodes:
+            raise Busy(f"this planner keeps {self.settings.max_nodes} executors, the most it may; forget away ones "
+                       f"(swapmoe planner forget) or raise --max-nodes")
 
     def _on_register(self, record: ExecutorRecord, old: ExecutorRecord | None, running: int) -> None:
         """What a (re)registered executor is sent; caller holds the lock."""
@@ -132,7 +144,46 @@ class Registry:
                                  f"restarting, or the network lost); ask again once it is back")
 
     def seen(self, record: ExecutorRecord) -> None:
+        """A message from ``record``'s stream: it has its secret (it came after the Welcome)."""
         record.last_seen_ns = time.time_ns()
+        if not record.claimed:
+            with self._lock:
+                record.claimed = True
+                self._persist(record)
+
+    def forget(self, node_ids: list[str]) -> list[str]:
+        """Forget these away executors (records, plans, secrets): their ids may be claimed anew.
+        NotFound for an unknown one, Conflict for a connected one; then nothing is forgotten."""
+        with self._lock:
+            records = self._targets(node_ids)
+            connected = [r.node_id for r in records if r.connected]
+            if connected:
+                raise Conflict(f"node_ids: {connected[:10]} are connected; only an executor that is away can be "
+                               f"forgotten (stop it first)")
+            for record in records:
+                self._remove(record)
+        return [r.node_id for r in records]
+
+    def expire(self, now_ns: int | None = None) -> list[str]:
+        """Forget the executors away past their lifetime (``RegistrySettings``); the ids forgotten."""
+        with self._lock:
+            return self._expire(time.time_ns() if now_ns is None else now_ns)
+
+    def _expire(self, now_ns: int) -> list[str]:
+        gone = claims.expired(self._records.values(), now_ns, self.settings)
+        for record in gone:
+            self._remove(record)
+        return [r.node_id for r in gone]
+
+    def _remove(self, record: ExecutorRecord) -> None:
+        del self._records[record.node_id]
+        self._order.pop(bisect.bisect_left(self._order, record.node_id))
+        self._erase(record.node_id)
+        self.planner.forget(record.node_id)
+
+    def connected(self, node_id: str) -> bool:
+        record = self._records.get(node_id)
+        return record is not None and record.connected
 
     def on_result(self, record: ExecutorRecord, result: common_pb2.PlanResult) -> None:
         with self._lock:

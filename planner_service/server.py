@@ -18,23 +18,29 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
+import grpc
 
 from swapmoe.core.errors import Busy, InvalidField
 from swapmoe.core.limits import MAX_REASON_CHARS, check_text
 from swapmoe.planner_service.outbox import Ended
 from swapmoe.planner_service.planner import Planner, PlannerSettings
-from swapmoe.planner_service.registration import check_budget_change, check_registration, check_result
+from swapmoe.planner_service.registration import (Peer, check_budget_change, check_registration, check_result,
+                                                   published_address)
 from swapmoe.planner_service.control import PROFILE_POLL_S, ControlServicer, PlannerControl
 from swapmoe.planner_service.heap import HeapKeeper, HeapSettings
 from swapmoe.planner_service.records import ExecutorRecord
+from swapmoe.planner_service.claims import RegistrySettings
 from swapmoe.planner_service.registry import Registry
 from swapmoe.planner_service.state import PlannerState
 from swapmoe.rpc import convert
 from swapmoe.rpc.aio_server import AioServer, run_blocking, start_aio_server
 from swapmoe.rpc.security import ServerSecurity
+from swapmoe.rpc.status import Abort
 from swapmoe.rpc.transport import start_server
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
@@ -52,12 +58,14 @@ STATE_WRITE_BEHIND_S = 0.2
 # (which serves the streams and health) its share of the interpreter.
 POOL_THREADS = 4
 CONTROL_THREADS = 4
+EXPIRE_EVERY_S = 60.0  # how often records of executors away past their lifetime are looked for
 
 
 class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
-    def __init__(self, registry: Registry | None = None, max_executors: int = MAX_EXECUTORS):
+    def __init__(self, registry: Registry | None = None, max_executors: int = MAX_EXECUTORS,
+                 state_health: Callable[[], tuple[int, str]] = lambda: (0, "")):
         self.registry = registry or Registry()
-        self.control = PlannerControl(self.registry)
+        self.control = PlannerControl(self.registry, state_health)
         self.max_executors = max_executors
         self.open_streams = 0  # changed on the loop only
 
@@ -71,8 +79,9 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             first = await anext(aiter(request_iterator), None)
             if first is None or first.WhichOneof("message") != "registration":
                 raise InvalidField("registration", "the first message on a Connect stream must be a registration")
+            peer = Peer.from_grpc(context.peer(), context.auth_context())
             # Checks and registration off the loop (they parse a layout, read profiles, take the lock).
-            record, secret = await run_blocking(lambda: self.registry.connect(check_registration(first.registration)))
+            record, secret = await run_blocking(self._register, first.registration, peer)
             record.outbox.bind(asyncio.get_running_loop())
             log.info("executor %s connected", record.node_id)
             reader = asyncio.create_task(self._read(record, request_iterator))
@@ -96,6 +105,17 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             if record is not None:
                 self.registry.disconnect(record)
                 log.info("executor %s disconnected", record.node_id)
+
+    def end_streams(self) -> None:
+        """The planner is stopping: end every Connect stream now with UNAVAILABLE (its executor keeps
+        its plan and reconnects with backoff) instead of holding the stop for its whole grace."""
+        for record in self.registry.find([]):
+            if record.connected:
+                record.outbox.close(Abort(grpc.StatusCode.UNAVAILABLE, "the planner is stopping; reconnect later"))
+
+    def _register(self, registration: ppb.Registration, peer: Peer) -> tuple[ExecutorRecord, str]:
+        registered = check_registration(registration)
+        return self.registry.connect(registered, published_address(registration.executor_address, peer))
 
     async def _read(self, record: ExecutorRecord, request_iterator) -> None:
         """Each message is checked before the registry sees it; a bad one ends the stream."""
@@ -146,11 +166,15 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             self.registry.end_profile(pending)  # cancels it on the executor when unanswered
         return self.control.profile_answer(pending, timeout)
 
+    async def ForgetNodes(self, request, context):
+        return await run_blocking(self.control.forget_nodes, request)
+
 
 def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_dir: Path | None = None,
           max_executors: int = MAX_EXECUTORS, settings: PlannerSettings | None = None,
           security: ServerSecurity | None = None, control_address: str | None = None,
-          heap: HeapSettings | None = None) -> tuple[AioServer, Registry]:
+          heap: HeapSettings | None = None,
+          records: RegistrySettings = RegistrySettings()) -> tuple[AioServer, Registry]:
     """Start PlannerService. With ``state_dir`` (and no ``registry``) every executor's plans,
     the device profiles measured and the frontiers searched are kept there (written behind,
     every 0.2 s, and at stop) and restored at start; ``settings`` say where accuracy profiles
@@ -159,16 +183,22 @@ def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_
     control RPCs and health on a sync server's threads there (its port is the returned server's
     ``control_port``), answered at once however busy the streams keep the loop. ``heap``: keep
     the garbage collector's pauses short (``planner_service.heap``; it acts on the whole process,
-    so for a process that is mainly this planner)."""
+    so for a process that is mainly this planner). ``records``: how many executors are kept, and
+    how long one that went away is remembered."""
     on_stop = []
+    state = None
     if registry is None:
         settings = dataclasses.replace(settings or PlannerSettings(), state_dir=state_dir)
         planner = Planner(settings)
         state = PlannerState(state_dir, write_behind_s=STATE_WRITE_BEHIND_S) if state_dir is not None else None
-        registry = Registry(state.load(), state.save, planner) if state else Registry(planner=planner)
+        registry = (Registry(state.load(), state.save, planner, records, state.erase) if state
+                    else Registry(planner=planner, settings=records))
         if state is not None:
             on_stop.append(state.close)
-    servicer = PlannerServicer(registry, max_executors)
+    servicer = PlannerServicer(registry, max_executors, state.health if state else lambda: (0, ""))
+    stop_expiring = threading.Event()
+    threading.Thread(target=_expire_every, args=(registry, stop_expiring), daemon=True, name="planner-expiry").start()
+    on_stop.insert(0, stop_expiring.set)
     server = start_aio_server(lambda s: planner_pb2_grpc.add_PlannerServiceServicer_to_server(servicer, s),
                               [SERVICE_NAME], address, pool_threads=POOL_THREADS, security=security)
     server.control_port = None
@@ -180,5 +210,14 @@ def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_
         server.on_stop.insert(0, lambda: control.stop(0))
     if heap is not None:
         server.on_stop.append(HeapKeeper(heap).start().stop)
+    server.on_stopping.append(servicer.end_streams)
     server.on_stop.extend(on_stop)
     return server, servicer.registry
+
+
+def _expire_every(registry: Registry, stop: threading.Event) -> None:
+    """Forget executors away past their lifetime, every ``EXPIRE_EVERY_S`` until ``stop``."""
+    while not stop.wait(EXPIRE_EVERY_S):
+        gone = registry.expire()
+        if gone:
+            log.info("forgot %d executors away past their lifetime: %s", len(gone), ", ".join(gone[:10]))

@@ -3,11 +3,14 @@
 One JSON file per executor under ``DIR/executors/`` (named by a hash of the node id, which
 may hold any printable character), rewritten atomically on every change: its registration,
 the plan it should run (with why, and what the search predicted for it), the plan it
-acknowledged, whether an operator pinned it, its highest version, the workload recognised and
-the digest of its secret (never the secret). Device profiles and frontiers are kept beside
-it by the planner (``DIR/profiles``, ``DIR/frontiers``). Protobuf parts are stored
-as protobuf JSON and parsed by the one converter the services use. A file that does not
-parse is set aside with a warning; the executor it described is replanned when it returns.
+acknowledged, whether an operator pinned it, its highest version, the workload recognised,
+the digest of its secret (never the secret), whether its claim was confirmed and when it was
+last seen. Device profiles and frontiers are kept beside it by the planner (``DIR/profiles``,
+``DIR/frontiers``). Protobuf parts are stored as protobuf JSON and parsed by the one
+converter the services use. A file that does not parse, or holds a value of the wrong type
+or out of range, is set aside with a warning; the executor it described is replanned when it
+returns. A write that fails (a full disk) is never fatal: the record stays noted, is written
+again at the next chance, and ``health`` says how many wait and why (the status RPC shows it).
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import threading
+import time
 from pathlib import Path
 
 from google.protobuf import json_format
 
 from swapmoe.core.errors import InvalidField
+from swapmoe.core.files import write_atomically
 from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_REASON_CHARS, check_range, check_text
 from swapmoe.core.plan import validate_plan
 from swapmoe.planner_service.registration import check_registration
@@ -49,6 +53,8 @@ class PlannerState:
             raise InvalidField("state_dir", f"cannot create {self.directory}: {error.strerror}") from error
         self._lock = threading.Lock()
         self._dirty: dict[str, ExecutorRecord] = {}
+        self._failed: dict[str, ExecutorRecord] = {}  # writes that failed, written again at the next chance
+        self.error = ""  # why the last write failed, "" once every record is written
         self._interval = write_behind_s
         self._stop = threading.Event()
         self._writer = None
@@ -60,18 +66,41 @@ class PlannerState:
         return self.directory / f"{hashlib.sha256(node_id.encode()).hexdigest()[:32]}.json"
 
     def save(self, record: ExecutorRecord) -> None:
+        """Write ``record`` (now, or behind); never raises for a failed write: it is retried."""
+        self._dirty[record.node_id] = record  # one dict store: safe from any thread
         if self._writer is None:
-            self._write(record)
-        else:
-            self._dirty[record.node_id] = record  # one dict store: safe from any thread
+            self.flush()
+
+    def erase(self, node_id: str) -> None:
+        """Forget ``node_id``'s record on disk (a write noted for it is dropped)."""
+        self._dirty.pop(node_id, None)
+        self._failed.pop(node_id, None)
+        with self._lock:
+            self.path(node_id).unlink(missing_ok=True)
+
+    def health(self) -> tuple[int, str]:
+        """Records whose last write failed and are not written yet, and why (0 and "" when none)."""
+        return len(self._failed), self.error if self._failed else ""
 
     def flush(self) -> None:
-        """Write every record noted since the last flush. A record that changes while it is written
-        was noted again after its change (the registry saves after every change), so the next
-        flush writes it again."""
+        """Write every record noted since the last flush, and those whose write failed before. A
+        record that changes while it is written was noted again after its change (the registry
+        saves after every change), so the next flush writes it again. A write that fails leaves its
+        record noted as failed, for the next flush."""
+        for node_id in list(self._failed):
+            self._dirty.setdefault(node_id, self._failed[node_id])
         while self._dirty:
             node_id = next(iter(self._dirty))
-            self._write(self._dirty.pop(node_id))
+            record = self._dirty.pop(node_id)
+            try:
+                self._write(record)
+            except OSError as error:
+                if node_id not in self._failed or self.error != str(error):
+                    log.error("cannot write planner state %s: %s (kept in memory, written again later)",
+                              self.path(node_id).name, error)
+                self._failed[node_id], self.error = record, str(error)
+            else:
+                self._failed.pop(node_id, None)
 
     def close(self) -> None:
         self._stop.set()
@@ -81,18 +110,12 @@ class PlannerState:
 
     def _write_behind(self) -> None:
         while not self._stop.wait(self._interval):
-            try:
-                self.flush()
-            except OSError as error:  # a full disk: keep serving, say so, try again
-                log.error("cannot write planner state under %s: %s", self.directory, error)
+            self.flush()
 
     def _write(self, record: ExecutorRecord) -> None:
-        path = self.path(record.node_id)
         text = json.dumps(_to_json(record), separators=(",", ":"))
         with self._lock:  # one writer per file name at a time
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(text)
-            tmp.replace(path)
+            write_atomically(self.path(record.node_id), text.encode())
 
     def load(self) -> list[ExecutorRecord]:
         """Every executor saved, disconnected; unreadable files are renamed ``*.bad`` and skipped."""
@@ -125,6 +148,8 @@ def _to_json(record: ExecutorRecord) -> dict:
         "pinned": record.pinned,
         "version": record.version,
         "secret_sha256": record.secret_digest,
+        "claimed": record.claimed,
+        "last_seen_ns": record.last_seen_ns,
         "workload": record.workload,
         "reason": record.reason,
         "found": record.found.to_json() if record.found else None,
@@ -139,22 +164,43 @@ def _registration_json(record: ExecutorRecord) -> dict:
     return cached
 
 
+_STATES = frozenset(ppb.PlanState.values())
+
+
+def _typed(raw: dict, key: str, kind: type, default=None):
+    """``raw[key]``, refused unless it is exactly of ``kind`` (a bool is no int, a string no bool)."""
+    value = raw.get(key, default)
+    if type(value) is not kind:  # noqa: E721 - bool is a subclass of int: the type itself is meant
+        raise ValueError(f"{key}: {value!r} is not a {kind.__name__}")
+    return value
+
+
 def _from_json(raw: dict) -> ExecutorRecord:
-    if raw.get("format") != FORMAT:
-        raise ValueError(f"format {raw.get('format')} is not {FORMAT}")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ValueError(f"format {raw.get('format') if isinstance(raw, dict) else raw!r} is not {FORMAT}")
     registered = check_registration(json_format.ParseDict(raw["registration"], ppb.Registration()))
-    if registered.registration.node_id != raw["node_id"]:
+    node_id = _typed(raw, "node_id", str)
+    if registered.registration.node_id != node_id:
         raise ValueError("node_id does not match its registration")
     desired, acked = _plan(raw["desired"]), _plan(raw["acked"])
     for plan in (desired, acked):
         if plan is not None:
             validate_plan(plan, registered.memory.layout)
-    check_range("version", int(raw["version"]), 0, MAX_PLAN_VERSION)
-    found = Found.from_json(raw["found"]) if raw.get("found") else None
-    workload = str(raw.get("workload", ""))
+    version = _typed(raw, "version", int)
+    check_range("version", version, 0, MAX_PLAN_VERSION)
+    state = _typed(raw, "state", int)
+    if state not in _STATES:
+        raise ValueError(f"state: {state} is not a plan state")
+    secret = _typed(raw, "secret_sha256", str)
+    if len(secret) != 64 or secret.strip("0123456789abcdef"):
+        raise ValueError("secret_sha256: not a SHA-256 in hex")
+    found = Found.from_json(raw["found"]) if raw.get("found") is not None else None
+    workload = _typed(raw, "workload", str, "")
     check_text("workload", workload)
-    return ExecutorRecord(raw["node_id"], registered.registration, registered.memory, connected=False,
-                          desired=desired, acked=acked, state=int(raw["state"]), pinned=bool(raw["pinned"]),
-                          version=int(raw["version"]), secret_digest=str(raw["secret_sha256"]),
-                          workload=workload,
-                          reason=str(raw.get("reason", ""))[:MAX_REASON_CHARS], found=found)
+    reason = _typed(raw, "reason", str, "")
+    check_text("reason", reason, MAX_REASON_CHARS)
+    last_seen = _typed(raw, "last_seen_ns", int, 0) or time.time_ns()  # older files: as if seen at start
+    return ExecutorRecord(node_id, registered.registration, registered.memory, connected=False,
+                          desired=desired, acked=acked, state=state, pinned=_typed(raw, "pinned", bool),
+                          version=version, secret_digest=secret, claimed=_typed(raw, "claimed", bool, True),
+                          last_seen_ns=last_seen, workload=workload, reason=reason, found=found)

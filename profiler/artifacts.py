@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
+
+from swapmoe.core.files import write_atomically
+from swapmoe.core.paths import path_name, under
 
 FORMAT = 1
 SCORES = "scores.jsonl"
@@ -34,25 +36,24 @@ def default_root() -> Path:
 
 def slug(text: str) -> str:
     """A directory name for free text (a device name, a node id)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:80] or "device"
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.")[:80].rstrip("-.") or "device"
 
 
 def accuracy_dir(root: Path, fingerprint: str, set_name: str) -> Path:
-    return Path(root) / fingerprint / "accuracy" / set_name
+    return under(root, ("model_fingerprint", fingerprint)) / "accuracy" / path_name("profiling set", set_name)
 
 
 def device_dir(root: Path, fingerprint: str, device: str) -> Path:
-    return Path(root) / fingerprint / "devices" / slug(device)
+    """A device profile's directory: the fingerprint and the device may come from another machine, so
+    both are checked to stay one name each under ``root`` (``swapmoe.core.paths``)."""
+    return under(root, ("model_fingerprint", fingerprint)) / "devices" / path_name("device", slug(device))
 
 
 def write_json(path: Path, kind: str, body: dict) -> None:
     """Atomically: a reader sees the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"format": FORMAT, "kind": kind, **body}, indent=1, sort_keys=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        f.write(data + "\n")
-    os.chmod(f.name, 0o644)  # a profile is no secret: readable like the files it sits with
-    os.replace(f.name, path)
+    write_atomically(path, (data + "\n").encode())  # a profile is no secret: readable like the files beside it
 
 
 def read_json(path: Path, kind: str, fingerprint: str | None = None) -> dict:

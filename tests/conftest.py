@@ -46,6 +46,17 @@ def engine(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def owner(tiny_model_dir, tmp_path_factory):
+    """The executor that owns node id ``owner``; it keeps its node secret in its state directory."""
+    from swapmoe.executor.engine import Engine, EngineConfig
+
+    config = EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="owner",
+                          state_dir=tmp_path_factory.mktemp("owner-state"))
+    with Engine(config) as engine:
+        yield engine
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray for the whole session (about 4 s to start): 2 CPUs, no dashboard."""
     ray = pytest.importorskip("ray")

@@ -13,9 +13,14 @@ import pytest
 from swapmoe.orchestration import cli
 
 
+_STARTED: list[threading.Thread] = []  # threads the last run_cli left running
+
+
 def run_cli(capsys, *args) -> tuple[int, str]:
+    before = set(threading.enumerate())
     with pytest.raises(SystemExit) as exit_:
         cli.main(list(args))
+    _STARTED[:] = [t for t in threading.enumerate() if t not in before]
     return exit_.value.code, capsys.readouterr().err
 
 
@@ -28,7 +33,8 @@ def one_error_line(err: str) -> str:
 
 
 def no_model_loaded() -> bool:
-    return not [t.name for t in threading.enumerate() if t.name.startswith(("expert-loader", "forward"))]
+    """The last command started no model's threads (other tests' engines may be running)."""
+    return not [t.name for t in _STARTED if t.name.startswith(("expert-loader", "forward"))]
 
 
 @pytest.fixture
@@ -241,7 +247,8 @@ def test_every_server_flag_names_its_environment_variable_in_its_help():
         if words[-1] != "serve":
             continue
         for action in parser._actions:
-            if action.option_strings and not isinstance(action, argparse._HelpAction):
+            if action.option_strings and not isinstance(action, argparse._HelpAction) and \
+                    action.help != argparse.SUPPRESS:  # a hidden flag (a removed one, refused) has no help
                 assert action.help.endswith(f"[env SWAPMOE_{words[1].upper()}_{action.dest.upper()}]"), action.help
 
 

@@ -223,8 +223,12 @@ def test_bad_profile_executor_fields_are_invalid_argument_naming_the_field(plann
 
 
 @pytest.fixture(scope="module")
-def linked_engine(tiny_model_dir):
-    with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="linked")) as engine:
+def linked_engine(tiny_model_dir, tmp_path_factory):
+    """Keeps its node secret in a state directory, as a deployed executor does: each test's new link
+    (a restarted executor) proves it is the node the planner knows."""
+    config = EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="linked",
+                          state_dir=tmp_path_factory.mktemp("linked-state"))
+    with Engine(config) as engine:
         yield engine
 
 

@@ -177,6 +177,28 @@ def test_a_control_node_restarted_mid_wave_resumes_the_rollout_from_its_state_di
             assert stub.StartRollout(request, timeout=10).rollout_id == "rollout-2"
 
 
+def test_a_planner_restarted_between_waves_is_pushed_again_and_the_rollout_succeeds(tmp_path):
+    """The next wave's push finds the planner down, then its executors away while they reconnect:
+    neither is a failure before the wave's time is up."""
+    server, _ = serve("127.0.0.1:0", state_dir=tmp_path, settings=PlannerSettings(profile_devices=False))
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with simulated(address) as sim, control_node([address]) as stub:
+            request = fpb.StartRolloutRequest(plan=FOURS, canary_nodes=0, wave_percents=[50, 100], bake_ms=1500,
+                                              timeout_ms=60_000)
+            started = stub.StartRollout(request, timeout=10)
+            wait_until(lambda: stub.GetRollout(fpb.GetRolloutRequest(rollout_id=started.rollout_id, summary_only=True),
+                                               timeout=5).acked == 20, 30, "the first wave acked")
+            server.stop(0)  # during the bake: the second wave's push finds no planner
+            time.sleep(2.0)
+            server, _ = serve(address, state_dir=tmp_path, settings=PlannerSettings(profile_devices=False))
+            done = final(stub, started.rollout_id, timeout=60)
+            assert done.state == fpb.ROLLOUT_STATE_SUCCEEDED and done.acked == 40, done.message
+            assert all(tuple(node.plan.experts_per_layer) == (4,) * 6 for node in sim.nodes)
+    finally:
+        server.stop(0)
+
+
 def test_a_budget_policy_by_label_reaches_only_the_class_it_selects(planner):
     with simulated(planner) as sim, control_node([planner]) as stub:
         before = sim.settings.budget_bytes

@@ -139,3 +139,20 @@ def test_servers_refuse_a_public_address_without_tls_unless_told_it_is_insecure(
     server, _ = serve_planner("0.0.0.0:0", settings=PlannerSettings(profile_devices=False),
                               security=security.ServerSecurity(insecure=True))
     server.stop(0)
+
+
+def test_generating_through_the_fleet_takes_only_a_client_token(secured, engine):
+    """`generate --fleet` once needed the control token (ListNodes was control and viewer only), which
+    it then sent to whichever executor it picked: now the client token lists nodes and generates."""
+    from swapmoe.executor.planner_link import default_labels
+    from swapmoe.orchestration.routing import Router
+
+    certs, addresses = secured
+    router = Router(addresses["fleet"], channel_factory=lambda address: channel(certs, address, "client"))
+    request = epb.GenerateRequest(text="def f(x):", max_new_tokens=3)
+    chunks = list(router.generate(default_labels(engine)["model"], request))
+    assert chunks[-1].usage.completion_tokens == 3
+    with channel(certs, addresses["fleet"], "client") as ch:  # a client lists, but starts no rollout
+        with pytest.raises(grpc.RpcError) as error:
+            fleet_pb2_grpc.FleetServiceStub(ch).StartRollout(fpb.StartRolloutRequest(), timeout=10)
+        assert error.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -180,6 +180,7 @@ def seeds(engine, link):
         # A node that is not connected: a profile of the real one would outlast the calls' deadline.
         "ProfileExecutor": ppb.ProfileExecutorRequest(node_id="fuzz-absent", timeout_s=5, request=epb.ProfileRequest(
             token_counts=[1], repeats=1, update_frequencies=[0, 2], sweep_tokens=4, experts_per_layer=[2, 2])),
+        "ForgetNodes": ppb.ForgetNodesRequest(node_ids=["fuzz-absent"]),
         "ListNodes": fpb.ListNodesRequest(selector="class=phone", page_size=10, view=ppb.STATUS_VIEW_BRIEF,
                                           connected_only=True),
         "StartRollout": fpb.StartRolloutRequest(node_ids=["fuzzed"], plan=plan, timeout_ms=1000, canary_nodes=1,
@@ -261,4 +262,62 @@ def test_every_answer_is_a_clear_status_and_the_server_stays_healthy(services, s
 
     run()
     assert codes, "no request was sent"
+    assert_healthy(channels)
+
+
+# --- bounds: one past each field's limit --------------------------------------------------------
+def past_bounds(seed, prefix=""):
+    """(path, request) for each string and repeated field of ``seed`` (and of the messages set in it):
+    a copy of ``seed`` holding one more character or entry than ``swapmoe.rpc.bounds`` allows."""
+    from swapmoe.rpc.bounds import FIELD_LIMITS
+
+    for field in seed.DESCRIPTOR.fields:
+        if field.type == F.TYPE_MESSAGE and not field.is_repeated:
+            if seed.HasField(field.name):
+                for path, inner in past_bounds(getattr(seed, field.name), f"{prefix}{field.name}."):
+                    msg = type(seed)()
+                    msg.CopyFrom(seed)
+                    getattr(msg, field.name).CopyFrom(inner)
+                    yield path, msg
+            continue
+        if field.type != F.TYPE_STRING and not field.is_repeated:
+            continue
+        limit = FIELD_LIMITS[field.full_name]
+        count, chars = limit if isinstance(limit, tuple) else (limit, limit)
+        msg = type(seed)()
+        msg.CopyFrom(seed)
+        value = getattr(msg, field.name)
+        if field.type == F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            value.update({f"k{i}": "v" for i in range(count + 1)})
+        elif field.type == F.TYPE_MESSAGE:
+            value.extend([field.message_type._concrete_class()] * (count + 1 - len(value)))
+        elif field.is_repeated:
+            value.extend(["x" if field.type == F.TYPE_STRING else 1] * (count + 1 - len(value)))
+        else:
+            setattr(msg, field.name, "x" * (chars + 1))
+        yield f"{prefix}{field.name}", msg
+
+
+@pytest.mark.parametrize("service, method", [(s, m.name) for s, (d, _) in SERVICES.items() for m in d.methods])
+def test_one_past_any_bound_is_invalid_argument_naming_the_field(services, service, method):
+    engine, link, channels = services
+    seed = seeds(engine, link)[method]
+    checked = []
+    for path, request in past_bounds(seed):
+        spec = SERVICES[service][0].methods_by_name[method]
+        rpc = getattr(SERVICES[service][1](channels[service]), method)
+        try:
+            if spec.client_streaming:
+                list(rpc(iter([request]), timeout=10))
+            elif spec.server_streaming:
+                list(rpc(request, timeout=10))
+            else:
+                rpc(request, timeout=10)
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, error.details())
+            assert error.details().startswith(f"{path}: has "), (path, error.details())
+            checked.append(path)
+            continue
+        raise AssertionError(f"{service}.{method} accepted {path} past its bound")
+    assert checked or not seed.ListFields() or method in ("Describe", "ListRollouts")
     assert_healthy(channels)

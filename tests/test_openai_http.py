@@ -4,11 +4,9 @@ user runs), and the executor's gRPC answer as the reference for text and token c
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -23,11 +21,12 @@ from swapmoe.executor.engine import Engine, EngineConfig  # noqa: E402
 from swapmoe.executor.server import serve  # noqa: E402
 from swapmoe.models.tiny import save_tiny_model  # noqa: E402
 from swapmoe.orchestration.executor_pool import ExecutorPool  # noqa: E402
-from swapmoe.orchestration.openai_http import Settings, create_app, load_tokenizer  # noqa: E402
+from swapmoe.orchestration.openai_http import Settings, load_tokenizer  # noqa: E402
 from swapmoe.orchestration.processes import spawn  # noqa: E402
 from swapmoe.rpc import transport  # noqa: E402
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc  # noqa: E402
 
+from gateways import gateway_in_thread  # noqa: E402
 from polling import wait_until  # noqa: E402
 
 KEY = "sk-test-key"
@@ -62,21 +61,6 @@ def chat_tokenizer(model_dir, tmp_path_factory):
     config = json.loads((directory / "tokenizer_config.json").read_text())
     (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
     return directory
-
-
-@contextlib.contextmanager
-def gateway_in_thread(settings: Settings):
-    """The app in uvicorn on a free loopback port; yields the OpenAI base URL."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), timeout=30, what="the gateway to start")
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(15)
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +200,14 @@ def test_a_bad_parameter_is_400_naming_it_whether_the_gateway_or_the_executor_re
     assert error.value.code == "model_not_found"
 
 
+def test_token_ids_that_are_not_the_models_are_400_naming_the_prompt(gateway, executor):
+    vocabulary = executor[0].layout.vocab_size
+    for ids in ([-1], [1 << 32], [vocabulary]):  # no id at all, none a request can carry, none of this model's
+        status, body = http("POST", gateway + "/completions", {"model": MODEL, "prompt": ids, "max_tokens": 1})
+        assert (status, body["error"]["param"], body["error"]["type"]) == (400, "prompt", "invalid_request_error"), ids
+        assert str(ids[0]) in body["error"]["message"]
+
+
 # -- cancellation -------------------------------------------------------------------------------
 
 def test_closing_a_stream_after_its_first_chunk_stops_the_generation_on_the_executor(gateway, executor):
@@ -284,9 +276,11 @@ def test_a_full_executor_queue_is_429(model_dir):
 
 # -- the command a user runs ----------------------------------------------------------------------
 
-def test_swapmoe_http_serve_answers_completions_and_refuses_chat_without_a_chat_template(executor, model_dir):
-    gateway = spawn("http", ["http", "serve", "--executor", executor[1], "--port", "0", "--api-key", KEY,
-                             "--tokenizer", str(model_dir)], timeout=120)
+def test_swapmoe_http_serve_answers_completions_and_refuses_chat_without_a_chat_template(executor, model_dir,
+                                                                                          tmp_path):
+    (tmp_path / "api-key").write_text(KEY + "\n")
+    gateway = spawn("http", ["http", "serve", "--executor", executor[1], "--port", "0", "--api-key-file",
+                             str(tmp_path / "api-key"), "--tokenizer", str(model_dir)], timeout=120)
     try:
         base_url = f"http://{gateway.address}/v1"
         api = client(base_url)

@@ -4,7 +4,7 @@ import pytest
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import LayerLayout, ModelLayout
-from swapmoe.core.limits import MAX_PLAN_VERSION
+from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_VERSION_STEP
 from swapmoe.core.plan import Plan
 from swapmoe.planner_service.registration import check_registration
 from swapmoe.planner_service.registry import Registry
@@ -102,9 +102,18 @@ def test_a_pinned_plan_stays_through_budget_changes_and_reconnects_until_a_push_
     assert not lost.pinned and lost.outbox.take().experts_per_layer == (8, 8)
 
 
+def test_a_registration_running_a_version_the_planner_could_never_follow_is_refused():
+    """Version 2^53-1 once poisoned a node: no plan could be sent after it, by this planner or a restarted one."""
+    with pytest.raises(InvalidField, match=r"registration.current_plan.version: 9007199254740991 is more than "
+                                           r"4294967296 past the newest version this planner issued"):
+        connect(Registry(), registration(10**6, Plan(MAX_PLAN_VERSION, (8, 8))))
+    connect(Registry(), registration(10**6, Plan(MAX_VERSION_STEP, (8, 8))))  # a planner that lost its state
+
+
 def test_versions_stop_at_the_bound_with_a_clear_error():
     registry = Registry()
-    record = connect(registry, registration(10**6, Plan(MAX_PLAN_VERSION, (8, 8))))
+    record = connect(registry, registration(10**6, Plan(MAX_VERSION_STEP, (8, 8))))
+    record.version = MAX_PLAN_VERSION  # as after 2^21 pushes of the largest step
     with pytest.raises(InvalidField, match="plan.version: no version after"):
         registry.push(["n1"], Plan(0, (1, 1)))
     assert record.version == MAX_PLAN_VERSION

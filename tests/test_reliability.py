@@ -204,7 +204,7 @@ def test_idle_streams_past_their_slots_are_refused_and_the_executor_keeps_answer
 
 
 def test_forty_streams_of_each_kind_leave_health_and_describe_answering(engine):
-    server = serve_executor(engine)  # the defaults: 32 subscribers, a queue of 64
+    server = serve_executor(engine, subscribers_per_caller=40)  # 32 subscribers, a queue of 64: one caller takes all
     with transport.channel(f"127.0.0.1:{server.port}") as channel:
         stub = executor_pb2_grpc.ExecutorServiceStub(channel)
         subscribers = [stub.Subscribe(epb.SubscribeRequest(interval_ms=3_600_000), timeout=120) for _ in range(40)]

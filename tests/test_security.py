@@ -25,7 +25,7 @@ from swapmoe.rpc.auth import METHOD_ROLES, TokenTable, authorize, hash_token
 from swapmoe.rpc.security import (ClientSecurity, ServerSecurity, add_client_arguments, add_server_arguments,
                                   client_from_args, server_from_args)
 from swapmoe.rpc.status import status_for
-from swapmoe.rpc.tls import TlsFiles, check_bind, is_loopback
+from swapmoe.rpc.tls import TlsFiles, is_loopback
 
 PUSH = "/swapmoe.v1.PlannerService/PushPlan"            # control only
 CONNECT = "/swapmoe.v1.PlannerService/Connect"          # executor only, stream-stream
@@ -187,6 +187,29 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(certs):
             assert code_of(calls_of(executor)[CONNECT]) == grpc.StatusCode.OK
 
 
+def test_each_dev_certificate_serves_or_dials_only_as_its_process_does(certs):
+    """client.pem only dials and planner.pem only serves (the planner never dials out); the
+    executor's and the control node's serve and dial. A stolen client.pem cannot pose as a server."""
+    from swapmoe.orchestration.devcerts import USES
+    from swapmoe.rpc.security import CERT_NAMES
+
+    assert set(USES) == set(CERT_NAMES)
+    verifying = ClientSecurity(TlsFiles(ca=certs / "ca.pem"))
+    for name in CERT_NAMES:
+        with sync_server(ServerSecurity(TlsFiles(certs / f"{name}.pem", certs / f"{name}-key.pem"))) as (port, _):
+            with verifying.channel(f"localhost:{port}", OPTIONS) as channel:
+                served = code_of(lambda: check_health(channel)) == grpc.StatusCode.OK
+        assert served == ("server" in USES[name]), name
+    mutual = TlsFiles(certs / "executor.pem", certs / "executor-key.pem", certs / "ca.pem")
+    with sync_server(ServerSecurity(mutual)) as (port, _):
+        for name in CERT_NAMES:
+            dialing = ClientSecurity(TlsFiles(certs / f"{name}.pem", certs / f"{name}-key.pem", certs / "ca.pem"))
+            with dialing.channel(f"localhost:{port}", OPTIONS) as channel:
+                dialed = code_of(lambda: check_health(channel)) == grpc.StatusCode.OK
+            assert dialed == ("client" in USES[name]), name
+    assert (USES["client"], USES["planner"]) == (("client",), ("server",))
+
+
 def test_tls_files_errors_name_the_flag_and_path_never_the_contents(tmp_path, certs):
     secret = tmp_path / "not-a-cert.pem"
     secret.write_text("hunter2-private-material")
@@ -326,17 +349,6 @@ def test_read_token_prefers_the_file_then_the_environment(tmp_path, monkeypatch)
     ("example.com:1", False), (":50051", False)])
 def test_is_loopback(address, loopback):
     assert is_loopback(address) is loopback
-
-
-def test_a_plaintext_server_binds_beyond_loopback_only_when_told_insecure(certs):
-    with pytest.raises(InvalidField, match="--host.*--tls-cert/--tls-key.*--insecure"):
-        check_bind("0.0.0.0:50051", None, insecure=False)
-    check_bind("0.0.0.0:50051", None, insecure=True)
-    check_bind("0.0.0.0:50051", TlsFiles(certs / "planner.pem", certs / "planner-key.pem"), insecure=False)
-    check_bind("127.0.0.1:50051", None, insecure=False)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
-    with pytest.raises(InvalidField):
-        ServerSecurity().add_port(server, "0.0.0.0:0")
 
 
 # --- flags -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from swapmoe.rpc.bounds import AioBoundsInterceptor
 from swapmoe.rpc.security import ServerSecurity
 from swapmoe.rpc.status import describe
 from swapmoe.rpc.transport import SERVER_OPTIONS
@@ -37,6 +38,7 @@ class AioServer:
                  on_stop: Iterable[Callable[[], None]] = ()):
         self.port, self.loop, self.grpc_server, self.health = port, loop, server, health_servicer
         self._thread, self._pool, self.on_stop = thread, pool, list(on_stop)
+        self.on_stopping: list[Callable[[], None]] = []  # before the grace: end calls that never end by themselves
 
     def run(self, coroutine: Awaitable, timeout: float | None = None):
         """Run ``coroutine`` on the server's loop from another thread and return its result."""
@@ -50,6 +52,8 @@ class AioServer:
 
         async def shutdown():
             await self.health.enter_graceful_shutdown()
+            for fn in self.on_stopping:
+                fn()
             await self.grpc_server.stop(grace)
 
         try:
@@ -79,7 +83,8 @@ def start_aio_server(register: Callable[[grpc.aio.Server], None], service_names:
 
     async def start():
         server = grpc.aio.server(migration_thread_pool=pool, options=SERVER_OPTIONS,
-                                 interceptors=[*security.aio_interceptors(), AioErrorInterceptor()])
+                                 interceptors=[*security.aio_interceptors(), AioErrorInterceptor(),
+                                               AioBoundsInterceptor()])
         register(server)
         names = list(service_names)
         health_servicer = health.aio.HealthServicer()

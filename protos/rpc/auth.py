@@ -47,8 +47,8 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
                          "Subscribe": _READ | {CLIENT}, "ApplyPlan": _ONLY_CONTROL,
                          "SetBudget": _ONLY_CONTROL, "Profile": _ONLY_CONTROL}),
     **_table(_PLANNER, {"Connect": frozenset({EXECUTOR}), "GetPlanStatus": _READ, "PushPlan": _ONLY_CONTROL,
-                        "ProfileExecutor": _ONLY_CONTROL}),
-    **_table(_FLEET, {"ListNodes": _READ, "GetRollout": _READ, "ListRollouts": _READ,
+                        "ProfileExecutor": _ONLY_CONTROL, "ForgetNodes": _ONLY_CONTROL}),
+    **_table(_FLEET, {"ListNodes": _READ | {CLIENT}, "GetRollout": _READ, "ListRollouts": _READ,
                       "StartRollout": _ONLY_CONTROL, "PauseRollout": _ONLY_CONTROL,
                       "ResumeRollout": _ONLY_CONTROL, "AbortRollout": _ONLY_CONTROL}),
 }
@@ -291,11 +291,10 @@ def aio_interceptors(token: str) -> list:
     return [kind(token) for kind in (_AioUnaryUnary, _AioUnaryStream, _AioStreamUnary, _AioStreamStream)]
 
 
-def read_token(path: Path | None) -> str | None:
-    """The token in ``path`` (``--token-file``), else ``$SWAPMOE_TOKEN``, else None."""
-    flag = "--token-file"
+def read_token(path: Path | None, flag: str = "--token-file", env: str = TOKEN_ENV) -> str | None:
+    """The token in ``path`` (given as ``flag``), else ``$env``, else None; errors name where it came from."""
     if path is None:
-        token, flag = os.environ.get(TOKEN_ENV, "").strip(), TOKEN_ENV
+        token, flag = os.environ.get(env, "").strip(), env
         if not token:
             return None
     else:
@@ -306,5 +305,5 @@ def read_token(path: Path | None) -> str | None:
         if not token:
             raise InvalidField(flag, f"{path} is empty")
     if not (token.isascii() and token.isprintable()) or " " in token:
-        raise InvalidField(flag, "the token has characters a gRPC header cannot carry (spaces, controls, non-ASCII)")
+        raise InvalidField(flag, "the token has characters a header cannot carry (spaces, controls, non-ASCII)")
     return token

@@ -39,15 +39,20 @@ CERT_NAMES = ("planner", "executor", "fleet", "client")  # certificates dev-cert
 @dataclass(frozen=True)
 class ServerSecurity:
     """TLS (None: plaintext), the tokens it accepts (None: every call is allowed), and whether a
-    plaintext server may bind beyond loopback."""
+    server that does not authenticate its callers may bind beyond loopback."""
 
     tls: TlsFiles | None = None
     tokens: TokenTable | None = None
     insecure: bool = False
 
+    def check_bind(self, address: str) -> None:
+        """Refuse ``address`` beyond loopback unless TLS with client certificates or tokens (or
+        ``insecure``) covers it: ``swapmoe.rpc.tls.check_bind``."""
+        check_bind(address, self.tls, self.insecure, checks_tokens=self.tokens is not None)
+
     def add_port(self, server, address: str) -> int:
         """Bind a sync or grpc.aio ``server`` to ``address`` with TLS when configured; the bound port."""
-        check_bind(address, self.tls, self.insecure)
+        self.check_bind(address)
         if self.tls is None:
             port = server.add_insecure_port(address)
         else:
@@ -109,7 +114,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, dials_out: bool = Fals
                             "servers this process dials")
     group.add_argument("--auth-tokens", type=Path, metavar="FILE",
                        help="accept only the tokens hashed in this file (JSON, from dev-certs), by role")
-    group.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without TLS")
+    group.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --host without TLS, or with TLS but neither client certificates "
+                            "(--tls-ca) nor tokens (--auth-tokens)")
     if dials_out:
         _add_token_file(group)
 

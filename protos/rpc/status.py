@@ -2,7 +2,8 @@
 
 ``InvalidField`` and other ``ValueError``s become INVALID_ARGUMENT with a message naming the
 field, ``Busy`` RESOURCE_EXHAUSTED, ``NotFound`` NOT_FOUND, ``Forbidden`` PERMISSION_DENIED,
-``Corrupted`` DATA_LOSS, a failed upstream call its own status; anything else is INTERNAL and
+``Corrupted`` DATA_LOSS, ``Conflict``
+FAILED_PRECONDITION, a failed upstream call its own status; anything else is INTERNAL and
 logged with its traceback.
 
 An ``InvalidField`` also carries the richer error model of google.rpc (AIP-193): a
@@ -21,7 +22,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from swapmoe.core.errors import Busy, Corrupted, Forbidden, InvalidField, NotFound, Unauthenticated
+from swapmoe.core.errors import Busy, Conflict, Corrupted, Forbidden, InvalidField, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ _STATUS = (
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
     (Corrupted, grpc.StatusCode.DATA_LOSS),
+    (Conflict, grpc.StatusCode.FAILED_PRECONDITION),
 )
 
 

@@ -2,9 +2,10 @@
 
 One certificate, key and CA per process serve both ways: the server presents the certificate
 and, given a CA, requires client certificates signed by it (mutual TLS); the same files make
-its outgoing channels verify the peer and present the certificate. A server without TLS may
-bind only to loopback unless the operator says ``--insecure``, so plaintext never reaches a
-network by accident. Errors name the flag and the path, never a file's contents.
+its outgoing channels verify the peer and present the certificate. A server reachable beyond
+loopback must know who calls it: TLS, plus client certificates (a CA) or a token table. Anything
+less binds only to loopback unless the operator says ``--insecure``, so an open server never
+reaches a network by accident. Errors name the flag and the path, never a file's contents.
 """
 
 from __future__ import annotations
@@ -90,12 +91,26 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-def check_bind(address: str, tls: TlsFiles | None, insecure: bool) -> None:
-    """Refuse to serve plaintext beyond loopback unless ``insecure`` (``--insecure``) says so."""
-    if is_loopback(address) or tls is not None:
+def check_bind(address: str, tls: TlsFiles | None, insecure: bool, checks_tokens: bool = False, *,
+               flag: str = "--host", server: str = "this server",
+               ways: str = "--tls-ca (client certificates: mutual TLS) or --auth-tokens FILE") -> None:
+    """Refuse to serve beyond loopback without authenticating callers, unless ``insecure`` (``--insecure``).
+
+    Beyond loopback a server needs TLS (nobody on the path reads or changes calls) and a way to
+    know each caller: client certificates signed by ``tls.ca`` (mutual TLS) or, when
+    ``checks_tokens``, a token per call. A certificate alone proves the server to its clients,
+    not the clients to it. ``flag`` is the flag that chose ``address``, ``ways`` the flags that
+    would authenticate callers; with ``insecure`` the server starts with a warning."""
+    if is_loopback(address) or (tls is not None and (tls.ca is not None or checks_tokens)):
         return
+    if tls is None:
+        lacks, then = "has no TLS", f"pass --tls-cert/--tls-key and {ways} (or --security DIR)"
+        risk = "anyone on the network can read and send calls"
+    else:
+        lacks = "does not authenticate its callers"
+        then = f"a certificate proves only the server to its clients; add {ways} (or use --security DIR)"
+        risk = "anyone who reaches it can call it"
     if not insecure:
-        raise InvalidField("--host", f"{host_of(address) or address} is not a loopback address, and this server "
-                                     "has no TLS: pass --tls-cert/--tls-key (or --security DIR) to serve TLS, "
-                                     "or --insecure to serve plaintext anyway")
-    log.warning("serving %s without TLS (--insecure): anyone on the network can read and send calls", address)
+        raise InvalidField(flag, f"{host_of(address) or address} is not a loopback address, and {server} {lacks}: "
+                                 f"{then}, or --insecure to serve it anyway")
+    log.warning("%s on %s %s (--insecure): %s", server, address, lacks, risk)

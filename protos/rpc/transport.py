@@ -1,7 +1,7 @@
 """Servers and channels as every SwapMoE process opens them.
 
-``start_server`` adds the error interceptor (``swapmoe.rpc.status``), bounded slots for
-streams (``swapmoe.rpc.streams``), ``grpc.health.v1`` and server reflection, so stock tools
+``start_server`` adds the error interceptor (``swapmoe.rpc.status``), bounds on every
+request's fields (``swapmoe.rpc.bounds``), bounded slots for streams (``swapmoe.rpc.streams``), ``grpc.health.v1`` and server reflection, so stock tools
 (grpcurl, grpc_health_probe) can discover any of our servers; servers and channels share
 keepalive and message-size limits.
 """
@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from swapmoe.rpc.bounds import BoundsInterceptor
 from swapmoe.rpc.security import ClientSecurity, ServerSecurity
 from swapmoe.rpc.status import ErrorInterceptor
 from swapmoe.rpc.streams import StreamLimiter, pool_size
@@ -67,7 +68,7 @@ def start_server(
     security = security or ServerSecurity()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=pool_size(limits, unary_threads), thread_name_prefix="grpc"),
-        interceptors=[*security.interceptors(), ErrorInterceptor(), StreamLimiter(limits)],
+        interceptors=[*security.interceptors(), ErrorInterceptor(), BoundsInterceptor(), StreamLimiter(limits)],
         options=SERVER_OPTIONS,
     )
     register(server)

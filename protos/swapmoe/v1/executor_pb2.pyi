@@ -113,7 +113,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("node_id", "layout", "device", "budget_bytes", "min_budget_bytes", "plan", "achieved_experts_per_layer", "memory", "reserve")
+    __slots__ = ("node_id", "layout", "device", "budget_bytes", "min_budget_bytes", "plan", "achieved_experts_per_layer", "memory", "reserve", "state_error")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class DescribeResponse(_message.Message):
     ACHIEVED_EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
+    STATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     layout: _common_pb2.ModelLayout
     device: _common_pb2.DeviceInfo
@@ -132,7 +133,8 @@ class DescribeResponse(_message.Message):
     achieved_experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
     memory: _common_pb2.MemoryReport
     reserve: _common_pb2.Reserve
-    def __init__(self, node_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ...) -> None: ...
+    state_error: str
+    def __init__(self, node_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., state_error: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("token_counts", "repeats", "update_frequencies", "sweep_tokens", "experts_per_layer")

@@ -231,14 +231,18 @@ class PlanStatusRequest(_message.Message):
     def __init__(self, node_ids: _Optional[_Iterable[str]] = ..., selector: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., view: _Optional[_Union[StatusView, str]] = ..., connected_only: _Optional[bool] = ..., states: _Optional[_Iterable[_Union[PlanState, str]]] = ...) -> None: ...
 
 class PlanStatusResponse(_message.Message):
-    __slots__ = ("executors", "next_page_token", "summary")
+    __slots__ = ("executors", "next_page_token", "summary", "unsaved_records", "state_error")
     EXECUTORS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    UNSAVED_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    STATE_ERROR_FIELD_NUMBER: _ClassVar[int]
     executors: _containers.RepeatedCompositeFieldContainer[ExecutorStatus]
     next_page_token: str
     summary: StatusSummary
-    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., summary: _Optional[_Union[StatusSummary, _Mapping]] = ...) -> None: ...
+    unsaved_records: int
+    state_error: str
+    def __init__(self, executors: _Optional[_Iterable[_Union[ExecutorStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., summary: _Optional[_Union[StatusSummary, _Mapping]] = ..., unsaved_records: _Optional[int] = ..., state_error: _Optional[str] = ...) -> None: ...
 
 class PushPlanRequest(_message.Message):
     __slots__ = ("node_ids", "plan", "selector", "budget_bytes", "view")
@@ -275,3 +279,15 @@ class ProfileExecutorResponse(_message.Message):
     RESULT_FIELD_NUMBER: _ClassVar[int]
     result: _executor_pb2.ProfileResult
     def __init__(self, result: _Optional[_Union[_executor_pb2.ProfileResult, _Mapping]] = ...) -> None: ...
+
+class ForgetNodesRequest(_message.Message):
+    __slots__ = ("node_ids",)
+    NODE_IDS_FIELD_NUMBER: _ClassVar[int]
+    node_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForgetNodesResponse(_message.Message):
+    __slots__ = ("forgotten",)
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    forgotten: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, forgotten: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -55,6 +55,11 @@ class PlannerServiceStub:
                 request_serializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorRequest.SerializeToString,
                 response_deserializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorResponse.FromString,
                 _registered_method=True)
+        self.ForgetNodes = channel.unary_unary(
+                '/swapmoe.v1.PlannerService/ForgetNodes',
+                request_serializer=swapmoe_dot_v1_dot_planner__pb2.ForgetNodesRequest.SerializeToString,
+                response_deserializer=swapmoe_dot_v1_dot_planner__pb2.ForgetNodesResponse.FromString,
+                _registered_method=True)
 
 
 class PlannerServiceServicer:
@@ -92,6 +97,15 @@ class PlannerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForgetNodes(self, request, context):
+        """Forgets executors that are away: their records, plans and node secrets, so
+        their node ids can be claimed again (an executor that lost its state
+        directory, a node retired for good).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +128,11 @@ def add_PlannerServiceServicer_to_server(servicer, server):
                     servicer.ProfileExecutor,
                     request_deserializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorRequest.FromString,
                     response_serializer=swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorResponse.SerializeToString,
+            ),
+            'ForgetNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForgetNodes,
+                    request_deserializer=swapmoe_dot_v1_dot_planner__pb2.ForgetNodesRequest.FromString,
+                    response_serializer=swapmoe_dot_v1_dot_planner__pb2.ForgetNodesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +244,33 @@ class PlannerService:
             '/swapmoe.v1.PlannerService/ProfileExecutor',
             swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorRequest.SerializeToString,
             swapmoe_dot_v1_dot_planner__pb2.ProfileExecutorResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForgetNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/swapmoe.v1.PlannerService/ForgetNodes',
+            swapmoe_dot_v1_dot_planner__pb2.ForgetNodesRequest.SerializeToString,
+            swapmoe_dot_v1_dot_planner__pb2.ForgetNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,
