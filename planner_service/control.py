@@ -28,16 +28,21 @@ from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc
 DEFAULT_PROFILE_TIMEOUT_S = 600
 MAX_PROFILE_TIMEOUT_S = 3600
 STATUS_CHUNK = 256
+# A status page ends early past this many bytes (and says where the next starts): executors choose
+# their layouts and labels, and 500 of the largest the bounds allow would not fit one gRPC message.
+MAX_PAGE_BYTES = 16 << 20
 PROFILE_POLL_S = 0.05
 # An executor's failed profile keeps its status when it is one the caller can act on.
 _RELAYED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DATA_LOSS}
 
 
 class PlannerControl:
-    def __init__(self, registry: Registry, state_health: Callable[[], tuple[int, str]] = lambda: (0, "")):
+    def __init__(self, registry: Registry, state_health: Callable[[], tuple[int, str]] = lambda: (0, ""),
+                 max_page_bytes: int = MAX_PAGE_BYTES):
         """``state_health``: records not written yet and why (``state.PlannerState.health``)."""
         self.registry = registry
         self.state_health = state_health
+        self.max_page_bytes = max_page_bytes
 
     def plan_status(self, request: ppb.PlanStatusRequest) -> ppb.PlanStatusResponse:
         check_node_ids("node_ids", request.node_ids)
@@ -47,10 +52,13 @@ class PlannerControl:
         check_count("states", request.states, len(ppb.PlanState.keys()))
         records, last, summary = self.registry.page(list(request.node_ids), selector, after, size,
                                                     request.connected_only, frozenset(request.states))
+        statuses = self._statuses(records, request.view)
+        kept = _within(statuses, self.max_page_bytes)
+        if kept < len(statuses):
+            statuses, last = statuses[:kept], records[kept - 1].node_id
         unsaved, error = self.state_health()
-        return ppb.PlanStatusResponse(executors=self._statuses(records, request.view),
-                                      next_page_token=page_token(last) if last else "", summary=summary,
-                                      unsaved_records=unsaved, state_error=error)
+        return ppb.PlanStatusResponse(executors=statuses, next_page_token=page_token(last) if last else "",
+                                      summary=summary, unsaved_records=unsaved, state_error=error)
 
     def forget_nodes(self, request: ppb.ForgetNodesRequest) -> ppb.ForgetNodesResponse:
         if not request.node_ids:
@@ -111,6 +119,16 @@ class PlannerControl:
         finally:
             self.registry.end_profile(pending)  # cancels it on the executor when unanswered
         return self.profile_answer(pending, timeout)
+
+
+def _within(statuses: list[ppb.ExecutorStatus], limit: int) -> int:
+    """How many of ``statuses``, from the first, fit in ``limit`` bytes (at least one)."""
+    total = 0
+    for kept, status in enumerate(statuses):
+        total += status.ByteSize()
+        if total > limit and kept:
+            return kept
+    return len(statuses)
 
 
 class ControlServicer(planner_pb2_grpc.PlannerServiceServicer):

@@ -105,3 +105,30 @@ def test_a_plan_in_a_request_is_bounded_like_the_rest():
     plan = common_pb2.Plan(experts_per_layer=[1] * (limits.MAX_LAYERS + 1))
     with pytest.raises(InvalidField, match=r"^plan\.experts_per_layer: has 1025 entries"):
         bounds.check_message(epb.ApplyPlanRequest(plan=plan))
+
+
+def test_a_status_page_ends_early_past_its_byte_limit_and_the_next_page_goes_on():
+    """Executors choose their layouts: 500 of the largest the bounds allow would not fit one message,
+    and `planner status` once failed with RESOURCE_EXHAUSTED for every viewer."""
+    from swapmoe.planner_service.control import PlannerControl
+    from swapmoe.planner_service.registration import check_registration
+    from swapmoe.planner_service.registry import Registry
+    from test_planner_registry import registration
+
+    registry = Registry()
+    for i in range(10):
+        reg = registration(10**6)
+        reg.node_id = f"n{i}"
+        for layer in reg.layout.layers:
+            layer.module = "m" * limits.MAX_LABEL_CHARS
+        registry.connect(check_registration(reg))
+    one = registry.statuses(registry.find(["n0"]))[0].ByteSize()
+    control = PlannerControl(registry, max_page_bytes=3 * one + 1)
+    seen, token = [], ""
+    while True:
+        page = control.plan_status(ppb.PlanStatusRequest(page_token=token))
+        assert len(page.executors) <= 3 and page.summary.total == 10
+        seen += [s.node_id for s in page.executors]
+        if not (token := page.next_page_token):
+            break
+    assert seen == [f"n{i}" for i in range(10)]
