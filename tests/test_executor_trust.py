@@ -215,6 +215,12 @@ def test_a_profile_that_gives_way_still_completes_and_generations_meanwhile_are_
                                  experts_per_layer=[layer.num_experts for layer in engine.layout.layers])
     assert executor.ApplyPlan(epb.ApplyPlanRequest(plan=everything), timeout=10).accepted
     prompt = epb.GenerateRequest(text="def add(a, b):", max_new_tokens=12)
+
+    def loaded() -> bool:  # loads start between passes: generate until every expert is in
+        list(executor.Generate(prompt, timeout=60))
+        return [len(a.resident) for a in engine.activity()] == list(everything.experts_per_layer)
+
+    wait_until(loaded, timeout=60, what="every expert loaded (else the first answer routes around a loading one)")
     alone = [t for c in executor.Generate(prompt, timeout=60) for t in c.token_ids]
     outputs, stop = [], threading.Event()
 
