@@ -58,6 +58,8 @@ def secured(tmp_path_factory, engine):
                  "planner-control": f"127.0.0.1:{planner.control_port}", "fleet": f"127.0.0.1:{fleet.port}"}
     try:
         wait_until(link.connected.is_set, timeout=30, what="the executor's mutual-TLS stream to its planner")
+        wait_until(lambda: engine.plan.origin.startswith("planner:"), timeout=30,
+                   what="the planner's first plan applied (tests compare the plan before and after a call)")
         yield certs, addresses
     finally:
         link.stop()
