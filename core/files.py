@@ -14,9 +14,11 @@ import threading
 from pathlib import Path
 
 
-def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomically(path: Path, data: bytes, mode: int = 0o644, sync: bool = True) -> None:
     """Replace ``path`` with ``data`` (file mode ``mode`` from its first byte on), or raise OSError
-    leaving ``path`` as it was and no temporary file behind."""
+    leaving ``path`` as it was and no temporary file behind. ``sync``: the data and the rename reach
+    the disk before this returns, so a power cut leaves the old file or the new one, never an
+    empty one (a node secret lost that way would lock its executor out)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
@@ -26,9 +28,21 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644) -> None:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    if sync:
+        _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

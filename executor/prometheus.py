@@ -15,10 +15,14 @@ beyond the counters and histograms ``ServingStats`` already keeps.
 
 from __future__ import annotations
 
+import socketserver
+import ssl
+import threading
 from pathlib import Path
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, GCCollector, Metric, PlatformCollector, ProcessCollector
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 PREFIX = "swapmoe_"
@@ -116,12 +120,47 @@ def metrics_registry(engine) -> CollectorRegistry:
     return registry
 
 
+CONNECTION_TIMEOUT_S = 10.0  # a scrape (TLS handshake included) that sends nothing for this long is dropped
+
+
+class _Handler(WSGIRequestHandler):
+    """Quiet (Prometheus scrapes every few seconds); the TLS handshake happens here, on the
+    connection's own thread and under its timeout, never on the thread that accepts connections,
+    so a client that connects and stays silent holds up no other scrape."""
+
+    def setup(self):
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.do_handshake()
+        super().setup()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _MetricsServer(socketserver.ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def get_request(self):
+        connection, address = super().get_request()
+        connection.settimeout(CONNECTION_TIMEOUT_S)
+        return connection, address
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that left or failed its handshake: nothing to report
+
+
 def serve_metrics(engine, host: str = "127.0.0.1", port: int = 0, tls=None):
-    """Serve ``/metrics`` on a daemon thread; returns the HTTP server (``server_port``). With ``tls``
-    (the executor's ``swapmoe.rpc.tls.TlsFiles``) it is HTTPS with the executor's certificate and,
-    when ``tls.ca`` is set, requires a client certificate signed by it, as the gRPC port does."""
-    secured = {} if tls is None else {"certfile": str(tls.cert), "keyfile": str(tls.key),
-                                      "client_cafile": None if tls.ca is None else str(tls.ca),
-                                      "client_auth_required": tls.ca is not None}
-    server, _thread = start_http_server(port, addr=host, registry=metrics_registry(engine), **secured)
+    """Serve ``/metrics`` on a daemon thread, a thread per scrape; returns the HTTP server
+    (``server_port``). With ``tls`` (the executor's ``swapmoe.rpc.tls.TlsFiles``) it is HTTPS with the
+    executor's certificate and, when ``tls.ca`` is set, requires a client certificate signed by it,
+    as the gRPC port does."""
+    server = make_server(host, port, make_wsgi_app(metrics_registry(engine)), _MetricsServer, handler_class=_Handler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+        if tls.ca is not None:
+            context.load_verify_locations(cafile=str(tls.ca))
+            context.verify_mode = ssl.CERT_REQUIRED
+        server.socket = context.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
+    threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
     return server

@@ -80,7 +80,7 @@ def executor_serve(args) -> None:
     except ValueError:
         engine.close()
         raise
-    address = f"{args.host}:{server.port}"
+    address = f"{args.advertise_host or args.host}:{server.port}"
     stops = [engine.hub.close_all]  # ends Subscribe streams so shutdown can drain
     if args.planner:
         link = PlannerLink(engine, args.planner, address, labels=labels, security=dial_security).start()
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=port_number,
                    help="serve Prometheus metrics on this port (0 picks a free one); HTTPS with the executor's "
                         "certificate when it has one, and client certificates required when it has --tls-ca")
+    p.add_argument("--advertise-host", help="the name clients reach this executor by (default: --host): under mutual "
+                   "TLS published if its certificate names it; without, the planner publishes its stream's source IP")
     p.add_argument("--metrics-host", help="address to serve metrics on (default: --host); beyond loopback they "
                                           "need mutual TLS (--tls-ca) or --insecure")
     p.add_argument("--drain-seconds", type=float, default=30.0,

@@ -5,7 +5,7 @@ The policy is ``rollouts`` (pure); this module only calls planners and applies w
 under the control node's lock. A wave is one PushPlan per planner with the wave's node ids
 (brief answers), then GetPlanStatus for the nodes still pending every ``POLL_S`` until each
 answered or the wave's timeout; nodes whose planner did not answer the push (it is restarting)
-are pushed again every ``REPUSH_S``, and a node away counts as failed only once the wave's time
+are pushed again (after 1 s, backing off to 8 s; not while paused), and a node away counts as failed only once the wave's time
 is up, since a restarted planner's executors take a moment to return. The rollout is saved (``rollout_store``) after every push and
 decision, and throttled while ACKs stream in. A driver started on a rollout read back from disk
 re-polls its current wave (the versions sent are kept), with a fresh timeout: the control node
@@ -32,7 +32,8 @@ FULL_POLL_S = 3.0
 IDLE_S = 1.0  # a paused driver looks at its rollout at least this often
 ROLLBACK_TRIES = 3
 ROLLBACK_RETRY_S = 1.0
-REPUSH_S = 1.0  # a wave's nodes whose planner did not answer the push are pushed again this often
+# A wave's nodes whose planner did not answer the push are pushed again after 1 s, then 2, 4, 8, 8...
+REPUSH_S, MAX_REPUSH_S = 1.0, 8.0
 # A planner that refuses a push for what it carries (a plan that does not fit a model) NACKs it
 # for its nodes; any other failure leaves them unreachable.
 _REFUSED = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE)
@@ -45,6 +46,7 @@ class RolloutDriver:
         self._wake, self._stop = threading.Event(), threading.Event()
         self._full_poll = time.monotonic()  # the wave was just sent: nobody answered yet
         self._pushed_at = 0.0  # monotonic time of the last push
+        self._repush_s = REPUSH_S  # the wait before the next push to nodes not pushed yet
         self._thread = threading.Thread(target=self._run, name=rollout.rollout_id, daemon=True)
         if resumed and rollout.wave_started_ns:
             rollout.wave_started_ns = time.time_ns()
@@ -95,7 +97,8 @@ class RolloutDriver:
             else:
                 self._push_wave()
             return True
-        if self._unsent() and time.monotonic() - self._pushed_at >= REPUSH_S:
+        if state == ro.IN_PROGRESS and self._unsent() and time.monotonic() - self._pushed_at >= self._repush_s:
+            self._repush_s = min(2 * self._repush_s, MAX_REPUSH_S)
             self._push_wave()  # a planner that was away (restarting) when the wave went
         self._poll_wave()
         if self._decide() is ro.Decision.WAIT:
@@ -168,6 +171,7 @@ class RolloutDriver:
                 r.state, r.ends_as, r.message = ro.ROLLING_BACK, ro.FAILED, ro.failure_message(r, halted=True)
             elif decision is ro.Decision.WAVE_DONE:
                 r.wave, r.wave_started_ns, r.next_wave_ns = r.wave + 1, 0, now + r.settings.bake_ms * 1_000_000
+                self._repush_s = REPUSH_S
             elif decision is ro.Decision.SUCCEEDED:
                 failed = any(t.state in (ro.NACKED, ro.UNREACHABLE) for t in r.sent())
                 r.state, r.message = ro.SUCCEEDED, ro.failure_message(r, halted=False) if failed else ""

@@ -10,6 +10,8 @@ Pure rules over ``ExecutorRecord``s; the registry applies them under its lock.
   planner issued that node: past that, the planner could send no plan after it.
 - A record away longer than ``RegistrySettings.away_ttl_s`` expires, one that never
   acknowledged a plan after ``unplanned_ttl_s`` (registrations that never became executors).
+  Away counts from the stream's end, or from the planner's start for a record it read back (a
+  planner that stopped, or crashed, cannot tell which of its executors were connected).
 """
 
 from __future__ import annotations
@@ -68,6 +70,6 @@ def expired(records: Iterable[ExecutorRecord], now_ns: int, settings: RegistrySe
     gone = []
     for record in records:
         ttl = settings.away_ttl_s if record.acked is not None else settings.unplanned_ttl_s
-        if not record.connected and now_ns - record.last_seen_ns > ttl * 1e9:
+        if not record.connected and now_ns - record.away_since_ns > ttl * 1e9:
             gone.append(record)
     return gone

@@ -204,8 +204,7 @@ class Planner:
                 raise ValueError(f"the executor answered with a profile of model {device.model_fingerprint[:64]!r} "
                                  f"on node {device.node_id[:128]!r}, not of the model it registered "
                                  f"({node.fingerprint}) on {node_id!r}")
-            if self._profile_root():
-                report.save_device(self._profile_root(), device)
+            self._keep(lambda: report.save_device(self._profile_root(), device), "device profile of " + node_id)
         except Exception as error:  # noqa: BLE001 - the fallback stays; the status says why
             log.warning("device profile of %s failed: %s", node_id, error)
             if node_id in self._nodes:
@@ -327,11 +326,19 @@ class Planner:
 
     def _save_frontiers(self, node: _Node) -> None:
         path = self._frontier_path(node)
-        if path is None:
-            return
         with self._lock:
             body = {w: f.to_json() for w, f in node.frontiers.items()}
-        artifacts.write_json(path, "frontiers", dict(key=node.key, workloads=body))
+        self._keep(lambda: artifacts.write_json(path, "frontiers", dict(key=node.key, workloads=body)), str(path))
+
+    def _keep(self, write, what: str) -> None:
+        """Store a profile or frontiers when the planner has a state directory; a full disk costs only
+        the copy (measured again, or searched again, after a restart), never the plan it feeds."""
+        if self.settings.state_dir is None:
+            return
+        try:
+            write()
+        except OSError as error:
+            log.warning("cannot store the %s (%s): kept in memory only", what, error)
 
     def _load_frontiers(self, node: _Node) -> set[str]:
         path = self._frontier_path(node)

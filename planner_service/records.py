@@ -39,6 +39,7 @@ class ExecutorRecord:
     version: int = 0  # highest plan version this executor has seen
     secret_digest: str = ""  # sha256 of the secret issued to this node id
     claimed: bool = False  # the executor answered after its secret was sent: later claims must prove it
+    away_since_ns: int = 0  # when its stream ended (or the planner started, for a record read back); 0: connected
     # What to send: the newest plan, profile messages (PlannerMessage); bounded.
     outbox: Outbox = field(default_factory=Outbox)
     profiles: dict[str, "PendingProfile"] = field(default_factory=dict)  # asked, not answered yet

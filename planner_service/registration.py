@@ -11,11 +11,12 @@ port and takes the host from what the planner saw (``Peer``).
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from dataclasses import dataclass
 
 from swapmoe.core import limits
 from swapmoe.core.budget import MemoryModel
-from swapmoe.core.errors import Forbidden, InvalidField
+from swapmoe.core.errors import InvalidField
 from swapmoe.core.labels import check_labels
 from swapmoe.core.layout import validate_layout
 from swapmoe.core.plan import Plan, validate_plan
@@ -46,30 +47,33 @@ class Peer:
     def from_grpc(cls, peer: str, auth_context: dict) -> "Peer":
         """From ``context.peer()`` (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``) and ``context.auth_context()``."""
         ip = None
-        if peer.startswith(("ipv4:", "ipv6:")):
-            ip = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]")
+        if peer.startswith(("ipv4:", "ipv6:")):  # gRPC percent-encodes IPv6 peers: ipv6:%5B::1%5D:5678
+            ip = urllib.parse.unquote(peer.split(":", 1)[1]).rsplit(":", 1)[0].strip("[]")
         names = auth_context.get("x509_subject_alternative_name")
         return cls(ip, frozenset(n.decode(errors="replace").lower() for n in names) if names else None)
 
 
-def published_address(asserted: str, peer: Peer) -> str:
+def published_address(asserted: str, peer: Peer) -> tuple[str, str]:
     """The address the planner publishes for an executor that asserts ``asserted``: its port, with
     a host the planner verified. With a client certificate the host must be one of its names (a
     wildcard bind, 0.0.0.0 or ::, becomes the stream's IP, which must be one too); without one,
-    the host is the IP the stream came from. "" when the executor gave no address (or the stream
-    has no IP and no certificate). Raises Forbidden for a host its certificate does not name."""
+    the host is the IP the stream came from. Returns the address and, when the asserted one could
+    not be verified, why: then the address is "" (the executor is planned for, but no client is
+    sent to it). "" too when the executor gave no address."""
     if not asserted:
-        return ""
+        return "", ""
     host, port = _split_address(asserted)
     if peer.certificate_names is not None:
         if _wildcard(host):
             host = peer.ip or ""
         if _canonical(host) not in {_canonical(n) for n in peer.certificate_names}:
-            raise Forbidden(f"registration.executor_address: {host or asserted!r} is not a name in the executor's "
-                            f"client certificate ({', '.join(sorted(peer.certificate_names))}); clients could not "
-                            f"verify that server: advertise one of those names")
-        return _join(host, port)
-    return _join(peer.ip, port) if peer.ip else ""
+            return "", (f"{host or asserted!r} is not a name in the executor's client certificate "
+                        f"({', '.join(sorted(peer.certificate_names))}), so clients could not verify that server: "
+                        f"it is not published (start the executor with --advertise-host set to one of those names)")
+        return _join(host, port), ""
+    if not peer.ip:
+        return "", "the stream came from no IP address to publish"
+    return _join(peer.ip, port), ""
 
 
 def _split_address(address: str) -> tuple[str, int]:

@@ -63,7 +63,7 @@ class Registry:
         self._records: dict[str, ExecutorRecord] = {r.node_id: r for r in records}
         self._order: list[str] = sorted(self._records)  # node ids in order, for pages
         for record in self._records.values():
-            record.connected = False
+            record.connected, record.away_since_ns = False, time.time_ns()
         self._profiling = 0  # profiles asked and not answered, over every executor
         self._persist, self._erase = persist, erase
         self.settings = settings
@@ -137,6 +137,7 @@ class Registry:
         with self._lock:
             if self._records.get(record.node_id) is record:
                 record.connected = False
+                record.away_since_ns = time.time_ns()
             owed, record.profiles = record.profiles, {}
             self._profiling -= len(owed)
         for pending in owed.values():  # a stream that ended will not answer: fail them now

@@ -115,7 +115,11 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
 
     def _register(self, registration: ppb.Registration, peer: Peer) -> tuple[ExecutorRecord, str]:
         registered = check_registration(registration)
-        return self.registry.connect(registered, published_address(registration.executor_address, peer))
+        address, unverified = published_address(registration.executor_address, peer)
+        if unverified:
+            log.warning("executor %s: its address %s is not published: %s", registration.node_id,
+                        registration.executor_address, unverified)
+        return self.registry.connect(registered, address)
 
     async def _read(self, record: ExecutorRecord, request_iterator) -> None:
         """Each message is checked before the registry sees it; a bad one ends the stream."""

@@ -36,6 +36,7 @@ from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
 log = logging.getLogger(__name__)
 FORMAT = 1
+RETRY_S = 1.0  # after a failed write, the next pass waits this long
 
 
 class PlannerState:
@@ -54,6 +55,7 @@ class PlannerState:
         self._lock = threading.Lock()
         self._dirty: dict[str, ExecutorRecord] = {}
         self._failed: dict[str, ExecutorRecord] = {}  # writes that failed, written again at the next chance
+        self._retry_at = 0.0  # monotonic time before which a pass after a failure does not start
         self.error = ""  # why the last write failed, "" once every record is written
         self._interval = write_behind_s
         self._stop = threading.Event()
@@ -67,39 +69,51 @@ class PlannerState:
 
     def save(self, record: ExecutorRecord) -> None:
         """Write ``record`` (now, or behind); never raises for a failed write: it is retried."""
-        self._dirty[record.node_id] = record  # one dict store: safe from any thread
+        with self._lock:
+            self._dirty[record.node_id] = record
         if self._writer is None:
             self.flush()
 
     def erase(self, node_id: str) -> None:
         """Forget ``node_id``'s record on disk (a write noted for it is dropped)."""
-        self._dirty.pop(node_id, None)
-        self._failed.pop(node_id, None)
-        with self._lock:
+        with self._lock:  # the writer holds it while it writes: an erased record is never written back
+            self._dirty.pop(node_id, None)
+            self._failed.pop(node_id, None)
             self.path(node_id).unlink(missing_ok=True)
 
     def health(self) -> tuple[int, str]:
-        """Records whose last write failed and are not written yet, and why (0 and "" when none)."""
-        return len(self._failed), self.error if self._failed else ""
+        """Records not on disk because writing failed, and why (0 and "" when every record is)."""
+        with self._lock:
+            if not self._failed:
+                return 0, ""
+            return len(self._failed) + len(self._dirty), self.error
 
     def flush(self) -> None:
-        """Write every record noted since the last flush, and those whose write failed before. A
-        record that changes while it is written was noted again after its change (the registry
-        saves after every change), so the next flush writes it again. A write that fails leaves its
-        record noted as failed, for the next flush."""
-        for node_id in list(self._failed):
-            self._dirty.setdefault(node_id, self._failed[node_id])
-        while self._dirty:
-            node_id = next(iter(self._dirty))
-            record = self._dirty.pop(node_id)
-            try:
-                self._write(record)
-            except OSError as error:
-                if node_id not in self._failed or self.error != str(error):
-                    log.error("cannot write planner state %s: %s (kept in memory, written again later)",
-                              self.path(node_id).name, error)
-                self._failed[node_id], self.error = record, str(error)
-            else:
+        """Write every record noted since the last flush. A record that changes while it is written
+        was noted again after its change (the registry saves after every change), so the next
+        flush writes it again. A write that fails (a full disk) ends the pass: its record and the
+        rest wait for the next pass at least ``RETRY_S`` later, so a full disk costs one failed
+        write per pass, not one per record."""
+        with self._lock:
+            if self._failed and time.monotonic() < self._retry_at:
+                return
+            for node_id, record in self._failed.items():
+                self._dirty.setdefault(node_id, record)
+        while True:
+            with self._lock:  # per record: erase and save never wait for a whole pass
+                if not self._dirty:
+                    return
+                node_id, record = next(iter(self._dirty.items()))
+                del self._dirty[node_id]
+                try:
+                    self._write(record)
+                except OSError as error:
+                    if not self._failed or self.error != str(error):
+                        log.error("cannot write planner state %s: %s (kept in memory, written again later)",
+                                  self.path(node_id).name, error)
+                    self._failed[node_id], self.error = record, str(error)
+                    self._retry_at = time.monotonic() + RETRY_S
+                    return
                 self._failed.pop(node_id, None)
 
     def close(self) -> None:
@@ -113,9 +127,10 @@ class PlannerState:
             self.flush()
 
     def _write(self, record: ExecutorRecord) -> None:
+        """Caller holds the lock. Not synced: a record torn by a power cut is set aside at the next
+        start and its executor replanned when it returns."""
         text = json.dumps(_to_json(record), separators=(",", ":"))
-        with self._lock:  # one writer per file name at a time
-            write_atomically(self.path(record.node_id), text.encode())
+        write_atomically(self.path(record.node_id), text.encode(), sync=False)
 
     def load(self) -> list[ExecutorRecord]:
         """Every executor saved, disconnected; unreadable files are renamed ``*.bad`` and skipped."""
@@ -199,7 +214,7 @@ def _from_json(raw: dict) -> ExecutorRecord:
     check_text("workload", workload)
     reason = _typed(raw, "reason", str, "")
     check_text("reason", reason, MAX_REASON_CHARS)
-    last_seen = _typed(raw, "last_seen_ns", int, 0) or time.time_ns()  # older files: as if seen at start
+    last_seen = _typed(raw, "last_seen_ns", int, 0)
     return ExecutorRecord(node_id, registered.registration, registered.memory, connected=False,
                           desired=desired, acked=acked, state=state, pinned=_typed(raw, "pinned", bool),
                           version=version, secret_digest=secret, claimed=_typed(raw, "claimed", bool, True),

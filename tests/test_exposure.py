@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import logging
 import re
+import socket
 import ssl
 import urllib.request
 from concurrent import futures
@@ -102,6 +103,9 @@ def test_metrics_are_served_over_mutual_tls_with_the_executors_certificate(certs
                 refused()
         verifying.load_cert_chain(certs / "client.pem", certs / "client-key.pem")
         assert b"swapmoe_memory_budget_bytes" in scrape(url, verifying)
+        host, port = url.removeprefix("https://").split("/")[0].rsplit(":", 1)
+        with socket.create_connection((host, int(port))):  # connects, never says hello: holds up nobody
+            assert b"swapmoe_memory_budget_bytes" in scrape(url, verifying)
     finally:
         assert executor.stop() == 0, "".join(executor.output)
 

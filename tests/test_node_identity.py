@@ -98,6 +98,14 @@ def test_a_claim_counts_once_the_executor_answered_after_receiving_its_secret():
         registry.connect(check_registration(registration(10**6)))
 
 
+def test_a_peer_address_is_read_as_grpc_writes_it():
+    from swapmoe.planner_service.registration import Peer, published_address
+
+    assert published_address("0.0.0.0:50051", Peer.from_grpc("ipv6:%5B::1%5D:47050", {})) == ("[::1]:50051", "")
+    assert published_address("h:1", Peer.from_grpc("ipv4:10.1.2.3:5", {})) == ("10.1.2.3:1", "")
+    assert published_address("h:1", Peer.from_grpc("unix:/run/x.sock", {}))[0] == ""
+
+
 def test_clients_are_sent_to_the_host_the_stream_came_from_not_the_one_asserted(owner):
     planner, registry = serve(settings=SETTINGS)
     try:
@@ -108,17 +116,17 @@ def test_clients_are_sent_to_the_host_the_stream_came_from_not_the_one_asserted(
         planner.stop(0)
 
 
-def test_with_mutual_tls_an_executor_advertises_only_names_its_certificate_holds(owner, tmp_path):
+def test_with_mutual_tls_only_names_the_executors_certificate_holds_are_published(owner, tmp_path, caplog):
     make_dev_certs(tmp_path)
     args = argparse.Namespace(security=tmp_path)
     planner, registry = serve(settings=SETTINGS, security=security.server_from_args(args, "planner"))
     executor = security.client_from_args(args, "executor", cert="executor")
     address = f"localhost:{planner.port}"
     try:
-        error = refused(address, claim(owner, "rogue", address="198.51.100.1:50051"), executor)
-        assert error.code() == grpc.StatusCode.PERMISSION_DENIED
-        assert "'198.51.100.1' is not a name in the executor's client certificate" in error.details()
+        assert published(owner, address, registry, "rogue", "198.51.100.1:50051", executor) == ""  # planned, not routed
+        assert "'198.51.100.1' is not a name in the executor's client certificate" in caplog.text
         assert published(owner, address, registry, "named", "localhost:50051", executor) == "localhost:50051"
+        assert published(owner, address, registry, "wildcard", "0.0.0.0:50051", executor) == "127.0.0.1:50051"
     finally:
         planner.stop(0)
 
@@ -162,7 +170,7 @@ def test_records_of_nodes_gone_for_good_expire_and_their_number_is_bounded():
         registry.connect(check_registration(third))
     for record in records:
         registry.disconnect(record)
-    now = max(r.last_seen_ns for r in records)
+    now = max(r.away_since_ns for r in records)
     assert registry.expire(now + 5 * 10**9) == []
     assert registry.expire(now + 11 * 10**9) == ["unplanned"]
     assert registry.expire(now + 101 * 10**9) == ["acked"]
@@ -200,3 +208,16 @@ def test_search_work_is_bounded_and_skipped_for_nodes_that_went_away():
     gate.set()
     planner._work.shutdown(wait=True)
     assert ran == [] and not planner._queued
+
+
+def test_a_restarted_planner_counts_a_nodes_absence_from_its_own_start():
+    """A node connected for a week, right up to a planner restart, last changed its record (and its
+    last-seen time on disk) long ago: it must not expire while it reconnects."""
+    from test_planner_registry import registration
+
+    settings = RegistrySettings(away_ttl_s=100.0, unplanned_ttl_s=10.0)
+    before = Registry(settings=settings)
+    record, _ = before.connect(check_registration(registration(10**6)))
+    record.last_seen_ns -= 7 * 24 * 3600 * 10**9  # its last change on disk, a week ago
+    after = Registry([record], settings=settings)  # the planner restarted and read it back
+    assert after.expire() == []
