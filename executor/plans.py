@@ -21,14 +21,13 @@ from google.protobuf import json_format
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.files import write_atomically
-from swapmoe.core.limits import MAX_VERSION_STEP
+from swapmoe.core.limits import MAX_SECRET_CHARS, MAX_VERSION_STEP
 from swapmoe.core.plan import Plan, validate_plan
 from swapmoe.rpc import convert
 from swapmoe.v1 import common_pb2
 
 FILE = "plan.json"
 SECRET_FILE = "node_secret"  # the planner's secret for this node id (``executor.planner_link``)
-MAX_SECRET_CHARS = 1024
 RETRY_S = 2.0  # how often a state file that could not be written is tried again
 log = logging.getLogger(__name__)
 
