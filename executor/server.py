@@ -29,6 +29,7 @@ from swapmoe.executor.text import Chunk
 from swapmoe.rpc import convert, transport
 from swapmoe.rpc.auth import CONTROL, VIEWER, TokenTable, bearer_token
 from swapmoe.rpc.security import ServerSecurity
+from swapmoe.rpc.tls import peer_ip
 from swapmoe.rpc.status import status_for
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
@@ -197,8 +198,8 @@ def caller_of(context: grpc.ServicerContext, tokens: TokenTable | None) -> tuple
     """Who is calling, and with which roles: the name and roles of its token when ``tokens`` are
     checked (the auth interceptor let the call in), else its host and no roles."""
     if tokens is None:
-        peer = context.peer()  # "ipv4:127.0.0.1:50123", "ipv6:[::1]:50123", "unix:/path"
-        return (peer.rsplit(":", 1)[0] if peer.startswith(("ipv4:", "ipv6:")) else peer), frozenset()
+        peer = context.peer()
+        return peer_ip(peer) or peer, frozenset()
     issued = tokens.lookup(bearer_token(context.invocation_metadata()) or "")
     if issued is None:
         raise Unauthenticated("the call carries no token this server issued")

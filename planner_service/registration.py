@@ -11,7 +11,6 @@ port and takes the host from what the planner saw (``Peer``).
 from __future__ import annotations
 
 import ipaddress
-import urllib.parse
 from dataclasses import dataclass
 
 from swapmoe.core import limits
@@ -21,6 +20,7 @@ from swapmoe.core.labels import check_labels
 from swapmoe.core.layout import validate_layout
 from swapmoe.core.plan import Plan, validate_plan
 from swapmoe.rpc import convert
+from swapmoe.rpc.tls import host_of, peer_ip
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb
 
 
@@ -46,11 +46,8 @@ class Peer:
     @classmethod
     def from_grpc(cls, peer: str, auth_context: dict) -> "Peer":
         """From ``context.peer()`` (``ipv4:1.2.3.4:5678``, ``ipv6:[::1]:5678``) and ``context.auth_context()``."""
-        ip = None
-        if peer.startswith(("ipv4:", "ipv6:")):  # gRPC percent-encodes IPv6 peers: ipv6:%5B::1%5D:5678
-            ip = urllib.parse.unquote(peer.split(":", 1)[1]).rsplit(":", 1)[0].strip("[]")
         names = auth_context.get("x509_subject_alternative_name")
-        return cls(ip, frozenset(n.decode(errors="replace").lower() for n in names) if names else None)
+        return cls(peer_ip(peer), frozenset(n.decode(errors="replace").lower() for n in names) if names else None)
 
 
 def published_address(asserted: str, peer: Peer) -> tuple[str, str]:
@@ -77,10 +74,10 @@ def published_address(asserted: str, peer: Peer) -> tuple[str, str]:
 
 
 def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
+    _, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise InvalidField("registration.executor_address", f"{address!r} is not host:port with a port of 1 to 65535")
-    return host.strip("[]"), int(port)
+    return host_of(address), int(port)
 
 
 def _wildcard(host: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,6 +76,14 @@ def host_of(address: str) -> str:
     if address.count(":") == 1:
         return address.rsplit(":", 1)[0]
     return address  # no port, or a bare IPv6 address such as ::1
+
+
+def peer_ip(peer: str) -> str | None:
+    """The IP address of a gRPC ``context.peer()`` (``ipv4:10.0.0.7:5678``, or ``ipv6:%5B::1%5D:5678``,
+    percent-encoded), None for a peer that is not an IP connection (``unix:/path``)."""
+    if not peer.startswith(("ipv4:", "ipv6:")):
+        return None
+    return host_of(urllib.parse.unquote(peer.split(":", 1)[1]))
 
 
 def is_loopback(address: str) -> bool:
