@@ -23,7 +23,6 @@ import torch
 
 from swapmoe.core.budget import MemoryModel, Reserve
 from swapmoe.core.errors import InvalidField
-from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.core.layout import DeviceInfo, ModelLayout
 from swapmoe.core.memory import MemoryReport
 from swapmoe.core.plan import Plan, PlanResult, validate_plan
@@ -113,6 +112,11 @@ class Engine:
     @property
     def layout(self) -> ModelLayout:
         return self.runtime.layout
+
+    @property
+    def model_fingerprint(self) -> str:
+        """The checkpoint's content hash, taken once when its expert store was built."""
+        return self.runtime.store.manifest.model_fingerprint
 
     @property
     def plan(self) -> Plan:
@@ -255,7 +259,7 @@ class Engine:
         residency that cannot run or does not fit the budget, Cancelled when ``cancelled()`` turns true."""
         if spec.experts_per_layer:
             self.check_residency(spec.experts_per_layer)
-        identity = Identity(self.config.node_id, self.device_info, model_fingerprint(self.config.model_dir))
+        identity = Identity(self.config.node_id, self.device_info, self.model_fingerprint)
 
         def sweep() -> tuple[int, ...]:  # asked at each measurement: plans and budgets change between two
             return self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer, self.budget_bytes)

@@ -40,7 +40,6 @@ from typing import Iterator
 
 import grpc
 
-from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.core.limits import MAX_REASON_CHARS, MAX_SUBSCRIBE_INTERVAL_MS
 from swapmoe.core.plan import PlanResult
 from swapmoe.executor.scheduler import Cancelled
@@ -177,7 +176,7 @@ class PlannerLink:
             node_id=described.node_id, device=described.device, budget_bytes=described.budget_bytes,
             min_budget_bytes=described.min_budget_bytes, layout=described.layout,
             current_plan=described.plan, executor_address=self.executor_address, reserve=described.reserve,
-            node_secret=self.node_secret, model_fingerprint=model_fingerprint(self.engine.config.model_dir),
+            node_secret=self.node_secret, model_fingerprint=self.engine.model_fingerprint,
             labels=self.labels,
         )
 

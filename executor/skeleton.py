@@ -12,12 +12,12 @@ import contextlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from swapmoe.executor.adapters import ADAPTERS, UnsupportedModel, expert_prefixes, find_moe_blocks
 from swapmoe.executor.checkpoint import auto_class, read_config
 from swapmoe.executor.slot_experts import Packed
+from swapmoe.executor.safetensors_io import SafetensorsReader
 from swapmoe.executor.store import Manifest
 
 
@@ -47,7 +47,7 @@ def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device
     dtype = getattr(torch, manifest.dtype)
     with parameters_on_meta():
         model = auto_class(config).from_config(config, dtype=dtype)
-    dense = load_file(store_dir / manifest.dense_file, device=str(device))
+    dense = _read_dense(store_dir / manifest.dense_file, device)
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
     experts = expert_prefixes(find_moe_blocks(model))
@@ -60,3 +60,13 @@ def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device
             if buffer is not None and buffer.device != device:
                 module._buffers[name] = buffer.to(device)
     return model.eval()
+
+
+def _read_dense(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+    """The dense weights, a tensor at a time outside any memory map (``safetensors.load_file``
+    maps the file, and the pages it touched count in the resident set beside the copies)."""
+    reader = SafetensorsReader(path)
+    try:
+        return {name: reader.get(name).to(device) for name in reader.specs}
+    finally:
+        reader.close()

@@ -134,9 +134,22 @@ class OneHot:
         for slot in range(capacity):
             module = kept.get(slot)
             if module is None:
-                module = copy.deepcopy(template).to_empty(device=device)
+                module = OneHot._empty_like(template, torch.device(device))
             inner[f"expert_{slot}"] = module
         inner.num_experts = capacity
+
+    @staticmethod
+    def _empty_like(template: nn.Module, device: torch.device) -> nn.Module:
+        """A copy of ``template`` with fresh page-aligned weights (``page_aligned_empty``: slots are
+        filled by ``O_DIRECT`` reads straight from the store), never a copy of its weights."""
+        memo = {id(p): None for p in template.parameters()}  # the copy gets no weights to copy
+        module = copy.deepcopy(template, memo)
+        for source, owner in zip(template.modules(), module.modules()):
+            for name, old in source._parameters.items():
+                if old is not None:
+                    owner._parameters[name] = nn.Parameter(page_aligned_empty(tuple(old.shape), old.dtype, device),
+                                                           requires_grad=False)
+        return module
 
 
 class SlotExperts(nn.Module):

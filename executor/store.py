@@ -34,7 +34,7 @@ import torch
 from swapmoe.core.errors import Corrupted
 
 ALIGN = 4096
-FORMAT = 3  # 3: CRC-32 per expert and for the dense file
+FORMAT = 4  # 3: CRC-32 per expert and for the dense file; 4: the model fingerprint
 DAMAGED = "DAMAGED"  # marker file: a load found damage; the next ensure_store rebuilds
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class Manifest:
     dense_file: str = "dense.safetensors"
     format: int = FORMAT
     dense_checksum: int = 0  # CRC-32 of the dense file
+    model_fingerprint: str = ""  # core.fingerprint of the checkpoint it was built from
 
     def save(self, directory: Path) -> None:
         tmp = directory / ".manifest.json.tmp"
@@ -92,7 +93,8 @@ class Manifest:
                                      l["expert_bytes"], l["stride"], l["offset"], tuple(l["norms"]),
                                      tuple(l["checksums"])) for l in raw["layers"])
             manifest = cls(raw["architecture"], raw["model_class"], raw["dtype"], layers, raw["dense_bytes"],
-                           raw["file"], raw["dense_file"], raw["format"], raw["dense_checksum"])
+                           raw["file"], raw["dense_file"], raw["format"], raw["dense_checksum"],
+                           raw["model_fingerprint"])
             manifest.check(directory)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # AttributeError: not an object
             if isinstance(error, Corrupted):
@@ -106,6 +108,9 @@ class Manifest:
         path, end = directory / "manifest.json", 0
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise Corrupted(f"{path}: dtype {self.dtype!r} is not a torch dtype")
+        if not (isinstance(self.model_fingerprint, str) and len(self.model_fingerprint) == 16
+                and all(c in "0123456789abcdef" for c in self.model_fingerprint)):
+            raise Corrupted(f"{path}: model fingerprint {str(self.model_fingerprint)[:64]!r} is not 16 hex digits")
         itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
         for i, l in enumerate(self.layers):
             problems = [

@@ -1,10 +1,13 @@
 """Building the expert store (``executor.store``) from a Hugging Face checkpoint, once per
 checkpoint.
 
-``build_store`` reads the checkpoint tensor by tensor and never holds more than one expert;
-what it wrote is read back whole before the manifest is saved. ``ensure_store`` finds a
-checkpoint's store by a fingerprint of its files and builds it atomically when it is missing
-or damaged.
+``build_store`` reads the checkpoint tensor by tensor (``executor.safetensors_io``: no
+memory map, so its resident memory is one expert or one dense tensor, not the checkpoint)
+and writes the dense file the same way; what it wrote is read back whole before the manifest
+is saved. Meanwhile a second thread hashes the checkpoint's bytes for the model's fingerprint
+(``core.fingerprint``), kept in the manifest so that no start hashes the checkpoint again.
+``ensure_store`` finds a checkpoint's store by a fingerprint of its files' names, sizes and
+times, and builds it atomically when it is missing or damaged.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ import json
 import os
 import shutil
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from swapmoe.core.errors import Corrupted
+from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.adapters import UnsupportedModel, adapter_for, expert_prefixes, find_moe_blocks
 from swapmoe.executor.checkpoint import auto_class, read_config
+from swapmoe.executor.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorSpec
 from swapmoe.executor.store import (ALIGN, FORMAT, LayerSpec, Manifest, PartSpec, check_store, file_crc,
                                     verify_store)
 
@@ -46,87 +50,153 @@ class _Checkpoint:
     def __init__(self, directory: Path):
         index = directory / "model.safetensors.index.json"
         if index.exists():
-            self.where = {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+            files = {k: directory / f for k, f in json.loads(index.read_text())["weight_map"].items()}
         else:
-            single = directory / "model.safetensors"
-            with safe_open(single, "pt") as f:
-                self.where = {k: single for k in f.keys()}
-        self._open = {}
+            files = None
+        paths = sorted(set(files.values())) if files else [directory / "model.safetensors"]
+        self._readers = {path: SafetensorsReader(path) for path in paths}
+        self.where = {k: reader for reader in self._readers.values() for k in reader.specs
+                      if files is None or files.get(k) == reader.path}
 
     def has(self, key: str) -> bool:
         return key in self.where
 
+    def spec(self, key: str) -> TensorSpec:
+        self._check(key)
+        return self.where[key].specs[key]
+
     def get(self, key: str) -> torch.Tensor:
+        self._check(key)
+        return self.where[key].get(key)
+
+    def read_into(self, key: str, view: memoryview) -> None:
+        self._check(key)
+        self.where[key].read_into(key, view)
+
+    def _check(self, key: str) -> None:
         if key not in self.where:
             raise UnsupportedModel(f"checkpoint has no tensor {key!r}: its expert layout is not the one expected")
-        path = self.where[key]
-        if path not in self._open:
-            self._open[path] = safe_open(path, "pt")
-        return self._open[path].get_tensor(key)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
 
 
 def build_store(checkpoint: Path, out: Path) -> Manifest:
     """Write ``out/experts.bin``, ``out/dense.safetensors`` and ``out/manifest.json`` from ``checkpoint``."""
     checkpoint, out = Path(checkpoint), Path(out)
     model = meta_model(checkpoint)
-    adapter = adapter_for(model)
-    source = _Checkpoint(checkpoint)
-    blocks = find_moe_blocks(model)
     out.mkdir(parents=True, exist_ok=True)
-    layers, offset = [], 0
-    tmp = out / "experts.bin.tmp"
-    progress = tqdm(total=sum(b.num_experts for b in blocks), desc="building the expert store", unit="expert",
-                    disable=None)  # disabled when stderr is not a terminal
-    with open(tmp, "wb") as f, progress:
-        for block in blocks:
-            parts, stride, norms, checksums = None, None, [], []
-            for expert in range(block.num_experts):
-                tensors = [(name, torch.cat([_finite(k, source.get(k)) for k in keys], dim=0).contiguous())
-                           for name, keys in adapter.disk_keys(block.name, expert)]
-                payload = b"".join(t.view(torch.uint8).numpy().tobytes() for _, t in tensors)
-                checksums.append(zlib.crc32(payload))
-                if parts is None:
-                    parts = tuple(PartSpec(n, tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors)
-                    stride = -(-len(payload) // ALIGN) * ALIGN
-                norms.append(float(sum(t.double().pow(2).sum() for _, t in tensors) ** 0.5))
-                f.write(payload + bytes(stride - len(payload)))
-                progress.update()
-            layers.append(LayerSpec(block.name, block.num_experts, parts, sum(p.nbytes for p in parts), stride,
-                                    offset, tuple(norms), tuple(checksums)))
-            offset += stride * block.num_experts
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(out / "experts.bin")
-    dense = {name: _finite(name, t) for name, t in _dense_tensors(model, adapter, blocks, source).items()}
-    save_file(dense, out / "dense.safetensors")
+    source = _Checkpoint(checkpoint)
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as pool:
+        content = pool.submit(model_fingerprint, checkpoint)  # hashlib lets go of the GIL: a core of its own
+        try:
+            layers = _write_experts(model, source, out / "experts.bin")
+            dense_bytes = _write_dense(model, source, out / "dense.safetensors")
+        finally:
+            source.close()
+        fingerprint = content.result()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    manifest = Manifest(model.config.model_type, type(model).__name__, dtype, tuple(layers),
-                        sum(t.numel() * t.element_size() for t in dense.values()),
-                        dense_checksum=file_crc(out / "dense.safetensors"))
+    manifest = Manifest(model.config.model_type, type(model).__name__, dtype, tuple(layers), dense_bytes,
+                        dense_checksum=file_crc(out / "dense.safetensors"), model_fingerprint=fingerprint)
     manifest.check(out)
     verify_store(out, manifest)  # what was written reads back whole
     manifest.save(out)
     return manifest
 
 
-def _finite(name: str, tensor: torch.Tensor) -> torch.Tensor:
+def _write_experts(model, source: _Checkpoint, path: Path) -> list[LayerSpec]:
+    """The routed experts, expert-major and page-aligned. Each expert is read from the checkpoint
+    straight into one buffer of the layer's stride (its runtime layout: concatenating tensors
+    along dim 0 is concatenating their bytes), checked, and written: that buffer is all the
+    memory an expert takes."""
+    adapter, blocks = adapter_for(model), find_moe_blocks(model)
+    dtype = next(model.parameters()).dtype
+    layers, offset = [], 0
+    tmp = path.with_name(path.name + ".tmp")
+    progress = tqdm(total=sum(b.num_experts for b in blocks), desc="building the expert store", unit="expert",
+                    disable=None)  # disabled when stderr is not a terminal
+    with open(tmp, "wb") as f, progress:
+        for block in blocks:
+            parts = _parts(source, adapter.disk_keys(block.name, 0), dtype)
+            expert_bytes = sum(p.nbytes for p in parts)
+            stride = -(-expert_bytes // ALIGN) * ALIGN
+            buffer = torch.zeros(stride, dtype=torch.uint8)  # the padding stays zero
+            view, norms, checksums = memoryview(buffer.numpy()), [], []
+            for expert in range(block.num_experts):
+                position = 0
+                for (name, keys), part in zip(adapter.disk_keys(block.name, expert), parts):
+                    for key in keys:
+                        nbytes = _expect(source, key, part, dtype)
+                        source.read_into(key, view[position:position + nbytes])
+                        _finite(key, buffer[position:position + nbytes].view(dtype))
+                        position += nbytes
+                norms.append(_norm(buffer[:expert_bytes].view(dtype)))
+                checksums.append(zlib.crc32(view[:expert_bytes]))
+                f.write(view)
+                progress.update()
+            layers.append(LayerSpec(block.name, block.num_experts, parts, expert_bytes, stride, offset,
+                                    tuple(norms), tuple(checksums)))
+            offset += stride * block.num_experts
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    return layers
+
+
+def _parts(source: _Checkpoint, disk_keys, dtype: torch.dtype) -> tuple[PartSpec, ...]:
+    """An expert's runtime tensors, from its first expert's tensors on disk."""
+    parts = []
+    for name, keys in disk_keys:
+        specs = [source.spec(k) for k in keys]
+        shape = (sum(s.shape[0] for s in specs), *specs[0].shape[1:])
+        parts.append(PartSpec(name, shape, sum(s.nbytes for s in specs)))
+    return tuple(parts)
+
+
+def _expect(source: _Checkpoint, key: str, part: PartSpec, dtype: torch.dtype) -> int:
+    """The bytes of ``key``, once it is known to be a slice of ``part`` in the model's dtype."""
+    spec = source.spec(key)
+    if spec.dtype != dtype or spec.shape[1:] != part.shape[1:]:
+        raise UnsupportedModel(f"checkpoint tensor {key!r} is {str(spec.dtype)[6:]} {list(spec.shape)}; the "
+                               f"model's config makes its experts {str(dtype)[6:]} {list(part.shape)}")
+    return spec.nbytes
+
+
+def _norm(weights: torch.Tensor, chunk: int = 1 << 18) -> float:
+    """||E_i||, in double precision, a chunk at a time (no double-sized copy of the expert)."""
+    return float(sum(c.double().pow(2).sum() for c in weights.split(chunk)) ** 0.5)
+
+
+def _write_dense(model, source: _Checkpoint, path: Path) -> int:
+    """The non-expert tensors under the runtime's names, streamed; returns their bytes."""
+    keys = _dense_keys(model, source)
+    writer = SafetensorsWriter(path, {name: source.spec(key) for name, key in keys.items()})
+    for name, key in keys.items():
+        writer.write(name, _finite(name, source.get(key)))
+    writer.close()
+    return sum(source.spec(key).nbytes for key in keys.values())
+
+
+def _finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """A checkpoint with NaN or infinite weights would serve garbage: refuse it by name."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and not all(bool(torch.isfinite(c).all()) for c in tensor.reshape(-1).split(chunk)):
         raise ValueError(f"checkpoint tensor {name!r} has NaN or infinite values; the checkpoint is damaged")
     return tensor
 
 
-def _dense_tensors(model, adapter, blocks, source: _Checkpoint) -> dict[str, torch.Tensor]:
-    """The checkpoint's non-expert tensors under the runtime's names. A runtime tensor missing on
+def _dense_keys(model, source: _Checkpoint) -> dict[str, str]:
+    """Runtime name -> checkpoint key of every non-expert tensor. A runtime tensor missing on
     disk is left out: tied weights are re-tied on load, and anything else is reported there."""
-    experts = expert_prefixes(blocks)
+    adapter = adapter_for(model)
+    experts = expert_prefixes(find_moe_blocks(model))
     dense = {}
     for name in model.state_dict():
         if name.startswith(experts):
             continue
         key = next((k for k in (name, adapter.disk_name(name)) if source.has(k)), None)
         if key is not None:
-            dense[name] = source.get(key).contiguous()
+            dense[name] = key
     return dense
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from tqdm import tqdm
 
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.plan import Strategy
@@ -171,6 +172,9 @@ class VirtualExperts:
         with self._state:
             self._settle()
             first, self._filled = not self._filled, True
+            # The first fill reads the whole resident set (gigabytes at paper scale): show it on a terminal.
+            filling = tqdm(total=sum(capacities) if first else 0, desc="filling expert slots", unit="expert",
+                           disable=None if first else True, leave=False)
             for index, (layer, capacity) in enumerate(zip(self.layers, capacities)):
                 pool = layer.pool
                 if first:
@@ -180,6 +184,7 @@ class VirtualExperts:
                     for expert, slot in pool.fill(wanted):
                         self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
                         pool.finish_load(expert, layer.scores.tolist(), capacity)
+                        filling.update()
                 elif capacity < pool.capacity:
                     moves = pool.shrink(capacity, layer.scores.tolist())
                     layer.experts.resize(capacity, moves, self.device)
@@ -188,6 +193,7 @@ class VirtualExperts:
                     pool.grow(capacity)
                     layer.experts.resize(capacity, keep, self.device)
                 self._post(index)
+            filling.close()
             self._install()
             if not first:
                 self.update(max_loads=max(capacities))

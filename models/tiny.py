@@ -188,8 +188,10 @@ def build_tiny_model(arch: str, seed: int = 0, **config_overrides) -> transforme
     return model.eval()
 
 
-def save_tiny_model(arch: str, directory, seed: int = 0, **config_overrides) -> pathlib.Path:
-    """Build a tiny `arch` model and save it with its tokenizer (safetensors) into `directory`.
+def save_tiny_model(arch: str, directory, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    **config_overrides) -> pathlib.Path:
+    """Build a tiny `arch` model and save it with its tokenizer (safetensors) into `directory`,
+    its weights in ``dtype`` (bf16 and fp16: as most published MoE checkpoints are stored).
 
     The directory then loads with ``AutoModelFor{CausalLM,Seq2SeqLM}.from_pretrained`` and
     ``AutoTokenizer.from_pretrained`` without any network access.
@@ -197,6 +199,9 @@ def save_tiny_model(arch: str, directory, seed: int = 0, **config_overrides) -> 
     path = pathlib.Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     model = build_tiny_model(arch, seed=seed, **config_overrides)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        model.config.dtype = dtype
     model.save_pretrained(path, safe_serialization=True)
     byte_tokenizer().save_pretrained(path)
     return path

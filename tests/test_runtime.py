@@ -110,10 +110,23 @@ def test_after_many_swaps_every_slot_holds_exactly_its_expert(arch, checkpoint_d
         runtime.poll()
     assert runtime.stats.loads_finished > 4
     _assert_slots_hold_their_experts(runtime, reference)
-    # Packed experts are read from disk straight into their page-aligned slots; Switch's
-    # per-expert modules go through the staging buffer. Both paths are checked above.
+    # Packed experts and Switch's per-expert modules alike are read from disk straight into
+    # their page-aligned slots (the staging buffer is for stores without O_DIRECT, below).
     direct = runtime.store.can_read_into(0, runtime.layers[0].experts.slot_tensors(0))
-    assert direct == (runtime.store.direct and arch == "mixtral")
+    assert direct == runtime.store.direct
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "switch_transformers"])
+def test_without_direct_reads_experts_go_through_the_staging_buffer(arch, checkpoint_dirs, runtime_for):
+    reference = load_checkpoint(checkpoint_dirs(arch)).model
+    runtime = runtime_for(arch)
+    runtime.store._without_direct_io()  # as on a file system that refuses O_DIRECT reads
+    runtime.resize(_half(runtime))
+    assert not runtime.store.can_read_into(0, runtime.layers[0].experts.slot_tensors(0))
+    runtime.update(max_loads=2)
+    runtime.loader.wait_idle(5)
+    runtime.poll()
+    _assert_slots_hold_their_experts(runtime, reference)
 
 
 def test_background_loads_never_change_a_concurrent_forward_pass(runtime_for):

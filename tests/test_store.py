@@ -57,3 +57,37 @@ def test_a_bandwidth_cap_paces_reads(checkpoint_dirs, tmp_path):
     assert time.monotonic() - started >= 5 / 20 * 0.95  # never faster than the cap
     assert "capped at" in store.tier
     store.close()
+
+
+_PEAK_DURING_BUILD = """
+import sys
+from pathlib import Path
+from swapmoe.executor.store_build import build_store, meta_model
+
+def rss(field):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
+
+meta_model(Path(sys.argv[1]))  # transformers' lazy imports, before the peak is reset
+open("/proc/self/clear_refs", "w").write("5")  # the peak resident set starts over from here
+before = rss("VmRSS")
+build_store(Path(sys.argv[1]), Path(sys.argv[2]))
+print(rss("VmHWM") - before)
+"""
+
+
+def test_building_a_store_holds_one_expert_at_a_time_not_the_checkpoint(tmp_path):
+    """Peak resident memory while building stays near one expert's size however large the
+    checkpoint: tensors are read outside any memory map and written as they come."""
+    import subprocess
+    import sys
+
+    from swapmoe.models.tiny import save_tiny_model
+
+    checkpoint = save_tiny_model("mixtral", tmp_path / "ckpt", hidden_size=512, intermediate_size=1024,
+                                 num_hidden_layers=4)  # 32 experts of 6 MiB: 200 MiB of weights
+    size = sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+    assert size > 200 * 2**20
+    out = subprocess.run([sys.executable, "-c", _PEAK_DURING_BUILD, str(checkpoint), str(tmp_path / "store")],
+                         capture_output=True, text=True, check=True)
+    growth = int(out.stdout.split()[-1])
+    assert growth < 64 * 2**20, f"building a {size >> 20} MiB checkpoint's store grew RSS by {growth >> 20} MiB"
