@@ -80,14 +80,19 @@ def probe(model_dir: Path, rows: int, store_root: Path) -> dict:
                 kv=report.kv_cache_bytes, activations=report.activation_bytes, runtime=report.runtime_bytes)
 
 
-def measure(label: str, model_dir: Path, rows: int, store_root: Path) -> dict:
-    code = (f"import json,sys;from pathlib import Path;from benchmarks.memory import probe;"
-            f"print(json.dumps(probe(Path({str(model_dir)!r}),{rows},Path({str(store_root)!r}))))")
+def in_fresh_process(code: str, what: str) -> dict:
+    """Run ``code`` (which prints a JSON line last) in a new Python process; what it printed."""
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE.parent,
                           env={**os.environ, "TQDM_DISABLE": "1"})
     if done.returncode:
-        raise RuntimeError(f"{label}, {rows} rows: {done.stderr[-2000:]}")
-    return dict(model=label, **json.loads(done.stdout.strip().splitlines()[-1]))
+        raise RuntimeError(f"{what}: {done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def measure(label: str, model_dir: Path, rows: int, store_root: Path) -> dict:
+    code = (f"import json,sys;from pathlib import Path;from benchmarks.memory import probe;"
+            f"print(json.dumps(probe(Path({str(model_dir)!r}),{rows},Path({str(store_root)!r}))))")
+    return dict(model=label, **in_fresh_process(code, f"{label}, {rows} rows"))
 
 
 def table(results: list[dict]) -> str:

@@ -37,11 +37,12 @@ def write_atomically(path: Path, data: bytes, mode: int = 0o644, sync: bool = Tr
         tmp.unlink(missing_ok=True)
         raise
     if sync:
-        _sync_directory(path.parent)
+        fsync_path(path.parent)
 
 
-def _sync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's entries (a rename is durable once its directory is) to disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -7,14 +7,32 @@ the budget accounted for.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 
 import psutil
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
 
 def process_rss() -> int:
     return psutil.Process(os.getpid()).memory_info().rss
+
+
+def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
+    """Make glibc give every freed block of ``threshold`` bytes or more back to the OS.
+
+    glibc serves allocations below its mmap threshold from heaps that rarely shrink, and raises
+    that threshold (up to 32 MiB) each time a larger mapped block is freed, so a forward pass's
+    temporaries of a few MiB soon come from the heap and stay there, fragmented. Measured: OLMoE
+    on demand in 2 GiB kept 465 MiB above its accounted tensors after one prefill, 50 MiB with a
+    fixed 1 MiB threshold (fixing it also turns the raising off), at the same speed. Returns
+    whether the allocator took the setting (False off glibc)."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):
+        return False
 
 
 def process_peak_rss() -> int:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.plan import Strategy
+from swapmoe.executor import memory
 from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
 from swapmoe.executor.routing import MaskedRouter
@@ -86,6 +87,7 @@ class VirtualExperts:
                  store_root: Path | None = None, max_loads_per_update: int = 1, decay: float = 0.5,
                  load_bandwidth: float | None = None, log=print, background_updates: bool | None = None):
         self.device = torch.device(device)
+        memory.return_large_frees_to_the_os()  # else the allocator keeps passes' temporaries: RSS over budget
         store_dir = ensure_store(checkpoint, store_root, log=log)
         self.store = ExpertStore(store_dir, bandwidth=load_bandwidth)
         manifest = self.store.manifest

@@ -133,6 +133,22 @@ class Planner:
         node.profile_state = "profiling"
         return True
 
+    def revisit(self) -> list[str]:
+        """Connected executors whose model had no accuracy profile are prepared again, as at
+        registration: a profile written after they connected (profiling runs for minutes at
+        paper scale) is used without their reconnecting. Returns the node ids now profiled."""
+        waiting = [(node_id, node) for node_id, node in list(self._nodes.items())
+                   if node.fingerprint and node.fingerprint not in self._accuracy
+                   and self.registry is not None and self.registry.connected(node_id)]
+        picked = []
+        for node_id, node in waiting:
+            if self.prepare(node_id, node.fingerprint, node.memory):
+                self.measure(node_id)
+            if node.fingerprint in self._accuracy:
+                picked.append(node_id)
+                self.registered(node_id)
+        return picked
+
     def registered(self, node_id: str) -> None:
         """``node_id`` is registered and connected: search the frontiers it still lacks (ones skipped
         while it was away, or never queued)."""

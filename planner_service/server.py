@@ -28,7 +28,7 @@ import grpc
 from swapmoe.core.errors import Busy, InvalidField
 from swapmoe.core.limits import MAX_REASON_CHARS, check_text
 from swapmoe.planner_service.outbox import Ended
-from swapmoe.planner_service.planner import Planner, PlannerSettings
+from swapmoe.planner_service.planner import RESCAN_S, Planner, PlannerSettings
 from swapmoe.planner_service.registration import (Peer, check_budget_change, check_registration, check_result,
                                                    published_address)
 from swapmoe.planner_service.control import PROFILE_POLL_S, ControlServicer, PlannerControl
@@ -220,8 +220,16 @@ def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_
 
 
 def _expire_every(registry: Registry, stop: threading.Event) -> None:
-    """Forget executors away past their lifetime, every ``EXPIRE_EVERY_S`` until ``stop``."""
-    while not stop.wait(EXPIRE_EVERY_S):
+    """Until ``stop``: every ``RESCAN_S``, pick up accuracy profiles written for connected
+    executors' models; every ``EXPIRE_EVERY_S``, forget executors away past their lifetime."""
+    expired_at = time.monotonic()
+    while not stop.wait(RESCAN_S):
+        picked = registry.planner.revisit()
+        if picked:
+            log.info("an accuracy profile appeared for %d connected executors: %s", len(picked), ", ".join(picked[:10]))
+        if time.monotonic() - expired_at < EXPIRE_EVERY_S:
+            continue
+        expired_at = time.monotonic()
         gone = registry.expire()
         if gone:
             log.info("forgot %d executors away past their lifetime: %s", len(gone), ", ".join(gone[:10]))

@@ -4,6 +4,10 @@ Each Ray actor holds one ``Scorer`` (one runtime); the driver hands out configur
 actors free up, so a slow worker gets fewer. An actor that dies is restarted by Ray and its
 task retried; results are appended to ``scores.jsonl`` by the driver only, as each arrives,
 so a crash loses at most the configurations in flight and a rerun skips what is there.
+
+The driver builds the expert store before any actor starts (actors find it built, and no two
+build the same store at once). ``max_resident_bytes`` caps each actor's expert slots, so that
+actors of a paper-size model fit beside each other (``profiler.residency``).
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from typing import Callable
 
 import numpy as np
 
-from swapmoe.core.fingerprint import model_fingerprint
-from swapmoe.profiler import artifacts
+from swapmoe.core.layout import ModelLayout
+from swapmoe.profiler import artifacts, residency
 from swapmoe.profiler.configs import Configuration, sample_many
 from swapmoe.profiler.workloads import ProfilingSet
 
@@ -34,13 +38,16 @@ class AccuracyRun:
     workers: int = 0  # actors; 0: one per CPU Ray has
     root: Path = dataclasses.field(default_factory=artifacts.default_root)
     ray_address: str | None = None  # an existing cluster; None: a local Ray
-    store_root: Path | None = None  # where workers build the expert store
+    store_root: Path | None = None  # where the expert store is built (by the driver, before the workers start)
+    max_resident_bytes: int = 0  # expert slot bytes one worker may hold; 0: no cap (see profiler.residency)
 
     def __post_init__(self):
         if self.configurations < 1:
             raise ValueError("configurations must be at least 1")
         if self.workers < 0:
             raise ValueError("workers must be 0 (one per CPU) or more")
+        if self.max_resident_bytes < 0:
+            raise ValueError("max_resident_bytes must be 0 (no cap) or more")
 
 
 def start_ray(address: str | None = None, cpus: int | None = None) -> None:
@@ -62,13 +69,15 @@ def _worker_class():
     class ScoringWorker:
         """One runtime, scoring the configurations it is given (one torch thread: one core)."""
 
-        def __init__(self, checkpoint: str, profiling_set: ProfilingSet, store_root: str | None):
+        def __init__(self, checkpoint: str, profiling_set: ProfilingSet, store_root: str | None,
+                     max_resident_bytes: int):
             from swapmoe.profiler.scoring import Scorer
 
-            self.scorer = Scorer(Path(checkpoint), profiling_set, Path(store_root) if store_root else None)
+            self.scorer = Scorer(Path(checkpoint), profiling_set, Path(store_root) if store_root else None,
+                                 max_resident_bytes=max_resident_bytes)
 
-        def layers(self) -> list[int]:
-            return [l.num_experts for l in self.scorer.layout.layers]
+        def layout(self) -> ModelLayout:
+            return self.scorer.layout
 
         def pid(self) -> int:
             import os
@@ -91,7 +100,14 @@ class AccuracyProfiler:
         if not config.is_file():
             raise ValueError(f"{run.checkpoint} is not a checkpoint directory (no config.json)")
         run.profiling_set.check_fits(bool(json.loads(config.read_text()).get("is_encoder_decoder")), str(run.checkpoint))
-        self.fingerprint = model_fingerprint(run.checkpoint)
+        self.layout = residency.checkpoint_layout(run.checkpoint)
+        residency.check_cap(self.layout, run.max_resident_bytes)  # before Ray and the store
+        from swapmoe.executor.store import Manifest
+        from swapmoe.executor.store_build import ensure_store
+
+        # Built once here, not by each worker at once; its manifest holds the checkpoint's fingerprint.
+        store = ensure_store(run.checkpoint, run.store_root, log=log)
+        self.fingerprint = Manifest.load(store).model_fingerprint
         self.directory = artifacts.accuracy_dir(run.root, self.fingerprint, run.profiling_set.name)
         self.workers: list = []
 
@@ -99,11 +115,16 @@ class AccuracyProfiler:
     def scores_path(self) -> Path:
         return self.directory / artifacts.SCORES
 
-    def configurations(self, num_experts: list[int]) -> list[Configuration]:
+    def configurations(self) -> list[Configuration]:
         """The full model first (the reference, and the workloads' activation histograms), then the
-        seed's random configurations."""
-        full = Configuration(tuple(num_experts), 0)
-        return [full] + [c for c in sample_many(num_experts, self.run.configurations, self.run.seed) if c != full]
+        seed's first random configurations whose slots fit ``max_resident_bytes``."""
+        layout, cap = self.layout, self.run.max_resident_bytes
+        full = Configuration(residency.full(layout), 0)
+
+        def keep(config: Configuration) -> bool:
+            return config != full and residency.fits(layout, config.experts_per_layer, cap)
+
+        return [full] + sample_many(full.experts_per_layer, self.run.configurations, self.run.seed, keep)
 
     def __call__(self, progress: bool = True, on_result: Callable[[dict], None] = lambda row: None) -> list[dict]:
         """Score what is not scored yet; returns every row of ``scores.jsonl``."""
@@ -111,17 +132,15 @@ class AccuracyProfiler:
         from tqdm import tqdm
 
         start_ray(self.run.ray_address, self.run.workers or None)
-        count = self.run.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        worker = _worker_class()
-        self.workers = [worker.remote(str(self.run.checkpoint), self.run.profiling_set,
-                                      str(self.run.store_root) if self.run.store_root else None)
-                        for _ in range(count)]
+        self.workers = self._start_workers()
         try:
-            num_experts = ray.get(self.workers[0].layers.remote())
-            self.reference_key = Configuration(tuple(num_experts), 0).key
-            self._write_profile(num_experts)
+            layers = ray.get(self.workers[0].layout.remote()).layers  # what the workers check caps against
+            assert layers == self.layout.layers, f"the runtime's layers {layers} differ from {self.layout.layers}"
+            configurations = self.configurations()
+            self.reference_key = configurations[0].key
+            self._write_profile()
             done = {row["key"] for row in artifacts.read_scores(self.scores_path)}
-            todo = [c.key for c in self.configurations(num_experts) if c.key not in done]
+            todo = [c.key for c in configurations if c.key not in done]
             if done:
                 self.log(f"resuming: {len(done)} configurations already scored in {self.scores_path}")
             with tqdm(total=len(todo), desc="scoring configurations", unit="config", disable=not progress) as bar:
@@ -131,6 +150,16 @@ class AccuracyProfiler:
                 ray.kill(actor)
             self.workers = []
         return artifacts.read_scores(self.scores_path)
+
+    def _start_workers(self) -> list:
+        import ray
+
+        run = self.run
+        count = run.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        worker = _worker_class()
+        return [worker.remote(str(run.checkpoint), run.profiling_set, str(run.store_root) if run.store_root else None,
+                              run.max_resident_bytes)
+                for _ in range(count)]
 
     def _dispatch(self, todo: list[str], bar, on_result) -> None:
         import ray
@@ -163,11 +192,12 @@ class AccuracyProfiler:
             on_result(row)
             hand_out()
 
-    def _write_profile(self, num_experts: list[int]) -> None:
+    def _write_profile(self) -> None:
         path = self.directory / "profile.json"
         body = dict(model_fingerprint=self.fingerprint, checkpoint=str(self.run.checkpoint),
                     profiling_set=dataclasses.asdict(self.run.profiling_set), seed=self.run.seed,
-                    num_experts=num_experts, sampling="swapmoe.profiler.configs (see its docstring)")
+                    num_experts=list(residency.full(self.layout)), max_resident_bytes=self.run.max_resident_bytes,
+                    sampling="swapmoe.profiler.configs (see its docstring)")
         if path.exists():
             artifacts.read_json(path, "accuracy-profile", self.fingerprint)
         artifacts.write_json(path, "accuracy-profile", body)

@@ -15,7 +15,8 @@ def accuracy(args) -> None:
     kind = args.set or ("summarization" if _is_encoder_decoder(model) else "lm")
     profiling_set = ProfilingSet(kind, texts=args.texts, tokens=args.tokens, pairs=args.pairs)
     run = AccuracyRun(model, profiling_set, configurations=args.configurations, seed=args.seed,
-                      workers=args.workers, root=args.root, ray_address=args.ray_address)
+                      workers=args.workers, root=args.root, ray_address=args.ray_address,
+                      max_resident_bytes=args.max_resident)
     profiler = AccuracyProfiler(run)
     profiler()
     finish_accuracy(profiler.directory, profiler.fingerprint)
@@ -71,6 +72,7 @@ def _is_encoder_decoder(model: Path) -> bool:
 def add_parser(commands) -> None:
     """The ``profile`` command group, on the ``swapmoe`` parser's subcommands."""
     from swapmoe.orchestration.addresses import EXECUTOR_PORT, PLANNER_PORT, address_type
+    from swapmoe.orchestration.arg_types import size
     from swapmoe.profiler.artifacts import default_root
 
     group = commands.add_parser("profile", help="device and accuracy profiling, stored profiles")
@@ -89,6 +91,11 @@ def add_parser(commands) -> None:
     p.add_argument("--seed", type=int, default=0, help="configurations are a function of the seed (default 0)")
     p.add_argument("--workers", type=int, default=0, help="Ray actors, one runtime each (default: one per CPU)")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local Ray)")
+    p.add_argument("--max-resident", metavar="MEM", type=size, default=0,
+                   help="expert bytes one actor may hold, e.g. 4GiB, so that actors of a large model fit in memory "
+                        "beside each other: configurations over it are not scored (no device budget of interest "
+                        "would choose them) and the full model is scored exactly on demand within it "
+                        "(default: no cap)")
     p.add_argument("--root", **root)
     p.set_defaults(func=accuracy)
 

@@ -15,7 +15,7 @@ across the range of budgets:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -80,15 +80,17 @@ def sample(num_experts: Sequence[int], index: int, seed: int = 0) -> Configurati
     return Configuration(allocate(total, shares, num_experts), frequency)
 
 
-def sample_many(num_experts: Sequence[int], count: int, seed: int = 0) -> list[Configuration]:
-    """The first ``count`` distinct configurations of ``seed``, in order."""
+def sample_many(num_experts: Sequence[int], count: int, seed: int = 0,
+                keep: Callable[[Configuration], bool] = lambda config: True) -> list[Configuration]:
+    """The first ``count`` distinct configurations of ``seed`` that ``keep`` accepts, in order: a
+    filtered run is still deterministic, and a longer one a superset of a shorter one."""
     out, seen, index = [], set(), 0
     while len(out) < count:
         config = sample(num_experts, index, seed)
         index += 1
-        if config.key not in seen:
+        if config.key not in seen and keep(config):
             seen.add(config.key)
             out.append(config)
         if index > 100 * count + 1000:
-            break  # a tiny model has fewer distinct configurations than asked for
+            break  # a tiny model (or a tight filter) has fewer distinct configurations than asked for
     return out

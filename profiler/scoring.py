@@ -13,6 +13,10 @@ Decoder LMs: perplexity by teacher forcing, one pass of ``update_frequency`` tok
 KV cache) then an update of every layer, so each layer's resident set moves every
 ``update_frequency`` tokens, as in the executor's decode where layers take turns. The Switch
 model: each pair summarized by the executor's own generation loop, scored by Rouge-2.
+
+Under a cap on expert bytes (``profiler.residency``) the full model, which would not fit, runs
+on demand in fewer slots: the same routing and outputs (up to the order of a sum), so the same
+score and activation counts.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from swapmoe.core.plan import Strategy
 from swapmoe.executor.generation import SamplingParams, generate_ids
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.profiler.configs import Configuration
+from swapmoe.profiler.residency import check_cap, scoring_residency
 from swapmoe.profiler.workloads import MIX, SUMMARIZATION, ProfilingSet
 
 STATIC_CHUNK = 32  # tokens per pass when nothing is updated (update_frequency 0)
@@ -56,11 +61,12 @@ class Scorer:
     """Holds one runtime for a checkpoint and scores configurations on it, one at a time."""
 
     def __init__(self, checkpoint: Path, profiling_set: ProfilingSet, store_root: Path | None = None,
-                 threads: int = 1, log=lambda *_: None):
+                 threads: int = 1, log=lambda *_: None, max_resident_bytes: int = 0):
         from transformers import AutoTokenizer
 
         torch.set_num_threads(threads)
         self.set = profiling_set
+        self.max_resident_bytes = max_resident_bytes  # expert slot bytes; 0: no cap (see profiler.residency)
         self.runtime = VirtualExperts(Path(checkpoint), "cpu", store_root, log=log)
         try:
             self._prepare(checkpoint, AutoTokenizer)
@@ -73,6 +79,7 @@ class Scorer:
         self.runtime.set_strategy(Strategy.MASKED_GATING)
         self.tokenizer = tokenizers.from_pretrained(checkpoint, local_files_only=True)
         self.layout = self.runtime.layout
+        check_cap(self.layout, self.max_resident_bytes)
         profiling_set.check_fits(self.layout.encoder_decoder, str(checkpoint))
         if profiling_set.kind == "lm":
             self.inputs = {d: [self._ids(t) for t in texts] for d, texts in profiling_set.texts_by_domain().items()}
@@ -89,8 +96,11 @@ class Scorer:
     def score(self, config: Configuration) -> Score:
         start = time.perf_counter()
         totals, activations = {}, {}
+        capacities, strategy = scoring_residency(self.layout, config.experts_per_layer, self.max_resident_bytes)
+        if strategy is not self.runtime.strategy:  # on demand for the capped reference only
+            self.runtime.set_strategy(strategy)
         for workload, inputs in self.inputs.items():
-            self.runtime.restart(config.experts_per_layer)
+            self.runtime.restart(capacities)
             before = [a.activations for a in self.runtime.activity()]
             run = self._perplexity if self.set.kind == "lm" else self._summaries
             totals[workload] = run(inputs, config.update_frequency)

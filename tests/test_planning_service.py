@@ -5,6 +5,7 @@ restarted planner keeps what it knew; a model without a profile gets the even sp
 
 import dataclasses
 import io
+import shutil
 from pathlib import Path
 
 import grpc
@@ -210,3 +211,40 @@ def test_an_executor_of_a_model_with_no_profile_gets_the_even_split_and_says_why
         assert not status.HasField("predicted") and status.profile_state == "none"
     finally:
         service.stop()
+
+
+def test_a_profile_written_while_an_executor_stays_connected_is_picked_up(tmp_path, monkeypatch):
+    """Profiling a paper-size model takes minutes; the executors already connected for its model
+    get searched plans once it is written, without reconnecting."""
+    from swapmoe.planner_service import planner as planner_module, server as server_module
+
+    monkeypatch.setattr(planner_module, "RESCAN_S", 0.5)
+    monkeypatch.setattr(server_module, "RESCAN_S", 0.5)
+    roots, logs = tmp_path / "profiles", tmp_path / "logs"
+    roots.mkdir()
+    logs.mkdir()
+    settings = dataclasses.replace(SETTINGS, accuracy_roots=(roots,), state_dir=tmp_path / "state")
+    server, registry = serve("127.0.0.1:0", Registry(planner=Policy(settings)))
+    address = f"127.0.0.1:{server.port}"
+    service = spawn("late", ["executor", "serve", "--model", str(LM_DIR), "--budget", str(BUDGET), "--port", "0",
+                             "--planner", address, "--node-id", "late-1"], log_dir=logs)
+    stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(address))
+
+    def status():
+        return stub.GetPlanStatus(ppb.PlanStatusRequest(node_ids=["late-1"]), timeout=5).executors[0]
+
+    try:
+        fallback = wait_until(lambda: registry.connected("late-1") and (s := status()).state == ppb.PLAN_STATE_ACKED
+                              and s, what="the fallback plan ACKed")
+        assert "no accuracy profile of model" in fallback.desired_plan.origin
+        for fingerprint in PROFILES.iterdir():  # the profile is written while it stays connected
+            shutil.copytree(fingerprint / "accuracy", roots / fingerprint.name / "accuracy")
+        searched = wait_until(lambda: (s := status()).state == ppb.PLAN_STATE_ACKED
+                              and s.desired_plan.origin.startswith("planner:search") and s,
+                              timeout=120, what="a searched plan ACKed without reconnecting")
+        assert searched.profile_state == "ready"
+        assert registry.connected("late-1")
+    finally:
+        service.stop()
+        server.stop(0)
+        registry.planner.close()

@@ -84,6 +84,8 @@ def test_device_profiling_of_a_served_executor_is_stored_shown_and_plotted(capsy
     (["--set", "summarization"], "is a decoder-only model; profiling set 'summarization' does not fit it"),
     (["--configurations", "0"], "configurations must be at least 1"),
     (["--workers", "-1"], "workers must be 0 (one per CPU) or more"),
+    (["--max-resident", "1KiB"], "max_resident_bytes 1024 (1.0 KiB) is below one expert slot per layer"),
+    (["--max-resident", "4XB"], "argument --max-resident: malformed size '4XB'"),
 ])
 def test_accuracy_profiling_refuses_bad_settings_before_starting_ray(capsys, tiny_model_dir, args, message):
     code, _, err = run_cli(capsys, "profile", "accuracy", "--model", str(tiny_model_dir), *args)
