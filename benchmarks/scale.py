@@ -59,7 +59,8 @@ def runs_for(budgets: list[int], full_bytes: int, memory_bytes: int, flash: int)
 
 
 def measure(name: str, checkpoints: Path, store_root: Path, flash: int, tokens: int | None,
-            results_path: Path, plans: dict, reuse_store: bool = False) -> dict:
+            results_path: Path, plans: dict, reuse_store: bool = False, matrix: bool = True,
+            side_by_side: int = 0) -> dict:
     import psutil
 
     checkpoint = checkpoints / name
@@ -76,17 +77,22 @@ def measure(name: str, checkpoints: Path, store_root: Path, flash: int, tokens: 
     entry["min_budget"] = probe("min_budget", checkpoint=str(checkpoint), store_root=str(store_root))["min_budget"]
     budgets = [entry["min_budget"] if b == "min" else b for b in MODELS[name]["budgets"]]
     full = entry["min_budget"] + entry["checkpoint_bytes"]  # every expert resident, the rest as at the minimum
-    entry["runs"] = []
-    _save(results_path, results)
-    for budget, method, bandwidth in tqdm(runs_for(budgets, full, psutil.virtual_memory().total, flash),
-                                          desc=f"serving {name}", unit="run"):
-        plan = plans.get(str(budget), {}) if method == "virtual experts" else {}
-        row = probe("serve", checkpoint=str(checkpoint), store_root=str(store_root), budget=budget,
-                    method=method, bandwidth=bandwidth, tokens=tokens or MODELS[name]["tokens"],
-                    plan=plan.get("experts_per_layer"), update_frequency=plan.get("update_frequency", 4))
-        row["plan_origin"] = plan.get("origin", "the executor's default plan (an even split)")
-        entry["runs"].append(row)
+    runs = runs_for(budgets, full, psutil.virtual_memory().total, flash) if matrix else []
+    # Virtual experts at the first budget and the full model, alternately: a ratio measured side by side.
+    pairs = [(budgets[0], "virtual experts", 0), (full, "full model", 0)] * side_by_side
+    for key, todo in (("runs", runs), ("side_by_side", pairs)):
+        if not todo:
+            continue
+        entry[key] = []
         _save(results_path, results)
+        for budget, method, bandwidth in tqdm(todo, desc=f"serving {name} ({key})", unit="run"):
+            plan = plans.get(str(budget), {}) if method == "virtual experts" else {}
+            row = probe("serve", checkpoint=str(checkpoint), store_root=str(store_root), budget=budget,
+                        method=method, bandwidth=bandwidth, tokens=tokens or MODELS[name]["tokens"],
+                        plan=plan.get("experts_per_layer"), update_frequency=plan.get("update_frequency", 4))
+            row["plan_origin"] = plan.get("origin", "the executor's default plan (an even split)")
+            entry[key].append(row)
+            _save(results_path, results)
     return entry
 
 
@@ -112,6 +118,10 @@ def main(argv=None) -> None:
                              "(benchmarks.scale_system writes it); else the executor's default plan")
     parser.add_argument("--reuse-store", action="store_true",
                         help="keep a store built by an earlier run and its build figures (else it is rebuilt and timed)")
+    parser.add_argument("--side-by-side", type=int, default=0, metavar="N",
+                        help="then run virtual experts (first budget, local disk) and the full model alternately N "
+                             "times each: their ratio measured side by side")
+    parser.add_argument("--no-matrix", action="store_true", help="skip the matrix (with --side-by-side)")
     parser.add_argument("--report", action="store_true", help="only re-render the report from the JSON")
     args = parser.parse_args(argv)
     from benchmarks.scale_report import render
@@ -123,7 +133,7 @@ def main(argv=None) -> None:
         plans = json.loads(args.plans.read_text()) if args.plans else {}
         store_root = args.store_root or args.checkpoints.parent / "scale-stores"
         measure(args.model, args.checkpoints, store_root, int(args.flash * MiB), args.tokens, results_path, plans,
-                args.reuse_store)
+                args.reuse_store, not args.no_matrix, args.side_by_side)
     report = render(_load(results_path))
     print(report)
     REPORT.write_text(report)

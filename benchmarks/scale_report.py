@@ -3,6 +3,8 @@ issue's goals checked against the figures."""
 
 from __future__ import annotations
 
+import statistics
+
 GiB, MiB = 2**30, 2**20
 
 
@@ -43,11 +45,16 @@ def goals(results: dict) -> list[str]:
         out.append(f"- SwitchT-64 in 4.7 GiB, peak RSS above the libraries never over the budget: "
                    f"{'met' if worst <= budget else 'missed'} (worst {worst / GiB:.2f} GiB of {len(ours)} runs; "
                    "the paper's own run: 3.58 GiB for a 3.5 GiB budget).")
+        paired = _medians(switch.get("side_by_side", []))
         ve, full = _find(switch, budget, "virtual experts", False), _find(switch, None, "full model")
+        if paired:
+            ve, full, how = paired["virtual experts"], paired["full model"], "medians side by side"
+        else:
+            how = "one run each"
         if ve and full:
             out.append(f"- SwitchT-64 in 4.7 GiB, a summary's latency at most the full model's: "
                        f"{'met' if ve['seconds'] <= full['seconds'] else 'missed'} ({ve['seconds']:.2f} s against "
-                       f"{full['seconds']:.2f} s for the full model in {full['accounted'] / GiB:.1f} GiB).")
+                       f"{full['seconds']:.2f} s for the full model in {full['accounted'] / GiB:.1f} GiB; {how}).")
     olmoe = results.get("olmoe-1b-7b")
     if olmoe and olmoe.get("runs"):
         budget = 4 * GiB
@@ -63,6 +70,30 @@ def goals(results: dict) -> list[str]:
                    f"({build['seconds'] / 60:.1f} min, peak {build['peak_above_libraries'] / MiB:.0f} MiB above "
                    "the libraries).")
     return out
+
+
+def _medians(rows: list[dict]) -> dict[str, dict]:
+    """Per method, the median of each figure over its runs."""
+    out = {}
+    for method in {r["method"] for r in rows}:
+        runs = [r for r in rows if r["method"] == method]
+        out[method] = {k: statistics.median(r[k] for r in runs) for k in ("seconds", "tokens_per_s", "ttft",
+                                                                           "accounted", "peak_above_libraries")}
+    return out
+
+
+def _side_by_side(entry: dict, encoder_decoder: bool) -> list[str]:
+    rows = entry.get("side_by_side", [])
+    if not rows:
+        return []
+    figure = "seconds" if encoder_decoder else "tokens_per_s"
+    lines = [f"Side by side (`--side-by-side {len(rows) // 2}`: virtual experts at {rows[0]['budget'] / GiB:.2f} GiB "
+             f"from the local disk and the full model, alternately), {'summary latency s' if encoder_decoder else 'tokens/s'}:", ""]
+    for method, median in sorted(_medians(rows).items()):
+        each = ", ".join(f"{r[figure]:.2f}" for r in rows if r["method"] == method)
+        lines.append(f"- {method}: median {median[figure]:.2f} ({each}); peak RSS above the libraries "
+                     f"{median['peak_above_libraries'] / GiB:.2f} GiB")
+    return lines + [""]
 
 
 def render(results: dict) -> str:
@@ -86,5 +117,6 @@ def render(results: dict) -> str:
                 "", f"Virtual experts' plan: {'; '.join(origins)}. Pruning and on-demand keep the executor's even "
                 "split of the same budget (an LRU cache or a pruned model does best with as many slots in every "
                 "layer); the full model keeps every expert.", ""]
+        lines += _side_by_side(entry, encoder_decoder)
     lines += ["## Goals", ""] + (goals(results) or ["- no model measured yet"]) + [""]
     return "\n".join(lines)

@@ -29,6 +29,8 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
     on demand in 2 GiB kept 465 MiB above its accounted tensors after one prefill, 50 MiB with a
     fixed 1 MiB threshold (fixing it also turns the raising off), at the same speed. Returns
     whether the allocator took the setting (False off glibc)."""
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "mmap_threshold" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False  # the operator chose a threshold
     try:
         return bool(ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):

@@ -131,6 +131,9 @@ def _write_experts(model, source: _Checkpoint, path: Path) -> list[LayerSpec]:
                         source.read_into(key, view[position:position + nbytes])
                         _finite(key, buffer[position:position + nbytes].view(dtype))
                         position += nbytes
+                if position != expert_bytes:
+                    raise UnsupportedModel(f"expert {expert} of {block.name} has {position} bytes on disk, expert 0 "
+                                           f"{expert_bytes}: the checkpoint's experts differ in shape")
                 norms.append(_norm(buffer[:expert_bytes].view(dtype)))
                 checksums.append(zlib.crc32(view[:expert_bytes]))
                 f.write(view)
@@ -230,7 +233,11 @@ def ensure_store(checkpoint: Path, root: Path | None = None, log=print) -> Path:
         log(f"building the expert store for {checkpoint} in {final} (once per checkpoint)")
     private = root / f".{final.name}.{os.getpid()}"
     shutil.rmtree(private, ignore_errors=True)
-    build_store(checkpoint, private)
+    try:
+        build_store(checkpoint, private)
+    except BaseException:  # a failed build leaves no gigabytes behind
+        shutil.rmtree(private, ignore_errors=True)
+        raise
     if damage is not None:  # set the damaged store aside; a reader that has it open keeps its files
         aside = root / f".{final.name}.damaged.{os.getpid()}"
         try:

@@ -142,11 +142,15 @@ class Planner:
                    and self.registry is not None and self.registry.connected(node_id)]
         picked = []
         for node_id, node in waiting:
+            if self._nodes.get(node_id) is not node:
+                continue  # re-registered (another model or memory) or forgotten meanwhile: its own path prepares it
             if self.prepare(node_id, node.fingerprint, node.memory):
-                self.measure(node_id)
+                self.measure(node_id)  # then its frontiers, then a replan
             if node.fingerprint in self._accuracy:
                 picked.append(node_id)
                 self.registered(node_id)
+                if node.profile_state == "ready":  # a stored device profile: frontiers at hand, plan now
+                    self._replan(node_id, "an accuracy profile of its model appeared")
         return picked
 
     def registered(self, node_id: str) -> None:

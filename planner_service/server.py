@@ -224,7 +224,11 @@ def _expire_every(registry: Registry, stop: threading.Event) -> None:
     executors' models; every ``EXPIRE_EVERY_S``, forget executors away past their lifetime."""
     expired_at = time.monotonic()
     while not stop.wait(RESCAN_S):
-        picked = registry.planner.revisit()
+        try:
+            picked = registry.planner.revisit()
+        except Exception:  # noqa: BLE001 - a bad profile must not end expiry too
+            log.exception("looking for new accuracy profiles failed")
+            picked = []
         if picked:
             log.info("an accuracy profile appeared for %d connected executors: %s", len(picked), ", ".join(picked[:10]))
         if time.monotonic() - expired_at < EXPIRE_EVERY_S:
