@@ -191,6 +191,11 @@ class Planner:
         node = self._nodes.get(node_id)
         return node.profile_state if node else "none"
 
+    def model_of(self, node_id: str) -> str:
+        """The fingerprint of the model the planner plans ``node_id`` for ("" when unknown)."""
+        node = self._nodes.get(node_id)
+        return node.fingerprint if node else ""
+
     def recognised(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
         return node.tracker.current if node and node.tracker else ""

@@ -76,12 +76,13 @@ class Registry:
         reach it, as the planner verified it (``registration.published_address``); None keeps the
         registered one (an in-process caller)."""
         reg, current = registered.registration, registered.current
+        with self._lock:  # refused before the planner hears of it: a refused registration changes nothing
+            self._admissible(self._records.get(reg.node_id), reg, current)
         measure = self.planner.prepare(reg.node_id, reg.model_fingerprint, registered.memory)  # reads files: unlocked
         with self._lock:
             old = self._records.get(reg.node_id)
-            secret = claims.admit(old, reg.node_secret)
+            secret = self._admissible(old, reg, current)  # again: the record may have changed meanwhile
             running = current.version if current else 0
-            claims.check_version_step(running, old.version if old else 0)
             if old is not None:
                 old.outbox.close()  # ends a lingering stream of the same executor
             else:
@@ -109,6 +110,13 @@ class Registry:
             self.planner.measure(record.node_id)
         self.planner.registered(record.node_id)
         return record, secret
+
+    @staticmethod
+    def _admissible(old: ExecutorRecord | None, reg, current) -> str:
+        """The node's secret once the registration may take its id; Forbidden or InvalidField else."""
+        secret = claims.admit(old, reg.node_secret)
+        claims.check_version_step(current.version if current else 0, old.version if old else 0)
+        return secret
 
     def _make_room(self) -> None:
         """Room for one more record: expired ones go first; Busy when every record is current."""

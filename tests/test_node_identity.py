@@ -221,3 +221,19 @@ def test_a_restarted_planner_counts_a_nodes_absence_from_its_own_start():
     record.last_seen_ns -= 7 * 24 * 3600 * 10**9  # its last change on disk, a week ago
     after = Registry([record], settings=settings)  # the planner restarted and read it back
     assert after.expire() == []
+
+
+def test_a_refused_registration_changes_nothing_the_planner_knows_of_the_node():
+    """A registration without the node's secret is refused before the planner hears of it: it
+    cannot make the planner plan the connected executor for another model."""
+    from test_planner_registry import registration
+
+    registry = Registry()
+    reg = registration(10**6)
+    reg.model_fingerprint = "a" * 16
+    record, _ = registry.connect(check_registration(reg))
+    impostor = registration(10**6)
+    impostor.model_fingerprint = "b" * 16
+    with pytest.raises(Forbidden, match="is connected on another stream"):
+        registry.connect(check_registration(impostor))
+    assert registry.planner.model_of(record.node_id) == "a" * 16
