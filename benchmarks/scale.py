@@ -1,6 +1,6 @@
 """Paper scale: the executor serving the paper's SwitchT-64 and OLMoE-1B-7B in a few GiB.
 
-    python -m benchmarks.scale olmoe-1b-7b          # about 25 min here; writes RESULTS-scale.md
+    python -m benchmarks.scale olmoe-1b-7b          # 15-25 min here; writes RESULTS-scale.md
     python -m benchmarks.scale switch-base-64
     python -m benchmarks.scale --report             # re-render the report from RESULTS-scale.json
 
@@ -8,9 +8,11 @@ The checkpoint is written on demand by ``swapmoe.models.paper_scale`` (shape-exa
 weights: memory, time and I/O are those of the real model, accuracy is not measured here) into
 ``--checkpoints`` (never into the repository). Each measurement runs in a fresh process
 (``benchmarks.scale_probe``): the store built from scratch, then per budget the executor with
-virtual experts, pruning (the same slots, never updated) and on-demand loading (the same slots,
-an LRU cache: exact), at this machine's disk and at a flash-speed tier (``--flash``, the
-executor's ``--load-bandwidth``), and the full model where it fits in memory. Results are kept
+virtual experts (the planner's plan from ``--plans``, else its even split), pruning (the even
+split, never updated) and on-demand loading (the even split as an LRU cache: exact), at this
+machine's disk and at a flash-speed tier (``--flash``, the executor's ``--load-bandwidth``), and
+the full model where it fits in memory; ``--side-by-side N`` then alternates virtual experts and
+the full model N times for a ratio measured side by side. Results are kept
 per model in RESULTS-scale.json as each run finishes, so an interrupted run loses one run.
 """
 
