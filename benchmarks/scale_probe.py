@@ -1,15 +1,18 @@
 """What ``benchmarks.scale`` runs in a fresh process per measurement: a store build, or an
 executor engine serving two requests under one budget, method and storage tier.
 
-Memory is read from ``/proc/self/status``: after the libraries are imported and warmed up the
+Memory is read with ``executor.memory``: after the libraries are imported and warmed up the
 peak is reset (``clear_refs``), so VmHWM afterwards is the peak of what the measured work
 made, and VmRSS at that moment is "the libraries". Each function returns a JSON-able dict.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+
+from swapmoe.executor.memory import process_peak_rss, reset_peak_rss
 
 MiB = 2**20
 CONTEXT = 1024  # the engine's context (its KV reserve, the same for every method), at most the model's
@@ -17,16 +20,10 @@ LM_PROMPT_TOKENS = 64
 SUMMARY_SOURCE_TOKENS = 384
 
 
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
-
-
-def _reset_peak() -> int:
-    """Start VmHWM over from the current RSS; returns that RSS (the libraries)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _status("VmRSS")
+def context(checkpoint: str | Path) -> int:
+    """The engine's context for ``checkpoint``: ``CONTEXT``, at most the model's positions."""
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return min(CONTEXT, config.get("max_position_embeddings") or CONTEXT)
 
 
 def build(checkpoint: str, store_root: str) -> dict:
@@ -34,12 +31,12 @@ def build(checkpoint: str, store_root: str) -> dict:
     from swapmoe.executor.store_build import ensure_store, meta_model
 
     meta_model(Path(checkpoint))  # transformers' lazy imports belong to the libraries
-    libraries = _reset_peak()
+    libraries = reset_peak_rss()
     start = time.perf_counter()
     store = ensure_store(Path(checkpoint), Path(store_root), log=lambda _: None)
     seconds = time.perf_counter() - start
     size = sum(p.stat().st_size for p in store.iterdir() if p.is_file())
-    return dict(seconds=seconds, peak_above_libraries=_status("VmHWM") - libraries, libraries=libraries,
+    return dict(seconds=seconds, peak_above_libraries=process_peak_rss() - libraries, libraries=libraries,
                 store_bytes=size)
 
 
@@ -69,12 +66,9 @@ def serve(checkpoint: str, store_root: str, budget: int, method: str, bandwidth:
     from swapmoe.executor.generation import GenerationRequest
 
     import_libraries(Path(checkpoint))
-    from transformers import AutoConfig
-
-    positions = getattr(AutoConfig.from_pretrained(checkpoint), "max_position_embeddings", None) or CONTEXT
-    libraries = _reset_peak()
+    libraries = reset_peak_rss()
     start = time.perf_counter()
-    engine = Engine(EngineConfig(Path(checkpoint), budget, max_batch=1, max_context=min(CONTEXT, positions),
+    engine = Engine(EngineConfig(Path(checkpoint), budget, max_batch=1, max_context=context(checkpoint),
                                  store_root=Path(store_root), load_bandwidth=bandwidth,
                                  state_dir=Path(state_dir) if state_dir else None))
     constructed = time.perf_counter() - start
@@ -109,7 +103,7 @@ def serve(checkpoint: str, store_root: str, budget: int, method: str, bandwidth:
             tokens_per_s=measured["tokens_per_s"], prompt_tokens=len(prompts[1]),
             loads=loads.loads, read_bytes=loads.nbytes, read_seconds=loads.seconds,
             accounted=report.accounted_bytes, dense=report.dense_bytes, experts=report.expert_bytes,
-            peak_above_libraries=_status("VmHWM") - libraries, libraries=libraries,
+            peak_above_libraries=process_peak_rss() - libraries, libraries=libraries,
             threads=torch.get_num_threads(), tier=engine.load_tier,
         )
     finally:
@@ -134,14 +128,11 @@ def min_budget(checkpoint: str, store_root: str) -> dict:
     refusal of a budget of one byte states it."""
     import re
 
-    from transformers import AutoConfig
-
     from swapmoe.core.errors import InvalidField
     from swapmoe.executor.engine import Engine, EngineConfig
 
-    positions = getattr(AutoConfig.from_pretrained(checkpoint), "max_position_embeddings", None) or CONTEXT
     try:
-        Engine(EngineConfig(Path(checkpoint), 1, max_batch=1, max_context=min(CONTEXT, positions),
+        Engine(EngineConfig(Path(checkpoint), 1, max_batch=1, max_context=context(checkpoint),
                             store_root=Path(store_root))).close()
     except InvalidField as refusal:
         return dict(min_budget=int(re.search(r"\((\d+) bytes", str(refusal)).group(1)))

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from benchmarks import scale_system_parts as parts
 from benchmarks.replanning import wait
-from benchmarks.scale_probe import CONTEXT
+from benchmarks.scale_probe import context
 from benchmarks.scale_system_report import Step, memory_figures, plan_json, write
 from swapmoe.core.sizes import format_size, parse_size
 from swapmoe.orchestration.processes import Service, launch
@@ -88,7 +88,7 @@ class Settings:
     @property
     def max_context(self) -> int:
         """The context ``benchmarks.scale`` serves with, so the plans searched here fit its runs."""
-        return min(CONTEXT, self.config.get("max_position_embeddings") or CONTEXT)
+        return context(self.checkpoint)
 
 
 class Scenario:

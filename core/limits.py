@@ -84,10 +84,15 @@ def check_node_ids(field: str, node_ids) -> None:
         check_node_id(f"{field}[{i}]", node_id)
 
 
+def is_fingerprint(text: str) -> bool:
+    """Whether ``text`` is a model fingerprint: 16 to 64 lowercase hex digits."""
+    return (isinstance(text, str) and MIN_FINGERPRINT_CHARS <= len(text) <= MAX_FINGERPRINT_CHARS
+            and not text.strip("0123456789abcdef"))
+
+
 def check_fingerprint(field: str, fingerprint: str) -> None:
     """A model fingerprint names profile directories: empty (unknown) or 16 to 64 lowercase hex digits."""
-    if fingerprint and (not MIN_FINGERPRINT_CHARS <= len(fingerprint) <= MAX_FINGERPRINT_CHARS
-                        or fingerprint.strip("0123456789abcdef")):
+    if fingerprint and not is_fingerprint(fingerprint):
         shown = fingerprint[:80] + "..." if len(fingerprint) > 80 else fingerprint
         raise InvalidField(field, f"{shown!r} is not a model fingerprint ({MIN_FINGERPRINT_CHARS} to "
                                   f"{MAX_FINGERPRINT_CHARS} lowercase hex digits)")

@@ -37,6 +37,14 @@ def return_large_frees_to_the_os(threshold: int = 1 << 20) -> bool:
         return False
 
 
+def reset_peak_rss() -> int:
+    """Start the peak (VmHWM) over from the current RSS, which it returns: the peak read after some
+    work is then that work's (Linux; benchmarks and tests measure one stage of a process)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return process_rss()
+
+
 def process_peak_rss() -> int:
     """Peak RSS of this process image. Linux's VmHWM starts afresh at exec; ru_maxrss (the
     fallback, in KiB) would include the parent's peak at fork time."""

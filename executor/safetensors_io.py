@@ -69,7 +69,7 @@ class SafetensorsReader:
         spec = self.specs[name]
         out = torch.empty(spec.nbytes, dtype=torch.uint8)
         self.read_into(name, memoryview(out.numpy()))
-        return out.view(spec.dtype).reshape(spec.shape) if spec.shape else out.view(spec.dtype)[0]
+        return out.view(spec.dtype).reshape(spec.shape)
 
     def read_into(self, name: str, view: memoryview) -> None:
         """Tensor ``name``'s bytes into ``view`` (exactly its size); the pages it was read through

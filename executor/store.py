@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from swapmoe.core.errors import Corrupted
+from swapmoe.core.limits import is_fingerprint
 
 ALIGN = 4096
 FORMAT = 4  # 3: CRC-32 per expert and for the dense file; 4: the model fingerprint
@@ -108,8 +109,7 @@ class Manifest:
         path, end = directory / "manifest.json", 0
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise Corrupted(f"{path}: dtype {self.dtype!r} is not a torch dtype")
-        if not (isinstance(self.model_fingerprint, str) and len(self.model_fingerprint) == 16
-                and all(c in "0123456789abcdef" for c in self.model_fingerprint)):
+        if not (is_fingerprint(self.model_fingerprint) and len(self.model_fingerprint) == 16):
             raise Corrupted(f"{path}: model fingerprint {str(self.model_fingerprint)[:64]!r} is not 16 hex digits")
         itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
         for i, l in enumerate(self.layers):

@@ -118,7 +118,7 @@ def _write_experts(model, source: _Checkpoint, path: Path) -> list[LayerSpec]:
                     disable=None)  # disabled when stderr is not a terminal
     with open(tmp, "wb") as f, progress:
         for block in blocks:
-            parts = _parts(source, adapter.disk_keys(block.name, 0), dtype)
+            parts = _parts(source, adapter.disk_keys(block.name, 0))
             expert_bytes = sum(p.nbytes for p in parts)
             stride = -(-expert_bytes // ALIGN) * ALIGN
             buffer = torch.zeros(stride, dtype=torch.uint8)  # the padding stays zero
@@ -147,7 +147,7 @@ def _write_experts(model, source: _Checkpoint, path: Path) -> list[LayerSpec]:
     return layers
 
 
-def _parts(source: _Checkpoint, disk_keys, dtype: torch.dtype) -> tuple[PartSpec, ...]:
+def _parts(source: _Checkpoint, disk_keys) -> tuple[PartSpec, ...]:
     """An expert's runtime tensors, from its first expert's tensors on disk."""
     parts = []
     for name, keys in disk_keys:
@@ -174,11 +174,12 @@ def _norm(weights: torch.Tensor, chunk: int = 1 << 18) -> float:
 def _write_dense(model, source: _Checkpoint, path: Path) -> int:
     """The non-expert tensors under the runtime's names, streamed; returns their bytes."""
     keys = _dense_keys(model, source)
-    writer = SafetensorsWriter(path, {name: source.spec(key) for name, key in keys.items()})
+    specs = {name: source.spec(key) for name, key in keys.items()}
+    writer = SafetensorsWriter(path, specs)
     for name, key in keys.items():
         writer.write(name, _finite(name, source.get(key)))
     writer.close()
-    return sum(source.spec(key).nbytes for key in keys.values())
+    return sum(spec.nbytes for spec in specs.values())
 
 
 def _finite(name: str, tensor: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:

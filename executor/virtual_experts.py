@@ -175,7 +175,7 @@ class VirtualExperts:
             self._settle()
             first, self._filled = not self._filled, True
             # The first fill reads the whole resident set (gigabytes at paper scale): show it on a terminal.
-            filling = tqdm(total=sum(capacities) if first else 0, desc="filling expert slots", unit="expert",
+            filling = tqdm(total=sum(capacities), desc="filling expert slots", unit="expert",
                            disable=None if first else True, leave=False)
             for index, (layer, capacity) in enumerate(zip(self.layers, capacities)):
                 pool = layer.pool

@@ -62,16 +62,13 @@ def test_a_bandwidth_cap_paces_reads(checkpoint_dirs, tmp_path):
 _PEAK_DURING_BUILD = """
 import sys
 from pathlib import Path
+from swapmoe.executor.memory import process_peak_rss, reset_peak_rss
 from swapmoe.executor.store_build import build_store, meta_model
 
-def rss(field):
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field + ":"))
-
 meta_model(Path(sys.argv[1]))  # transformers' lazy imports, before the peak is reset
-open("/proc/self/clear_refs", "w").write("5")  # the peak resident set starts over from here
-before = rss("VmRSS")
+before = reset_peak_rss()  # the peak resident set starts over from here
 build_store(Path(sys.argv[1]), Path(sys.argv[2]))
-print(rss("VmHWM") - before)
+print(process_peak_rss() - before)
 """
 
 
