@@ -1,8 +1,8 @@
 """Issue 15's fleet goals measured side by side: a planner holding 1,000 and 10,000 executors
-(``benchmarks.fleet_sim``), fleet-wide and staged rollouts through the control node, two planners
+(``swapmoe.simulation.fleet``), fleet-wide and staged rollouts through the control node, two planners
 under one control node, and what TLS costs a Generate stream.
 
-    python -m benchmarks.fleet      # ~4 min; writes benchmarks/RESULTS-fleet.md and .json
+    python -m benchmarks.fleet      # ~4 min; writes benchmarks/results/RESULTS-fleet.md and .json
     python -m benchmarks.fleet --sizes 1000 --skip-sharded --skip-tls --report /tmp/fleet.md
 
 Every server is a process of its own (``swapmoe ... serve``), and so is each simulated fleet;
@@ -33,7 +33,7 @@ from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-REPORT = HERE / "RESULTS-fleet.md"
+REPORT = HERE / "results" / "RESULTS-fleet.md"
 POLL_S = 0.1  # GetRollout, summary only
 ROLLOUT_TIMEOUT_MS = 120_000  # per wave: generous, so a slow wave shows as slow, not as unreachable
 # The pinned plan every rollout carries: 4 of the bundled LM's 16 experts in each of its 6 layers.
@@ -201,7 +201,7 @@ def tls_cost(rounds: int, work: Path) -> dict:
     the first call on a fresh channel (connection and handshake)."""
     from swapmoe.models.bundled import LM_DIR
     from swapmoe.models.corpus import DOMAINS, load_eval
-    from swapmoe.orchestration.devcerts import make_dev_certs
+    from swapmoe.cli.devcerts import make_dev_certs
     from swapmoe.rpc import security
     from swapmoe.v1 import executor_pb2_grpc
 
@@ -259,7 +259,7 @@ def collector(n: int, work: Path) -> dict:
     after the heap keeper froze them, and what it finds once they have all left (cycles the
     frozen heap would have kept). The planner runs in this process, so its heap is measurable."""
     from swapmoe.planner_service.heap import HeapKeeper, HeapSettings
-    from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.policy import PlannerSettings
     from swapmoe.planner_service.server import serve
 
     server, registry = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))

@@ -185,7 +185,7 @@ def render(results: dict) -> str:
         "",
         f"`{command}` on {m['arch']}, {m['cpus']} cores, {m['memory_bytes'] / 2**30:.1f} GiB, Python {m['python']}, "
         f"grpcio {m['grpcio']}. **The {m['cpus']} cores are shared** by the planner, the control node, the "
-        "simulated fleet (`benchmarks.fleet_sim`, one process per planner) and this benchmark, each a process of its "
+        "simulated fleet (`swapmoe.simulation.fleet`, one process per planner) and this benchmark, each a process of its "
         "own, so every figure is an upper bound on what the planner alone costs.",
         "",
         f"Each simulated executor speaks the real Connect protocol, reports telemetry every "
@@ -288,5 +288,5 @@ if __name__ == "__main__":  # re-render a report from its JSON
     import json
     from pathlib import Path
 
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("RESULTS-fleet.json"))
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results" / "RESULTS-fleet.json")
     path.with_suffix(".md").write_text(render(json.loads(path.read_text())))

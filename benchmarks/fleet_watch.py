@@ -21,9 +21,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.fleet_report import percentiles
-from benchmarks.fleet_sim import parse_status
 from swapmoe.orchestration.processes import Service, spawn
 from swapmoe.rpc import transport
+from swapmoe.simulation.fleet import parse_status
 
 ROOT = Path(__file__).resolve().parents[1]
 TELEMETRY_S = 10  # each simulated executor reports every 10 s (issue 15's idle goal)
@@ -110,13 +110,13 @@ class HealthProbe:
 
 
 class Sim:
-    """A ``benchmarks.fleet_sim`` process and its status lines, each timed as it arrives."""
+    """A ``swapmoe.simulation.fleet`` process and its status lines, each timed as it arrives."""
 
     def __init__(self, planner: str, count: int, ramp_s: float, start: int = 0, log_dir: Path | None = None):
         self.count, self.launched = count, time.monotonic()
         args = ["--planner", planner, "--count", str(count), "--start", str(start), "--telemetry-interval",
                 str(TELEMETRY_S), "--ramp", str(ramp_s), "--status-every", str(STATUS_EVERY_S)]
-        self.process = subprocess.Popen([sys.executable, "-m", "benchmarks.fleet_sim", *args], cwd=ROOT,
+        self.process = subprocess.Popen([sys.executable, "-m", "swapmoe.simulation.fleet", *args], cwd=ROOT,
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
         self.history: list[tuple[float, dict]] = []  # (monotonic, parsed status line)

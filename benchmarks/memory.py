@@ -1,7 +1,7 @@
 """Peak process memory above the libraries against the bytes the executor accounts, per model
 and batch size.
 
-    python -m benchmarks.memory            # writes benchmarks/RESULTS-memory.md (about 3 min)
+    python -m benchmarks.memory            # writes benchmarks/results/RESULTS-memory.md (about 3 min)
 
 Each (model, rows) runs in a fresh process: import the libraries (torch, transformers, the
 executor, and the model's own transformers modeling module, which transformers imports lazily
@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-memory.md"
+REPORT = HERE / "results" / "RESULTS-memory.md"
 BUNDLED_LM = HERE.parent / "models" / "swapmoe-lm"
 ROWS = (1, 4, 16)
 MiB = 2**20
@@ -55,7 +55,7 @@ def probe(model_dir: Path, rows: int, store_root: Path) -> dict:
     for name in ("torch", "transformers"):  # the libraries themselves, measured
         importlib.import_module(name)
     from swapmoe.executor.engine import Engine, EngineConfig
-    from swapmoe.executor.generation import GenerationRequest
+    from swapmoe.executor.requests import GenerationRequest
 
     stages["torch, transformers, executor"] = process_peak_rss()
     import_libraries(model_dir)

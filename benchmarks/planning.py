@@ -1,7 +1,7 @@
 """The planner's genetic search (paper section 3.4.2): measured truth, search time, optimality.
 
     python -m benchmarks.planning                      # all parts (~20 min on 2 cores); writes
-                                                       # benchmarks/RESULTS-planning.{md,json}, plots/planning-truth.png
+                                                       # benchmarks/results/RESULTS-planning.{md,json}, plots/planning-truth.png
     python -m benchmarks.planning --parts timing       # one part again; the others are kept from the last run
     python -m benchmarks.planning --parts --findings F # only rewrite the report ("What this shows" from F)
     python -m benchmarks.planning --quick              # a smoke run of every part; prints, writes nothing
@@ -214,7 +214,7 @@ def latency_check(b: Bundled, rounds: int, tokens: int = 64) -> dict:
 
 def _inter_token_ns(engine, prompt: tuple[int, ...], tokens: int) -> float:
     """Mean time between decoded tokens of one greedy generation, as its client sees them."""
-    from swapmoe.executor.generation import GenerationRequest
+    from swapmoe.executor.requests import GenerationRequest
 
     request = GenerationRequest(prompt, max_new_tokens=tokens)
     stamps = [time.perf_counter_ns() for chunk in engine.generate(request) for _ in chunk.token_ids]
@@ -241,7 +241,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.texts, args.tokens, args.randoms, args.runs, args.spaces, args.rounds = 1, 64, 3, 1, 3, 1
     argv = sys.argv[1:] if argv is None else argv
-    out = HERE / "RESULTS-planning" if not args.quick else Path(tempfile.mkdtemp()) / "RESULTS-planning"
+    out = HERE / "results" / "RESULTS-planning" if not args.quick else Path(tempfile.mkdtemp()) / "RESULTS-planning"
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     command = " ".join(["python -m benchmarks.planning", *argv])
     results = dict(command=command, reruns=[],
@@ -280,7 +280,7 @@ def main(argv=None) -> None:
         results["findings"] = previous["findings"]
     write_report(results, out)
     if "truth" in results and not args.quick:
-        plot_truth(results["truth"], HERE / "plots" / "planning-truth.png")
+        plot_truth(results["truth"], HERE / "results" / "plots" / "planning-truth.png")
     print(out.with_suffix(".md").read_text())
 
 

@@ -13,7 +13,7 @@ from swapmoe.core.sizes import format_size
 from swapmoe.profiler.workloads import MIX
 
 HERE = Path(__file__).resolve().parent
-PROFILE = HERE / "profiles" / "e1a419fec4d32150"
+PROFILE = HERE.parent / "profiles" / "e1a419fec4d32150"
 ACCURACY_DIR = PROFILE / "accuracy" / "profiling-lm-3x256"
 DEVICE_DIR = PROFILE / "devices" / "x86_64-bench"
 MIB, GIB = 1 << 20, 1 << 30
@@ -107,7 +107,7 @@ def truth_section(t: dict) -> list[str]:
                      f"{a['accuracy']:.2f} | {ms(a['inter_token_ns'])} | {ms(t['target_ns'])} | "
                      f"{p['measured'][MIX]:.2f}{note} |")
     lines += ["", f"Scoring took {t['scoring_seconds'] / 60:.1f} min for {t['configurations_scored']} distinct "
-                  f"configurations (the full model among them). Plot: `benchmarks/plots/planning-truth.png`.", ""]
+                  f"configurations (the full model among them). Plot: `benchmarks/results/plots/planning-truth.png`.", ""]
     return lines
 
 

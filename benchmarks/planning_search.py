@@ -19,7 +19,7 @@ from swapmoe.core.layout import LayerLayout, ModelLayout
 from swapmoe.planner_service import frontier
 from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
 from swapmoe.planner_service.search import Found, SearchSettings, exhaustive, search
-from swapmoe.profiler.models import AccuracyModel, LatencyModel
+from swapmoe.profiler.performance_models import AccuracyModel, LatencyModel
 from swapmoe.profiler.workloads import MIX
 
 from benchmarks.planning_bundled import SHARES, Bundled, budget_for, experts_at

@@ -1,6 +1,6 @@
 """The profiler on the bundled LM: accuracy profiling on Ray, E_accuracy, E_latency, the sweep.
 
-    python -m benchmarks.profiling                       # writes benchmarks/RESULTS-profiling.{md,json}
+    python -m benchmarks.profiling                       # writes benchmarks/results/RESULTS-profiling.{md,json}
     python -m benchmarks.profiling --configurations 40   # a shorter accuracy profile
 
 1. Accuracy profiling of ``models/swapmoe-lm`` (profiling set: 3 texts x 256 tokens per domain)
@@ -27,13 +27,13 @@ import torch
 
 from swapmoe.core.budget import MemoryModel
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest
-from swapmoe.executor.profiling import ProfileSpec
+from swapmoe.executor.requests import GenerationRequest
+from swapmoe.executor.device_profiling import ProfileSpec
 from swapmoe.models.bundled import LM_DIR
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.accuracy import AccuracyProfiler, AccuracyRun, start_ray
 from swapmoe.profiler.configs import Configuration, sample_many
-from swapmoe.profiler.models import e_memory, relative_error
+from swapmoe.profiler.performance_models import e_memory, relative_error
 from swapmoe.profiler.report import finish_accuracy, save_device
 from swapmoe.profiler.scoring import Scorer
 from swapmoe.profiler.workloads import ProfilingSet
@@ -169,7 +169,7 @@ def write_report(results: dict, out: Path) -> None:
                      f"{e['mlp']['max_relative_error']:.1%} | {e['mlp']['spearman']:.3f} | "
                      f"{e['linear']['mean_relative_error']:.2%} | {e['linear']['spearman']:.3f} |")
     lines += ["", "## Device profile of this machine and E_latency", "",
-              f"Stored in `{d.get('directory', '')}`; plots of both profiles: `benchmarks/plots/`.", "",
+              f"Stored in `{d.get('directory', '')}`; plots of both profiles: `benchmarks/results/plots/`.", "",
               d["profile_summary"].replace("# Device profile", "### Device profile"),
               "E_latency against measured decode tokens/s on configurations the fit never saw "
               f"(median of {ROUNDS} generations of 64 tokens each, configurations interleaved). The sweep's own "
@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configurations", type=int, default=240)
     parser.add_argument("--speedup-configurations", type=int, default=16)
-    parser.add_argument("--root", type=Path, default=HERE / "profiles")
+    parser.add_argument("--root", type=Path, default=HERE.parent / "profiles")
     parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "speedup", "device"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -197,7 +197,7 @@ def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     results = dict(command=" ".join(["python -m benchmarks.profiling", *argv]),
                    machine=f"{platform.machine()}, {torch.get_num_threads()} torch thread(s) per scorer")
-    out = HERE / "RESULTS-profiling"
+    out = HERE / "results" / "RESULTS-profiling"
     previous = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
     results["carried"] = sorted(set(args.skip) | set(previous.get("carried", [])) & set(args.skip))
     if args.skip:

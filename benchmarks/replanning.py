@@ -1,8 +1,8 @@
 """How fast the planner answers a device: real planner and executor processes on loopback.
 
-    python -m benchmarks.replanning          # writes benchmarks/RESULTS-replanning.md
+    python -m benchmarks.replanning          # writes benchmarks/results/RESULTS-replanning.md
 
-The planner gets the bundled LM's stored accuracy profile (``benchmarks/profiles``) and a
+The planner gets the bundled LM's stored accuracy profile (``profiles``) and a
 fresh state directory, so it measures the device through its Connect stream and searches the
 frontiers before the first searched plan. Then:
 
@@ -35,7 +35,7 @@ from swapmoe.rpc import transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-replanning.md"
+REPORT = HERE / "results" / "RESULTS-replanning.md"
 NODE = "bench-lm"
 
 
@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="replanning-"))
-    planner = spawn("planner", ["planner", "serve", "--port", "0", "--profiles", str(HERE / "profiles"),
+    planner = spawn("planner", ["planner", "serve", "--port", "0", "--profiles", str(HERE.parent / "profiles"),
                                 "--state-dir", str(state / "planner")], log_dir=state)
     began = time.monotonic()
     executor = spawn("executor", ["executor", "serve", "--model", str(LM_DIR), "--budget", "64MiB", "--port", "0",

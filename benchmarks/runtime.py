@@ -1,6 +1,6 @@
 """Virtual experts against the original model and the baselines, side by side in one run.
 
-    python -m benchmarks.runtime                 # both models, writes benchmarks/RESULTS-runtime.md
+    python -m benchmarks.runtime                 # both models, writes benchmarks/results/RESULTS-runtime.md
     python -m benchmarks.runtime --quick         # fewer prompts, for a smoke run
 
 Configurations (all but "original" run in the executor's runtime, ``swapmoe.executor.virtual_experts``):
@@ -32,14 +32,16 @@ from tqdm import tqdm
 
 from swapmoe.core.plan import Strategy
 from swapmoe.executor.checkpoint import load_checkpoint
-from swapmoe.executor.generation import SamplingParams, generate_ids
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import percentile
+from swapmoe.executor.model_runner import ModelRunner
+from swapmoe.executor.step import generate_offline
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.models.corpus import DOMAINS, load_eval
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-runtime.md"
+REPORT = HERE / "results" / "RESULTS-runtime.md"
 BUNDLED_LM = HERE.parent / "models" / "swapmoe-lm"
 UPDATE_FREQUENCY = 4
 
@@ -99,13 +101,12 @@ class Subject:
 
 
 def generate_timed(subject: Subject, prompt: list[int], new_tokens: int) -> list[int]:
-    """Token arrival times (ns), the first measured from the start of the prefill."""
-    subject.begin_input()
+    """Token arrival times (ns), the first measured from the start of the prefill, through the
+    serving step (the unmodified model's too, with no virtual experts)."""
+    runner = ModelRunner(subject.model, subject.runtime, 1, subject.config.update_frequency)
     start = time.perf_counter_ns()
-    times = [start]
-    for _ in generate_ids(subject.model, tuple(prompt), new_tokens, SamplingParams(), subject.between):
-        times.append(time.perf_counter_ns())
-    return times
+    made = generate_offline(runner, [GenerationRequest(tuple(prompt), new_tokens)])
+    return [start] + [e.computed_ns for e in made]
 
 
 @torch.inference_mode()

@@ -28,7 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-scale.md"
+REPORT = HERE / "results" / "RESULTS-scale.md"
 GiB, MiB = 2**30, 2**20
 FLASH = 200 * MiB  # an edge device's flash (eMMC class), as benchmarks.runtime's capped rows; this disk reads ~800 MiB/s
 MODELS = {  # budgets: the paper's point for SwitchT-64 ("min": the executor's own minimum)

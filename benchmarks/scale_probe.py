@@ -63,7 +63,7 @@ def serve(checkpoint: str, store_root: str, budget: int, method: str, bandwidth:
     from benchmarks.memory import import_libraries
     from swapmoe.core.plan import Plan, Strategy
     from swapmoe.executor.engine import Engine, EngineConfig
-    from swapmoe.executor.generation import GenerationRequest
+    from swapmoe.executor.requests import GenerationRequest
 
     import_libraries(Path(checkpoint))
     libraries = reset_peak_rss()

@@ -4,7 +4,7 @@ restart and the OpenAI gateway, between real processes on loopback, each step ti
     python -m swapmoe.models.paper_scale olmoe-1b-7b              # the checkpoint, once (13.8 GB)
     python -m benchmarks.scale_system ~/.cache/swapmoe/checkpoints/olmoe-1b-7b [--budget 4GiB]
         [--second-budget 2GiB] [--configurations 4] [--work DIR]   # writes RESULTS-scale-system.{md,json}
-    python -m benchmarks.scale olmoe-1b-7b --plans benchmarks/RESULTS-scale-system-plans.json
+    python -m benchmarks.scale olmoe-1b-7b --plans benchmarks/results/RESULTS-scale-system-plans.json
 
 Steps (``Scenario.STEPS``):
 1. a planner and an executor serving the checkpoint under ``--budget``, dialled out to the planner
@@ -55,7 +55,7 @@ from swapmoe.rpc import transport
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-scale-system.md"
+REPORT = HERE / "results" / "RESULTS-scale-system.md"
 NODE = "scale-system"
 PROMPT = "The history of the city begins with"
 
@@ -242,7 +242,7 @@ class Scenario:
 
     def searched_plan(self, step: Step) -> None:
         """The planner looks for new profiles every few seconds for connected executors whose
-        model has none (``Planner.revisit``): the executor is planned for without reconnecting."""
+        model has none (``PlanPolicy.revisit``): the executor is planned for without reconnecting."""
         described = self._wait(lambda: self.planned(self.s.budget), "searched plan ACKed")
         step.figures["profile_to_acked_s"] = time.time() - self.profile_written
         step.figures["first_plan"] = plan_json(described.plan)
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sweep-tokens", type=int, default=16, help="tokens per update frequency of the sweep (16)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds for each wait (3600)")
     parser.add_argument("--report", type=Path, default=REPORT, help="the Markdown report (a .json beside it)")
-    parser.add_argument("--plans-out", type=Path, default=HERE / "RESULTS-scale-system-plans.json",
+    parser.add_argument("--plans-out", type=Path, default=HERE / "results" / "RESULTS-scale-system-plans.json",
                         help="the searched plans by budget, for `benchmarks.scale --plans`")
     args = parser.parse_args(argv)
     if args.store_root:

@@ -1,7 +1,7 @@
 """Concurrent clients on the bundled model: continuous batching against one generation at a
 time, and what gRPC streaming costs, with 1, 4 and 16 concurrent clients.
 
-    python -m benchmarks.service            # writes benchmarks/RESULTS-service.md
+    python -m benchmarks.service            # writes benchmarks/results/RESULTS-service.md
 
 Three paths run the same generations (greedy, 48 new tokens each), alternating round by round
 so drift on a shared machine hits them alike: the engine in-process one generation at a time
@@ -23,14 +23,14 @@ import torch
 from tqdm import tqdm
 
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.models.corpus import DOMAINS, load_eval
 from swapmoe.orchestration.processes import spawn
 from swapmoe.rpc import transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-service.md"
+REPORT = HERE / "results" / "RESULTS-service.md"
 MODEL = HERE.parent / "models" / "swapmoe-lm"
 BUDGET = 1 << 30
 

@@ -2,7 +2,7 @@
 steady load, restarted and starved of disk on purpose, for ten minutes; reports every RPC
 outcome, lost plans and memory over time.
 
-    python -m benchmarks.soak                 # 10 minutes; writes benchmarks/RESULTS-soak.{md,json}
+    python -m benchmarks.soak                 # 10 minutes; writes benchmarks/results/RESULTS-soak.{md,json}
     python -m benchmarks.soak --minutes 2     # a short run (report written all the same)
 
 Load: 16 clients stream Generate back to back (some cancel after two chunks, some run into a
@@ -37,11 +37,11 @@ import grpc
 import psutil
 
 from benchmarks import soak_faults
-from benchmarks.fleet_sim import SimSettings, SimulatedFleet
 from swapmoe.core.sizes import format_size
 from swapmoe.models.bundled import LM_DIR
 from swapmoe.orchestration.processes import spawn
 from swapmoe.rpc import transport
+from swapmoe.simulation.fleet import SimSettings, SimulatedFleet
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 from swapmoe.v1 import telemetry_pb2 as tpb
 
@@ -50,7 +50,7 @@ NODE = "soak"
 PROMPTS = ["def fibonacci(n):", "import os\n", "The history of", "class Stack:\n    def push(self, x):",
            "Once upon a time", "for i in range(10):"]
 EXPECTED = {"CANCELLED", "DEADLINE_EXCEEDED"}  # caused by the clients themselves
-SIMULATED = 20  # executors beside the real one, on the planner's Connect protocol (benchmarks.fleet_sim)
+SIMULATED = 20  # executors beside the real one, on the planner's Connect protocol (swapmoe.simulation.fleet)
 DISK_FULL_S = 60.0
 
 
@@ -370,8 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.soak" + ("" if args.minutes == 10 else f" --minutes {args.minutes:g}")
     text = report(result, command)
     print(text)
-    (HERE / "RESULTS-soak.md").write_text(text)
-    (HERE / "RESULTS-soak.json").write_text(json.dumps(result, indent=1))
+    (HERE / "results" / "RESULTS-soak.md").write_text(text)
+    (HERE / "results" / "RESULTS-soak.json").write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Can the bundled Switch configuration learn to read its source? A synthetic probe of the
 training recipe, with the relative position biases' learning-rate multiplier as the variable.
 
-    python -m benchmarks.source_probe       # about 5 min; writes benchmarks/RESULTS-source-probe.md
+    python -m benchmarks.source_probe       # about 5 min; writes benchmarks/results/RESULTS-source-probe.md
 
 The task: the source is 20 random tokens with a marker somewhere in the first 16; the target is
 the 3 tokens after the marker, then EOS. Only a model that finds the marker in its source and
@@ -28,7 +28,7 @@ from swapmoe.models.training.loop import TrainConfig, train
 from swapmoe.models.training.train_switch import BATCH, LR, model_config, parameter_groups
 
 HERE = Path(__file__).resolve().parent
-REPORT = HERE / "RESULTS-source-probe.md"
+REPORT = HERE / "results" / "RESULTS-source-probe.md"
 VOCAB = 4096
 MARKER = 5
 FIRST_TOKEN = 10  # values below are special tokens and the marker

@@ -1,7 +1,7 @@
 """What one device measured for one model (paper section 3.3 and appendix A): the input of
 E_latency and of the update-frequency choice (section 3.4.1).
 
-Plain data: the executor measures it (``swapmoe.executor.profiling``), ``swapmoe.rpc.convert``
+Plain data: the executor measures it (``swapmoe.executor.device_profiling``), ``swapmoe.rpc.convert``
 moves it over the wire, ``swapmoe.profiler`` stores it and fits models to it.
 """
 
@@ -49,6 +49,15 @@ class SweepPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchDecodePoint:
+    """One decode pass of ``rows`` sequences at the sweep's plan, without updates: what a step
+    costs at each batch size the executor's budget allows."""
+
+    rows: int
+    step_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class OnDemandPoint:
     """Generation with on-demand loading at the sweep's plan: every miss loaded before the pass
     goes on, so (inter_token_ns - the sweep's no-update time) / misses_per_token is what a
@@ -72,6 +81,7 @@ class DeviceProfile:
     sweep: tuple[SweepPoint, ...]
     inflection_update_frequency: int  # the most frequent updates that do not cost latency
     on_demand: OnDemandPoint | None = None  # None: not measured (an older profile)
+    batch_decode: tuple[BatchDecodePoint, ...] = ()  # by rows; empty: not measured (an older profile)
 
     def miss_ns(self) -> float | None:
         """What one synchronous (on-demand) miss costs, from the on-demand point; None when it

@@ -79,3 +79,13 @@ class PlanResult:
     memory: MemoryReport | None = None
     apply_ns: int = 0
 
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetChange:
+    """A budget set on the device itself (``SetBudget``, an operator, the OS), not by a plan:
+    the planner hears of it as a message of its own and plans for the new budget."""
+
+    previous_bytes: int
+    budget_bytes: int
+    reason: str = ""

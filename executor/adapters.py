@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from swapmoe.core.layout import LayerLayout, ModelLayout
-from swapmoe.executor.routing import MaskedRouter, MaskedTop1Router, Select, select_sigmoid_group_topk, select_softmax_topk
+from swapmoe.executor.gating import MaskedRouter, MaskedTop1Router, Select, select_sigmoid_group_topk, select_softmax_topk
 from swapmoe.executor.slot_experts import OneHot, Packed
 
 

@@ -2,9 +2,11 @@
 
 It composes the pieces and owns no policy of its own: ``VirtualExperts`` (the model with
 budgeted expert slots), ``PlanBook`` (which plans fit the budget, the saved plan),
-``Scheduler`` (one generation at a time, forward passes and plan changes taking turns)
-and ``TextCodec`` (tokens in and out). The model never exists whole in memory: dense
-weights plus each layer's slots, sized by the plan within the budget.
+``Scheduler`` (who runs in the next pass), ``ModelRunner`` (the pass itself) and
+``TextCodec`` (tokens in and out). ``step`` is the serving loop's body: commands (plans,
+budgets) first, then schedule -> run -> postprocess; ``ServingLoop`` runs it on the forward
+thread. The model never exists whole in memory: dense weights plus each layer's slots, sized by
+the plan within the budget.
 """
 
 from __future__ import annotations
@@ -25,20 +27,21 @@ from swapmoe.core.budget import MemoryModel, Reserve
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, ModelLayout
 from swapmoe.core.memory import MemoryReport
-from swapmoe.core.plan import Plan, PlanResult, validate_plan
+from swapmoe.core.plan import BudgetChange, Plan, PlanResult, validate_plan
 from swapmoe.core.sizes import format_size
 from swapmoe.executor import memory
-from swapmoe.executor.generation import GenerationRequest
-from swapmoe.executor.kv_batch import make_batch
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import ServingStats
 from swapmoe.executor.plans import PlanBook
-from swapmoe.executor.profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, profile
-from swapmoe.executor.scheduler import Scheduler, sequence_for
-from swapmoe.executor.telemetry import TelemetryHub
+from swapmoe.executor.device_profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, profile
+from swapmoe.executor.model_runner import ModelRunner
+from swapmoe.executor.scheduler import Scheduler, Sequence
+from swapmoe.executor.serving_loop import ServingLoop
+from swapmoe.executor.step import step as one_step
+from swapmoe.executor.telemetry import EventKind, TelemetryHub
 from swapmoe.executor.text import Chunk, TextCodec, stream_chunks
 from swapmoe.executor.virtual_experts import LayerActivity, VirtualExperts
-from swapmoe.v1 import telemetry_pb2 as tpb
 
 DEFAULT_MAX_CONTEXT = 2048
 
@@ -68,7 +71,7 @@ class Engine:
         self.config = config
         self.hub = hub or TelemetryHub(config.node_id)
         torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) - 1))
-        self.runtime = VirtualExperts(config.model_dir, config.device, config.store_root,
+        self.experts = VirtualExperts(config.model_dir, config.device, config.store_root,
                                       max_loads_per_update=config.max_loads_per_update,
                                       load_bandwidth=config.load_bandwidth or None)
         try:
@@ -79,7 +82,7 @@ class Engine:
             self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
             dtype_bytes = next(self.model.parameters()).element_size()
             self.device_info = _device_info(config.device)
-            batch = make_batch(self.model, config.max_batch)
+            self.runner = ModelRunner(self.model, self.experts, config.max_batch, before_join=self._back_to_plan)
             kv = memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes)
             activations = lambda rows: memory.activation_bytes(self.model.config, self.max_context,  # noqa: E731
                                                                dtype_bytes, rows)
@@ -88,35 +91,36 @@ class Engine:
             # and the batch takes the rest.
             self.sequence_bytes = kv + memory.kv_slack_bytes(kv) + activations(2) - activations(1)
             self.memory_model = MemoryModel(self.layout, Reserve(
-                self.runtime.staging_bytes, kv, activations(1), (batch.capacity - 1) * self.sequence_bytes,
+                self.experts.staging_bytes, kv, activations(1), (self.runner.capacity - 1) * self.sequence_bytes,
                 memory.runtime_bytes(kv),
             ), self.device_info.memory_bytes)
             self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
             note = self.plans.resume()
             self.stats = ServingStats()
-            self.scheduler = Scheduler(config.max_queue)
-            self.scheduler.attach(batch, self._between_steps, self._joining, self.text.eos)
+            self._budget_watchers: list[Callable[[BudgetChange], None]] = []
+            self.scheduler = Scheduler(self.runner.capacity, config.max_queue, frozenset(self.text.eos))
+            self.loop = ServingLoop(self.scheduler, self.step)
             self._apply_residency(self.plan)
             self.scheduler.resize(self.batch_rows(self.budget_bytes, self.plan))
-            self.hub.event(tpb.Event.KIND_STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
+            self.hub.event(EventKind.STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
                            plan_version=self.plan.version)
         except BaseException:
-            self.runtime.close()  # a budget below the minimum, an unreadable tokenizer: leave no loader thread
+            self.experts.close()  # a budget below the minimum, an unreadable tokenizer: leave no loader thread
             raise
 
     # --- what it serves -------------------------------------------------------------
     @property
     def model(self) -> torch.nn.Module:
-        return self.runtime.model
+        return self.experts.model
 
     @property
     def layout(self) -> ModelLayout:
-        return self.runtime.layout
+        return self.experts.layout
 
     @property
     def model_fingerprint(self) -> str:
         """The checkpoint's content hash, taken once when its expert store was built."""
-        return self.runtime.store.manifest.model_fingerprint
+        return self.experts.store.manifest.model_fingerprint
 
     @property
     def plan(self) -> Plan:
@@ -129,7 +133,7 @@ class Engine:
     @property
     def achieved(self) -> tuple[int, ...]:
         """Slots per layer now: what the plan in force achieved."""
-        return self.runtime.capacities
+        return self.experts.capacities
 
     @property
     def min_budget_bytes(self) -> int:
@@ -146,7 +150,7 @@ class Engine:
         return MemoryReport(
             budget_bytes=self.budget_bytes,
             dense_bytes=self.layout.dense_bytes,
-            expert_bytes=self.runtime.slot_bytes() + reserve.staging_bytes,
+            expert_bytes=self.experts.slot_bytes() + reserve.staging_bytes,
             kv_cache_bytes=kv * rows,
             activation_bytes=reserve.activation_bytes + (rows - 1) * (self.sequence_bytes - kv - slack),
             runtime_bytes=reserve.runtime_bytes + (rows - 1) * slack,
@@ -156,61 +160,80 @@ class Engine:
 
     # --- plans and budgets ------------------------------------------------------
     def apply_plan(self, plan: Plan) -> PlanResult:
-        """ACK or NACK a well-formed plan; raises InvalidField for a malformed one."""
+        """ACK or NACK a well-formed plan; raises InvalidField for a malformed one. Applied at the
+        top of a step, between two passes."""
         start = time.perf_counter_ns()
         validate_plan(plan, self.layout)
-        with self.scheduler.between_passes():  # checks and application together: plans and budgets serialize
-            self.plans.check_step(plan)
-            previous = self.budget_bytes
-            reason = self.plans.review(plan)
-            if not reason:
-                budget = plan.budget_bytes or previous
-                rows = self.batch_rows(budget, plan)
-                self.scheduler.resize(min(self.scheduler.limit, rows))  # rows leave before slots grow
-                if budget > previous:  # a budget grows before the slots do, and shrinks after them:
-                    self.plans.set_budget(budget, None)  # accounted bytes never exceed it
-                self._apply_residency(plan)
-                unsaved = self.plans.accept(plan)
-                if budget < previous:
-                    self.plans.set_budget(budget, None)
-                self.scheduler.resize(rows)
+        previous, reason, unsaved = self.loop.call(lambda: self._apply_plan(plan))
         if not reason and self.budget_bytes != previous:
-            self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
+            self.hub.event(EventKind.BUDGET_CHANGED,
                            f"budget {format_size(previous)} -> {format_size(self.budget_bytes)}: with plan {plan.version}",
                            previous_budget_bytes=previous, budget_bytes=self.budget_bytes)
         if reason:
-            self.hub.event(tpb.Event.KIND_PLAN_REJECTED, reason, plan_version=plan.version)
+            self.hub.event(EventKind.PLAN_REJECTED, reason, plan_version=plan.version)
             return PlanResult(plan.version, False, reason, memory=self.memory())
         note = f"applied, but {unsaved}: a restart meanwhile resumes an older plan" if unsaved else ""
-        self.hub.event(tpb.Event.KIND_PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}"
+        self.hub.event(EventKind.PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}"
                        + (f"; {unsaved}" if unsaved else ""), plan_version=plan.version)
         return PlanResult(plan.version, True, note, self.achieved, self.memory(), time.perf_counter_ns() - start)
 
+    def _apply_plan(self, plan: Plan) -> tuple[int, str, str]:
+        """(the budget before, why the plan is refused or "", why it is not saved yet or "")."""
+        self.plans.check_step(plan)
+        previous = self.budget_bytes
+        if reason := self.plans.review(plan):
+            return previous, reason, ""
+        return previous, "", self._transition(plan.budget_bytes or previous, plan, lambda: self.plans.accept(plan))
+
     def set_budget(self, budget: int, reason: str = "") -> int:
-        """Apply a new budget at once, taking rows out of the batch, then shrinking the plan, as far
-        as it no longer fits (and the other way round when it grows); returns the old budget."""
+        """Apply a new budget at the top of the next step, taking rows out of the batch, then
+        shrinking the plan, as far as it no longer fits; returns the old budget."""
         self.memory_model.check_budget(budget)
-        with self.scheduler.between_passes():
-            previous = self.budget_bytes
-            shrunk = self.plans.shrunk_for(budget)
-            rows = self.batch_rows(budget, shrunk or self.plan)
-            self.scheduler.resize(min(self.scheduler.limit, rows))  # rows, then slots, shrink before the budget
-            if shrunk is not None:  # does: accounted bytes never exceed it
-                self._apply_residency(shrunk)
-            self.plans.set_budget(budget, shrunk)
-            self.scheduler.resize(rows)
-        self.hub.event(tpb.Event.KIND_BUDGET_CHANGED,
+
+        def change() -> int:
+            previous, shrunk = self.budget_bytes, self.plans.shrunk_for(budget)
+            self._transition(budget, shrunk or self.plan, lambda: self.plans.adopt(shrunk or self.plan))
+            return previous
+
+        previous = self.loop.call(change)
+        self.hub.event(EventKind.BUDGET_CHANGED,
                        f"budget {format_size(previous)} -> {format_size(budget)}" + (f": {reason}" if reason else ""),
                        previous_budget_bytes=previous, budget_bytes=budget)
+        for watcher in list(self._budget_watchers):
+            watcher(BudgetChange(previous, budget, reason))
         return previous
+
+    def _transition(self, budget: int, plan: Plan, adopt: Callable[[], str]) -> str:
+        """Move to ``plan`` under ``budget`` in the one order that keeps the budget's promise (the
+        bytes accounted never exceed the budget in force): rows the new budget does not hold
+        leave, a growing budget takes effect, the slots change, the plan is adopted (``adopt``,
+        whose note is returned), a shrinking budget takes effect, rows it holds may join. Runs on
+        the forward thread, between two passes."""
+        previous, rows = self.budget_bytes, self.batch_rows(budget, plan)
+        self.runner.leave(self.scheduler.resize(min(self.scheduler.limit, rows)))
+        if budget > previous:
+            self.plans.set_budget(budget)
+        self._apply_residency(plan)
+        note = adopt()
+        if budget < previous:
+            self.plans.set_budget(budget)
+        self.runner.leave(self.scheduler.resize(rows))
+        return note
+
+    def on_budget_change(self, watcher: Callable[[BudgetChange], None]) -> Callable[[], None]:
+        """Call ``watcher`` after each budget change not carried by a plan (a plan's budget is in its
+        result); returns what stops the calls."""
+        self._budget_watchers.append(watcher)
+        return lambda: self._budget_watchers.remove(watcher) if watcher in self._budget_watchers else None
 
     def _apply_residency(self, plan: Plan) -> None:
         """Give each layer the plan's slots (shrinking keeps the most important experts) and its
-        strategy. Caller holds the step lock."""
-        if plan.strategy is not self.runtime.strategy:
-            self.runtime.set_strategy(plan.strategy)
-        if tuple(plan.experts_per_layer) != self.runtime.capacities:
-            self.runtime.resize(plan.experts_per_layer)
+        strategy and update frequency. On the forward thread, between two passes."""
+        self.runner.update_frequency = plan.update_frequency
+        if plan.strategy is not self.experts.strategy:
+            self.experts.set_strategy(plan.strategy)
+        if tuple(plan.experts_per_layer) != self.experts.capacities:
+            self.experts.resize(plan.experts_per_layer)
 
     # --- the state directory ------------------------------------------------------
     def keep_state(self, name: str, text: str, mode: int = 0o644) -> None:
@@ -232,27 +255,27 @@ class Engine:
     # --- statistics ---------------------------------------------------------------
     def activity(self) -> list[LayerActivity]:
         """Per layer: cumulative activations and importance, and the resident experts."""
-        with self.scheduler.between_passes():
-            return self.runtime.activity()
+        return self.loop.call(self.experts.activity)
 
     def load_counters(self) -> LoadCounters:
         """Cumulative expert loads, bytes read and seconds spent reading."""
-        return self.runtime.io.snapshot()
+        return self.experts.io.snapshot()
 
     @property
     def load_tier(self) -> str:
-        return self.runtime.tier
+        return self.experts.tier
 
     @property
     def queue_depth(self) -> int:
-        return self.scheduler.waiting
+        return len(self.scheduler.waiting)
 
     @property
     def running(self) -> int:
-        return self.scheduler.running
+        """Generations in the batch, plus a profile in progress."""
+        return self.loop.running
 
     def profile(self, spec: ProfileSpec, cancelled: Callable[[], bool] = lambda: False) -> Iterator[ProfileProgress]:
-        """Measure this device and model (``executor.profiling``), one short measurement at a time,
+        """Measure this device and model (``executor.device_profiling``), one short measurement at a time,
         each in its turn in the generation queue (no generation shares the cores meanwhile): the
         generations that arrive while one runs are served before the next, so a long profile delays
         a request by one measurement, not by the whole profile. Raises InvalidField for a sweep
@@ -264,12 +287,11 @@ class Engine:
         def sweep() -> tuple[int, ...]:  # asked at each measurement: plans and budgets change between two
             return self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer, self.budget_bytes)
 
-        with self.scheduler.exclusive(cancelled) as measurement:
+        with self.loop.exclusive(cancelled) as measurement:
             try:
-                yield from profile(self.runtime, spec, identity, sweep, cancelled, measurement)
+                yield from profile(self.experts, spec, identity, sweep, cancelled, measurement, self.scheduler.limit)
             finally:  # however it ended, the slots are the plan's again
-                with self.scheduler.between_passes():
-                    self._back_to_plan()
+                self.loop.call(self._back_to_plan)
 
     def check_residency(self, experts_per_layer: tuple[int, ...]) -> None:
         """InvalidField (``experts_per_layer...``) unless the layout can run it within the budget."""
@@ -302,34 +324,36 @@ class Engine:
         enqueued = time.perf_counter_ns()
         room = self.max_context - len(request.prompt_ids)
         finish = "length" if request.max_new_tokens <= room else "context_full"
-        sequence = sequence_for(request, min(request.max_new_tokens, room))
-        steps = self.scheduler.generate(sequence, cancelled)
+        sequence = Sequence(request, min(request.max_new_tokens, room))
+        steps = self.loop.generate(sequence, cancelled)
         first = next(steps)  # waits for a row (raising Busy or Cancelled), then the prefill's token
         yield from stream_chunks(_prepend(first, steps), self.text, request, finish, self.stats, cancelled,
                                  enqueued, sequence.joined_ns)
 
-    def _between_steps(self) -> None:
-        """Between forward passes (step lock held): see ``VirtualExperts.between_passes``."""
-        self.runtime.between_passes(self.plan.update_frequency)
-
-    def _joining(self) -> None:
-        """A generation joins the batch (step lock held): with the plan's slots, whatever a
-        profile's measurement left before it, and the start of a new input."""
-        self._back_to_plan()
-        self.runtime.begin_input()
+    def step(self) -> bool:
+        """One step of serving, on the forward thread: the commands waiting (plans, budgets), then
+        schedule -> run -> postprocess, and the tokens go to their streams. False when it had
+        nothing to do."""
+        self.loop.run_commands()
+        emitted = one_step(self.scheduler, self.runner, self.loop.guard)
+        if emitted is None:
+            return False
+        self.loop.deliver(emitted)
+        return True
 
     def _back_to_plan(self) -> None:
-        """Slots a profile's measurement left become the plan's again, loaded before anything runs
-        on them, so a generation has the experts it would have had without the profile (step lock held)."""
-        if tuple(self.plan.experts_per_layer) != self.achieved or self.plan.strategy is not self.runtime.strategy:
+        """Before a prefill: slots a profile's measurement left become the plan's again, loaded
+        before anything runs on them, so a generation has the experts it would have had without
+        the profile (on the forward thread)."""
+        if tuple(self.plan.experts_per_layer) != self.achieved or self.plan.strategy is not self.experts.strategy:
             self._apply_residency(self.plan)
-            self.runtime.wait_for_loads()
-            self.runtime.poll()
+            self.experts.wait_for_loads()
+            self.experts.poll()
 
     def close(self) -> None:
-        self.scheduler.close()
+        self.loop.close()
         self.plans.close()
-        self.runtime.close()
+        self.experts.close()
 
     def __enter__(self) -> "Engine":
         return self

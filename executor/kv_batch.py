@@ -19,7 +19,37 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from swapmoe.executor.generation import causal_step, last_logits, seq2seq_step
+
+def last_logits(model, ids: torch.Tensor, cache: DynamicCache, **inputs) -> torch.Tensor:
+    """Last-position logits [B, V] for ids [B, T], appending T columns to ``cache``."""
+    return model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1, **inputs).logits[:, -1]
+
+
+def causal_step(model, prompt: torch.Tensor):
+    """Decoder-only models: prefill the prompt, then feed one token at a time."""
+    cache = DynamicCache(config=model.config)
+
+    def step(token: int | None) -> torch.Tensor:
+        ids = prompt if token is None else prompt.new_tensor([[token]])
+        return last_logits(model, ids, cache)[0]
+
+    return step
+
+
+def seq2seq_step(model, prompt: torch.Tensor):
+    """Encoder-decoder models: encode once, then decode from the start token."""
+    encoded = model.get_encoder()(input_ids=prompt)
+    past = None
+    start = model.config.decoder_start_token_id or 0
+
+    def step(token: int | None) -> torch.Tensor:
+        nonlocal past
+        ids = torch.tensor([[start if token is None else token]], device=prompt.device)
+        out = model(encoder_outputs=encoded, decoder_input_ids=ids, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        return out.logits[0, -1]
+
+    return step
 
 
 def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -117,8 +147,7 @@ class CausalBatch:
 
 
 class SoloBatch:
-    """Encoder-decoder models (Switch) and sliding-window caches: one row at a time, as
-    generate_ids steps today."""
+    """Encoder-decoder models (Switch) and sliding-window caches: one row at a time."""
 
     capacity = 1
 

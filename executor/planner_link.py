@@ -1,8 +1,9 @@
 """The executor's dial-out stream to its planner.
 
 The executor opens the connection (so a device behind NAT or a firewall still
-works), registers (naming the model it serves by its content fingerprint), sends
-budget changes up at once and the telemetry the planner asks for in its Welcome, and
+works), registers (naming the model it serves by its content fingerprint), sends each
+budget set on the device up at once, as a message of its own (a budget that came with a
+plan is in that plan's result), and the telemetry the planner asks for in its Welcome, and
 applies the plans that come down, answering each with an ACK or a NACK. When the
 planner is away the executor keeps its last good plan and keeps retrying;
 each new connection starts with a fresh registration, which resyncs the planner.
@@ -42,7 +43,7 @@ import grpc
 
 from swapmoe.core.limits import MAX_REASON_CHARS, MAX_SUBSCRIBE_INTERVAL_MS
 from swapmoe.core.plan import PlanResult
-from swapmoe.executor.scheduler import Cancelled
+from swapmoe.executor.serving_loop import Cancelled
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.plans import SECRET_FILE, read_secret
 from swapmoe.executor.server import describe_pb, profile_spec_from_pb
@@ -183,9 +184,9 @@ class PlannerLink:
     def _session(self, channel: grpc.Channel) -> None:
         outbox: queue.Queue = queue.Queue()
         outbox.put(ppb.ExecutorMessage(registration=self.registration()))
-        hub = self.engine.hub
-        events = hub.subscribe([tpb.TOPIC_EVENTS])
-        forwarder = threading.Thread(target=self._forward, args=(events, outbox), daemon=True)
+        # A budget set on the device goes up at once as its own message, whatever the Welcome asked.
+        unwatch = self.engine.on_budget_change(
+            lambda change: outbox.put(ppb.ExecutorMessage(budget_change=convert.budget_change_to_pb(change))))
         profiles: dict[str, threading.Event] = {}  # running profiles by request id: set to cancel
         ended = threading.Event()  # stops this stream's periodic telemetry
         # wait_for_ready: while the planner is away the stream waits for the transport's next
@@ -193,7 +194,6 @@ class PlannerLink:
         self._call = planner_pb2_grpc.PlannerServiceStub(channel).Connect(_drain(outbox), wait_for_ready=True)
         if self._stop.is_set():  # stop() may have run before this call existed to be cancelled
             self._call.cancel()
-        forwarder.start()
         try:
             for message in self._call:
                 try:
@@ -203,7 +203,7 @@ class PlannerLink:
                                   message.WhichOneof("message"))
         finally:
             ended.set()
-            hub.unsubscribe(events)
+            unwatch()
             for cancel in list(profiles.values()):  # the answer has nowhere to go: stop measuring
                 cancel.set()
             outbox.put(None)
@@ -270,15 +270,6 @@ class PlannerLink:
             outcome.error = (str(error) or type(error).__name__)[:MAX_REASON_CHARS]
             outcome.error_code = status_for(error).value[0]
         return outcome
-
-    def _forward(self, events, outbox: queue.Queue) -> None:
-        """Budget changes go up at once, whatever the Welcome asked."""
-        while not events.closed:
-            event = events.next(timeout=1.0)
-            if event is not None and event.event.kind == tpb.Event.KIND_BUDGET_CHANGED:
-                change = ppb.BudgetChange(previous_budget_bytes=event.event.previous_budget_bytes,
-                                          budget_bytes=event.event.budget_bytes, reason=event.event.message)
-                outbox.put(ppb.ExecutorMessage(budget_change=change))
 
     def _start_telemetry(self, welcome: ppb.Welcome, outbox: queue.Queue, ended: threading.Event) -> None:
         """Report what the Welcome asks for, every ``telemetry_interval_ms`` (0: nothing periodic)."""

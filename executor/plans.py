@@ -100,12 +100,15 @@ class PlanBook:
             return None
         return Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget")
 
-    def set_budget(self, budget_bytes: int, shrunk: Plan | None) -> None:
-        """Adopt a new budget and the plan ``shrunk_for`` gave for it (once the slots have shrunk)."""
+    def set_budget(self, budget_bytes: int) -> None:
         self.memory.check_budget(budget_bytes)
         self.budget_bytes = budget_bytes
-        if shrunk is not None:
-            self.current = shrunk
+
+    def adopt(self, plan: Plan) -> str:
+        """``plan`` (the current one, or ``shrunk_for`` a budget) runs from now on, not saved: a
+        restart resumes the last plan the planner sent, under the budget it is given."""
+        self.current = plan
+        return ""
 
 
 def check_state_dir(directory: Path) -> None:

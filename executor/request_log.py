@@ -15,9 +15,8 @@ import uuid
 from dataclasses import dataclass, field
 
 from swapmoe.executor.metrics import ServingStats
-from swapmoe.executor.telemetry import TelemetryHub
+from swapmoe.executor.telemetry import EventKind, TelemetryHub
 from swapmoe.executor.text import Chunk
-from swapmoe.v1 import telemetry_pb2 as tpb
 
 log = logging.getLogger("swapmoe.requests")
 
@@ -86,5 +85,5 @@ def report_request(record: RequestRecord, stats: ServingStats, hub: TelemetryHub
     """Log, count and publish an ended request (``record.end`` was called)."""
     stats.request_ended(record.finish_reason, record.code, record.prompt_tokens, record.total_s)
     summary = record.summary()
-    hub.event(tpb.Event.KIND_REQUEST_FINISHED, summary, request_id=record.request_id)
+    hub.event(EventKind.REQUEST_FINISHED, summary, request_id=record.request_id)
     log.info(summary, extra=record.fields())

@@ -19,10 +19,10 @@ import grpc
 
 from swapmoe.core import limits
 from swapmoe.core.errors import Busy, Forbidden, InvalidField, Unauthenticated
-from swapmoe.executor.scheduler import Cancelled
+from swapmoe.executor.serving_loop import Cancelled
 from swapmoe.executor.engine import Engine
-from swapmoe.executor.generation import GenerationRequest, SamplingParams
-from swapmoe.executor.profiling import ProfileProgress, ProfileSpec
+from swapmoe.executor.requests import GenerationRequest, SamplingParams
+from swapmoe.executor.device_profiling import ProfileProgress, ProfileSpec
 from swapmoe.executor.request_log import RequestRecord, new_request_id, report_request
 from swapmoe.executor.telemetry import ALL_TOPICS, TelemetryReporter
 from swapmoe.executor.text import Chunk

@@ -10,6 +10,7 @@ tenants' requests never receives a finished-request event (its id, tokens and ti
 from __future__ import annotations
 
 import collections
+import enum
 import threading
 import time
 
@@ -76,6 +77,16 @@ class Subscription:
             self._ready.notify_all()
 
 
+class EventKind(enum.IntEnum):
+    """What an event says happened (the wire's ``Event.Kind``), for code that is not an RPC edge."""
+
+    STARTED = tpb.Event.KIND_STARTED
+    BUDGET_CHANGED = tpb.Event.KIND_BUDGET_CHANGED
+    PLAN_APPLIED = tpb.Event.KIND_PLAN_APPLIED
+    PLAN_REJECTED = tpb.Event.KIND_PLAN_REJECTED
+    REQUEST_FINISHED = tpb.Event.KIND_REQUEST_FINISHED
+
+
 class TelemetryHub:
     def __init__(self, node_id: str = ""):
         self.node_id = node_id
@@ -106,8 +117,8 @@ class TelemetryHub:
         for subscription in targets:
             subscription.offer(event)
 
-    def event(self, kind: int, message: str, **fields) -> None:
-        self.publish(self.make(event=tpb.Event(kind=kind, message=message, **fields)))
+    def event(self, kind: EventKind, message: str, **fields) -> None:
+        self.publish(self.make(event=tpb.Event(kind=int(kind), message=message, **fields)))
 
     def close_all(self) -> None:
         with self._lock:

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 from transformers import AutoTokenizer
 
-from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.metrics import ServingStats
 
 

@@ -1,4 +1,4 @@
-"""Expert updates off the forward thread: a worker that decides, an outbox the forward thread empties.
+"""Expert updates off the forward thread: a worker that decides, pending tables the forward thread installs.
 
 Deciding an update (reading importance, moving scores, the slot pool's bookkeeping, building
 the routing tables that follow) is a few hundred microseconds of small tensor ops and Python
@@ -65,7 +65,7 @@ class Worker:
 
 
 @dataclass(slots=True)
-class Outbox:
+class PendingTables:
     """What the worker made for the forward thread: each layer's newest routing tables, and the
     loads that may start once those are installed. Thread-safe."""
 

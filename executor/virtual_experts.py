@@ -27,13 +27,13 @@ from swapmoe.core.plan import Strategy
 from swapmoe.executor import memory
 from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
-from swapmoe.executor.routing import MaskedRouter
+from swapmoe.executor.gating import MaskedRouter
 from swapmoe.executor.skeleton import build_skeleton
 from swapmoe.executor.slot_experts import SlotExperts, SlotTable
 from swapmoe.executor.slots import SlotPool
 from swapmoe.executor.store import ExpertStore
 from swapmoe.executor.store_build import ensure_store
-from swapmoe.executor.updater import Outbox, Worker
+from swapmoe.executor.updater import PendingTables, Worker
 
 @dataclass(slots=True)
 class Layer:
@@ -111,7 +111,7 @@ class VirtualExperts:
         self._sync = Copier(self.store, self.device, self.io)  # on-demand and start-up loads
         # Pools and scores change on the updater thread and, between passes, on callers' threads.
         self._state = threading.RLock()
-        self._outbox = Outbox()
+        self._pending = PendingTables()
         # Decide updates on a thread of their own where the forward thread mostly waits for the
         # device with the interpreter free (CUDA). On the CPU the forward pass is itself Python-bound:
         # a second thread doing small tensor ops hands the interpreter lock back and forth with it
@@ -157,11 +157,11 @@ class VirtualExperts:
     def _post(self, index: int, loads: Sequence[Load] = ()) -> None:
         """Tables for the pool's ready experts now, and the loads that may start once they are
         installed (caller holds the state lock)."""
-        self._outbox.post(index, self._tables(self.layers[index]), loads)
+        self._pending.post(index, self._tables(self.layers[index]), loads)
 
     def _install(self) -> None:
         """Between passes: the newest tables become what routing uses, then their loads start."""
-        tables, loads = self._outbox.take()
+        tables, loads = self._pending.take()
         for index, t in tables.items():
             self.layers[index].install(t)
         for load in loads:
@@ -285,7 +285,7 @@ class VirtualExperts:
 
     def _decide(self, layers: Sequence[int], max_loads: int | None) -> int:
         """Collect finished loads, then reserve slots for up to ``max_loads`` loads per layer in
-        ``layers``; their tables and loads go to the outbox. Caller holds the state lock."""
+        ``layers``; their tables and loads wait in the pending tables. Caller holds the state lock."""
         self._collect()
         if self.strategy is Strategy.ON_DEMAND or not layers:
             return 0
@@ -311,7 +311,7 @@ class VirtualExperts:
         return started
 
     def _collect(self) -> int:
-        """Finished loads into the pools, their tables to the outbox; returns how many were
+        """Finished loads into the pools, their tables to the pending tables; returns how many were
         usable. Caller holds the state lock."""
         done = 0
         for load in self.loader.finished():
@@ -335,7 +335,7 @@ class VirtualExperts:
         """Stop background work (before slots move): loads not started or queued are dropped,
         the one in flight finishes and is published, so no slot is left loading. Caller holds
         the state lock, so the updater waits meanwhile."""
-        _, waiting = self._outbox.take()
+        _, waiting = self._pending.take()
         for load in waiting + self.loader.quiesce():
             self.layers[load.layer].pool.cancel_load(load.expert)
         self._collect()
@@ -371,7 +371,7 @@ class VirtualExperts:
 
     def _publish_now(self, index: int) -> None:
         """Install the layer's tables at once (inside a pass: on-demand loads), superseding any waiting."""
-        self._outbox.drop(index)
+        self._pending.drop(index)
         self.layers[index].install(self._tables(self.layers[index]))
 
     def close(self) -> None:

@@ -156,7 +156,7 @@ tokens; AdamW, peak learning rate 1e-3, warm-up then cosine decay; router load-b
   until then the decoder cannot find anything in its source. A synthetic probe measures this:
   copying the 3 tokens after a marker, this configuration stays at the floor of a model that
   ignores its source for 1000 steps, and learns it with the multiplier
-  (`python -m benchmarks.source_probe`, `benchmarks/RESULTS-source-probe.md`).
+  (`python -m benchmarks.source_probe`, `benchmarks/results/RESULTS-source-probe.md`).
 - **The first 600 steps ask only for the function's name** (as words), and a fifth of the
   examples after them. Only a decoder that finds the name in its source can do that, and a
   summary mostly reuses the function's words. Measured side by side (same seed, 4000 steps):

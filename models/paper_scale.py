@@ -225,11 +225,6 @@ def plan(name: str, scale: dict | None = None, max_shard_size: int | str = "2GB"
     return Plan(name, model.config, model, shards, split.metadata["total_size"], model.num_parameters(), dtype)
 
 
-def parameter_bytes(name: str, scale: dict | None = None) -> int:
-    """Bytes of the checkpoint's weights (tied weights once), from the meta model: nothing written."""
-    return plan(name, scale).total_size
-
-
 # --- writing ---------------------------------------------------------------------------------
 
 def _seed(name: str, seed: int) -> int:

@@ -1,4 +1,5 @@
-"""``swapmoe.orchestration``: the ``swapmoe`` command (``cli``, with ``client`` for the calls it
-makes), the control node for fleet-wide rollouts (``fleet``), the ``demo``, and starting
-servers as processes (``processes``).
+"""``swapmoe.orchestration``: the control node and fleet work: fleet-wide staged rollouts
+(``fleet`` over ``rollouts``, ``rollout_driver``, ``rollout_store``, ``planners``), a local fleet
+from a file (``fleet_spec``, ``fleet_up``), client-side request ``balancing`` over the fleet, and
+starting servers as processes (``processes``). The CLI that drives it is ``swapmoe.cli``.
 """

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from swapmoe.orchestration import fleet_spec
 from swapmoe.orchestration.fleet_spec import ExecutorSpec, FleetSpec, ServerSpec
 from swapmoe.orchestration.processes import Service, launch
-from swapmoe.orchestration.routing import list_nodes
+from swapmoe.orchestration.balancing import list_nodes
 from swapmoe.rpc import security, transport
 from swapmoe.v1 import fleet_pb2_grpc, planner_pb2 as ppb
 

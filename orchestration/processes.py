@@ -52,7 +52,7 @@ class Service:
 
 def swapmoe_command(*args: str) -> list[str]:
     """The command line of a ``swapmoe`` subcommand, run with this interpreter."""
-    return [sys.executable, "-m", "swapmoe.orchestration.cli", *args]
+    return [sys.executable, "-m", "swapmoe.cli.main", *args]
 
 
 def spawn(name: str, args: list[str], timeout: float = 120, log_dir: Path | None = None,

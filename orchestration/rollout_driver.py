@@ -65,10 +65,6 @@ class RolloutDriver:
         self._wake.set()
         self._thread.join(timeout)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def _run(self) -> None:
         try:
             while not self._stop.is_set() and self._step():
@@ -183,7 +179,7 @@ class RolloutDriver:
         """Previous plans to every node reached, a few tries per planner; the rollout then ends
         as it was meant to (FAILED after a halt, ABORTED after an abort)."""
         failures: dict[str, str] = {}
-        for attempt in range(ROLLBACK_TRIES):
+        for _ in range(ROLLBACK_TRIES):
             with self.lock:
                 pushes = [(a, p) for a, p in ro.rollback_pushes(self.rollout) if not failures or a in failures]
             failures = self._send_rollback(pushes)

@@ -9,7 +9,7 @@ generation (``gc.freeze``, O(1)), so collections only walk the objects of the la
 
 Frozen objects are still freed by reference counting; only cycles that form among them
 would wait. A fleet's traffic makes none (2,000 executors registering, reporting and
-leaving left 0 objects for a full collection: benchmarks/RESULTS-fleet.md), and every
+leaving left 0 objects for a full collection: benchmarks/results/RESULTS-fleet.md), and every
 ``full_every_s`` the heap thaws and one full collection runs, logged with what it found.
 """
 

@@ -19,7 +19,7 @@ import numpy as np
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Strategy
 from swapmoe.profiler.configs import UPDATE_FREQUENCIES, Configuration
-from swapmoe.profiler.models import AccuracyEnsemble, AccuracyModel, LatencyModel, lower_is_better
+from swapmoe.profiler.performance_models import AccuracyEnsemble, AccuracyModel, LatencyModel, lower_is_better
 
 # The strategies a plan is searched over (skip has no accuracy profile: it drops tokens).
 STRATEGIES = (Strategy.MASKED_GATING, Strategy.ON_DEMAND)

@@ -19,7 +19,7 @@ from swapmoe.core.budget import MemoryModel
 from swapmoe.core.device_profile import DeviceProfile
 from swapmoe.planner_service.objectives import Objectives
 from swapmoe.profiler import artifacts, report
-from swapmoe.profiler.models import AccuracyEnsemble, fit_latency
+from swapmoe.profiler.performance_models import AccuracyEnsemble, fit_latency
 
 log = logging.getLogger(__name__)
 E_ACCURACY = "e_accuracy.json"

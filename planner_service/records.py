@@ -14,9 +14,9 @@ from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Plan
 from swapmoe.planner_service.outbox import Outbox
 from swapmoe.planner_service.search import Found
-from swapmoe.profiler.models import lower_is_better
+from swapmoe.profiler.performance_models import lower_is_better
 from swapmoe.rpc import convert
-from swapmoe.v1 import common_pb2, planner_pb2 as ppb, telemetry_pb2 as tpb
+from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb, telemetry_pb2 as tpb
 
 
 def digest(secret: str) -> str:
@@ -26,8 +26,9 @@ def digest(secret: str) -> str:
 @dataclass
 class ExecutorRecord:
     node_id: str
-    registration: ppb.Registration  # as registered, without its secret; budget kept up to date
+    registration: ppb.Registration  # as registered, without its secret
     memory_model: MemoryModel
+    budget_bytes: int = 0  # the budget in force, as the planner knows it (0: the registered one)
     connected: bool = True
     desired: Plan | None = None
     acked: Plan | None = None
@@ -50,6 +51,9 @@ class ExecutorRecord:
     budget_before: int = 0  # the budget before a pushed plan that carries one, until it is answered
     registration_json: dict | None = None  # the state file's cache of the registration
 
+    def __post_init__(self):
+        self.budget_bytes = self.budget_bytes or self.registration.budget_bytes
+
     @property
     def layout(self):
         return self.memory_model.layout
@@ -57,7 +61,7 @@ class ExecutorRecord:
     def to_pb(self, profile_state: str = "", brief: bool = False) -> ppb.ExecutorStatus:
         """The status; ``brief`` leaves out the layout, device, memory report and prediction."""
         reg = self.registration
-        msg = ppb.ExecutorStatus(node_id=self.node_id, connected=self.connected, budget_bytes=reg.budget_bytes,
+        msg = ppb.ExecutorStatus(node_id=self.node_id, connected=self.connected, budget_bytes=self.budget_bytes,
                                  state=self.state, last_seen_ns=self.last_seen_ns, pinned=self.pinned,
                                  workload=self.workload, reason=self.reason, profile_state=profile_state,
                                  labels=reg.labels, executor_address=reg.executor_address)
@@ -100,6 +104,14 @@ class PendingProfile:
     def finish(self, outcome: ppb.ProfileOutcome | None, failure: str = "") -> None:
         self.outcome, self.failure = outcome, failure
         self.done.set()
+
+    def result(self, timeout_s: float) -> epb.ProfileResult:
+        """The profile, waited for; raises TimeoutError, or RuntimeError saying why none came."""
+        if not self.done.wait(timeout_s):
+            raise TimeoutError(f"no profile within {timeout_s:g} s")
+        if self.outcome is None or self.outcome.error:
+            raise RuntimeError(self.failure or self.outcome.error)
+        return self.outcome.result
 
 
 

@@ -11,7 +11,7 @@ The rules, in one place:
   forgot, or an operator's), unless the planner still owes it a newer plan it missed while
   away, or it runs no planner's plan yet (version 0), or its budget changed while away, or
   the planner has searched a different plan for it (profiles and frontiers survive restarts).
-- Plans come from ``planner.Planner``: searched for the executor's budget, device and
+- Plans come from ``policy.PlanPolicy``: searched for the executor's budget, device and
   recognised workload, or the even split as the fallback; a plan that would make the
   executor do what it does already is not sent.
 - An operator's plan (``push`` with a plan) is pinned: budget changes and registrations
@@ -36,11 +36,11 @@ from typing import Callable
 from swapmoe.core.errors import Busy, Conflict, InvalidField, NotFound
 from swapmoe.core.labels import Selector
 from swapmoe.core.limits import next_version
-from swapmoe.core.plan import Plan
+from swapmoe.core.plan import BudgetChange, Plan
 from swapmoe.core.sizes import format_size
 from swapmoe.planner_service import claims
 from swapmoe.planner_service.claims import RegistrySettings
-from swapmoe.planner_service.planner import Planner
+from swapmoe.planner_service.policy import PlannerSettings, PlanPolicy
 from swapmoe.planner_service.records import ExecutorRecord, PendingProfile, count, digest
 from swapmoe.planner_service.registration import Registered
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb
@@ -54,10 +54,10 @@ PUSH_CHUNK = 64
 
 class Registry:
     def __init__(self, records: list[ExecutorRecord] = (), persist: Callable[[ExecutorRecord], None] = lambda r: None,
-                 planner: Planner | None = None, settings: RegistrySettings = RegistrySettings(),
+                 planning: PlannerSettings = PlannerSettings(), settings: RegistrySettings = RegistrySettings(),
                  erase: Callable[[str], None] = lambda node_id: None):
         """``records``: executors known from before a restart (disconnected until they register);
-        ``planner``: the policy that chooses plans (profiles, frontiers, workloads); ``persist`` and
+        ``planning``: how the policy chooses plans (profiles, frontiers, workloads); ``persist`` and
         ``erase`` keep and drop a record on disk."""
         self._lock = threading.Lock()
         self._records: dict[str, ExecutorRecord] = {r.node_id: r for r in records}
@@ -67,8 +67,8 @@ class Registry:
         self._profiling = 0  # profiles asked and not answered, over every executor
         self._persist, self._erase = persist, erase
         self.settings = settings
-        self.planner = planner or Planner()
-        self.planner.attach(self)
+        self.policy = PlanPolicy(planning, on_plan_ready=self.replan, connected=self.connected,
+                                 profile=self.profile_device)
 
     def connect(self, registered: Registered, address: str | None = None) -> tuple[ExecutorRecord, str]:
         """Register (or resync) a checked registration; returns its record and the node's secret,
@@ -78,7 +78,7 @@ class Registry:
         reg, current = registered.registration, registered.current
         with self._lock:  # refused before the planner hears of it: a refused registration changes nothing
             self._admissible(self._records.get(reg.node_id), reg, current)
-        measure = self.planner.prepare(reg.node_id, reg.model_fingerprint, registered.memory)  # reads files: unlocked
+        measure = self.policy.prepare(reg.node_id, reg.model_fingerprint, registered.memory)  # reads files: unlocked
         with self._lock:
             old = self._records.get(reg.node_id)
             secret = self._admissible(old, reg, current)  # again: the record may have changed meanwhile
@@ -107,8 +107,8 @@ class Registry:
             self._on_register(record, old, running)
             self._persist(record)
         if measure:
-            self.planner.measure(record.node_id)
-        self.planner.registered(record.node_id)
+            self.policy.measure(record.node_id)
+        self.policy.registered(record.node_id)
         return record, secret
 
     @staticmethod
@@ -136,9 +136,9 @@ class Registry:
             return
         elif not running:
             self._replan(record, why="registered running no planner's plan")
-        elif old is not None and old.registration.budget_bytes != record.registration.budget_bytes:
-            self._replan(record, why=f"budget changed to {format_size(record.registration.budget_bytes)} while away")
-        elif self.planner.searched(record):
+        elif old is not None and old.budget_bytes != record.budget_bytes:
+            self._replan(record, why=f"budget changed to {format_size(record.budget_bytes)} while away")
+        elif self.policy.searched(record):
             self._replan(record, why="registered")  # sends nothing when it runs the searched plan already
 
     def disconnect(self, record: ExecutorRecord) -> None:
@@ -188,7 +188,7 @@ class Registry:
         del self._records[record.node_id]
         self._order.pop(bisect.bisect_left(self._order, record.node_id))
         self._erase(record.node_id)
-        self.planner.forget(record.node_id)
+        self.policy.forget(record.node_id)
 
     def connected(self, node_id: str) -> bool:
         record = self._records.get(node_id)
@@ -202,19 +202,17 @@ class Registry:
                 if result.accepted:
                     record.acked = record.desired
                 elif record.budget_before:  # the device kept its budget
-                    record.registration.budget_bytes = record.budget_before
+                    record.budget_bytes = record.budget_before
                 record.budget_before = 0
             if result.HasField("memory"):
                 record.memory = result.memory
             self._persist(record)
 
-    def on_budget_change(self, record: ExecutorRecord, change: ppb.BudgetChange) -> None:
-        """The device changed its budget: plan again for the new one (a pinned plan stays). A change
-        the planner made itself (a plan that carried the budget) is already planned for."""
+    def on_budget_change(self, record: ExecutorRecord, change: BudgetChange) -> None:
+        """The device changed its budget (not with a plan: that budget is planned for already): plan
+        again for the new one (a pinned plan stays)."""
         with self._lock:
-            if change.budget_bytes == record.registration.budget_bytes:
-                return
-            record.registration.budget_bytes = change.budget_bytes
+            record.budget_bytes = change.budget_bytes
             if not record.pinned:
                 self._replan(record, why=f"budget change to {format_size(change.budget_bytes)}"
                                          + (f" ({change.reason})" if change.reason else ""))
@@ -228,15 +226,15 @@ class Registry:
             record.throughput = event.throughput
         elif kind == "experts":
             with self._lock:
-                why = self.planner.observe(record, [list(layer.activations) for layer in event.experts.layers])
+                why = self.policy.observe(record, [list(layer.activations) for layer in event.experts.layers])
                 if why:
-                    record.workload = self.planner.recognised(record.node_id)
+                    record.workload = self.policy.recognised(record.node_id)
                     if not record.pinned and record.connected:
                         self._replan(record, why=why)
                     self._persist(record)
 
     def replan(self, node_id: str, why: str) -> None:
-        """The planner has a better answer for ``node_id`` (a frontier, a refined search): send it
+        """The policy has a better answer for ``node_id`` (a frontier, a refined search): send it
         unless the executor runs it already, is pinned or is away."""
         with self._lock:
             record = self._records.get(node_id)
@@ -246,7 +244,7 @@ class Registry:
             self._persist(record)
 
     def statuses(self, records: list[ExecutorRecord], brief: bool = False) -> list[ppb.ExecutorStatus]:
-        return [r.to_pb(self.planner.status(r.node_id), brief) for r in records]
+        return [r.to_pb(self.policy.status(r.node_id), brief) for r in records]
 
     def page(self, node_ids: list[str], selector: Selector, after: str, size: int, connected_only: bool = False,
              states: frozenset[int] = frozenset()) -> tuple[list[ExecutorRecord], str, ppb.StatusSummary]:
@@ -299,15 +297,15 @@ class Registry:
         record.pinned = plan is not None
         planned_for = budget if budget and _accepts(record, budget) else 0
         if budget:
-            record.budget_before = record.budget_before or record.registration.budget_bytes
+            record.budget_before = record.budget_before or record.budget_bytes
             if planned_for:  # plans for the new budget; a refused budget goes with the plan running
-                record.registration.budget_bytes = budget
+                record.budget_bytes = budget
         what = f" with budget {format_size(budget)}" if budget else ""
         if plan is not None:
             self._send(record, plan.with_budget(budget).with_version(next_version(record.version)))
             record.reason, record.found = f"operator push (pinned){what}", None
         elif budget and not planned_for:
-            running = record.acked or record.memory_model.default_plan(record.registration.budget_bytes, 0, "")
+            running = record.acked or record.memory_model.default_plan(record.budget_bytes, 0, "")
             self._send(record, running.with_budget(budget).with_version(next_version(record.version)))
             record.reason, record.found = f"operator push{what} (below what the executor accepts)", None
         else:
@@ -333,6 +331,14 @@ class Registry:
             record.outbox.put(ppb.PlannerMessage(profile_request=ppb.ProfileAsk(request_id=pending.request_id,
                                                                                 request=request)))
             return pending
+
+    def profile_device(self, node_id: str, request: epb.ProfileRequest, timeout_s: float) -> epb.ProfileResult:
+        """Ask ``node_id`` for a device profile down its stream and wait for it (raises when none comes)."""
+        pending = self.ask_profile(node_id, request)
+        try:
+            return pending.result(timeout_s)
+        finally:
+            self.end_profile(pending)
 
     def on_profile_result(self, record: ExecutorRecord, outcome: ppb.ProfileOutcome) -> None:
         """An executor's answer; one nobody waits for (any more) is dropped."""
@@ -363,7 +369,7 @@ class Registry:
         return [self._records[n] for n in dict.fromkeys(node_ids)]
 
     def _replan(self, record: ExecutorRecord, force: bool = False, why: str = "", budget: int = 0) -> None:
-        choice = self.planner.choose(record, why)
+        choice = self.policy.choose(record, why)
         plan = choice.plan.with_budget(budget).with_version(next_version(record.version))
         running = record.desired if record.state == ppb.PLAN_STATE_PENDING else record.acked
         if force or running is None or _what(running) != _what(plan):

@@ -8,7 +8,7 @@ profiles: ``planner_service.control``) run on the loop's thread pool. A call on 
 still takes several of its turns, and with 10,000 streams a turn can take 50-200 ms during a
 registration storm or a fleet-wide push, so the control RPCs and health are also served on a
 sync server's threads (``control_address``), which answer within tens of ms throughout
-(benchmarks/RESULTS-fleet.md). Besides plans, the stream carries profiles: ``ProfileExecutor`` sends a
+(benchmarks/results/RESULTS-fleet.md). Besides plans, the stream carries profiles: ``ProfileExecutor`` sends a
 ProfileRequest down a connected executor's stream and waits for its answer, so a device
 behind NAT can be profiled through the connection it opened itself.
 """
@@ -28,7 +28,7 @@ import grpc
 from swapmoe.core.errors import Busy, InvalidField
 from swapmoe.core.limits import MAX_REASON_CHARS, check_text
 from swapmoe.planner_service.outbox import Ended
-from swapmoe.planner_service.planner import RESCAN_S, Planner, PlannerSettings
+from swapmoe.planner_service.policy import RESCAN_S, PlannerSettings
 from swapmoe.planner_service.registration import (Peer, check_budget_change, check_registration, check_result,
                                                    published_address)
 from swapmoe.planner_service.control import PROFILE_POLL_S, ControlServicer, PlannerControl
@@ -51,7 +51,7 @@ UPSTREAM_TELEMETRY_MS = 1000
 UPSTREAM_TOPICS = [tpb.TOPIC_MEMORY, tpb.TOPIC_THROUGHPUT, tpb.TOPIC_EXPERTS]
 STATUS_TOPICS = UPSTREAM_TOPICS[:2]
 # Connect streams served at once; more get RESOURCE_EXHAUSTED. Each costs ~45 KiB of planner memory
-# (benchmarks/RESULTS-fleet.md) and the file descriptors of its connection.
+# (benchmarks/results/RESULTS-fleet.md) and the file descriptors of its connection.
 MAX_EXECUTORS = 20_000
 STATE_WRITE_BEHIND_S = 0.2
 # Threads for registrations, status pages and pushes: few, so that they leave the event loop
@@ -87,7 +87,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             reader = asyncio.create_task(self._read(record, request_iterator))
             # Expert reports only from executors whose workload can be recognised: a third of the
             # messages a fleet of an unprofiled model would otherwise send for nothing.
-            topics = UPSTREAM_TOPICS if self.registry.planner.recognises_workloads(record.node_id) else STATUS_TOPICS
+            topics = UPSTREAM_TOPICS if self.registry.policy.recognises_workloads(record.node_id) else STATUS_TOPICS
             yield ppb.PlannerMessage(welcome=ppb.Welcome(telemetry_interval_ms=UPSTREAM_TELEMETRY_MS,
                                                          topics=topics, node_secret=secret))
             while True:
@@ -144,7 +144,7 @@ class PlannerServicer(planner_pb2_grpc.PlannerServiceServicer):
             self.registry.on_result(record, message.plan_result)
         elif kind == "budget_change":
             check_budget_change(record.memory_model, message.budget_change)
-            self.registry.on_budget_change(record, message.budget_change)
+            self.registry.on_budget_change(record, convert.budget_change_from_pb(message.budget_change))
         elif kind == "telemetry":
             self.registry.on_telemetry(record, message.telemetry)
         elif kind == "profile_result":
@@ -193,10 +193,9 @@ def serve(address: str = "127.0.0.1:0", registry: Registry | None = None, state_
     state = None
     if registry is None:
         settings = dataclasses.replace(settings or PlannerSettings(), state_dir=state_dir)
-        planner = Planner(settings)
         state = PlannerState(state_dir, write_behind_s=STATE_WRITE_BEHIND_S) if state_dir is not None else None
-        registry = (Registry(state.load(), state.save, planner, records, state.erase) if state
-                    else Registry(planner=planner, settings=records))
+        registry = (Registry(state.load(), state.save, settings, records, state.erase) if state
+                    else Registry(planning=settings, settings=records))
         if state is not None:
             on_stop.append(state.close)
     servicer = PlannerServicer(registry, max_executors, state.health if state else lambda: (0, ""))
@@ -225,7 +224,7 @@ def _expire_every(registry: Registry, stop: threading.Event) -> None:
     expired_at = time.monotonic()
     while not stop.wait(RESCAN_S):
         try:
-            picked = registry.planner.revisit()
+            picked = registry.policy.revisit()
         except Exception:  # noqa: BLE001 - a bad profile must not end expiry too
             log.exception("looking for new accuracy profiles failed")
             picked = []

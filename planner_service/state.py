@@ -172,10 +172,12 @@ def _to_json(record: ExecutorRecord) -> dict:
 
 
 def _registration_json(record: ExecutorRecord) -> dict:
-    """The registration as JSON, cached: only its budget changes after it arrives."""
+    """The registration as JSON with the budget in force, cached: only the budget changes after it arrives."""
     cached = record.registration_json
-    if cached is None or cached.get("budgetBytes", "0") != str(record.registration.budget_bytes):
-        cached = record.registration_json = json_format.MessageToDict(record.registration)
+    if cached is None or cached.get("budgetBytes", "0") != str(record.budget_bytes):
+        cached = json_format.MessageToDict(record.registration)
+        cached["budgetBytes"] = str(record.budget_bytes)  # int64 in protobuf JSON: a string
+        record.registration_json = cached
     return cached
 
 

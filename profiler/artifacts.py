@@ -9,7 +9,7 @@ device) for the device profile::
 JSON, not pickle or joblib: a profile may come from another machine, and unpickling runs
 whatever code the file names; JSON holds only numbers and text, loads everywhere, and a
 reviewer can read and diff it. Fitted models are stored as their weights
-(``swapmoe.profiler.models`` evaluates them with numpy).
+(``swapmoe.profiler.performance_models`` evaluates them with numpy).
 """
 
 from __future__ import annotations

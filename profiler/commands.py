@@ -26,7 +26,7 @@ def accuracy(args) -> None:
 
 def device(args) -> None:
     """Profile an executor (directly, or through its planner for a device behind NAT) and store it."""
-    from swapmoe.orchestration.client import fetch_device_profile
+    from swapmoe.cli.client import fetch_device_profile
     from swapmoe.profiler.report import save_device
 
     profile = fetch_device_profile(executor=args.executor, planner=args.planner, node_id=args.node_id,
@@ -71,8 +71,8 @@ def _is_encoder_decoder(model: Path) -> bool:
 
 def add_parser(commands) -> None:
     """The ``profile`` command group, on the ``swapmoe`` parser's subcommands."""
-    from swapmoe.orchestration.addresses import EXECUTOR_PORT, PLANNER_PORT, address_type
-    from swapmoe.orchestration.arg_types import size
+    from swapmoe.cli.addresses import EXECUTOR_PORT, PLANNER_PORT, address_type
+    from swapmoe.cli.arg_types import size
     from swapmoe.profiler.artifacts import default_root
 
     group = commands.add_parser("profile", help="device and accuracy profiling, stored profiles")

@@ -16,7 +16,7 @@ from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.sizes import format_size
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.accuracy import workload_histograms
-from swapmoe.profiler.models import AccuracyEnsemble, AccuracyModel, LatencyModel, fit_accuracy, fit_latency
+from swapmoe.profiler.performance_models import AccuracyEnsemble, AccuracyModel, LatencyModel, fit_accuracy, fit_latency
 
 ACCURACY_KIND, DEVICE_KIND, E_ACCURACY_KIND, E_LATENCY_KIND = "accuracy-profile", "device", "e-accuracy", "e-latency"
 
@@ -36,12 +36,6 @@ def finish_accuracy(directory: Path, fingerprint: str | None = None) -> dict:
     artifacts.write_json(directory / "e_accuracy.json", E_ACCURACY_KIND, body)
     (directory / "summary.md").write_text(accuracy_summary(meta, rows, body))
     return body
-
-
-def load_accuracy_models(directory: Path, fingerprint: str | None = None) -> dict[str, AccuracyModel]:
-    """E_accuracy per workload, as stored (refused for another model's fingerprint)."""
-    body = artifacts.read_json(directory / "e_accuracy.json", E_ACCURACY_KIND, fingerprint)
-    return {w: AccuracyModel.from_json(fit["models"]["mlp"]) for w, fit in body["workloads"].items()}
 
 
 def load_accuracy_ensembles(directory: Path, fingerprint: str | None = None) -> dict[str, AccuracyEnsemble]:

@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from swapmoe.core.plan import Strategy
-from swapmoe.executor.generation import SamplingParams, generate_ids
+from swapmoe.executor.requests import GenerationRequest
+from swapmoe.executor.model_runner import ModelRunner
+from swapmoe.executor.step import tokens_offline
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.profiler.configs import Configuration
 from swapmoe.profiler.residency import check_cap, scoring_residency
@@ -67,18 +69,18 @@ class Scorer:
         torch.set_num_threads(threads)
         self.set = profiling_set
         self.max_resident_bytes = max_resident_bytes  # expert slot bytes; 0: no cap (see profiler.residency)
-        self.runtime = VirtualExperts(Path(checkpoint), "cpu", store_root, log=log)
+        self.experts = VirtualExperts(Path(checkpoint), "cpu", store_root, log=log)
         try:
             self._prepare(checkpoint, AutoTokenizer)
         except BaseException:
-            self.runtime.close()  # a set that does not fit the model: leave no loader thread
+            self.experts.close()  # a set that does not fit the model: leave no loader thread
             raise
 
     def _prepare(self, checkpoint: Path, tokenizers) -> None:
         profiling_set = self.set
-        self.runtime.set_strategy(Strategy.MASKED_GATING)
+        self.experts.set_strategy(Strategy.MASKED_GATING)
         self.tokenizer = tokenizers.from_pretrained(checkpoint, local_files_only=True)
-        self.layout = self.runtime.layout
+        self.layout = self.experts.layout
         check_cap(self.layout, self.max_resident_bytes)
         profiling_set.check_fits(self.layout.encoder_decoder, str(checkpoint))
         if profiling_set.kind == "lm":
@@ -97,14 +99,14 @@ class Scorer:
         start = time.perf_counter()
         totals, activations = {}, {}
         capacities, strategy = scoring_residency(self.layout, config.experts_per_layer, self.max_resident_bytes)
-        if strategy is not self.runtime.strategy:  # on demand for the capped reference only
-            self.runtime.set_strategy(strategy)
+        if strategy is not self.experts.strategy:  # on demand for the capped reference only
+            self.experts.set_strategy(strategy)
         for workload, inputs in self.inputs.items():
-            self.runtime.restart(capacities)
-            before = [a.activations for a in self.runtime.activity()]
+            self.experts.restart(capacities)
+            before = [a.activations for a in self.experts.activity()]
             run = self._perplexity if self.set.kind == "lm" else self._summaries
             totals[workload] = run(inputs, config.update_frequency)
-            after = [a.activations for a in self.runtime.activity()]
+            after = [a.activations for a in self.experts.activity()]
             activations[workload] = [[y - x for x, y in zip(b, a)] for b, a in zip(before, after)]
         if self.set.kind == "lm":
             accuracy = {w: math.exp(nll / n) for w, (nll, n) in totals.items()}
@@ -115,8 +117,8 @@ class Scorer:
         return Score(config.key, accuracy, totals, activations, time.perf_counter() - start)
 
     def _between(self, update_frequency: int) -> None:
-        self.runtime.between_passes(update_frequency)
-        self.runtime.wait_for_loads()
+        self.experts.between_passes(update_frequency)
+        self.experts.wait_for_loads()
 
     @torch.inference_mode()
     def _perplexity(self, texts: list[list[int]], update_frequency: int) -> list[float]:
@@ -125,11 +127,11 @@ class Scorer:
         nll, count = 0.0, 0
         for ids in texts:
             past = None
-            self.runtime.begin_input()
+            self.experts.begin_input()
             for start in range(0, len(ids) - 1, chunk):
                 x = torch.tensor([ids[start:start + chunk]])
                 y = torch.tensor(ids[start + 1:start + chunk + 1])
-                out = self.runtime.model(input_ids=x, past_key_values=past, use_cache=True)
+                out = self.experts.model(input_ids=x, past_key_values=past, use_cache=True)
                 past = out.past_key_values
                 nll += F.cross_entropy(out.logits[0, :len(y)].float(), y, reduction="sum").item()
                 count += len(y)
@@ -142,19 +144,13 @@ class Scorer:
         from swapmoe.models.tokenizer import EOS_ID
 
         predictions, self.generated = [], []  # the last configuration's output ids, for inspection
+        runner = ModelRunner(self.experts.model, self.experts, 1, update_frequency, settle_loads=True)
         for ids in sources:
-            tokens = generate_ids(self.runtime.model, tuple(ids), MAX_TARGET, SamplingParams(),
-                                  between_steps=lambda: self._between(update_frequency))
-            self.runtime.begin_input()
-            out = []
-            for token in tokens:
-                if token == EOS_ID:
-                    break
-                out.append(token)
-            tokens.close()
+            made = tokens_offline(runner, GenerationRequest(tuple(ids), MAX_TARGET), eos=frozenset({EOS_ID}))
+            out = made[:-1] if made and made[-1] == EOS_ID else made
             self.generated.append(out)
             predictions.append(self.tokenizer.decode(out, skip_special_tokens=True).strip())
         return [float(rouge2_scores(predictions, self.references).sum()), len(predictions)]
 
     def close(self) -> None:
-        self.runtime.close()
+        self.experts.close()

@@ -38,7 +38,7 @@ def checkpoint_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def engine(tiny_model_dir):
+def tiny_engine(tiny_model_dir):
     from swapmoe.executor.engine import Engine, EngineConfig
 
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="test-node")) as engine:

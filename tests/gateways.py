@@ -8,7 +8,7 @@ import threading
 
 import uvicorn
 
-from swapmoe.orchestration.openai_http import Settings, create_app
+from swapmoe.gateway.openai_http import Settings, create_app
 
 from polling import wait_until
 

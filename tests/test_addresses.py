@@ -2,7 +2,7 @@
 
 import pytest
 
-from swapmoe.orchestration.addresses import with_default_port
+from swapmoe.cli.addresses import with_default_port
 
 
 @pytest.mark.parametrize("typed, dialled", [

@@ -12,7 +12,7 @@ import pytest
 
 from swapmoe.core.errors import Busy
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest, SamplingParams
+from swapmoe.executor.requests import GenerationRequest, SamplingParams
 from swapmoe.models.tiny import save_tiny_model
 
 from polling import wait_until
@@ -119,6 +119,7 @@ def test_the_budget_accounts_for_the_kv_cache_of_every_row_and_holds_with_the_ba
     wait_until(lambda: batched.running == 0, timeout=10)
 
 
+@pytest.mark.slow
 def test_a_budget_cut_takes_rows_out_of_the_batch_before_slots_and_every_stream_still_equals_its_solo_run(batched):
     before, plan = batched.budget_bytes, batched.plan
     requests = [GenerationRequest(p, max_new_tokens=30) for p in PROMPTS]

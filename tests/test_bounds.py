@@ -64,30 +64,30 @@ def test_repeated_fields_maps_and_lists_of_strings_are_bounded_at_any_depth():
     bounds.check_message(epb.GenerateRequest(text="fits", stop=["\n"], request_id="r"))
 
 
-def test_a_server_refuses_an_oversized_field_before_its_handler_runs(engine):
+def test_a_server_refuses_an_oversized_field_before_its_handler_runs(tiny_engine):
     from swapmoe.executor.server import serve
 
-    server = serve(engine)
-    budget = engine.budget_bytes
+    server = serve(tiny_engine)
+    budget = tiny_engine.budget_bytes
     try:
         stub = executor_pb2_grpc.ExecutorServiceStub(transport.channel(f"127.0.0.1:{server.port}"))
         with pytest.raises(grpc.RpcError) as error:
             stub.SetBudget(epb.SetBudgetRequest(budget_bytes=budget // 2, reason="r" * 5000), timeout=10)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert error.value.details().startswith("reason: has 5000 characters")
-        assert engine.budget_bytes == budget  # the handler never ran
+        assert tiny_engine.budget_bytes == budget  # the handler never ran
     finally:
         server.stop(0)
 
 
-def test_the_planner_refuses_a_huge_fingerprint_on_the_stream_and_writes_no_record(tmp_path, engine):
+def test_the_planner_refuses_a_huge_fingerprint_on_the_stream_and_writes_no_record(tmp_path, tiny_engine):
     """An executor token's holder once sent a 50 MB fingerprint: it became a 150 MB state file."""
     from swapmoe.executor.planner_link import PlannerLink
     from swapmoe.planner_service.server import serve
 
     planner, registry = serve(state_dir=tmp_path)
     try:
-        registration = PlannerLink(engine, "unused").registration()
+        registration = PlannerLink(tiny_engine, "unused").registration()
         registration.node_id, registration.model_fingerprint = "huge-fingerprint", "f" * (8 << 20)
         stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(f"127.0.0.1:{planner.port}"))
         stream = stub.Connect(iter([ppb.ExecutorMessage(registration=registration)]), timeout=10)

@@ -4,16 +4,17 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.models import evaluate
 from swapmoe.models.bundled import LM_DIR, SWITCH_DIR
 from swapmoe.models.corpus import DOMAINS, load_eval, name_baseline
 from swapmoe.models.domains import classify
 from swapmoe.models.summarization import rouge2, summarize
 
-pytestmark = pytest.mark.skipif(not (LM_DIR / "model.safetensors").exists()
-                                or not (SWITCH_DIR / "model.safetensors").exists(),
-                                reason="bundled checkpoints not trained yet")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (LM_DIR / "model.safetensors").exists()
+                                 or not (SWITCH_DIR / "model.safetensors").exists(),
+                                 reason="bundled checkpoints not trained yet")]
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +65,20 @@ def test_switch_rouge2_is_well_above_the_name_baseline(switch):
 
 
 @pytest.fixture(scope="module")
-def engine():
+def bundled_engine():
     with Engine(EngineConfig(LM_DIR, budget_bytes=1 << 30, node_id="bundled")) as engine:
         yield engine
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_generated_text_reads_like_the_domain_of_its_prompt(engine, domain):
+def test_generated_text_reads_like_the_domain_of_its_prompt(bundled_engine, domain):
     """Continue held-out excerpts through the executor; the continuation is classified by a
     character-trigram model of the held-out data, independent of the LM."""
     rows = load_eval(domain)[:4]
     agree = 0
     for row in rows:
         prompt = row["text"][:300]
-        chunks = engine.generate(GenerationRequest(engine.tokenize(prompt), max_new_tokens=48))
+        chunks = bundled_engine.generate(GenerationRequest(bundled_engine.tokenize(prompt), max_new_tokens=48))
         continuation = "".join(c.text for c in chunks)
         agree += classify(continuation) == domain
     assert agree >= 3, f"only {agree} of {len(rows)} continuations read like {domain}"

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from swapmoe.orchestration import cli
+from swapmoe.cli import main as cli
 
 
 _STARTED: list[threading.Thread] = []  # threads the last run_cli left running
@@ -150,10 +150,10 @@ def test_a_server_that_is_not_there_is_unavailable_naming_its_address(capsys, cl
         f"swapmoe: error: control node 127.0.0.1:{closed_port}: UNAVAILABLE: ")
 
 
-def test_a_budget_the_executor_refuses_is_invalid_argument_naming_the_field(capsys, engine):
+def test_a_budget_the_executor_refuses_is_invalid_argument_naming_the_field(capsys, tiny_engine):
     from swapmoe.executor.server import serve
 
-    server = serve(engine)
+    server = serve(tiny_engine)
     try:
         code, err = run_cli(capsys, "budget", "--executor", f"127.0.0.1:{server.port}", "1KiB")
     finally:
@@ -161,11 +161,11 @@ def test_a_budget_the_executor_refuses_is_invalid_argument_naming_the_field(caps
     assert code == 2
     assert one_error_line(err).startswith(f"swapmoe: error: executor 127.0.0.1:{server.port}: INVALID_ARGUMENT: "
                                           "budget_bytes: 1.0 KiB is below this model's minimum of ")
-    assert engine.budget_bytes == 1 << 30
+    assert tiny_engine.budget_bytes == 1 << 30
 
 
 def test_the_status_of_an_unknown_executor_is_not_found(capsys):
-    from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.policy import PlannerSettings
     from swapmoe.planner_service.server import serve
 
     planner, _ = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))
@@ -179,7 +179,7 @@ def test_the_status_of_an_unknown_executor_is_not_found(capsys):
 
 def test_routing_through_a_fleet_with_no_such_model_or_no_control_node_is_one_line(capsys, closed_port):
     from swapmoe.orchestration.fleet import serve as serve_fleet
-    from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.policy import PlannerSettings
     from swapmoe.planner_service.server import serve
 
     planner, _ = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))

@@ -11,9 +11,9 @@ from polling import wait_until
 from serving import own_engine
 from swapmoe.executor.planner_link import PlannerLink
 from swapmoe.executor.server import serve as serve_executor
-from swapmoe.orchestration import cli
+from swapmoe.cli import main as cli
 from swapmoe.orchestration.fleet import serve as serve_fleet
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc

@@ -20,8 +20,8 @@ import pytest
 from dockerfile_parse import DockerfileParser
 
 from swapmoe.core.sizes import parse_size
-from swapmoe.orchestration import env_defaults
-from swapmoe.orchestration.cli import build_parser
+from swapmoe.cli import env_defaults
+from swapmoe.cli.main import build_parser
 from swapmoe.rpc import transport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -173,6 +173,7 @@ def test_the_planner_may_open_a_file_for_two_connections_per_executor(monkeypatc
     assert int(service["LimitNOFILE"][-1]) > 2 * args.max_executors
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
 def test_systemd_analyze_verifies_both_units(tmp_path):
     """systemd's own check (unknown keys, bad values, specifiers); ExecStart points at this
@@ -295,6 +296,7 @@ def health_probe(stage: Stage) -> list[str]:
     return json.loads(command)
 
 
+@pytest.mark.slow
 def test_the_health_check_passes_on_a_serving_server_and_fails_otherwise(monkeypatch):
     probe = health_probe(stages()["executor"])
     assert probe == health_probe(stages()["planner"]) and probe[:2] == ["python", "-c"]

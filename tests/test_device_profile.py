@@ -13,7 +13,7 @@ from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
-from swapmoe.executor.profiling import ProfileSpec, inflection, relative_spread
+from swapmoe.executor.device_profiling import ProfileSpec, batch_sizes, inflection, relative_spread
 from swapmoe.orchestration.processes import spawn
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import convert, transport
@@ -28,19 +28,19 @@ LONG = dict(token_counts=[64] * 16, repeats=100)  # a profile that runs until st
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def profiled_engine(tiny_model_dir):
     with own_engine(tiny_model_dir, "profiled") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def executor(engine):
-    with serving(engine) as channel:
+def executor(profiled_engine):
+    with serving(profiled_engine) as channel:
         yield executor_pb2_grpc.ExecutorServiceStub(channel)
 
 
 @pytest.fixture(scope="module")
-def planner():
+def planner_address_and_stub():
     server, registry = serve_planner()
     with transport.channel(f"127.0.0.1:{server.port}") as channel:
         yield f"127.0.0.1:{server.port}", planner_pb2_grpc.PlannerServiceStub(channel)
@@ -75,25 +75,34 @@ def test_the_tolerance_widens_the_inflection_and_order_of_points_does_not_matter
     assert inflection(points, 0.10) == 2
 
 
+@pytest.mark.parametrize("most, sizes", [(1, (1,)), (2, (1, 2)), (6, (1, 2, 4, 6)), (8, (1, 2, 4, 8))])
+def test_decode_is_measured_at_powers_of_two_up_to_the_most_rows_and_at_the_most(most, sizes):
+    assert batch_sizes(most) == sizes
+
+
 def test_the_sweep_always_starts_from_the_baseline_then_descends():
     assert ProfileSpec(update_frequencies=(2, 16, 2, 4)).frequencies == (0, 16, 4, 2)
 
 
 # --- the Profile RPC --------------------------------------------------------------------------------
-def test_profile_returns_a_full_device_profile(executor, engine, tiny_model_dir):
+def test_profile_returns_a_full_device_profile(executor, profiled_engine, tiny_model_dir):
     result = profile(executor, **SMALL)
-    layout = engine.layout
+    layout = profiled_engine.layout
     assert result.node_id == "profiled" and result.model_fingerprint == model_fingerprint(tiny_model_dir)
     assert convert.layout_from_pb(result.layout) == layout and result.device.kind == "cpu"
     assert len(result.layers) == layout.num_layers
-    intermediate = engine.model.config.intermediate_size
+    intermediate = profiled_engine.model.config.intermediate_size
     for layer, spec in zip(result.layers, layout.layers):
         assert layer.bytes_per_expert == spec.bytes_per_expert
         assert layer.activation_bytes_per_token == 3 * intermediate * 4  # gate_up (2I) + product (I), float32
         assert [c.tokens for c in layer.compute] == [1, 4] and all(c.expert_forward_ns > 0 for c in layer.compute)
-    assert [l.tier for l in result.loads] == [engine.load_tier]
+    assert [l.tier for l in result.loads] == [profiled_engine.load_tier]
     assert result.loads[0].expert_load_ns > 0 and result.loads[0].bytes_per_second > 0
     assert result.decode_step_ns > 0 and 0 <= result.dense_forward_ns <= result.decode_step_ns
+    # decode through the serving step at every batch size the budget allows (1 GiB: a full batch of 8)
+    assert profiled_engine.scheduler.limit == 8
+    assert [(b.rows, b.step_ns > 0) for b in result.batch_decode] == [(1, True), (2, True), (4, True), (8, True)]
+    assert result.batch_decode[0].step_ns == result.decode_step_ns
     assert list(result.sweep_experts_per_layer) == [2, 2]
     assert [p.update_frequency for p in result.sweep] == [0, 8, 2]
     assert all(p.inter_token_ns > 0 and p.tokens_per_second > 0 for p in result.sweep)
@@ -102,7 +111,7 @@ def test_profile_returns_a_full_device_profile(executor, engine, tiny_model_dir)
     # on-demand at 2 of 8 experts: misses are loaded synchronously, and their cost comes out of it
     assert result.on_demand.inter_token_ns > 0 and result.on_demand.misses_per_token > 0
     assert convert.device_profile_from_pb(result).miss_ns() is not None
-    assert engine.runtime.strategy is engine.plan.strategy  # the plan's strategy is back
+    assert profiled_engine.experts.strategy is profiled_engine.plan.strategy  # the plan's strategy is back
     # the fields older readers use still hold the first tier and the first layer
     assert result.load_tier == result.loads[0].tier and list(result.compute) == list(result.layers[0].compute)
     assert list(result.bytes_per_expert) == [l.bytes_per_expert for l in layout.layers]
@@ -122,15 +131,15 @@ def _stored_profile() -> DeviceProfile:
                          OnDemandPoint(1_900_000, 0.5))
 
 
-def test_the_sweep_gives_the_slots_back_to_the_plan_in_force(executor, engine):
-    before = engine.achieved
+def test_the_sweep_gives_the_slots_back_to_the_plan_in_force(executor, profiled_engine):
+    before = profiled_engine.achieved
     profile(executor, **SMALL)
-    assert engine.achieved == before == tuple(engine.plan.experts_per_layer)
+    assert profiled_engine.achieved == before == tuple(profiled_engine.plan.experts_per_layer)
 
 
-def test_without_a_residency_the_sweep_runs_the_plan_in_force(executor, engine):
+def test_without_a_residency_the_sweep_runs_the_plan_in_force(executor, profiled_engine):
     result = profile(executor, token_counts=[1], repeats=1, update_frequencies=[0, 4], sweep_tokens=4)
-    assert tuple(result.sweep_experts_per_layer) == tuple(engine.plan.experts_per_layer)
+    assert tuple(result.sweep_experts_per_layer) == tuple(profiled_engine.plan.experts_per_layer)
     assert [p.update_frequency for p in result.sweep] == [0, 4]
 
 
@@ -143,6 +152,7 @@ def test_a_switch_profile_has_a_layer_per_encoder_and_decoder_moe_layer(checkpoi
         d_ff = switch.model.config.d_ff
         assert all(l.activation_bytes_per_token == d_ff * 4 for l in result.layers)  # wi's output, float32
         assert [p.update_frequency for p in result.sweep] == [0, 2]
+        assert [b.rows for b in result.batch_decode] == [1]  # encoder-decoder models decode one at a time
         assert switch.achieved == tuple(switch.plan.experts_per_layer)
 
 
@@ -165,15 +175,15 @@ def test_bad_profile_fields_are_invalid_argument_naming_the_field(executor, fiel
     assert error.value.details().startswith(field), error.value.details()
 
 
-def test_a_sweep_residency_over_the_budget_is_invalid(engine):
-    plan = engine.plan
-    engine.set_budget(engine.min_budget_bytes)
+def test_a_sweep_residency_over_the_budget_is_invalid(profiled_engine):
+    plan = profiled_engine.plan
+    profiled_engine.set_budget(profiled_engine.min_budget_bytes)
     try:
         with pytest.raises(ValueError, match="^experts_per_layer: plan needs"):
-            next(engine.profile(ProfileSpec(experts_per_layer=(8, 8))))
+            next(profiled_engine.profile(ProfileSpec(experts_per_layer=(8, 8))))
     finally:
-        engine.set_budget(1 << 30)
-        assert engine.apply_plan(plan.with_version(engine.plan.version + 1)).accepted
+        profiled_engine.set_budget(1 << 30)
+        assert profiled_engine.apply_plan(plan.with_version(profiled_engine.plan.version + 1)).accepted
 
 
 # --- through the planner's Connect stream -------------------------------------------------------
@@ -188,8 +198,10 @@ def rpc_error(fn) -> grpc.RpcError:
     return error.value
 
 
-def test_a_device_profile_arrives_through_the_connect_stream_of_an_executor_process(planner, tiny_model_dir, tmp_path):
-    address, stub = planner
+@pytest.mark.slow
+def test_a_device_profile_arrives_through_the_connect_stream_of_an_executor_process(planner_address_and_stub,
+                                                                                    tiny_model_dir, tmp_path):
+    address, stub = planner_address_and_stub
     process = spawn("executor", ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB",
                                  "--port", "0", "--planner", address, "--node-id", "behind-nat"], log_dir=tmp_path)
     try:
@@ -205,8 +217,8 @@ def test_a_device_profile_arrives_through_the_connect_stream_of_an_executor_proc
         process.stop()
 
 
-def test_an_unknown_node_is_not_found(planner):
-    error = rpc_error(lambda: ask(planner[1], "nobody", **SMALL))
+def test_an_unknown_node_is_not_found(planner_address_and_stub):
+    error = rpc_error(lambda: ask(planner_address_and_stub[1], "nobody", **SMALL))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "nobody" in error.details()
 
 
@@ -217,8 +229,8 @@ def test_an_unknown_node_is_not_found(planner):
     (ppb.ProfileExecutorRequest(node_id="x", request=epb.ProfileRequest(update_frequencies=[2**30])),
      "request.update_frequencies[0]"),
 ])
-def test_bad_profile_executor_fields_are_invalid_argument_naming_the_field(planner, request_, field):
-    error = rpc_error(lambda: planner[1].ProfileExecutor(request_, timeout=10))
+def test_bad_profile_executor_fields_are_invalid_argument_naming_the_field(planner_address_and_stub, request_, field):
+    error = rpc_error(lambda: planner_address_and_stub[1].ProfileExecutor(request_, timeout=10))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and error.details().startswith(field), error.details()
 
 
@@ -233,25 +245,29 @@ def linked_engine(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def linked(planner, linked_engine):
+def linked(planner_address_and_stub, linked_engine):
     """An in-process executor connected to the planner as node ``linked``."""
-    link = PlannerLink(linked_engine, planner[0]).start()
+    link = PlannerLink(linked_engine, planner_address_and_stub[0]).start()
     assert link.connected.wait(30)
     yield link
     link.stop()
 
 
-def test_a_profile_past_its_timeout_is_deadline_exceeded_and_stops_on_the_executor(planner, linked_engine, linked):
+@pytest.mark.slow
+def test_a_profile_past_its_timeout_is_deadline_exceeded_and_stops_on_the_executor(planner_address_and_stub,
+                                                                                   linked_engine, linked):
     engine = linked_engine
-    error = rpc_error(lambda: ask(planner[1], "linked", timeout_s=1, **LONG))
+    error = rpc_error(lambda: ask(planner_address_and_stub[1], "linked", timeout_s=1, **LONG))
     assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "1 s" in error.details()
     wait_until(lambda: engine.running == 0, what="the executor to stop profiling")
 
 
-def test_an_executor_that_disconnects_while_profiling_is_unavailable(planner, linked_engine, linked):
+def test_an_executor_that_disconnects_while_profiling_is_unavailable(planner_address_and_stub, linked_engine,
+                                                                     linked):
     engine = linked_engine
     errors = []
-    asker = threading.Thread(target=lambda: errors.append(rpc_error(lambda: ask(planner[1], "linked", **LONG))))
+    stub = planner_address_and_stub[1]
+    asker = threading.Thread(target=lambda: errors.append(rpc_error(lambda: ask(stub, "linked", **LONG))))
     asker.start()
     wait_until(lambda: engine.running == 1, what="the profile's turn")
     linked.stop()
@@ -260,8 +276,8 @@ def test_an_executor_that_disconnects_while_profiling_is_unavailable(planner, li
     wait_until(lambda: engine.running == 0, what="the executor to stop profiling")
 
 
-def test_a_failed_profile_keeps_its_status_and_the_executors_message(planner, linked):
-    error = rpc_error(lambda: ask(planner[1], "linked", experts_per_layer=[9, 2]))
+def test_a_failed_profile_keeps_its_status_and_the_executors_message(planner_address_and_stub, linked):
+    error = rpc_error(lambda: ask(planner_address_and_stub[1], "linked", experts_per_layer=[9, 2]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "experts_per_layer[0]" in error.details()
 
 

@@ -17,6 +17,8 @@ from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, flee
 
 from polling import wait_until
 
+pytestmark = pytest.mark.slow
+
 NODE = "edge-1"
 
 
@@ -37,22 +39,22 @@ def cluster(tiny_model_dir, tmp_path_factory):
             service.stop()
 
 
-def executor(cluster):
+def executor_stub(cluster):
     return executor_pb2_grpc.ExecutorServiceStub(transport.channel(cluster["executor"].address))
 
 
-def planner(cluster):
+def planner_stub(cluster):
     return planner_pb2_grpc.PlannerServiceStub(transport.channel(cluster["planner"].address))
 
 
-def fleet(cluster):
+def fleet_stub(cluster):
     return fleet_pb2_grpc.FleetServiceStub(transport.channel(cluster["fleet"].address))
 
 
 def node_status(cluster):
     """The planner's view of the executor; None while the planner does not know it (yet)."""
     try:
-        return planner(cluster).GetPlanStatus(ppb.PlanStatusRequest(node_ids=[NODE]), timeout=5).executors[0]
+        return planner_stub(cluster).GetPlanStatus(ppb.PlanStatusRequest(node_ids=[NODE]), timeout=5).executors[0]
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.NOT_FOUND:
             raise
@@ -78,12 +80,12 @@ def test_the_executor_registers_and_acks_the_planners_first_plan(cluster):
                         what="the first plan's ACK")
     assert status.connected and status.layout.architecture == "mixtral"
     assert status.acked_plan.version >= 1 and status.last_result.accepted
-    described = executor(cluster).Describe(epb.DescribeRequest(), timeout=5)
+    described = executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5)
     assert described.plan.version == status.acked_plan.version
 
 
 def test_a_client_streams_a_generation(cluster):
-    chunks = list(executor(cluster).Generate(epb.GenerateRequest(text="import sys", max_new_tokens=8), timeout=60))
+    chunks = list(executor_stub(cluster).Generate(epb.GenerateRequest(text="import sys", max_new_tokens=8), timeout=60))
     assert len([t for c in chunks for t in c.token_ids]) == chunks[-1].usage.completion_tokens > 0
     assert chunks[-1].finish_reason != epb.FINISH_REASON_UNSPECIFIED
 
@@ -91,57 +93,58 @@ def test_a_client_streams_a_generation(cluster):
 def test_a_fleet_rollout_is_acked_and_telemetry_reports_it(cluster):
     wait_until(lambda: node_status(cluster).state == ppb.PLAN_STATE_ACKED, what="the first plan")
     events = []
-    stream = executor(cluster).Subscribe(epb.SubscribeRequest(interval_ms=100, topics=[tpb.TOPIC_EVENTS]))
+    stream = executor_stub(cluster).Subscribe(epb.SubscribeRequest(interval_ms=100, topics=[tpb.TOPIC_EVENTS]))
     collect(stream, events)
-    rollout = fleet(cluster).StartRollout(fpb.StartRolloutRequest(
+    rollout = fleet_stub(cluster).StartRollout(fpb.StartRolloutRequest(
         node_ids=[NODE], plan=common_pb2.Plan(experts_per_layer=[2, 3])), timeout=10)
-    final = wait_until(lambda: (r := fleet(cluster).GetRollout(
+    final = wait_until(lambda: (r := fleet_stub(cluster).GetRollout(
         fpb.GetRolloutRequest(rollout_id=rollout.rollout_id), timeout=5)).state != fpb.ROLLOUT_STATE_IN_PROGRESS and r,
         what="the rollout")
     assert final.state == fpb.ROLLOUT_STATE_SUCCEEDED and final.acked == 1
-    assert list(executor(cluster).Describe(epb.DescribeRequest(), timeout=5).achieved_experts_per_layer) == [2, 3]
+    assert list(executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5).achieved_experts_per_layer) == [2, 3]
     wait_until(lambda: any(e.event.kind == tpb.Event.KIND_PLAN_APPLIED for e in events), what="the event")
     stream.cancel()
 
 
 def test_fleet_rejects_malformed_plans_and_unknown_nodes(cluster):
     with pytest.raises(grpc.RpcError) as error:
-        fleet(cluster).StartRollout(fpb.StartRolloutRequest(plan=common_pb2.Plan(experts_per_layer=[1])), timeout=10)
+        fleet_stub(cluster).StartRollout(fpb.StartRolloutRequest(plan=common_pb2.Plan(experts_per_layer=[1])),
+                                         timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "plan.experts_per_layer" in error.value.details()
     with pytest.raises(grpc.RpcError) as error:
-        fleet(cluster).StartRollout(fpb.StartRolloutRequest(node_ids=["nope"]), timeout=10)
+        fleet_stub(cluster).StartRollout(fpb.StartRolloutRequest(node_ids=["nope"]), timeout=10)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "nope" in error.value.details()
-    nodes = fleet(cluster).ListNodes(fpb.ListNodesRequest(), timeout=10).nodes
+    nodes = fleet_stub(cluster).ListNodes(fpb.ListNodesRequest(), timeout=10).nodes
     assert [n.status.node_id for n in nodes] == [NODE]
 
 
 def test_a_pinned_plan_survives_a_budget_change_and_a_push_without_a_plan_unpins(cluster):
-    rollout = fleet(cluster).StartRollout(fpb.StartRolloutRequest(
+    rollout = fleet_stub(cluster).StartRollout(fpb.StartRolloutRequest(
         node_ids=[NODE], plan=common_pb2.Plan(experts_per_layer=[2, 2])), timeout=10)
-    wait_until(lambda: fleet(cluster).GetRollout(fpb.GetRolloutRequest(rollout_id=rollout.rollout_id),
-                                                 timeout=5).state == fpb.ROLLOUT_STATE_SUCCEEDED, what="the pin")
+    wait_until(lambda: fleet_stub(cluster).GetRollout(fpb.GetRolloutRequest(rollout_id=rollout.rollout_id),
+                                                      timeout=5).state == fpb.ROLLOUT_STATE_SUCCEEDED, what="the pin")
     pinned = node_status(cluster)
     assert pinned.pinned and list(pinned.acked_plan.experts_per_layer) == [2, 2]
-    executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=(1 << 30) - 1, reason="test"), timeout=10)
+    executor_stub(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=(1 << 30) - 1, reason="test"), timeout=10)
     wait_until(lambda: node_status(cluster).budget_bytes == (1 << 30) - 1, what="the budget change")
     assert node_status(cluster).desired_plan == pinned.desired_plan
-    fleet(cluster).StartRollout(fpb.StartRolloutRequest(node_ids=[NODE]), timeout=10)
+    fleet_stub(cluster).StartRollout(fpb.StartRolloutRequest(node_ids=[NODE]), timeout=10)
     unpinned = wait_until(lambda: (s := node_status(cluster)).state == ppb.PLAN_STATE_ACKED
                           and s.acked_plan.version > pinned.acked_plan.version and s, what="the planner's own plan")
     assert not unpinned.pinned and list(unpinned.acked_plan.experts_per_layer) != [2, 2]
 
 
 def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
-    d = executor(cluster).Describe(epb.DescribeRequest(), timeout=5)
+    d = executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5)
     # Three experts per layer beside a full batch (the planner's plans leave room for one).
     budget = d.min_budget_bytes + d.reserve.batch_bytes + 2 * sum(l.bytes_per_expert for l in d.layout.layers)
     before = node_status(cluster).desired_plan.version
-    executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="test"), timeout=10)
+    executor_stub(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="test"), timeout=10)
     status = wait_until(lambda: (s := node_status(cluster)).desired_plan.version > before
                         and s.state == ppb.PLAN_STATE_ACKED and s, what="the replan")
     assert list(status.acked_plan.experts_per_layer) == [3, 3] and status.budget_bytes == budget
-    executor(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=1 << 30), timeout=10)
+    executor_stub(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=1 << 30), timeout=10)
     wait_until(lambda: (s := node_status(cluster)).budget_bytes == 1 << 30 and s.state == ppb.PLAN_STATE_ACKED,
                what="the replan for the restored budget")
 
@@ -151,18 +154,18 @@ def test_the_executor_keeps_its_plan_while_the_planner_is_away_and_resyncs(clust
     port = old.address.rsplit(":", 1)[1]
     settled = wait_until(lambda: (s := node_status(cluster)) and s.state == ppb.PLAN_STATE_ACKED and s,
                          what="earlier plans to settle")  # e.g. the replan after the last budget change
-    kept = executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
+    kept = executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
     assert kept == settled.acked_plan
     assert old.stop() == 0, "the planner should shut down gracefully"
     time.sleep(1.0)
-    during = executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
+    during = executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5).plan
     assert during == kept
-    list(executor(cluster).Generate(epb.GenerateRequest(text="still serving", max_new_tokens=3), timeout=30))
+    list(executor_stub(cluster).Generate(epb.GenerateRequest(text="still serving", max_new_tokens=3), timeout=30))
     cluster["planner"] = spawn("planner", ["planner", "serve", "--port", port], log_dir=tmp_path)
     status = wait_until(lambda: (s := node_status(cluster)) and s.connected and s.state == ppb.PLAN_STATE_ACKED and s,
                         timeout=30, what="the resync")
     assert status.acked_plan.version >= kept.version
-    assert executor(cluster).Describe(epb.DescribeRequest(), timeout=5).plan == status.acked_plan
+    assert executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5).plan == status.acked_plan
 
 
 def test_malformed_budget_on_the_command_line_is_a_clear_error(tiny_model_dir):

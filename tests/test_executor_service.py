@@ -7,7 +7,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from swapmoe.executor.generation import GenerationRequest, SamplingParams
+from swapmoe.executor.requests import GenerationRequest, SamplingParams
 from swapmoe.executor.server import SERVICE_NAME
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, telemetry_pb2 as tpb
 
@@ -15,14 +15,14 @@ from serving import own_engine, serving
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def service_engine(tiny_model_dir):
     with own_engine(tiny_model_dir, "svc-test") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def channel(engine):
-    with serving(engine) as channel:
+def channel(service_engine):
+    with serving(service_engine) as channel:
         yield channel
 
 
@@ -43,10 +43,10 @@ def next_plan(stub, counts):
     return common_pb2.Plan(version=version, experts_per_layer=counts)
 
 
-def test_streamed_tokens_equal_in_process_generation(stub, engine):
+def test_streamed_tokens_equal_in_process_generation(stub, service_engine):
     prompt = "def add(a, b):"
     for sampling in (SamplingParams(), SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=3)):
-        expected = [t for c in engine.generate(GenerationRequest(engine.tokenize(prompt), 12, sampling))
+        expected = [t for c in service_engine.generate(GenerationRequest(service_engine.tokenize(prompt), 12, sampling))
                     for t in c.token_ids]
         request = epb.GenerateRequest(text=prompt, max_new_tokens=12, sampling=epb.SamplingParams(
             temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed or 0))
@@ -57,12 +57,13 @@ def test_streamed_tokens_equal_in_process_generation(stub, engine):
         assert all(len(c.token_ids) == 1 for c in chunks[:-1]), "tokens must stream one by one"
         last = chunks[-1]
         assert last.finish_reason in (epb.FINISH_REASON_LENGTH, epb.FINISH_REASON_EOS)
-        assert last.usage.completion_tokens == len(expected) and last.usage.prompt_tokens == len(engine.tokenize(prompt))
+        assert last.usage.completion_tokens == len(expected)
+        assert last.usage.prompt_tokens == len(service_engine.tokenize(prompt))
         assert last.timings.time_to_first_token_ns > 0 and last.timings.total_ns >= last.timings.time_to_first_token_ns
 
 
-def test_token_id_prompts_and_text_prompts_agree(stub, engine):
-    ids = list(engine.tokenize("hello"))
+def test_token_id_prompts_and_text_prompts_agree(stub, service_engine):
+    ids = list(service_engine.tokenize("hello"))
     by_text = list(stub.Generate(epb.GenerateRequest(text="hello", max_new_tokens=5), timeout=30))
     by_ids = list(stub.Generate(epb.GenerateRequest(token_ids=epb.TokenIds(ids=ids), max_new_tokens=5), timeout=30))
     assert [c.token_ids for c in by_text] == [c.token_ids for c in by_ids]
@@ -190,6 +191,7 @@ def test_a_cancelled_stream_frees_the_executor_for_the_next_request(stub):
     assert result["chunks"][-1].usage.completion_tokens >= 1
 
 
+@pytest.mark.slow
 def test_profile_streams_progress_and_ends_with_measurements(stub):
     progress = list(stub.Profile(epb.ProfileRequest(token_counts=[1, 8], repeats=2), timeout=60))
     assert [p.fraction for p in progress] == sorted(p.fraction for p in progress) and progress[-1].fraction == 1.0

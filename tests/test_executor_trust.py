@@ -25,8 +25,8 @@ from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
 from swapmoe.executor.prometheus import metrics_registry
 from swapmoe.executor.server import serve as serve_executor
-from swapmoe.orchestration.devcerts import make_dev_certs
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.cli.devcerts import make_dev_certs
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import security, transport
 from swapmoe.v1 import common_pb2, executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
@@ -37,7 +37,7 @@ from serving import own_engine, serving
 
 
 @pytest.fixture(scope="module")
-def planner():
+def planner_address_and_stub():
     server, _ = serve_planner(settings=PlannerSettings(profile_devices=False))
     address = f"127.0.0.1:{server.port}"
     with transport.channel(address) as channel:
@@ -76,9 +76,10 @@ def leftovers(state_dir) -> list[str]:
 
 
 # --- 4. a full disk under --state-dir ----------------------------------------------------------
+@pytest.mark.slow
 def test_a_plan_that_cannot_be_saved_is_acked_the_link_stays_and_it_is_saved_once_there_is_room(
-        tiny_model_dir, tmp_path, planner):
-    address, stub = planner
+        tiny_model_dir, tmp_path, planner_address_and_stub):
+    address, stub = planner_address_and_stub
     state = tmp_path / "state"
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="full-disk", state_dir=state)) as engine:
         link = None
@@ -108,6 +109,7 @@ def test_a_plan_that_cannot_be_saved_is_acked_the_link_stays_and_it_is_saved_onc
                 link.stop()
 
 
+@pytest.mark.slow
 def test_apply_plan_on_a_full_disk_answers_the_ack_it_applied_not_internal(tiny_model_dir, tmp_path):
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="full", state_dir=tmp_path)) as engine:
         with serving(engine) as channel, full_disk(tmp_path):
@@ -135,14 +137,14 @@ def test_a_node_secret_that_is_not_one_stops_start_up_naming_the_file(tiny_model
 
 # --- 5. plan versions ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def trusted_engine(tiny_model_dir):
     with own_engine(tiny_model_dir, "trusted") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def address(engine):
-    server = serve_executor(engine)
+def address(trusted_engine):
+    server = serve_executor(trusted_engine)
     yield f"127.0.0.1:{server.port}"
     server.stop(grace=1)
 
@@ -158,40 +160,42 @@ def apply(stub, version):
                           timeout=10)
 
 
-def test_no_single_plan_can_spend_the_version_space(executor, engine):
-    current = engine.plan.version
+def test_no_single_plan_can_spend_the_version_space(executor, trusted_engine):
+    current = trusted_engine.plan.version
     with pytest.raises(grpc.RpcError) as error:
         apply(executor, MAX_PLAN_VERSION)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error.value.details().startswith("plan.version")
-    assert str(MAX_VERSION_STEP) in error.value.details() and engine.plan.version == current
+    assert str(MAX_VERSION_STEP) in error.value.details() and trusted_engine.plan.version == current
     with pytest.raises(grpc.RpcError) as error:
         apply(executor, current + MAX_VERSION_STEP + 1)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    engine.plans.check_step(Plan(current + MAX_VERSION_STEP, (2, 2)))  # the longest step there is
+    trusted_engine.plans.check_step(Plan(current + MAX_VERSION_STEP, (2, 2)))  # the longest step there is
     assert apply(executor, current + 1).accepted
 
 
-def test_a_planner_push_after_a_refused_version_is_applied(engine, executor, planner):
-    address, stub = planner
+def test_a_planner_push_after_a_refused_version_is_applied(trusted_engine, executor, planner_address_and_stub):
+    address, stub = planner_address_and_stub
     with pytest.raises(grpc.RpcError):
         apply(executor, MAX_PLAN_VERSION)
-    link = PlannerLink(engine, address).start()
+    link = PlannerLink(trusted_engine, address).start()
     try:
         assert link.connected.wait(30)
-        running = engine.plan.version
+        running = trusted_engine.plan.version
         stub.PushPlan(ppb.PushPlanRequest(node_ids=["trusted"], plan=common_pb2.Plan(experts_per_layer=[3, 1])),
                       timeout=10)
         wait_until(lambda: (s := planner_status(stub, "trusted")).state == ppb.PLAN_STATE_ACKED
                    and s.acked_plan.version > running, timeout=30, what="the pushed plan's ACK")
-        assert list(engine.plan.experts_per_layer) == [3, 1]
+        assert list(trusted_engine.plan.experts_per_layer) == [3, 1]
     finally:
         link.stop()
 
 
 # --- 8. one Profile against every Generate ---------------------------------------------------
-def test_generate_waits_for_one_measurement_of_a_maximal_profile_not_the_whole_profile(engine, executor, address):
-    request = epb.ProfileRequest(token_counts=[engine.max_context] * 16, repeats=100,
-                                 update_frequencies=list(range(1, 17)), sweep_tokens=engine.sweep_room)
+@pytest.mark.slow
+def test_generate_waits_for_one_measurement_of_a_maximal_profile_not_the_whole_profile(trusted_engine, executor,
+                                                                                       address):
+    request = epb.ProfileRequest(token_counts=[trusted_engine.max_context] * 16, repeats=100,
+                                 update_frequencies=list(range(1, 17)), sweep_tokens=trusted_engine.sweep_room)
     profile = executor.Profile(request, timeout=600)
     try:
         wait_until(lambda: next(profile).stage.startswith("update-frequency sweep"), timeout=120,
@@ -203,22 +207,23 @@ def test_generate_waits_for_one_measurement_of_a_maximal_profile_not_the_whole_p
             waited = time.monotonic() - started
         assert chunks[-1].usage.completion_tokens == 8
         assert waited < 20, f"Generate took {waited:.1f} s behind the profile"
-        assert engine.running >= 1, "the profile carries on"
+        assert trusted_engine.running >= 1, "the profile carries on"
         assert not next(profile).HasField("result")
     finally:
         profile.cancel()
-    wait_until(lambda: engine.running == 0, timeout=60, what="the profile to stop")
+    wait_until(lambda: trusted_engine.running == 0, timeout=60, what="the profile to stop")
 
 
-def test_a_profile_that_gives_way_still_completes_and_generations_meanwhile_are_unchanged(engine, executor):
-    everything = common_pb2.Plan(version=engine.plan.version + 1,
-                                 experts_per_layer=[layer.num_experts for layer in engine.layout.layers])
+@pytest.mark.slow
+def test_a_profile_that_gives_way_still_completes_and_generations_meanwhile_are_unchanged(trusted_engine, executor):
+    everything = common_pb2.Plan(version=trusted_engine.plan.version + 1,
+                                 experts_per_layer=[layer.num_experts for layer in trusted_engine.layout.layers])
     assert executor.ApplyPlan(epb.ApplyPlanRequest(plan=everything), timeout=10).accepted
     prompt = epb.GenerateRequest(text="def add(a, b):", max_new_tokens=12)
 
     def loaded() -> bool:  # loads start between passes: generate until every expert is in
         list(executor.Generate(prompt, timeout=60))
-        return [len(a.resident) for a in engine.activity()] == list(everything.experts_per_layer)
+        return [len(a.resident) for a in trusted_engine.activity()] == list(everything.experts_per_layer)
 
     wait_until(loaded, timeout=60, what="every expert loaded (else the first answer routes around a loading one)")
     alone = [t for c in executor.Generate(prompt, timeout=60) for t in c.token_ids]
@@ -244,15 +249,16 @@ def test_a_profile_that_gives_way_still_completes_and_generations_meanwhile_are_
     assert list(result.sweep_experts_per_layer) == [2, 2]
     assert during >= 2, "generations ran while the profile measured"
     assert all(out == alone for out in outputs), "generations ran with the plan's experts, all resident"
-    assert list(engine.achieved) == list(engine.plan.experts_per_layer)
+    assert list(trusted_engine.achieved) == list(trusted_engine.plan.experts_per_layer)
 
 
 # --- 9. Subscribe per caller, and whose requests a caller sees -------------------------------
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, engine):
+def secured(tmp_path_factory, trusted_engine):
     certs = tmp_path_factory.mktemp("certs")
     make_dev_certs(certs)
-    server = serve_executor(engine, security=security.server_from_args(argparse.Namespace(security=certs), "executor"))
+    server_security = security.server_from_args(argparse.Namespace(security=certs), "executor")
+    server = serve_executor(trusted_engine, security=server_security)
     yield certs, f"127.0.0.1:{server.port}"
     server.stop(0)
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from swapmoe.core.errors import InvalidField
-from swapmoe.orchestration.devcerts import make_dev_certs
+from swapmoe.cli.devcerts import make_dev_certs
 from swapmoe.rpc.auth import TokenTable
 from swapmoe.rpc.security import ServerSecurity
 from swapmoe.rpc.tls import TlsFiles, check_bind
@@ -61,6 +61,7 @@ def certificate_alone(certs, name: str) -> list[str]:
 
 # -- gRPC servers -----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("role", ["planner", "executor", "fleet"])
 def test_a_server_with_a_certificate_alone_refuses_a_public_address_naming_the_flags_to_add(certs, role,
                                                                                              tiny_model_dir):
@@ -74,6 +75,7 @@ def test_a_server_with_a_certificate_alone_refuses_a_public_address_naming_the_f
 
 # -- metrics ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_metrics_are_never_served_beyond_loopback_without_client_certificates(certs, tiny_model_dir):
     serve = ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB", "--port", "0",
              "--metrics-port", "0"]
@@ -86,6 +88,7 @@ def test_metrics_are_never_served_beyond_loopback_without_client_certificates(ce
     assert "--metrics-host: 0.0.0.0" in line and "the metrics server has no TLS" in line
 
 
+@pytest.mark.slow
 def test_metrics_are_served_over_mutual_tls_with_the_executors_certificate(certs, tiny_model_dir):
     executor = spawn("executor", ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB",
                                   "--port", "0", "--metrics-port", "0", "--security", str(certs)], timeout=300)
@@ -116,6 +119,7 @@ def gateway_serve(*flags: str) -> list[str]:
     return ["http", "serve", "--executor", "127.0.0.1:1", "--model-name", "m", "--port", "0", *flags]
 
 
+@pytest.mark.slow
 def test_an_https_or_public_gateway_without_an_api_key_refuses_to_start(certs, monkeypatch):
     monkeypatch.delenv("SWAPMOE_API_KEY", raising=False)
     https = ["--http-tls-cert", str(certs / "executor.pem"), "--http-tls-key", str(certs / "executor-key.pem")]
@@ -124,6 +128,7 @@ def test_an_https_or_public_gateway_without_an_api_key_refuses_to_start(certs, m
         assert line.startswith(f"swapmoe: error: --api-key-file: the gateway {why}") and "--no-api-key" in line
 
 
+@pytest.mark.slow
 def test_an_open_gateway_beyond_loopback_must_be_asked_for_and_warns(monkeypatch):
     monkeypatch.delenv("SWAPMOE_API_KEY", raising=False)
     gateway = spawn("http", gateway_serve("--host", "0.0.0.0", "--insecure", "--no-api-key"))
@@ -133,6 +138,7 @@ def test_an_open_gateway_beyond_loopback_must_be_asked_for_and_warns(monkeypatch
     assert gateway.stop() == 0
 
 
+@pytest.mark.slow
 def test_an_api_key_is_read_from_a_file_never_from_the_command_line(tmp_path):
     line = refusal(start(*gateway_serve("--api-key", "sk-in-ps")))
     assert "shows in `ps`" in line and "--api-key-file" in line and "sk-in-ps" not in line

@@ -20,7 +20,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swapmoe.orchestration.processes import spawn
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import transport
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
@@ -78,6 +78,7 @@ def python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_a_hidden_package_is_missing_for_imports_probes_and_metadata(without):
     """The check bites: with torch hidden, the executor cannot even load."""
     without(["torch"])
@@ -88,11 +89,12 @@ def test_a_hidden_package_is_missing_for_imports_probes_and_metadata(without):
     assert "ModuleNotFoundError: No module named 'torch'" in probe.stderr
 
 
+@pytest.mark.slow
 def test_the_executor_modules_and_its_serve_command_load_without_the_planner_libraries(without):
     without(PLANNER_ONLY)
     code = ("import sys, swapmoe.executor.server, swapmoe.executor.engine, swapmoe.executor.planner_link, "
             "swapmoe.executor.prometheus\n"
-            "from swapmoe.orchestration.cli import build_parser\n"
+            "from swapmoe.cli.main import build_parser\n"
             "try:\n    build_parser().parse_args(['executor', 'serve', '--help'])\n"
             "except SystemExit as done:\n    assert done.code == 0\n")
     loaded = python(code)
@@ -100,6 +102,7 @@ def test_the_executor_modules_and_its_serve_command_load_without_the_planner_lib
     assert "--model" in loaded.stdout and "--planner" in loaded.stdout
 
 
+@pytest.mark.slow
 def test_an_executor_without_the_planner_libraries_serves_dials_its_planner_and_reports_metrics(
         without, tiny_model_dir, tmp_path):
     planner, _ = serve_planner(settings=PlannerSettings(profile_devices=False))
@@ -130,6 +133,7 @@ def test_an_executor_without_the_planner_libraries_serves_dials_its_planner_and_
     assert "Traceback" not in output and "No module named" not in output, output
 
 
+@pytest.mark.slow
 def test_the_planner_serves_without_torch_or_transformers(without, tmp_path):
     without(EXECUTOR_ONLY)
     planner = spawn("planner", ["planner", "serve", "--port", "0", "--state-dir", str(tmp_path / "state"),

@@ -1,29 +1,25 @@
 """Staged rollouts end to end: a real planner (or two), a real control node, and executors
-simulated on the planner's own Connect protocol (``benchmarks.fleet_sim``): canary and waves,
+simulated on the planner's own Connect protocol (``swapmoe.simulation.fleet``): canary and waves,
 a halt that rolls back, pause and resume, a control node restarted mid-wave, a budget policy by
 label, a fleet sharded over two planners, and ``swapmoe fleet rollout --watch``."""
 
-import sys
 import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import grpc
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
+from swapmoe.cli import main as cli
+from swapmoe.orchestration.fleet import serve as serve_fleet
+from swapmoe.planner_service.policy import PlannerSettings
+from swapmoe.planner_service.server import serve
+from swapmoe.rpc import transport
+from swapmoe.simulation.fleet import SimSettings, SimulatedFleet
+from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc
 
-from benchmarks.fleet_sim import SimSettings, SimulatedFleet  # noqa: E402
-from swapmoe.orchestration import cli  # noqa: E402
-from swapmoe.orchestration.fleet import serve as serve_fleet  # noqa: E402
-from swapmoe.planner_service.planner import PlannerSettings  # noqa: E402
-from swapmoe.planner_service.server import serve  # noqa: E402
-from swapmoe.rpc import transport  # noqa: E402
-from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, fleet_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc  # noqa: E402
+from polling import wait_until
 
-from polling import wait_until  # noqa: E402
+pytestmark = pytest.mark.slow
 
 IDS = [f"sim-{i:05d}" for i in range(40)]
 WAVES = [IDS[:1], IDS[1:4], IDS[4:20], IDS[20:]]  # canary, then 10%, 50%, 100%
@@ -31,7 +27,7 @@ FOURS = common_pb2.Plan(experts_per_layer=[4] * 6)
 
 
 @pytest.fixture
-def planner():
+def planner_address():
     server, _ = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))
     yield f"127.0.0.1:{server.port}"
     server.stop(0.5)
@@ -83,8 +79,8 @@ def rollout_nodes(stub, rollout_id: str) -> list[fpb.FleetNode]:
             return nodes
 
 
-def test_a_staged_rollout_sends_the_canary_first_then_each_wave_after_the_last_acked(planner):
-    with simulated(planner) as sim, control_node([planner]) as stub:
+def test_a_staged_rollout_sends_the_canary_first_then_each_wave_after_the_last_acked(planner_address):
+    with simulated(planner_address) as sim, control_node([planner_address]) as stub:
         started = stub.StartRollout(fpb.StartRolloutRequest(plan=FOURS, bake_ms=100), timeout=10)
         assert (started.targeted, started.waves, started.waiting) == (40, 4, 40)
         done = final(stub, started.rollout_id)
@@ -97,13 +93,13 @@ def test_a_staged_rollout_sends_the_canary_first_then_each_wave_after_the_last_a
         assert [n.wave for n in nodes] == [w for w, ids in enumerate(WAVES) for _ in ids]
         assert {n.rollout_state for n in nodes} == {fpb.ROLLOUT_NODE_STATE_ACKED}
         assert all(s.pinned and list(s.acked_plan.experts_per_layer) == [4] * 6
-                   for s in statuses(planner, IDS).values())
+                   for s in statuses(planner_address, IDS).values())
 
 
-def test_nacks_past_the_allowed_share_halt_the_rollout_and_the_acked_nodes_get_their_previous_plans(planner):
-    with simulated(planner) as sim, control_node([planner]) as stub:
+def test_nacks_past_the_allowed_share_halt_the_rollout_and_the_acked_nodes_get_their_previous_plans(planner_address):
+    with simulated(planner_address) as sim, control_node([planner_address]) as stub:
         even = list(sim.settings.memory_model.fit(sim.settings.budget_bytes))
-        with transport.channel(planner) as channel:  # two nodes run an operator's pinned plan before
+        with transport.channel(planner_address) as channel:  # two nodes run an operator's pinned plan before
             planner_pb2_grpc.PlannerServiceStub(channel).PushPlan(ppb.PushPlanRequest(
                 node_ids=IDS[1:3], plan=common_pb2.Plan(experts_per_layer=[3] * 6)), timeout=5)
         sim.wait_acked(2, node_ids=IDS[1:3])
@@ -116,7 +112,7 @@ def test_nacks_past_the_allowed_share_halt_the_rollout_and_the_acked_nodes_get_t
         assert all(len(sim.record(n).plans) == 1 for n in WAVES[3])  # the last wave never saw the plan
 
         def restored():
-            found = statuses(planner, IDS[:20])
+            found = statuses(planner_address, IDS[:20])
             return all(s.state == ppb.PLAN_STATE_ACKED and s.acked_plan.version == s.desired_plan.version
                        for n, s in found.items() if n not in (IDS[5], IDS[6])) and found
 
@@ -128,8 +124,8 @@ def test_nacks_past_the_allowed_share_halt_the_rollout_and_the_acked_nodes_get_t
                 assert not status.pinned and list(status.acked_plan.experts_per_layer) == even
 
 
-def test_a_paused_rollout_sends_no_further_wave_until_it_is_resumed(planner):
-    with simulated(planner), control_node([planner]) as stub:
+def test_a_paused_rollout_sends_no_further_wave_until_it_is_resumed(planner_address):
+    with simulated(planner_address), control_node([planner_address]) as stub:
         started = stub.StartRollout(fpb.StartRolloutRequest(plan=FOURS, bake_ms=300), timeout=10)
         paused = stub.PauseRollout(fpb.RolloutActionRequest(rollout_id=started.rollout_id, reason="look first"))
         assert paused.state == fpb.ROLLOUT_STATE_PAUSED and paused.message == "paused: look first"
@@ -146,8 +142,8 @@ def test_a_paused_rollout_sends_no_further_wave_until_it_is_resumed(planner):
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "SUCCEEDED" in error.value.details()
 
 
-def test_an_abort_with_rollback_ends_the_rollout_and_gives_the_nodes_reached_their_previous_plans(planner):
-    with simulated(planner), control_node([planner]) as stub:
+def test_an_abort_with_rollback_ends_the_rollout_and_gives_the_nodes_reached_their_previous_plans(planner_address):
+    with simulated(planner_address), control_node([planner_address]) as stub:
         started = stub.StartRollout(fpb.StartRolloutRequest(plan=FOURS, bake_ms=60_000), timeout=10)
         wait_until(lambda: stub.GetRollout(fpb.GetRolloutRequest(rollout_id=started.rollout_id,
                                                                  summary_only=True)).wave == 1, 10, "the canary")
@@ -155,21 +151,21 @@ def test_an_abort_with_rollback_ends_the_rollout_and_gives_the_nodes_reached_the
         done = final(stub, started.rollout_id)
         assert (done.state, done.message, done.rolled_back, done.waiting) == (
             fpb.ROLLOUT_STATE_ABORTED, "aborted: wrong plan", 1, 39)
-        canary = wait_until(lambda: (s := statuses(planner, IDS[:1])[IDS[0]]).acked_plan.version == 3 and s, 10,
+        canary = wait_until(lambda: (s := statuses(planner_address, IDS[:1])[IDS[0]]).acked_plan.version == 3 and s, 10,
                             "the canary's previous plan")
         assert not canary.pinned and list(canary.acked_plan.experts_per_layer) != [4] * 6
 
 
-def test_a_control_node_restarted_mid_wave_resumes_the_rollout_from_its_state_directory(planner, tmp_path):
-    with simulated(planner, ack_delay_s=1.5) as sim:
+def test_a_control_node_restarted_mid_wave_resumes_the_rollout_from_its_state_directory(planner_address, tmp_path):
+    with simulated(planner_address, ack_delay_s=1.5) as sim:
         request = fpb.StartRolloutRequest(plan=FOURS, canary_nodes=0, wave_percents=[100])
-        with control_node([planner], tmp_path) as stub:
+        with control_node([planner_address], tmp_path) as stub:
             started = stub.StartRollout(request, timeout=10)
             wait_until(lambda: stub.GetRollout(fpb.GetRolloutRequest(rollout_id=started.rollout_id,
                                                                      summary_only=True)).pending == 40,
                        10, "the wave's push")
         assert (tmp_path / "rollouts" / f"{started.rollout_id}.json").is_file()
-        with control_node([planner], tmp_path) as stub:
+        with control_node([planner_address], tmp_path) as stub:
             done = final(stub, started.rollout_id)
             assert done.state == fpb.ROLLOUT_STATE_SUCCEEDED and done.acked == 40
             assert all(len(sim.record(n).plans) == 2 for n in IDS)  # the wave was re-polled, not pushed again
@@ -199,8 +195,8 @@ def test_a_planner_restarted_between_waves_is_pushed_again_and_the_rollout_succe
         server.stop(0)
 
 
-def test_a_budget_policy_by_label_reaches_only_the_class_it_selects(planner):
-    with simulated(planner) as sim, control_node([planner]) as stub:
+def test_a_budget_policy_by_label_reaches_only_the_class_it_selects(planner_address):
+    with simulated(planner_address) as sim, control_node([planner_address]) as stub:
         before = sim.settings.budget_bytes
         budget = sim.settings.memory_model.plan_bytes([4] * 6)
         started = stub.StartRollout(fpb.StartRolloutRequest(selector="class=a", budget_bytes=budget), timeout=10)
@@ -236,8 +232,8 @@ def test_one_rollout_reaches_a_fleet_sharded_over_two_planners_and_listing_pages
             p.stop(0)
 
 
-def test_the_rollout_command_watches_progress_and_exits_zero_on_success(planner, capsys):
-    with simulated(planner, count=8), control_node([planner]) as stub:
+def test_the_rollout_command_watches_progress_and_exits_zero_on_success(planner_address, capsys):
+    with simulated(planner_address, count=8), control_node([planner_address]) as stub:
         address = stub.address
         with pytest.raises(SystemExit) as ended:
             cli.main(["fleet", "rollout", "--fleet", address, "--experts", "4,4,4,4,4,4", "--waves", "50,100",
@@ -251,7 +247,7 @@ def test_the_rollout_command_watches_progress_and_exits_zero_on_success(planner,
         cli.main(["fleet", "status", "--fleet", address, "rollout-1", "--nodes"])
         lines = capsys.readouterr().out.splitlines()
         assert lines[1].split() == ["NODE", "PLANNER", "WAVE", "STATE", "ACKED", "LAST", "ANSWER"]
-        assert len(lines) == 10 and lines[2].split()[:4] == ["sim-00000", planner, "0", "ACKED"]
+        assert len(lines) == 10 and lines[2].split()[:4] == ["sim-00000", planner_address, "0", "ACKED"]
         cli.main(["fleet", "rollouts", "--fleet", address])
         assert capsys.readouterr().out.splitlines()[1].split()[:5] == ["rollout-1", "SUCCEEDED", "3/3", "8", "8"]
         for command in (["pause", "rollout-1"], ["rollout", "--nodes", "nope"]):

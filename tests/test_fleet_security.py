@@ -13,9 +13,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from swapmoe.executor.planner_link import PlannerLink
 from swapmoe.executor.server import serve as serve_executor
-from swapmoe.orchestration.devcerts import make_dev_certs
+from swapmoe.cli.devcerts import make_dev_certs
 from swapmoe.orchestration.fleet import serve as serve_fleet
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import security, transport
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
@@ -42,15 +42,15 @@ STUBS = {"executor": executor_pb2_grpc.ExecutorServiceStub, "planner": planner_p
 
 
 @pytest.fixture(scope="module")
-def secured(tmp_path_factory, engine):
+def secured(tmp_path_factory, tiny_engine):
     certs = tmp_path_factory.mktemp("certs")
     make_dev_certs(certs)
     args = argparse.Namespace(security=certs)
     planner, _ = serve_planner("127.0.0.1:0", settings=PlannerSettings(profile_devices=False),
                                security=security.server_from_args(args, "planner"), control_address="127.0.0.1:0")
     planner_address = f"127.0.0.1:{planner.port}"
-    executor = serve_executor(engine, "127.0.0.1:0", security=security.server_from_args(args, "executor"))
-    link = PlannerLink(engine, planner_address, f"127.0.0.1:{executor.port}",
+    executor = serve_executor(tiny_engine, "127.0.0.1:0", security=security.server_from_args(args, "executor"))
+    link = PlannerLink(tiny_engine, planner_address, f"127.0.0.1:{executor.port}",
                        security=security.client_from_args(args, "executor", cert="executor")).start()
     fleet = serve_fleet([planner_address], "127.0.0.1:0", security=security.server_from_args(args, "fleet"),
                         planner_security=security.client_from_args(args, "control", cert="fleet"))
@@ -58,7 +58,7 @@ def secured(tmp_path_factory, engine):
                  "planner-control": f"127.0.0.1:{planner.control_port}", "fleet": f"127.0.0.1:{fleet.port}"}
     try:
         wait_until(link.connected.is_set, timeout=30, what="the executor's mutual-TLS stream to its planner")
-        wait_until(lambda: engine.plan.origin.startswith("planner:"), timeout=30,
+        wait_until(lambda: tiny_engine.plan.origin.startswith("planner:"), timeout=30,
                    what="the planner's first plan applied (tests compare the plan before and after a call)")
         yield certs, addresses
     finally:
@@ -76,10 +76,10 @@ def channel(certs, address, token_role=None, cert="client"):
 
 @pytest.mark.parametrize("service, method, request_message",
                          [(s, m, r) for s, calls in CONTROL_CALLS.items() for m, r in calls])
-def test_control_calls_refuse_missing_and_wrong_role_credentials_and_change_nothing(secured, engine, service,
-                                                                                     method, request_message):
+def test_control_calls_refuse_missing_and_wrong_role_credentials_and_change_nothing(secured, tiny_engine, service,
+                                                                                    method, request_message):
     certs, addresses = secured
-    budget, plan = engine.budget_bytes, engine.plan
+    budget, plan = tiny_engine.budget_bytes, tiny_engine.plan
     for token_role, code in ((None, grpc.StatusCode.UNAUTHENTICATED), ("client", grpc.StatusCode.PERMISSION_DENIED),
                              ("viewer", grpc.StatusCode.PERMISSION_DENIED)):
         with channel(certs, addresses[service], token_role) as ch:
@@ -89,7 +89,7 @@ def test_control_calls_refuse_missing_and_wrong_role_credentials_and_change_noth
                 list(answer) if not hasattr(answer, "ListFields") else None  # a stream's status comes with its end
             assert error.value.code() == code, (token_role, error.value.details())
             assert method in error.value.details() and "control" in error.value.details()
-    assert (engine.budget_bytes, engine.plan) == (budget, plan)
+    assert (tiny_engine.budget_bytes, tiny_engine.plan) == (budget, plan)
     with channel(certs, addresses["planner"], "control") as ch:
         status = planner_pb2_grpc.PlannerServiceStub(ch).GetPlanStatus(ppb.PlanStatusRequest(), timeout=10)
     assert not any(s.pinned for s in status.executors)
@@ -133,26 +133,26 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(secured):
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_servers_refuse_a_public_address_without_tls_unless_told_it_is_insecure(engine):
+def test_servers_refuse_a_public_address_without_tls_unless_told_it_is_insecure(tiny_engine):
     with pytest.raises(ValueError, match="--host"):
         serve_planner("0.0.0.0:0", settings=PlannerSettings(profile_devices=False))
     with pytest.raises(ValueError, match="--host"):
-        serve_executor(engine, "0.0.0.0:0")
+        serve_executor(tiny_engine, "0.0.0.0:0")
     server, _ = serve_planner("0.0.0.0:0", settings=PlannerSettings(profile_devices=False),
                               security=security.ServerSecurity(insecure=True))
     server.stop(0)
 
 
-def test_generating_through_the_fleet_takes_only_a_client_token(secured, engine):
+def test_generating_through_the_fleet_takes_only_a_client_token(secured, tiny_engine):
     """`generate --fleet` once needed the control token (ListNodes was control and viewer only), which
     it then sent to whichever executor it picked: now the client token lists nodes and generates."""
     from swapmoe.executor.planner_link import default_labels
-    from swapmoe.orchestration.routing import Router
+    from swapmoe.orchestration.balancing import Router
 
     certs, addresses = secured
     router = Router(addresses["fleet"], channel_factory=lambda address: channel(certs, address, "client"))
     request = epb.GenerateRequest(text="def f(x):", max_new_tokens=3)
-    chunks = list(router.generate(default_labels(engine)["model"], request))
+    chunks = list(router.generate(default_labels(tiny_engine)["model"], request))
     assert chunks[-1].usage.completion_tokens == 3
     with channel(certs, addresses["fleet"], "client") as ch:  # a client lists, but starts no rollout
         with pytest.raises(grpc.RpcError) as error:

@@ -1,4 +1,4 @@
-"""The simulated fleet (benchmarks/fleet_sim.py) against a real planner: it speaks the
+"""The simulated fleet (simulation/fleet.py) against a real planner: it speaks the
 executor's protocol well enough that the planner plans for it, hears its ACKs and NACKs,
 its telemetry and its re-registrations, and is never left waiting on a profile."""
 
@@ -12,21 +12,21 @@ from pathlib import Path
 import grpc
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ is a folder of the repository, not an installed package
-    sys.path.insert(0, str(ROOT))
+from swapmoe.planner_service.policy import PlannerSettings
+from swapmoe.planner_service.server import serve
+from swapmoe.rpc import transport
+from swapmoe.simulation.fleet import SimSettings, SimulatedFleet, every_share, parse_status
+from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc
 
-from benchmarks.fleet_sim import SimSettings, SimulatedFleet, every_share, parse_status  # noqa: E402
-from swapmoe.planner_service.planner import PlannerSettings  # noqa: E402
-from swapmoe.planner_service.server import serve  # noqa: E402
-from swapmoe.rpc import transport  # noqa: E402
-from swapmoe.v1 import common_pb2, executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc  # noqa: E402
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 NACKERS = {"sim-00007", "sim-00031"}
 
 
 @pytest.fixture
-def planner():
+def planner_server():
     server, registry = serve("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))
     yield server
     server.stop(0.5)
@@ -46,8 +46,8 @@ def wait_for(condition, timeout: float = 10.0):
     return value
 
 
-def test_fifty_simulated_executors_register_get_the_even_split_and_answer_it(planner):
-    settings = SimSettings(f"127.0.0.1:{planner.port}", count=50, nack=NACKERS, telemetry_interval_s=0.2)
+def test_fifty_simulated_executors_register_get_the_even_split_and_answer_it(planner_server):
+    settings = SimSettings(f"127.0.0.1:{planner_server.port}", count=50, nack=NACKERS, telemetry_interval_s=0.2)
     with SimulatedFleet(settings) as fleet:
         fleet.wait_connected(50, timeout=10)
         stats = fleet.wait_acked(1, timeout=10)
@@ -58,7 +58,7 @@ def test_fifty_simulated_executors_register_get_the_even_split_and_answer_it(pla
         even = settings.memory_model.fit(settings.budget_bytes)  # no profile for this model: the even split
 
         def reported():  # every node's memory and throughput telemetry has arrived
-            found = statuses(planner.port, ids)
+            found = statuses(planner_server.port, ids)
             return found if all(s.HasField("throughput") for s in found.values()) else None
 
         found = wait_for(reported)
@@ -101,10 +101,10 @@ def test_a_plan_carrying_a_budget_sets_it_and_a_restarted_planner_sees_the_fleet
         server.stop(0.5)
 
 
-def test_a_profile_asked_of_a_simulated_executor_fails_at_once(planner):
-    with SimulatedFleet(SimSettings(f"127.0.0.1:{planner.port}", count=2, telemetry_interval_s=0)) as fleet:
+def test_a_profile_asked_of_a_simulated_executor_fails_at_once(planner_server):
+    with SimulatedFleet(SimSettings(f"127.0.0.1:{planner_server.port}", count=2, telemetry_interval_s=0)) as fleet:
         fleet.wait_connected(2, timeout=10)
-        with transport.channel(f"127.0.0.1:{planner.port}") as channel:
+        with transport.channel(f"127.0.0.1:{planner_server.port}") as channel:
             stub = planner_pb2_grpc.PlannerServiceStub(channel)
             with pytest.raises(grpc.RpcError) as raised:
                 stub.ProfileExecutor(ppb.ProfileExecutorRequest(node_id="sim-00001", request=epb.ProfileRequest()),
@@ -113,11 +113,11 @@ def test_a_profile_asked_of_a_simulated_executor_fails_at_once(planner):
         assert "no device to profile" in raised.value.details()
 
 
-def test_the_command_line_fleet_reports_its_status_and_stops_on_sigterm(planner):
+def test_the_command_line_fleet_reports_its_status_and_stops_on_sigterm(planner_server):
     ids = [f"sim-{i:05d}" for i in range(20)]
     assert every_share(ids, 0.25) == {"sim-00003", "sim-00007", "sim-00011", "sim-00015", "sim-00019"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.fleet_sim", "--planner", f"127.0.0.1:{planner.port}", "--count", "20",
+        [sys.executable, "-m", "swapmoe.simulation.fleet", "--planner", f"127.0.0.1:{planner_server.port}", "--count", "20",
          "--nack-share", "0.25", "--telemetry-interval", "0.5", "--status-every", "0.3"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
@@ -127,7 +127,7 @@ def test_the_command_line_fleet_reports_its_status_and_stops_on_sigterm(planner)
             assert time.monotonic() < deadline, f"no status line with every plan answered; last: {status}"
             status = parse_status(process.stdout.readline())
         assert status["connected"] == 20 and status["errors"] == 0
-        found = statuses(planner.port, ids)
+        found = statuses(planner_server.port, ids)
         assert {n for n, s in found.items() if s.state == ppb.PLAN_STATE_NACKED} == every_share(ids, 0.25)
         process.send_signal(signal.SIGTERM)
         rest = process.communicate(timeout=10)[0].splitlines()

@@ -23,6 +23,8 @@ from swapmoe.rpc import transport
 from swapmoe.v1 import (common_pb2, executor_pb2 as epb, executor_pb2_grpc, fleet_pb2 as fpb, fleet_pb2_grpc,
                         planner_pb2 as ppb, planner_pb2_grpc)
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = 150  # per RPC and kind (random, mutated field, mutated bytes): ~5,000 calls in all
 CLEAR = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
          grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.OUT_OF_RANGE}

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from swapmoe.core.errors import InvalidField
-from swapmoe.executor.generation import GenerationRequest, SamplingParams, choose_token
+from swapmoe.executor.requests import GenerationRequest, SamplingParams
+from swapmoe.executor.sampling import choose_token
 from swapmoe.executor.text import IncrementalText
 
 

@@ -15,9 +15,9 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from swapmoe.orchestration.executor_pool import ExecutorPool  # noqa: E402
-from swapmoe.orchestration.http_intake import MAX_BODY_BYTES  # noqa: E402
-from swapmoe.orchestration.openai_http import Settings  # noqa: E402
+from swapmoe.gateway.executor_pool import ExecutorPool  # noqa: E402
+from swapmoe.gateway.http_intake import MAX_BODY_BYTES  # noqa: E402
+from swapmoe.gateway.openai_http import Settings  # noqa: E402
 from swapmoe.orchestration.processes import spawn  # noqa: E402
 
 from gateways import gateway_in_thread  # noqa: E402
@@ -147,6 +147,7 @@ def peak_rss(pid: int) -> int:
         return next(int(line.split()[1]) << 10 for line in status if line.startswith("VmHWM:"))
 
 
+@pytest.mark.slow
 def test_a_64_mib_body_does_not_grow_the_gateways_memory(tmp_path):
     """Unauthenticated, it is never read; with the key, no more than the limit is held."""
     (tmp_path / "key").write_text(KEY)

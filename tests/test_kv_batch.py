@@ -12,7 +12,8 @@ import torch
 from transformers import DynamicCache
 
 from swapmoe.executor.checkpoint import load_checkpoint
-from swapmoe.executor.generation import SamplingParams, choose_token, generate_ids
+from swapmoe.executor.requests import SamplingParams
+from swapmoe.executor.sampling import choose_token
 from swapmoe.executor.kv_batch import CausalBatch, SoloBatch, make_batch
 from swapmoe.models.bundled import LM_DIR
 from swapmoe.models.tiny import build_tiny_model
@@ -207,6 +208,13 @@ def solo_tokens(batch, prompt_ids: tuple[int, ...], count: int) -> list[int]:
     return tokens
 
 
+def transformers_greedy(model, prompt_ids: tuple[int, ...], count: int) -> list[int]:
+    """The reference: transformers' own greedy ``generate`` on the same model, ``count`` tokens."""
+    out = model.generate(torch.tensor([list(prompt_ids)]), max_new_tokens=count, min_new_tokens=count,
+                         do_sample=False)[0].tolist()
+    return out[1:] if model.config.is_encoder_decoder else out[len(prompt_ids):]  # past the start token
+
+
 def test_an_encoder_decoder_model_gets_a_solo_batch(checkpoint_dirs):
     model = load_checkpoint(checkpoint_dirs("switch_transformers")).model
     batch = make_batch(model, 4)
@@ -217,7 +225,7 @@ def test_an_encoder_decoder_model_gets_a_solo_batch(checkpoint_dirs):
     batch.leave([0])
     for seed in (12, 13):
         ids = prompt(6, seed)
-        assert solo_tokens(batch, ids, 6) == list(generate_ids(model, ids, 6, SamplingParams()))
+        assert solo_tokens(batch, ids, 6) == transformers_greedy(model, ids, 6)
 
 
 def test_a_sliding_window_model_gets_a_solo_batch():
@@ -227,4 +235,4 @@ def test_a_sliding_window_model_gets_a_solo_batch():
     batch = make_batch(model, 4)
     assert isinstance(batch, SoloBatch) and batch.capacity == 1
     ids = prompt(9, 14)
-    assert solo_tokens(batch, ids, 6) == list(generate_ids(model, ids, 6, SamplingParams()))
+    assert solo_tokens(batch, ids, 6) == transformers_greedy(model, ids, 6)

@@ -13,9 +13,9 @@ import pytest
 from swapmoe.core.errors import Busy, Forbidden
 from swapmoe.executor.engine import Engine
 from swapmoe.executor.planner_link import PlannerLink
-from swapmoe.orchestration import cli
-from swapmoe.orchestration.devcerts import make_dev_certs
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.cli import main as cli
+from swapmoe.cli.devcerts import make_dev_certs
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.registration import check_registration
 from swapmoe.planner_service.claims import RegistrySettings
 from swapmoe.planner_service.registry import Registry
@@ -131,6 +131,7 @@ def test_with_mutual_tls_only_names_the_executors_certificate_holds_are_publishe
         planner.stop(0)
 
 
+@pytest.mark.slow
 def test_an_operator_forgets_an_away_node_and_its_id_may_be_claimed_anew(owner, capsys):
     planner, registry = serve(settings=SETTINGS)
     address = f"127.0.0.1:{planner.port}"
@@ -193,11 +194,11 @@ def test_search_work_is_bounded_and_skipped_for_nodes_that_went_away():
     """Each fake node claiming a profiled model once queued ~30 CPU-seconds of search."""
     import threading
 
-    from swapmoe.planner_service.planner import MAX_QUEUED_SEARCHES, Planner
+    from swapmoe.planner_service.policy import MAX_QUEUED_SEARCHES
     from test_planner_registry import registration
 
-    planner = Planner(SETTINGS)
-    registry = Registry(planner=planner)
+    registry = Registry(planning=SETTINGS)
+    planner = registry.policy
     record, _ = registry.connect(check_registration(registration(10**6)))
     gate, ran = threading.Event(), []
     planner._work.submit(gate.wait)  # the search thread is busy with an earlier search
@@ -236,4 +237,4 @@ def test_a_refused_registration_changes_nothing_the_planner_knows_of_the_node():
     impostor.model_fingerprint = "b" * 16
     with pytest.raises(Forbidden, match="is connected on another stream"):
         registry.connect(check_registration(impostor))
-    assert registry.planner.model_of(record.node_id) == "a" * 16
+    assert registry.policy.model_of(record.node_id) == "a" * 16

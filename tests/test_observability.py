@@ -29,14 +29,14 @@ NODE = "observed-node"
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def observed_engine(tiny_model_dir):
     with own_engine(tiny_model_dir, NODE) as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def stub(engine):
-    with serving(engine) as channel:
+def stub(observed_engine):
+    with serving(observed_engine) as channel:
         yield executor_pb2_grpc.ExecutorServiceStub(channel)
 
 
@@ -186,9 +186,9 @@ STANDARD = ("process_cpu_seconds", "process_resident_memory_bytes", "process_ope
             "python_info")
 
 
-def test_every_metric_is_labelled_by_model_and_node_and_named_in_prometheus_conventions(stub, engine):
+def test_every_metric_is_labelled_by_model_and_node_and_named_in_prometheus_conventions(stub, observed_engine):
     list(stub.Generate(epb.GenerateRequest(text="metrics", max_new_tokens=4), timeout=30))
-    families = scrape(engine)
+    families = scrape(observed_engine)
     names = {f.name for f in families}
     assert set(STANDARD) <= names, "the default process and Python collectors are served"
     for family in families:
@@ -200,7 +200,7 @@ def test_every_metric_is_labelled_by_model_and_node_and_named_in_prometheus_conv
         if "memory" in family.name or "bytes" in family.name:
             assert family.name.endswith("_bytes"), family.name
         for sample in family.samples:
-            assert sample.labels["model"] == engine.config.model_dir.name, sample
+            assert sample.labels["model"] == observed_engine.config.model_dir.name, sample
             assert sample.labels["node"] == NODE, sample
             if family.type == "counter":
                 assert sample.name.endswith(("_total", "_created")), sample.name
@@ -213,9 +213,10 @@ def test_every_metric_is_labelled_by_model_and_node_and_named_in_prometheus_conv
     assert values["process_resident_memory_bytes", None, None] > 0
 
 
-def test_the_process_collectors_are_kept_for_each_of_two_executors_in_one_process(engine, tiny_model_dir):
+@pytest.mark.slow
+def test_the_process_collectors_are_kept_for_each_of_two_executors_in_one_process(observed_engine, tiny_model_dir):
     with own_engine(tiny_model_dir, "second-node") as second:
-        first_names = {f.name for f in scrape(engine)}
+        first_names = {f.name for f in scrape(observed_engine)}
         second_families = scrape(second)
     assert {f.name for f in second_families} == first_names
     assert {s.labels["node"] for f in second_families for s in f.samples} == {"second-node"}

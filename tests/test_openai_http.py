@@ -20,8 +20,8 @@ uvicorn = pytest.importorskip("uvicorn")
 from swapmoe.executor.engine import Engine, EngineConfig  # noqa: E402
 from swapmoe.executor.server import serve  # noqa: E402
 from swapmoe.models.tiny import save_tiny_model  # noqa: E402
-from swapmoe.orchestration.executor_pool import ExecutorPool  # noqa: E402
-from swapmoe.orchestration.openai_http import Settings, load_tokenizer  # noqa: E402
+from swapmoe.gateway.executor_pool import ExecutorPool  # noqa: E402
+from swapmoe.gateway.openai_http import Settings, load_tokenizer  # noqa: E402
 from swapmoe.orchestration.processes import spawn  # noqa: E402
 from swapmoe.rpc import transport  # noqa: E402
 from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc  # noqa: E402
@@ -226,6 +226,7 @@ def test_closing_a_stream_after_its_first_chunk_stops_the_generation_on_the_exec
     assert generated < LONG / 4
 
 
+@pytest.mark.slow
 def test_a_client_that_gives_up_on_a_whole_answer_stops_the_generation(gateway, executor):
     engine = executor[0]
     wait_until(lambda: idle(engine), what="an idle executor")
@@ -276,6 +277,7 @@ def test_a_full_executor_queue_is_429(model_dir):
 
 # -- the command a user runs ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_swapmoe_http_serve_answers_completions_and_refuses_chat_without_a_chat_template(executor, model_dir,
                                                                                           tmp_path):
     (tmp_path / "api-key").write_text(KEY + "\n")
@@ -298,8 +300,8 @@ def test_swapmoe_http_serve_answers_completions_and_refuses_chat_without_a_chat_
 
 
 def test_the_gateway_dials_a_secured_executor_with_the_client_tls_and_token_flags(executor, tmp_path, monkeypatch):
-    from swapmoe.orchestration.cli import build_parser
-    from swapmoe.orchestration.devcerts import make_dev_certs
+    from swapmoe.cli.main import build_parser
+    from swapmoe.cli.devcerts import make_dev_certs
     from swapmoe.rpc.security import client_from_args, server_from_args
 
     monkeypatch.delenv("SWAPMOE_TOKEN", raising=False)
@@ -332,7 +334,7 @@ def test_the_gateway_dials_a_secured_executor_with_the_client_tls_and_token_flag
     (grpc.StatusCode.RESOURCE_EXHAUSTED, 429), (grpc.StatusCode.UNAVAILABLE, 503),
     (grpc.StatusCode.DEADLINE_EXCEEDED, 504), (grpc.StatusCode.INTERNAL, 500), (grpc.StatusCode.UNKNOWN, 500)])
 def test_each_grpc_status_has_its_http_status_and_an_openai_error_body(code, status):
-    from swapmoe.orchestration.openai_api import error_from_rpc
+    from swapmoe.gateway.openai_api import error_from_rpc
 
     error = error_from_rpc(code, "stop[1]: has 300 characters; at most 256 are allowed", prompt_param="messages")
     assert error.status == status and error.code == code.name.lower()

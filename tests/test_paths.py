@@ -13,8 +13,8 @@ import pytest
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.paths import path_name
-from swapmoe.orchestration import cli
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.cli import main as cli
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve
 from swapmoe.profiler import artifacts
 from swapmoe.rpc import transport
@@ -24,7 +24,7 @@ from polling import wait_until
 from planner_streams import claim
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLED_FINGERPRINT = "e1a419fec4d32150"  # the bundled LM, whose accuracy profile ships in benchmarks/profiles
+BUNDLED_FINGERPRINT = "e1a419fec4d32150"  # the bundled LM, whose accuracy profile ships in profiles
 ESCAPES = ["..", ".", "", "../../etc", "/tmp/abs", "a/b", "a\\b", "x\x00y", ".hidden", "-flag", "é", "a" * 129]
 
 
@@ -65,7 +65,7 @@ def test_profiling_a_rogue_executor_writes_nothing_outside_the_profile_root(tmp_
 
 
 def test_the_planner_refuses_a_device_profile_of_another_model_than_registered(owner, tmp_path):
-    settings = PlannerSettings(accuracy_roots=(ROOT / "benchmarks" / "profiles",), profile_timeout_s=30)
+    settings = PlannerSettings(accuracy_roots=(ROOT / "profiles",), profile_timeout_s=30)
     planner, registry = serve(state_dir=tmp_path / "state", settings=settings)
     outbox: queue.Queue = queue.Queue()
     registration = claim(owner, "rogue", address="127.0.0.1:1")
@@ -77,7 +77,7 @@ def test_the_planner_refuses_a_device_profile_of_another_model_than_registered(o
         ask = next(m for m in stream if m.HasField("profile_request")).profile_request
         outbox.put(ppb.ExecutorMessage(profile_result=ppb.ProfileOutcome(request_id=ask.request_id, result=epb.ProfileResult(
             node_id="rogue", model_fingerprint="../../../escaped"))))
-        state = wait_until(lambda: (s := registry.planner.status("rogue")).startswith("failed") and s, 30,
+        state = wait_until(lambda: (s := registry.policy.status("rogue")).startswith("failed") and s, 30,
                            "the profile refused")
         assert "not of the model it registered" in state
     finally:

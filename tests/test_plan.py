@@ -11,7 +11,8 @@ LAYOUT = ModelLayout("mixtral", "MixtralForCausalLM",
 
 
 def test_a_plan_within_each_layers_experts_is_valid():
-    validate_plan(Plan(1, (1, 8, 4)), LAYOUT)
+    for counts in [(1, 8, 4), (1, 1, 1), (8, 8, 8)]:  # inside and at both ends of 1..experts
+        assert validate_plan(Plan(1, counts), LAYOUT) is None, counts  # no InvalidField
 
 
 def test_a_plan_with_the_wrong_number_of_layers_names_the_field():

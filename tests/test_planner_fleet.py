@@ -1,6 +1,6 @@
 """The planner at fleet scale: streams on asyncio, paged and filtered status, budget policies as
 plans, bounded outboxes. Several hundred simulated executors speak the real Connect protocol
-(benchmarks/fleet_sim.py) to a real planner on loopback."""
+(simulation/fleet.py) to a real planner on loopback."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from benchmarks.fleet_sim import SimSettings, SimulatedFleet
 from swapmoe.core.plan import Plan
 from swapmoe.planner_service.outbox import MAX_MESSAGES, Ended, Outbox, Overflow
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve
 from swapmoe.rpc import transport
+from swapmoe.simulation.fleet import SimSettings, SimulatedFleet
 from swapmoe.v1 import common_pb2, planner_pb2 as ppb, planner_pb2_grpc
 
 from polling import wait_until
@@ -52,6 +52,7 @@ def every_page(stub, **request):
             return statuses, summary
 
 
+@pytest.mark.slow
 def test_hundreds_of_executors_hold_streams_without_a_thread_each(fleet):
     sim, stub, _, _, _ = fleet
     import threading
@@ -60,6 +61,7 @@ def test_hundreds_of_executors_hold_streams_without_a_thread_each(fleet):
     assert threading.active_count() < 80, "streams must not hold threads (the planner and the simulator share this process)"
 
 
+@pytest.mark.slow
 def test_status_pages_in_node_id_order_and_summarises_every_match(fleet):
     _, stub, _, _, _ = fleet
     statuses, summary = every_page(stub, page_size=64, view=ppb.STATUS_VIEW_BRIEF)
@@ -71,6 +73,7 @@ def test_status_pages_in_node_id_order_and_summarises_every_match(fleet):
     assert full.executors[0].layout.layers and len(full.executors) == 1 and full.next_page_token
 
 
+@pytest.mark.slow
 def test_a_selector_filters_status_by_labels(fleet):
     _, stub, _, _, _ = fleet
     phones_eu, summary = every_page(stub, selector="class=phone,region=eu", page_size=500)
@@ -80,6 +83,7 @@ def test_a_selector_filters_status_by_labels(fleet):
     assert {s.labels["region"] for s in not_eu} == {"us"} and len(not_eu) == NODES // 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("request_fields, field", [
     ({"selector": "class=="}, "selector"),
     ({"selector": "bad key=1"}, "selector"),
@@ -93,6 +97,7 @@ def test_a_malformed_status_request_names_its_field(fleet, request_fields, field
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
 
 
+@pytest.mark.slow
 def test_a_budget_policy_reaches_only_the_selected_class_as_a_plan_that_carries_it(fleet):
     sim, stub, _, _, _ = fleet
     memory = sim.settings.memory_model
@@ -101,8 +106,13 @@ def test_a_budget_policy_reaches_only_the_selected_class_as_a_plan_that_carries_
                                                view=ppb.STATUS_VIEW_BRIEF), timeout=30)
     tablets = {s.node_id: s.desired_plan.version for s in pushed.executors}
     assert len(tablets) == NODES // 3 and all(s.desired_plan.budget_bytes == budget for s in pushed.executors)
-    sim.wait_acked(lambda r: r.node_id not in tablets or r.acked_version >= tablets[r.node_id], timeout=30)
-    statuses, _ = every_page(stub, view=ppb.STATUS_VIEW_BRIEF)
+
+    def every_tablet_acked_as_the_planner_sees_it():
+        statuses, _ = every_page(stub, view=ppb.STATUS_VIEW_BRIEF)
+        return all(s.state == ppb.PLAN_STATE_ACKED and s.acked_plan.version >= tablets[s.node_id]
+                   and s.budget_bytes == budget for s in statuses if s.node_id in tablets) and statuses
+
+    statuses = wait_until(every_tablet_acked_as_the_planner_sees_it, timeout=30, what="every tablet's ACK")
     for status in statuses:
         if status.node_id in tablets:
             assert status.budget_bytes == budget and status.state == ppb.PLAN_STATE_ACKED
@@ -111,6 +121,7 @@ def test_a_budget_policy_reaches_only_the_selected_class_as_a_plan_that_carries_
             assert status.budget_bytes == sim.settings.budget_bytes
 
 
+@pytest.mark.slow
 def test_a_budget_below_what_an_executor_accepts_is_nacked_by_it_and_its_budget_stays(fleet):
     sim, stub, _, _, _ = fleet
     node = sim.node_ids()[1]
@@ -122,6 +133,7 @@ def test_a_budget_below_what_an_executor_accepts_is_nacked_by_it_and_its_budget_
     assert status.budget_bytes == before.budget_bytes
 
 
+@pytest.mark.slow
 def test_health_and_status_answer_quickly_while_the_whole_fleet_is_replanned(fleet):
     sim, stub, channel, _, _ = fleet
     health = health_pb2_grpc.HealthStub(channel)
@@ -137,6 +149,7 @@ def test_health_and_status_answer_quickly_while_the_whole_fleet_is_replanned(fle
     assert slowest < 1.0  # a loose bound on a shared machine; the benchmark measures the real figure
 
 
+@pytest.mark.slow
 def test_the_control_port_answers_status_and_pushes_on_threads_and_leaves_connect_to_the_executor_port(fleet):
     sim, stub, _, _, control = fleet
     on_threads = planner_pb2_grpc.PlannerServiceStub(control)

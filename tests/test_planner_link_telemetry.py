@@ -9,7 +9,11 @@ import grpc
 import pytest
 
 from swapmoe.core.fingerprint import model_fingerprint
+from swapmoe.core.plan import BudgetChange
+from swapmoe.core.sizes import format_size
 from swapmoe.executor.planner_link import PlannerLink
+from swapmoe.planner_service.policy import PlannerSettings
+from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import transport
 from swapmoe.v1 import (executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as ppb, planner_pb2_grpc,
                         telemetry_pb2 as tpb)
@@ -45,25 +49,25 @@ class RecordingPlanner(planner_pb2_grpc.PlannerServiceServicer):
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def telemetry_engine(tiny_model_dir):
     with own_engine(tiny_model_dir, "telemetry-test") as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def executor(engine):
-    with serving(engine) as channel:
+def executor(telemetry_engine):
+    with serving(telemetry_engine) as channel:
         yield executor_pb2_grpc.ExecutorServiceStub(channel)
 
 
 @pytest.fixture
-def connect(engine):
+def connect(telemetry_engine):
     """``connect(welcome)``: a recording planner, and a link from the engine to it."""
     started: list[tuple[PlannerLink, RecordingPlanner]] = []
 
     def start(welcome: ppb.Welcome | None) -> RecordingPlanner:
         planner = RecordingPlanner(welcome)
-        started.append((PlannerLink(engine, planner.address).start(), planner))
+        started.append((PlannerLink(telemetry_engine, planner.address).start(), planner))
         wait_until(lambda: planner.received, timeout=10, what="the registration")
         return planner
 
@@ -88,7 +92,7 @@ def test_the_registration_names_the_model_by_its_content_fingerprint(connect, ti
     assert registration.model_fingerprint and registration.model_fingerprint == model_fingerprint(tiny_model_dir)
 
 
-def test_experts_reports_count_only_the_activations_routed_in_their_own_window(connect, engine, executor):
+def test_experts_reports_count_only_the_activations_routed_in_their_own_window(connect, telemetry_engine, executor):
     planner = connect(welcome(200, tpb.TOPIC_EXPERTS, tpb.TOPIC_THROUGHPUT))
     wait_until(lambda: planner.reports("experts"), timeout=10, what="a first experts report")
     before = len(planner.reports("experts"))
@@ -98,7 +102,7 @@ def test_experts_reports_count_only_the_activations_routed_in_their_own_window(c
     reports = wait_until(lambda: len(r := planner.reports("experts")) > after + 1 and r, timeout=10,
                          what="two experts reports after the generation")
 
-    assert all(len(r.layers) == len(engine.layout.layers) for r in reports)
+    assert all(len(r.layers) == len(telemetry_engine.layout.layers) for r in reports)
     assert all(activations(r) == 0 for r in reports[:before]), "windows before the generation are idle"
     assert sum(activations(r) for r in reports[before:after]) > 0, "the generation's windows saw it"
     assert all(activations(r) == 0 for r in reports[after:]), "later windows are idle: not cumulative"
@@ -107,13 +111,13 @@ def test_experts_reports_count_only_the_activations_routed_in_their_own_window(c
 
 
 def test_periodic_telemetry_needs_a_welcome_with_an_interval_but_budget_changes_always_go_up(
-        connect, engine, executor):
+        connect, telemetry_engine, executor):
     asked = connect(welcome(200, tpb.TOPIC_MEMORY))
     off = connect(welcome(0, tpb.TOPIC_MEMORY, tpb.TOPIC_EXPERTS))
     unwelcomed = connect(None)
     wait_until(lambda: asked.reports("memory"), timeout=10, what="the first memory report")
 
-    executor.SetBudget(epb.SetBudgetRequest(budget_bytes=engine.budget_bytes - 1, reason="test"), timeout=10)
+    executor.SetBudget(epb.SetBudgetRequest(budget_bytes=telemetry_engine.budget_bytes - 1, reason="test"), timeout=10)
     for planner in (asked, off, unwelcomed):
         change = wait_until(lambda: planner.of_kind("budget_change"), timeout=10, what="the budget change")[0]
         assert change.budget_bytes == change.previous_budget_bytes - 1 and change.reason.endswith("test")
@@ -137,3 +141,37 @@ def test_a_new_stream_starts_its_windows_afresh(connect, executor):
     first = wait_until(lambda: planner.reports("experts"), timeout=10, what="a first experts report")[0]
     assert activations(first) == 0, "the first window starts at the Welcome, not at the engine's start"
 
+
+def test_a_budget_set_on_the_device_reaches_the_planner_as_its_own_message_and_a_plans_budget_sends_none(
+        telemetry_engine, executor):
+    """Control is a message: SetBudget goes up as a BudgetChange with its own reason; a budget that
+    came with a plan is answered by the plan's ACK, never echoed back as a change."""
+    server, registry = serve_planner("127.0.0.1:0", settings=PlannerSettings(profile_devices=False))
+    heard, on_budget_change = [], registry.on_budget_change
+    registry.on_budget_change = lambda record, change: (heard.append(change), on_budget_change(record, change))
+    link = PlannerLink(telemetry_engine, f"127.0.0.1:{server.port}").start()
+    node = telemetry_engine.config.node_id
+    try:
+        record = wait_until(lambda: registry.connected(node) and registry.find([node])[0], timeout=10,
+                            what="the executor registered")
+        wait_until(lambda: record.state == ppb.PLAN_STATE_ACKED, timeout=10, what="its first plan ACKed")
+        before = telemetry_engine.budget_bytes
+        executor.SetBudget(epb.SetBudgetRequest(budget_bytes=before - 1, reason="thermal"), timeout=10)
+        wait_until(lambda: heard, timeout=10, what="the budget change")
+        assert heard == [BudgetChange(before, before - 1, "thermal")]
+        assert f"budget change to {format_size(before - 1)} (thermal);" in record.reason
+
+        with transport.channel(f"127.0.0.1:{server.port}") as channel:
+            planner_pb2_grpc.PlannerServiceStub(channel).PushPlan(
+                ppb.PushPlanRequest(node_ids=[node], budget_bytes=before - 2), timeout=10)
+        wait_until(lambda: record.state == ppb.PLAN_STATE_ACKED and record.acked.budget_bytes == before - 2,
+                   timeout=10, what="the plan carrying a budget ACKed")
+        assert telemetry_engine.budget_bytes == record.budget_bytes == before - 2
+        # One stream keeps its order: had the plan's budget gone up as a change, it would come first.
+        executor.SetBudget(epb.SetBudgetRequest(budget_bytes=before, reason="cooled"), timeout=10)
+        wait_until(lambda: len(heard) > 1, timeout=10, what="the second budget change")
+        assert heard[1:] == [BudgetChange(before - 2, before, "cooled")]
+    finally:
+        link.stop()
+        server.stop(0)
+        registry.policy.close()

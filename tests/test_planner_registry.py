@@ -5,7 +5,7 @@ import pytest
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import LayerLayout, ModelLayout
 from swapmoe.core.limits import MAX_PLAN_VERSION, MAX_VERSION_STEP
-from swapmoe.core.plan import Plan
+from swapmoe.core.plan import BudgetChange, Plan
 from swapmoe.planner_service.registration import check_registration
 from swapmoe.planner_service.registry import Registry
 from swapmoe.rpc import convert
@@ -75,7 +75,7 @@ def test_a_budget_change_is_replanned_with_a_newer_version():
     record = connect(registry, registration(10**6))
     first = record.outbox.take()
     registry.on_result(record, ack(first.version))
-    registry.on_budget_change(record, ppb.BudgetChange(budget_bytes=MIN_BUDGET))
+    registry.on_budget_change(record, BudgetChange(10**6, MIN_BUDGET))
     replanned = record.outbox.take()
     assert replanned.version > first.version and replanned.experts_per_layer == (1, 1)
 
@@ -93,7 +93,7 @@ def test_a_pinned_plan_stays_through_budget_changes_and_reconnects_until_a_push_
     registry.push(["n1"], Plan(0, (2, 2), origin="operator"))
     pinned = record.outbox.take()
     registry.on_result(record, ack(pinned.version))
-    registry.on_budget_change(record, ppb.BudgetChange(budget_bytes=10**6 - 1))
+    registry.on_budget_change(record, BudgetChange(10**6, 10**6 - 1))
     assert not record.outbox.pending and record.pinned
     registry.disconnect(record)
     lost = connect(registry, registration(10**6 - 1))  # restarted without its state: runs nothing yet

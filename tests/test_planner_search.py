@@ -12,7 +12,7 @@ from swapmoe.planner_service import frontier
 from swapmoe.planner_service.objectives import Objectives, e_memory_many, inflection_latency_ns, lru_miss_ratios
 from swapmoe.planner_service.search import Found, SearchSettings, exhaustive, search
 from swapmoe.planner_service.workload import Hysteresis, WorkloadTracker
-from swapmoe.profiler.models import AccuracyModel, LatencyModel
+from swapmoe.profiler.performance_models import AccuracyModel, LatencyModel
 
 MIB = 1 << 20
 
@@ -46,7 +46,12 @@ def objectives(seed=0, experts=(4, 4, 4), sizes=None, load_ns=4e5, skew=2.0) -> 
                       latency_model(experts), reference_accuracy=20.0, histogram=histogram, load_ns=load_ns)
 
 
-@pytest.mark.parametrize("seed", range(3))
+def seeds(fast: int, total: int) -> list:
+    """Seeds ``0..total-1``; those past the first ``fast`` run only in the slow tier (``-m slow``)."""
+    return [*range(fast), *(pytest.param(s, marks=pytest.mark.slow) for s in range(fast, total))]
+
+
+@pytest.mark.parametrize("seed", seeds(1, 3))
 @pytest.mark.parametrize("experts_kept", [7, 10, 12])
 @pytest.mark.parametrize("target_ms", [None, 10.2, 11.0])
 def test_the_search_finds_the_exhaustive_optimum_of_a_small_space(seed, experts_kept, target_ms):
@@ -60,7 +65,7 @@ def test_the_search_finds_the_exhaustive_optimum_of_a_small_space(seed, experts_
     assert found.predicted == best.predicted
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", seeds(3, 12))
 def test_the_search_never_returns_a_plan_over_its_budget_or_past_a_target_it_claims_to_meet(seed):
     rng = np.random.default_rng(seed)
     experts = tuple(int(e) for e in rng.integers(2, 17, rng.integers(1, 7)))

@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from swapmoe.core.files import write_atomically
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve
 from swapmoe.planner_service.state import PlannerState
 from swapmoe.rpc import transport
@@ -61,6 +61,7 @@ def test_a_record_holding_a_wrong_value_is_set_aside_not_misread(saved, corrupti
     assert path.with_suffix(".bad").exists() and not path.exists()
 
 
+@pytest.mark.slow
 def test_a_failed_write_is_reported_retried_and_never_ends_the_stream(owner, tmp_path):
     planner, registry = serve(state_dir=tmp_path, settings=PlannerSettings(profile_devices=False))
     stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(f"127.0.0.1:{planner.port}"))
@@ -97,7 +98,7 @@ def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp
 
 
 def test_status_says_so_when_the_state_cannot_be_written(owner, tmp_path, capsys):
-    from swapmoe.orchestration import cli
+    from swapmoe.cli import main as cli
 
     planner, _ = serve(state_dir=tmp_path, settings=PlannerSettings(profile_devices=False))
     (PlannerState(tmp_path).path("owner") / "x").mkdir(parents=True)

@@ -15,9 +15,9 @@ import pytest
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.sizes import format_size
 from swapmoe.models.bundled import LM_DIR
-from swapmoe.orchestration import client
+from swapmoe.cli import client
 from swapmoe.orchestration.processes import spawn
-from swapmoe.planner_service.planner import Planner as Policy, PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.registry import Registry
 from swapmoe.planner_service.search import SearchSettings
 from swapmoe.planner_service.server import serve
@@ -29,7 +29,9 @@ from swapmoe.v1 import executor_pb2 as epb, executor_pb2_grpc, planner_pb2 as pp
 
 from polling import wait_until
 
-PROFILES = Path(__file__).resolve().parents[1] / "benchmarks" / "profiles"
+pytestmark = pytest.mark.slow
+
+PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NODE = "lm-1"
 BUDGET = 96 << 20  # the bundled LM: room for a full batch and a choice of experts per layer
 SETTINGS = PlannerSettings(
@@ -60,14 +62,14 @@ class Planner:
             if entry and entry not in self.sent:
                 self.sent.append(entry)
 
-        policy = Policy(dataclasses.replace(SETTINGS, state_dir=self.state_dir))
-        self.server, self.registry = serve(f"127.0.0.1:{self.port}", Registry(state.load(), persist, policy))
+        planning = dataclasses.replace(SETTINGS, state_dir=self.state_dir)
+        self.server, self.registry = serve(f"127.0.0.1:{self.port}", Registry(state.load(), persist, planning))
         self.port = self.server.port
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self):
         self.server.stop(0)
-        self.registry.planner.close()
+        self.registry.policy.close()
 
     def status(self, node=NODE):
         stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(self.address))
@@ -80,16 +82,16 @@ class Planner:
 
 
 @pytest.fixture(scope="module")
-def planner(tmp_path_factory):
+def restartable_planner(tmp_path_factory):
     p = Planner(tmp_path_factory.mktemp("planner-state"))
     yield p
     p.stop()
 
 
 @pytest.fixture(scope="module")
-def lm(planner, tmp_path_factory):
+def lm(restartable_planner, tmp_path_factory):
     service = spawn("executor", ["executor", "serve", "--model", str(LM_DIR), "--budget", str(BUDGET), "--port", "0",
-                                 "--planner", planner.address, "--node-id", NODE,
+                                 "--planner", restartable_planner.address, "--node-id", NODE,
                                  "--state-dir", str(tmp_path_factory.mktemp("executor-state"))],
                     log_dir=tmp_path_factory.mktemp("logs"))
     yield service
@@ -123,25 +125,26 @@ def generate(service, domain: str, requests: int = 2, start: int = 0):
             pass
 
 
-def test_a_new_device_is_served_the_fallback_profiled_through_its_stream_then_gets_a_searched_plan(planner, lm):
-    status = acked_search(planner, "mix")
-    first = next(s for s in planner.sent if s[0] == NODE)
+def test_a_new_device_is_served_the_fallback_profiled_through_its_stream_then_gets_a_searched_plan(
+        restartable_planner, lm):
+    status = acked_search(restartable_planner, "mix")
+    first = next(s for s in restartable_planner.sent if s[0] == NODE)
     assert first[2].startswith("planner:even-split") and "device profile profiling" in first[2]
     assert status.profile_state == "ready"
     assert status.predicted.workload == "mix" and status.predicted.accuracy_metric == "perplexity"
     assert status.predicted.memory_bytes <= status.budget_bytes == BUDGET
     assert "searched plan for workload 'mix'" in status.reason
-    stored = list((planner.state_dir / "profiles").glob(f"*/devices/*{NODE}/device.json"))
+    stored = list((restartable_planner.state_dir / "profiles").glob(f"*/devices/*{NODE}/device.json"))
     assert len(stored) == 1  # the device profile is kept for a restart
 
 
-def test_a_budget_cut_gets_a_searched_plan_that_fits_and_is_acked(planner, lm):
-    before = acked_search(planner)
+def test_a_budget_cut_gets_a_searched_plan_that_fits_and_is_acked(restartable_planner, lm):
+    before = acked_search(restartable_planner)
     described = executor(lm).Describe(epb.DescribeRequest(), timeout=5)
     model = MemoryModel(convert.layout_from_pb(described.layout), convert.reserve_from_pb(described.reserve))
     budget = (model.smallest_plan_bytes + before.predicted.memory_bytes) // 2  # searched plans leave room for a full batch
     executor(lm).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="thermal"), timeout=30)
-    status = acked_search(planner, budget=budget)
+    status = acked_search(restartable_planner, budget=budget)
     assert status.acked_plan.version > before.acked_plan.version
     assert status.predicted.memory_bytes <= budget
     assert f"budget change to {format_size(budget)}" in status.reason and "thermal" in status.reason
@@ -149,20 +152,20 @@ def test_a_budget_cut_gets_a_searched_plan_that_fits_and_is_acked(planner, lm):
     assert memory.accounted_bytes <= budget
 
 
-def test_the_domain_of_the_prompts_decides_the_workload_planned_for(planner, lm):
+def test_the_domain_of_the_prompts_decides_the_workload_planned_for(restartable_planner, lm):
     for domain in ("prose", "code", "prose"):
-        was = planner.status().workload
-        wait_until(lambda: generate(lm, domain) or planner.status().workload == domain, timeout=120,
+        was = restartable_planner.status().workload
+        wait_until(lambda: generate(lm, domain) or restartable_planner.status().workload == domain, timeout=120,
                    what=f"the planner to recognise {domain}")
-        status = wait_until(lambda: (s := planner.status()).predicted.workload == domain
+        status = wait_until(lambda: (s := restartable_planner.status()).predicted.workload == domain
                             and s.state == ppb.PLAN_STATE_ACKED and s, what=f"the plan for {domain}")
         if was != domain:
-            assert any(f"workload shift to '{domain}'" in why for _, _, _, why in planner.sent)
+            assert any(f"workload shift to '{domain}'" in why for _, _, _, why in restartable_planner.sent)
         # Sent, unless the executor already ran the very plan searched for this domain.
         assert f"workload={domain} " in status.desired_plan.origin or "runs it already" in status.reason
 
 
-def test_a_mixed_stream_settles_without_flapping(planner, lm):
+def test_a_mixed_stream_settles_without_flapping(restartable_planner, lm):
     domains, sent = ["code", "prose", "manual"], itertools.count()
 
     def mixed(requests: int):
@@ -172,47 +175,50 @@ def test_a_mixed_stream_settles_without_flapping(planner, lm):
 
     # Reports come every second whatever the requests take: how many requests it takes to
     # recognise the mix depends on the machine's speed, so the stream goes on until it is.
-    wait_until(lambda: mixed(3) or planner.status().workload == "mix", timeout=120,
+    wait_until(lambda: mixed(3) or restartable_planner.status().workload == "mix", timeout=120,
                what="the planner to recognise the mix")
-    shifts_before = {s[3] for s in planner.sent if "workload shift" in s[3]}
+    shifts_before = {s[3] for s in restartable_planner.sent if "workload shift" in s[3]}
     mixed(18)
-    shifts = {s[3] for s in planner.sent if "workload shift" in s[3]} - shifts_before
+    shifts = {s[3] for s in restartable_planner.sent if "workload shift" in s[3]} - shifts_before
     assert not shifts, f"the workload shifted on a recognised mixed stream: {shifts}"
-    assert planner.status().workload == "mix"
+    assert restartable_planner.status().workload == "mix"
 
 
-def test_a_restarted_planner_keeps_profiles_frontiers_and_plans_and_resends_nothing(planner, lm):
-    before = acked_search(planner)
-    sent = len(planner.sent)
-    planner.stop()
-    planner.start()
-    status = wait_until(lambda: (s := planner.status()) and s.connected and s, what="the executor to reconnect")
+def test_a_restarted_planner_keeps_profiles_frontiers_and_plans_and_resends_nothing(restartable_planner, lm):
+    before = acked_search(restartable_planner)
+    sent = len(restartable_planner.sent)
+    restartable_planner.stop()
+    restartable_planner.start()
+    status = wait_until(lambda: (s := restartable_planner.status()) and s.connected and s,
+                        what="the executor to reconnect")
     assert status.profile_state == "ready"  # from the stored device profile: not measured again
     assert status.workload == before.workload and status.desired_plan == before.desired_plan
     assert status.predicted == before.predicted
     generate(lm, "manual", requests=1)  # traffic as before the restart: a mix of domains
-    assert planner.status().acked_plan.version == before.acked_plan.version
-    assert [s[1] for s in planner.sent[sent:]] == [before.desired_plan.version] * (len(planner.sent) - sent)
+    assert restartable_planner.status().acked_plan.version == before.acked_plan.version
+    resent = restartable_planner.sent[sent:]
+    assert [s[1] for s in resent] == [before.desired_plan.version] * len(resent)
 
 
-def test_the_plan_status_command_shows_the_plan_prediction_measurements_workload_and_why(planner, lm):
+def test_the_plan_status_command_shows_the_plan_prediction_measurements_workload_and_why(restartable_planner, lm):
     generate(lm, "code", requests=1)
     out = io.StringIO()
-    wait_until(lambda: planner.status().HasField("throughput"), what="throughput telemetry")
-    client.print_plan_status(planner.address, [NODE], out=out)
+    wait_until(lambda: restartable_planner.status().HasField("throughput"), what="throughput telemetry")
+    client.print_plan_status(restartable_planner.address, [NODE], out=out)
     text = out.getvalue()
     for part in (f"{NODE}: connected", "workload: ", "predicted: perplexity", "measured: ", "why: ",
                  "device profile: ready"):
         assert part in text, text
 
 
-def test_an_executor_of_a_model_with_no_profile_gets_the_even_split_and_says_why(planner, tiny_model_dir,
-                                                                                  tmp_path_factory):
+def test_an_executor_of_a_model_with_no_profile_gets_the_even_split_and_says_why(restartable_planner, tiny_model_dir,
+                                                                                 tmp_path_factory):
     service = spawn("tiny", ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB", "--port", "0",
-                             "--planner", planner.address, "--node-id", "tiny-1"],
+                             "--planner", restartable_planner.address, "--node-id", "tiny-1"],
                     log_dir=tmp_path_factory.mktemp("logs"))
     try:
-        status = wait_until(lambda: (s := planner.status("tiny-1")) and s.state == ppb.PLAN_STATE_ACKED and s,
+        status = wait_until(lambda: (s := restartable_planner.status("tiny-1"))
+                            and s.state == ppb.PLAN_STATE_ACKED and s,
                             what="the fallback plan ACKed")
         assert status.desired_plan.origin.startswith("planner:even-split")
         assert "no accuracy profile of model" in status.desired_plan.origin
@@ -224,15 +230,15 @@ def test_an_executor_of_a_model_with_no_profile_gets_the_even_split_and_says_why
 def test_a_profile_written_while_an_executor_stays_connected_is_picked_up(tmp_path, monkeypatch):
     """Profiling a paper-size model takes minutes; the executors already connected for its model
     get searched plans once it is written, without reconnecting."""
-    from swapmoe.planner_service import planner as planner_module, server as server_module
+    from swapmoe.planner_service import policy as policy_module, server as server_module
 
-    monkeypatch.setattr(planner_module, "RESCAN_S", 0.5)
+    monkeypatch.setattr(policy_module, "RESCAN_S", 0.5)
     monkeypatch.setattr(server_module, "RESCAN_S", 0.5)
     roots, logs = tmp_path / "profiles", tmp_path / "logs"
     roots.mkdir()
     logs.mkdir()
     settings = dataclasses.replace(SETTINGS, accuracy_roots=(roots,), state_dir=tmp_path / "state")
-    server, registry = serve("127.0.0.1:0", Registry(planner=Policy(settings)))
+    server, registry = serve("127.0.0.1:0", Registry(planning=settings))
     address = f"127.0.0.1:{server.port}"
     service = spawn("late", ["executor", "serve", "--model", str(LM_DIR), "--budget", str(BUDGET), "--port", "0",
                              "--planner", address, "--node-id", "late-1"], log_dir=logs)
@@ -255,4 +261,4 @@ def test_a_profile_written_while_an_executor_stays_connected_is_picked_up(tmp_pa
     finally:
         service.stop()
         server.stop(0)
-        registry.planner.close()
+        registry.policy.close()

@@ -6,17 +6,20 @@ import socket
 import grpc
 import pytest
 
-from swapmoe.orchestration import preflight
+from swapmoe.cli import preflight
 from swapmoe.rpc.security import ServerSecurity
 
 
 
 def test_a_free_port_and_port_zero_pass(taken_port):
-    preflight.check_port_free("127.0.0.1", 0)
+    assert preflight.check_port_free("127.0.0.1", 0) is None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         free = s.getsockname()[1]
-    preflight.check_port_free("127.0.0.1", free)
+    assert free != taken_port and preflight.check_port_free("127.0.0.1", free) is None
+    with socket.socket() as server:  # the check holds nothing: the server binds the port after it
+        server.bind(("127.0.0.1", free))
+        assert server.getsockname()[1] == free
 
 
 def test_a_taken_port_is_named(taken_port):

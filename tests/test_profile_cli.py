@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from swapmoe.orchestration import cli
+from swapmoe.cli import main as cli
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.configs import sample_many
 
@@ -35,6 +35,7 @@ def accuracy_dir(tmp_path):
     return directory
 
 
+@pytest.mark.slow
 def test_show_prints_the_fitted_summary_and_writes_plots(capsys, accuracy_dir, tmp_path):
     code, out, err = run_cli(capsys, "profile", "show", str(accuracy_dir), "--plots", str(tmp_path / "plots"))
     assert code == 0, err
@@ -59,11 +60,12 @@ def test_device_profiling_needs_an_executor_or_a_planner(capsys):
     assert code == 2 and "one of the arguments --executor --planner is required" in err
 
 
-def test_device_profiling_of_a_served_executor_is_stored_shown_and_plotted(capsys, engine, tmp_path):
+@pytest.mark.slow
+def test_device_profiling_of_a_served_executor_is_stored_shown_and_plotted(capsys, tiny_engine, tmp_path):
     from swapmoe.executor.server import serve
     from swapmoe.profiler.report import load_device
 
-    server = serve(engine)
+    server = serve(tiny_engine)
     try:
         code, out, err = run_cli(capsys, "profile", "device", "--executor", f"127.0.0.1:{server.port}",
                                  "--repeats", "1", "--sweep-tokens", "4", "--root", str(tmp_path / "profiles"))
@@ -73,7 +75,7 @@ def test_device_profiling_of_a_served_executor_is_stored_shown_and_plotted(capsy
     directory = Path(out.strip().splitlines()[-1].removeprefix("profile: "))
     assert directory.is_relative_to(tmp_path / "profiles")
     profile = load_device(directory)
-    assert profile.node_id == "test-node" and len(profile.layers) == engine.layout.num_layers
+    assert profile.node_id == "test-node" and len(profile.layers) == tiny_engine.layout.num_layers
     assert "Update-frequency sweep" in out and "100.0% done" in err
     code, out, err = run_cli(capsys, "profile", "show", str(directory), "--plots", str(tmp_path / "plots"))
     assert code == 0, err

@@ -16,8 +16,8 @@ from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.plan import Plan
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.configs import Configuration, allocate, sample, sample_many
-from swapmoe.profiler.models import (ENSEMBLE, AccuracyEnsemble, AccuracyModel, e_memory, fit_accuracy, fit_latency,
-                                     is_held_out)
+from swapmoe.profiler.performance_models import (ENSEMBLE, AccuracyEnsemble, AccuracyModel, e_memory, fit_accuracy,
+                                                 fit_latency, is_held_out)
 from swapmoe.profiler.workloads import ProfilingSet, rows
 from swapmoe.rpc import convert
 
@@ -77,22 +77,22 @@ def test_a_profiling_set_is_named_by_its_size_and_purpose():
 
 
 # --- E_memory -----------------------------------------------------------------------
-def test_e_memory_equals_a_real_executors_accounted_bytes_for_random_plans(engine):
+def test_e_memory_equals_a_real_executors_accounted_bytes_for_random_plans(tiny_engine):
     """The planner's view (layout and reserve as the executor describes them on the wire)
     predicts exactly what the executor then accounts for."""
-    layout = convert.layout_from_pb(convert.layout_to_pb(engine.layout))
-    memory = MemoryModel(layout, convert.reserve_from_pb(convert.reserve_to_pb(engine.memory_model.reserve)))
+    layout = convert.layout_from_pb(convert.layout_to_pb(tiny_engine.layout))
+    memory = MemoryModel(layout, convert.reserve_from_pb(convert.reserve_to_pb(tiny_engine.memory_model.reserve)))
     rng = random.Random(0)
-    version = engine.plan.version
+    version = tiny_engine.plan.version
     try:
         for _ in range(6):
             config = Configuration(tuple(rng.randint(1, l.num_experts) for l in layout.layers), rng.choice([2, 8]))
             version += 1
-            assert engine.apply_plan(config.plan(version)).accepted
-            assert e_memory(memory, config) == engine.memory().accounted_bytes
+            assert tiny_engine.apply_plan(config.plan(version)).accepted
+            assert e_memory(memory, config) == tiny_engine.memory().accounted_bytes
     finally:
         full = tuple(l.num_experts for l in layout.layers)
-        engine.apply_plan(Plan(version + 1, full, 4))
+        tiny_engine.apply_plan(Plan(version + 1, full, 4))
 
 
 # --- E_accuracy ---------------------------------------------------------------------
@@ -107,6 +107,7 @@ def _synthetic_rows(count: int) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_e_accuracy_learns_which_layers_matter_and_reports_held_out_error():
     fitted = fit_accuracy(_synthetic_rows(200), "mix", [8, 8, 8])
     assert fitted["held_out"] > 10 and fitted["trained_on"] > 100
@@ -119,6 +120,7 @@ def test_e_accuracy_learns_which_layers_matter_and_reports_held_out_error():
     assert worse_first > worse_last
 
 
+@pytest.mark.slow
 def test_the_planners_e_accuracy_is_the_geometric_mean_of_networks_from_different_seeds():
     fitted = fit_accuracy(_synthetic_rows(200), "mix", [8, 8, 8])
     ensemble = AccuracyEnsemble.from_json(json.loads(json.dumps(fitted["models"]["ensemble"])))

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from swapmoe.executor.planner_link import PlannerLink, Reconnect, backoff_delays
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import transport
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc
@@ -63,7 +63,7 @@ def test_reconnect_settings_must_make_sense():
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir):
+def reconnect_engine(tiny_model_dir):
     with own_engine(tiny_model_dir, "reconnect-test") as engine:
         yield engine
 
@@ -94,9 +94,10 @@ class Refuser:
             connection.close()
 
 
-def test_the_transport_reconnects_with_grpcs_jittered_backoff_not_in_a_tight_loop(engine, caplog):
+@pytest.mark.slow
+def test_the_transport_reconnects_with_grpcs_jittered_backoff_not_in_a_tight_loop(reconnect_engine, caplog):
     refuser = Refuser()
-    link = PlannerLink(engine, refuser.address, reconnect=FAST).start()
+    link = PlannerLink(reconnect_engine, refuser.address, reconnect=FAST).start()
     try:
         with caplog.at_level(logging.WARNING, "swapmoe.executor.planner_link"):
             time.sleep(4)
@@ -114,9 +115,10 @@ def test_the_transport_reconnects_with_grpcs_jittered_backoff_not_in_a_tight_loo
     assert len(unreachable) == 1, "one warning per outage, not one per attempt"
 
 
-def test_an_executor_dialing_a_planner_that_is_down_connects_within_the_backoff_bound_once_it_starts(engine):
+@pytest.mark.slow
+def test_an_executor_dialing_a_planner_that_is_down_connects_within_the_backoff_bound_once_it_starts(reconnect_engine):
     address = f"127.0.0.1:{free_port()}"
-    link = PlannerLink(engine, address, reconnect=FAST).start()
+    link = PlannerLink(reconnect_engine, address, reconnect=FAST).start()
     planner = None
     try:
         time.sleep(3)  # refused for 3 s: the transport's backoff has reached its 1 s cap
@@ -156,12 +158,13 @@ class Greatest(random.Random):
         return b
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hold, expected", [(0.0, "growing"), (0.5, "reset")])
-def test_the_delay_between_streams_grows_while_streams_fail_and_starts_again_after_one_stayed_up(engine, hold,
+def test_the_delay_between_streams_grows_while_streams_fail_and_starts_again_after_one_stayed_up(reconnect_engine, hold,
                                                                                                  expected):
     planner = EndingPlanner(hold)
     settings = Reconnect(initial_s=0.2, maximum_s=30.0, multiplier=8.0, stable_s=0.4)
-    link = PlannerLink(engine, planner.address, reconnect=settings, rng=Greatest()).start()
+    link = PlannerLink(reconnect_engine, planner.address, reconnect=settings, rng=Greatest()).start()
     try:
         time.sleep(4)
     finally:

@@ -29,15 +29,15 @@ U64_MAX = 2**64 - 1
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_model_dir, tmp_path_factory):
+def hostile_engine(tiny_model_dir, tmp_path_factory):
     state = tmp_path_factory.mktemp("executor-state")
     with Engine(EngineConfig(tiny_model_dir, budget_bytes=1 << 30, node_id="hostile-test", state_dir=state)) as engine:
         yield engine
 
 
 @pytest.fixture(scope="module")
-def executor(engine):
-    server = serve_executor(engine, max_subscribers=4)
+def executor(hostile_engine):
+    server = serve_executor(hostile_engine, max_subscribers=4)
     with transport.channel(f"127.0.0.1:{server.port}") as channel:
         yield channel
     server.stop(grace=1)
@@ -82,7 +82,7 @@ class Planner:
 
 
 @pytest.fixture
-def planner(tmp_path):
+def restartable_planner(tmp_path):
     planner = Planner(tmp_path / "planner-state")
     yield planner
     planner.stop()
@@ -120,18 +120,19 @@ def rpc_error(call) -> grpc.RpcError:
 
 
 # 1. One registration wedged the planner: 2^32-1 experts and a 2^64-1 budget held the registry lock.
-def test_a_registration_with_huge_counts_is_refused_at_once_and_the_planner_keeps_answering(planner, engine):
-    reg = registration_of(engine, budget_bytes=U64_MAX)
+def test_a_registration_with_huge_counts_is_refused_at_once_and_the_planner_keeps_answering(restartable_planner,
+                                                                                            hostile_engine):
+    reg = registration_of(hostile_engine, budget_bytes=U64_MAX)
     reg.layout.layers[0].num_experts = 2**32 - 1
     started = time.monotonic()
-    error = rpc_error(FakeExecutor(planner, reg).first)
+    error = rpc_error(FakeExecutor(restartable_planner, reg).first)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "registration.layout.layers[0].num_experts" in error.details()
     assert time.monotonic() - started < 5
-    reg = registration_of(engine, budget_bytes=U64_MAX)
-    error = rpc_error(FakeExecutor(planner, reg).first)
+    reg = registration_of(hostile_engine, budget_bytes=U64_MAX)
+    error = rpc_error(FakeExecutor(restartable_planner, reg).first)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "registration.budget_bytes" in error.details()
-    assert planner.stub.GetPlanStatus(ppb.PlanStatusRequest(), timeout=5).executors == []
+    assert restartable_planner.stub.GetPlanStatus(ppb.PlanStatusRequest(), timeout=5).executors == []
 
 
 # 2. One ApplyPlan with version 2^64-1 poisoned control for good.
@@ -144,10 +145,10 @@ def test_a_plan_version_past_the_bound_is_invalid_and_later_plans_still_apply(st
                           timeout=5).accepted
 
 
-def test_a_registration_carrying_a_version_past_the_bound_is_refused(planner, engine):
-    reg = registration_of(engine)
+def test_a_registration_carrying_a_version_past_the_bound_is_refused(restartable_planner, hostile_engine):
+    reg = registration_of(hostile_engine)
     reg.current_plan.version = U64_MAX
-    error = rpc_error(FakeExecutor(planner, reg).first)
+    error = rpc_error(FakeExecutor(restartable_planner, reg).first)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "registration.plan.version" in error.details()
 
 
@@ -160,25 +161,25 @@ def test_a_saved_plan_with_a_version_past_the_bound_is_ignored_at_start(tiny_mod
 
 
 # 3. A planner restart replaced an acknowledged operator plan with its own even split.
-def test_a_restarted_planner_keeps_the_pinned_plan_the_executor_runs(planner, engine):
-    link = PlannerLink(engine, planner.address).start()
+@pytest.mark.slow
+def test_a_restarted_planner_keeps_the_pinned_plan_the_executor_runs(restartable_planner, hostile_engine):
+    planner, node = restartable_planner, hostile_engine.config.node_id
+    link = PlannerLink(hostile_engine, planner.address).start()
     try:
-        wait_until(lambda: (s := planner.status(engine.config.node_id)) and s.state == ppb.PLAN_STATE_ACKED,
-                   what="the first plan")
-        planner.stub.PushPlan(ppb.PushPlanRequest(node_ids=[engine.config.node_id],
-                                                  plan=common_pb2.Plan(experts_per_layer=[3, 1])), timeout=5)
-        pinned = wait_until(lambda: (s := planner.status(engine.config.node_id)).state == ppb.PLAN_STATE_ACKED
+        wait_until(lambda: (s := planner.status(node)) and s.state == ppb.PLAN_STATE_ACKED, what="the first plan")
+        planner.stub.PushPlan(ppb.PushPlanRequest(node_ids=[node], plan=common_pb2.Plan(experts_per_layer=[3, 1])),
+                              timeout=5)
+        pinned = wait_until(lambda: (s := planner.status(node)).state == ppb.PLAN_STATE_ACKED
                             and list(s.acked_plan.experts_per_layer) == [3, 1] and s, what="the pinned plan")
-        running = engine.plan
+        running = hostile_engine.plan
         planner.restart()  # same state directory
-        after = wait_until(lambda: (s := planner.status(engine.config.node_id)).connected and s, what="the resync")
+        after = wait_until(lambda: (s := planner.status(node)).connected and s, what="the resync")
         assert after.pinned and after.acked_plan == pinned.acked_plan
         planner.restart(state_dir=None)  # a planner that lost its state adopts what the executor runs
-        after = wait_until(lambda: (s := planner.status(engine.config.node_id)) and s.connected and s,
-                           what="the resync")
+        after = wait_until(lambda: (s := planner.status(node)) and s.connected and s, what="the resync")
         assert after.acked_plan == pinned.acked_plan and after.state == ppb.PLAN_STATE_ACKED
         time.sleep(0.5)
-        assert engine.plan == running, "the executor was sent another plan"
+        assert hostile_engine.plan == running, "the executor was sent another plan"
     finally:
         link.stop()
 
@@ -203,8 +204,10 @@ def test_idle_streams_past_their_slots_are_refused_and_the_executor_keeps_answer
                what="a freed slot")
 
 
-def test_forty_streams_of_each_kind_leave_health_and_describe_answering(engine):
-    server = serve_executor(engine, subscribers_per_caller=40)  # 32 subscribers, a queue of 64: one caller takes all
+@pytest.mark.slow
+def test_forty_streams_of_each_kind_leave_health_and_describe_answering(hostile_engine):
+    # 32 subscribers, a queue of 64: one caller takes all
+    server = serve_executor(hostile_engine, subscribers_per_caller=40)
     with transport.channel(f"127.0.0.1:{server.port}") as channel:
         stub = executor_pb2_grpc.ExecutorServiceStub(channel)
         subscribers = [stub.Subscribe(epb.SubscribeRequest(interval_ms=3_600_000), timeout=120) for _ in range(40)]
@@ -242,12 +245,12 @@ def test_profile_requests_past_their_bounds_are_invalid(stub, request_, field):
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.details()
 
 
-def test_a_profile_stops_when_its_client_leaves_and_takes_its_turn_in_the_queue(stub, engine):
+def test_a_profile_stops_when_its_client_leaves_and_takes_its_turn_in_the_queue(stub, hostile_engine):
     profile = stub.Profile(epb.ProfileRequest(token_counts=[64] * 16, repeats=100), timeout=60)
     next(profile)
-    wait_until(lambda: engine.running == 1, what="the profile's turn")
+    wait_until(lambda: hostile_engine.running == 1, what="the profile's turn")
     profile.cancel()
-    wait_until(lambda: engine.running == 0, timeout=10, what="the profile to stop")
+    wait_until(lambda: hostile_engine.running == 0, timeout=10, what="the profile to stop")
 
 
 # 7. A directory where the saved plan should be crashed start-up with a traceback.
@@ -258,35 +261,35 @@ def test_a_directory_in_place_of_the_saved_plan_is_a_clear_error(tiny_model_dir,
 
 
 # 8. Any client could register under a connected executor's node id and take its stream over.
-def test_a_connected_node_id_is_taken_over_only_with_its_secret(planner, engine):
-    first = FakeExecutor(planner, registration_of(engine, "owner"))
+def test_a_connected_node_id_is_taken_over_only_with_its_secret(restartable_planner, hostile_engine):
+    first = FakeExecutor(restartable_planner, registration_of(hostile_engine, "owner"))
     secret = first.first().welcome.node_secret
     assert len(secret) >= 32
     try:
-        error = rpc_error(FakeExecutor(planner, registration_of(engine, "owner")).first)
+        error = rpc_error(FakeExecutor(restartable_planner, registration_of(hostile_engine, "owner")).first)
         assert error.code() == grpc.StatusCode.PERMISSION_DENIED and "node_secret" in error.details()
-        impostor = registration_of(engine, "owner", node_secret="guess")
-        assert rpc_error(FakeExecutor(planner, impostor).first).code() == grpc.StatusCode.PERMISSION_DENIED
-        again = FakeExecutor(planner, registration_of(engine, "owner", node_secret=secret))
+        impostor = registration_of(hostile_engine, "owner", node_secret="guess")
+        assert rpc_error(FakeExecutor(restartable_planner, impostor).first).code() == grpc.StatusCode.PERMISSION_DENIED
+        again = FakeExecutor(restartable_planner, registration_of(hostile_engine, "owner", node_secret=secret))
         assert again.first().welcome.node_secret == secret
         again.close()
     finally:
         first.close()
-    saved_file = wait_until(lambda: next((planner.state_dir / "executors").glob("*.json"), None),
+    saved_file = wait_until(lambda: next((restartable_planner.state_dir / "executors").glob("*.json"), None),
                             what="the executor's state file (written behind)")
     saved = json.loads(saved_file.read_text())
     assert secret not in json.dumps(saved), "the planner keeps a digest of the secret, not the secret"
 
 
-def test_an_executor_keeps_its_secret_in_its_state_directory(planner, engine):
-    link = PlannerLink(engine, planner.address).start()
+def test_an_executor_keeps_its_secret_in_its_state_directory(restartable_planner, hostile_engine):
+    link = PlannerLink(hostile_engine, restartable_planner.address).start()
     try:
         wait_until(link.connected.is_set, what="the connection")
-        secret_file = engine.config.state_dir / "node_secret"
+        secret_file = hostile_engine.config.state_dir / "node_secret"
         assert secret_file.read_text() == link.node_secret and secret_file.stat().st_mode & 0o077 == 0
     finally:
         link.stop()
-    assert PlannerLink(engine, planner.address).node_secret == link.node_secret
+    assert PlannerLink(hostile_engine, restartable_planner.address).node_secret == link.node_secret
 
 
 # 9. A temperature of 1e-38 gave INTERNAL with torch's message.
@@ -298,23 +301,24 @@ def test_numerically_bad_temperatures_are_invalid(stub, temperature):
 
 
 # Found by the soak: a reader between "budget lowered" and "slots shrunk" saw accounted > budget.
-def test_no_reader_ever_sees_accounted_bytes_above_the_budget_while_it_changes(engine):
-    low = engine.min_budget_bytes + sum(l.bytes_per_expert for l in engine.layout.layers)
-    high, seen, done = engine.budget_bytes, [], threading.Event()
+def test_no_reader_ever_sees_accounted_bytes_above_the_budget_while_it_changes(hostile_engine):
+    low = hostile_engine.min_budget_bytes + sum(l.bytes_per_expert for l in hostile_engine.layout.layers)
+    high, seen, done = hostile_engine.budget_bytes, [], threading.Event()
 
     def watch():
         while not done.is_set():
-            m = engine.memory()
+            m = hostile_engine.memory()
             seen.append(m.accounted_bytes <= m.budget_bytes)
 
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
         for _ in range(20):
-            engine.set_budget(low)
-            engine.apply_plan(engine.plan.with_version(engine.plan.version + 1))
-            engine.set_budget(high)
-            engine.apply_plan(Plan(engine.plan.version + 1, tuple(l.num_experts for l in engine.layout.layers)))
+            hostile_engine.set_budget(low)
+            hostile_engine.apply_plan(hostile_engine.plan.with_version(hostile_engine.plan.version + 1))
+            hostile_engine.set_budget(high)
+            everything = tuple(layer.num_experts for layer in hostile_engine.layout.layers)
+            hostile_engine.apply_plan(Plan(hostile_engine.plan.version + 1, everything))
     finally:
         done.set()
         watcher.join()

@@ -42,7 +42,7 @@ def test_masked_gating_never_routes_to_an_absent_expert(arch, checkpoint_dirs):
     routers = install_masked_routers(model)
     resident = [0, 3, 5]
     for router in routers:
-        router.set_resident(resident)
+        router.install(router.mask(resident))
     seen = _capture_expert_choices(model)
     sample_logits(model, arch)
     chosen = torch.cat(seen).unique().tolist()
@@ -55,7 +55,7 @@ def test_masked_gating_is_the_routers_softmax_renormalized_over_resident_experts
     routers = install_masked_routers(model)
     block = find_moe_blocks(model)[0].module
     resident = [1, 2, 6]
-    routers[0].set_resident(resident)
+    routers[0].install(routers[0].mask(resident))
     x = torch.randn(1, 5, model.config.hidden_size)
     with torch.no_grad():
         ours = block(x)
@@ -77,7 +77,7 @@ def test_importance_counts_wanted_experts_even_when_absent(arch, checkpoint_dirs
     model = load_checkpoint(checkpoint_dirs(arch)).model
     routers = install_masked_routers(model)
     for router in routers:
-        router.set_resident([0])
+        router.install(router.mask([0]))
     sample_logits(model, arch)
     activations, importance = routers[0].stats()
     assert sum(activations) > 0

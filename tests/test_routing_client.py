@@ -12,10 +12,10 @@ from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
 from swapmoe.executor.server import serve as executor_serve
 from swapmoe.models.tiny import save_tiny_model
-from swapmoe.orchestration import client
+from swapmoe.cli import client
 from swapmoe.orchestration.fleet import serve as fleet_serve
-from swapmoe.orchestration.routing import NoExecutor, Router, list_nodes
-from swapmoe.planner_service.planner import PlannerSettings
+from swapmoe.orchestration.balancing import NoExecutor, Router, list_nodes
+from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve as planner_serve
 from swapmoe.v1 import executor_pb2 as epb, planner_pb2 as ppb
 
@@ -62,7 +62,7 @@ def fleet(tmp_path_factory):
         executor.close()
     control.stop(0)
     planner.stop(0)
-    registry.planner.close()
+    registry.policy.close()
 
 
 def _connected(router, model):
@@ -97,6 +97,7 @@ def test_an_unknown_model_is_not_found_naming_the_models_that_are_served(fleet):
     assert f"no connected executor serves model 'no-such-model' (labels seen: model={model})" in str(error.value)
 
 
+@pytest.mark.slow
 def test_a_generation_goes_to_the_executor_with_the_lighter_load(fleet):
     fleet_address, model, (a, b) = fleet
     running = a.stub.Generate(epb.GenerateRequest(text="busy", max_new_tokens=LONG), timeout=60)

@@ -10,7 +10,7 @@ from swapmoe.core.plan import Plan, Strategy
 from swapmoe.executor.adapters import adapter_for, find_moe_blocks
 from swapmoe.executor.checkpoint import load_checkpoint
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.loader import Load
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.models.tiny import ARCHITECTURES, is_encoder_decoder, sample_logits
@@ -179,7 +179,7 @@ def test_a_checkpoint_bigger_than_the_budget_loads_and_generates(checkpoint_dirs
         chunks = _generate(engine)
         assert chunks[-1].completion_tokens == 24
         assert engine.memory().accounted_bytes <= budget
-        assert _model_tensor_bytes(engine.model) <= engine.layout.dense_bytes + engine.runtime.slot_bytes()
+        assert _model_tensor_bytes(engine.model) <= engine.layout.dense_bytes + engine.experts.slot_bytes()
     finally:
         engine.close()
 
@@ -187,15 +187,15 @@ def test_a_checkpoint_bigger_than_the_budget_loads_and_generates(checkpoint_dirs
 def test_the_budget_holds_across_swaps_and_live_budget_changes(checkpoint_dirs):
     engine = Engine(EngineConfig(checkpoint_dirs("mixtral"), budget_bytes=1 << 30))
     try:
-        engine.apply_plan(Plan(1, _half(engine.runtime), update_frequency=2))
+        engine.apply_plan(Plan(1, _half(engine.experts), update_frequency=2))
         sizes = [engine.memory_model.plan_bytes([n] * engine.layout.num_layers) for n in (3, 1, 4, 2, 8)]
         for budget in sizes:
             engine.set_budget(budget)
             _generate(engine, 8)
             report = engine.memory()
             assert report.accounted_bytes <= budget
-            assert _model_tensor_bytes(engine.model) <= report.dense_bytes + engine.runtime.slot_bytes()
-        assert engine.runtime.stats.loads_started > 0
+            assert _model_tensor_bytes(engine.model) <= report.dense_bytes + engine.experts.slot_bytes()
+        assert engine.experts.stats.loads_started > 0
     finally:
         engine.close()
 
@@ -205,12 +205,12 @@ def test_growing_the_budget_fills_the_new_slots_in_the_background(checkpoint_dir
     try:
         engine.apply_plan(Plan(1, (1,) * engine.layout.num_layers, update_frequency=1))
         engine.apply_plan(Plan(2, (4,) * engine.layout.num_layers, update_frequency=0))
-        routed = lambda: [int(layer.router.resident.sum()) for layer in engine.runtime.layers]  # noqa: E731
+        routed = lambda: [int(layer.router.resident.sum()) for layer in engine.experts.layers]  # noqa: E731
         assert routed() == [1] * engine.layout.num_layers  # apply_plan did not wait for the loads
-        engine.runtime.wait_for_loads()
+        engine.experts.wait_for_loads()
         _generate(engine, 2)  # finished loads become usable between forward passes
         assert routed() == [4] * engine.layout.num_layers
-        assert [len(r) for r in engine.runtime.resident()] == [4] * engine.layout.num_layers
+        assert [len(r) for r in engine.experts.resident()] == [4] * engine.layout.num_layers
     finally:
         engine.close()
 

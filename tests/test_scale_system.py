@@ -12,6 +12,8 @@ from benchmarks import scale_system
 from benchmarks.scale_probe import min_budget
 from swapmoe.models.paper_scale import parse_scale, write_checkpoint
 
+pytestmark = pytest.mark.slow
+
 EXPERT_BYTES = 3 * 64 * 512 * 2  # gate, up and down projections of 64 x 512 in bfloat16
 
 

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from swapmoe.core.errors import Forbidden, InvalidField, Unauthenticated
-from swapmoe.orchestration.devcerts import make_dev_certs
+from swapmoe.cli.devcerts import make_dev_certs
 from swapmoe.rpc import auth
 from swapmoe.rpc.auth import METHOD_ROLES, TokenTable, authorize, hash_token
 from swapmoe.rpc.security import (ClientSecurity, ServerSecurity, add_client_arguments, add_server_arguments,
@@ -190,7 +190,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(certs):
 def test_each_dev_certificate_serves_or_dials_only_as_its_process_does(certs):
     """client.pem only dials and planner.pem only serves (the planner never dials out); the
     executor's and the control node's serve and dial. A stolen client.pem cannot pose as a server."""
-    from swapmoe.orchestration.devcerts import USES
+    from swapmoe.cli.devcerts import USES
     from swapmoe.rpc.security import CERT_NAMES
 
     assert set(USES) == set(CERT_NAMES)

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from swapmoe.core.plan import Plan
 from swapmoe.executor import plans
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.prometheus import serve_metrics
 from swapmoe.executor.server import serve
 from swapmoe.models.tiny import save_tiny_model
@@ -97,6 +97,10 @@ def test_a_client_that_gives_up_while_queued_leaves_the_queue(served):
     _wait_until(lambda: engine.queue_depth == 1)
     queued.cancel()
     _wait_until(lambda: engine.queue_depth == 0)
+    assert engine.running == 1, "the queue emptied by the cancel, not by serving the queued request"
+    with pytest.raises(grpc.RpcError) as gave_up:
+        next(queued)
+    assert gave_up.value.code() == grpc.StatusCode.CANCELLED
     running.cancel()
     _idle(engine)
 
@@ -127,6 +131,7 @@ def test_many_concurrent_streams_all_complete_with_their_own_tokens(long_context
     assert results == expected
 
 
+@pytest.mark.slow
 def test_plans_and_budget_cuts_mid_stream_do_not_break_it_and_memory_follows_the_budget(served):
     engine, stub = served
     _idle(engine)
@@ -174,6 +179,7 @@ def test_a_saved_plan_that_no_longer_fits_is_ignored_with_a_reason(tiny_model_di
         assert engine.plan.version == 0
 
 
+@pytest.mark.slow
 def test_a_subscriber_that_stops_reading_neither_stalls_serving_nor_loses_events_silently(served):
     engine, stub = served
     _idle(engine)

@@ -72,6 +72,7 @@ print(process_peak_rss() - before)
 """
 
 
+@pytest.mark.slow
 def test_building_a_store_holds_one_expert_at_a_time_not_the_checkpoint(tmp_path):
     """Peak resident memory while building stays near one expert's size however large the
     checkpoint: tensors are read outside any memory map and written as they come."""

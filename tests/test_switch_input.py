@@ -10,12 +10,12 @@ import pytest
 from transformers import AutoTokenizer
 
 from swapmoe.executor.engine import Engine, EngineConfig
-from swapmoe.executor.generation import GenerationRequest
+from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.server import serve
 from swapmoe.models.bundled import SWITCH_DIR
 from swapmoe.models.corpus import code_as_words
 from swapmoe.models.summarization import without_normalizer
-from swapmoe.orchestration.client import stream_generation
+from swapmoe.cli.client import stream_generation
 
 SOURCE = "def readFileName(self, path_name):\n    return open(path_name).read().strip()"
 
@@ -43,8 +43,8 @@ def test_the_executor_summarizes_raw_source_as_it_does_prepared_source(switch):
     assert summary(SOURCE) == summary(code_as_words(SOURCE))
 
 
-def test_a_client_prints_a_seq2seq_answer_alone_and_continues_a_causal_prompt(switch, engine):
-    for served, continues in ((switch, False), (engine, True)):
+def test_a_client_prints_a_seq2seq_answer_alone_and_continues_a_causal_prompt(switch, tiny_engine):
+    for served, continues in ((switch, False), (tiny_engine, True)):
         server = serve(served)
         try:
             out = io.StringIO()

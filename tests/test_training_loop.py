@@ -14,6 +14,7 @@ def batches(step: int) -> dict:
     return dict(input_ids=ids, labels=ids)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumed_from_its_checkpoint_ends_with_the_same_weights(tmp_path):
     config = TrainConfig(steps=6, warmup=2, checkpoint_every=3, threads=1)
     straight = build_tiny_model("mixtral")
@@ -39,6 +40,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert learning_rate(config, 99) < 0.11 and learning_rate(config, 50) < 1.0
 
 
+@pytest.mark.slow
 def test_a_parameter_groups_lr_scale_multiplies_its_learning_rate(tmp_path):
     model = build_tiny_model("mixtral")
     embeddings = model.get_input_embeddings().weight

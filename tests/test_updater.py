@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from swapmoe.executor.updater import Outbox, Worker
+from swapmoe.executor.updater import PendingTables, Worker
 from swapmoe.executor.virtual_experts import VirtualExperts
 from swapmoe.models.tiny import sample_logits
 
@@ -52,8 +52,8 @@ def test_a_failing_run_is_logged_and_the_worker_serves_the_next_kick(caplog):
     assert "expert update failed" in caplog.text
 
 
-def test_the_outbox_keeps_each_layers_newest_tables_and_every_load_in_order():
-    box = Outbox()
+def test_the_pending_tables_keep_each_layers_newest_tables_and_every_load_in_order():
+    box = PendingTables()
     box.post(0, "old tables", ["load a"])
     box.post(1, "tables of 1")
     box.post(0, "new tables", ["load b"])
@@ -94,7 +94,7 @@ def test_between_passes_hands_decisions_to_the_updater_thread(half_runtime, monk
 
 
 def test_routing_tables_change_only_when_the_forward_thread_installs_them(half_runtime):
-    """The updater's decisions wait in the outbox: a pass before the next ``between_passes``
+    """The updater's decisions wait in the pending tables: a pass before the next ``between_passes``
     routes exactly as before them, and their loads start only once their tables are installed."""
     runtime = half_runtime
     sample_logits(runtime.model, "mixtral")  # importance: some absent experts are now wanted

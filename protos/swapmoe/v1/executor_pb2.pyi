@@ -191,7 +191,7 @@ class SweepPoint(_message.Message):
     def __init__(self, update_frequency: _Optional[int] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., loads_per_token: _Optional[float] = ...) -> None: ...
 
 class ProfileResult(_message.Message):
-    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency", "on_demand")
+    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency", "on_demand", "batch_decode")
     EXPERT_LOAD_NS_FIELD_NUMBER: _ClassVar[int]
     LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class ProfileResult(_message.Message):
     SWEEP_FIELD_NUMBER: _ClassVar[int]
     INFLECTION_UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
+    BATCH_DECODE_FIELD_NUMBER: _ClassVar[int]
     expert_load_ns: int
     load_bytes_per_second: float
     load_tier: str
@@ -228,7 +229,16 @@ class ProfileResult(_message.Message):
     sweep: _containers.RepeatedCompositeFieldContainer[SweepPoint]
     inflection_update_frequency: int
     on_demand: OnDemandPoint
-    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ..., on_demand: _Optional[_Union[OnDemandPoint, _Mapping]] = ...) -> None: ...
+    batch_decode: _containers.RepeatedCompositeFieldContainer[BatchDecodePoint]
+    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ..., on_demand: _Optional[_Union[OnDemandPoint, _Mapping]] = ..., batch_decode: _Optional[_Iterable[_Union[BatchDecodePoint, _Mapping]]] = ...) -> None: ...
+
+class BatchDecodePoint(_message.Message):
+    __slots__ = ("rows", "step_ns")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    rows: int
+    step_ns: int
+    def __init__(self, rows: _Optional[int] = ..., step_ns: _Optional[int] = ...) -> None: ...
 
 class OnDemandPoint(_message.Message):
     __slots__ = ("inter_token_ns", "misses_per_token")

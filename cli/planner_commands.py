@@ -3,18 +3,18 @@ and releasing the node ids of executors gone for good."""
 
 from __future__ import annotations
 
-from swapmoe.orchestration.addresses import PLANNER_PORT, address_type
+from swapmoe.cli.addresses import PLANNER_PORT, address_type
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc
 
 
 def status(args) -> None:
-    from swapmoe.orchestration import client
+    from swapmoe.cli import client
 
     client.print_plan_status(args.planner, args.node_ids, as_json=args.json)
 
 
 def forget(args) -> None:
-    from swapmoe.orchestration import client
+    from swapmoe.cli import client
 
     stub = planner_pb2_grpc.PlannerServiceStub(client.channel(args.planner))
     response = stub.ForgetNodes(ppb.ForgetNodesRequest(node_ids=args.node_ids), timeout=30)

@@ -28,9 +28,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from swapmoe.orchestration import openai_api as api
-from swapmoe.orchestration.executor_pool import ExecutorPool, Generation
-from swapmoe.orchestration.http_intake import MAX_BODY_BYTES, Intake
+from swapmoe.gateway import openai_api as api
+from swapmoe.gateway.executor_pool import ExecutorPool, Generation
+from swapmoe.gateway.http_intake import MAX_BODY_BYTES, Intake
 
 DISCONNECT_POLL_S = 0.25  # how often a whole (non-streamed) answer checks that its client is still there
 

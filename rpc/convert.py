@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from swapmoe.core import limits
 from swapmoe.core.budget import Reserve
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
+from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
+                                         OnDemandPoint, SweepPoint)
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.memory import MemoryReport
-from swapmoe.core.plan import Plan, PlanResult, Strategy
-from swapmoe.v1 import common_pb2 as pb, executor_pb2 as epb
+from swapmoe.core.plan import BudgetChange, Plan, PlanResult, Strategy
+from swapmoe.v1 import common_pb2 as pb, executor_pb2 as epb, planner_pb2 as ppb
 
 # ProfileRequest bounds beside those in swapmoe.core.limits: a sweep of at most 16 update
 # frequencies of at most 4,096 tokens each (the executor also keeps tokens within its context).
@@ -119,9 +120,13 @@ def plan_result_to_pb(result: PlanResult) -> pb.PlanResult:
     return msg
 
 
-def memory_from_pb(msg: pb.MemoryReport) -> MemoryReport:
-    return MemoryReport(msg.budget_bytes, msg.dense_bytes, msg.expert_bytes, msg.kv_cache_bytes,
-                        msg.activation_bytes, msg.process_rss_bytes, msg.process_peak_rss_bytes, msg.runtime_bytes)
+def budget_change_to_pb(change: BudgetChange) -> ppb.BudgetChange:
+    return ppb.BudgetChange(previous_budget_bytes=change.previous_bytes, budget_bytes=change.budget_bytes,
+                            reason=change.reason)
+
+
+def budget_change_from_pb(msg: ppb.BudgetChange) -> BudgetChange:
+    return BudgetChange(msg.previous_budget_bytes, msg.budget_bytes, msg.reason)
 
 
 def reserve_to_pb(reserve: Reserve) -> pb.Reserve:
@@ -185,6 +190,7 @@ def device_profile_to_pb(profile: DeviceProfile) -> epb.ProfileResult:
         inflection_update_frequency=profile.inflection_update_frequency,
         on_demand=epb.OnDemandPoint(inter_token_ns=profile.on_demand.inter_token_ns,
                                     misses_per_token=profile.on_demand.misses_per_token) if profile.on_demand else None,
+        batch_decode=[epb.BatchDecodePoint(rows=b.rows, step_ns=b.step_ns) for b in profile.batch_decode],
     )
 
 
@@ -206,4 +212,5 @@ def device_profile_from_pb(msg: epb.ProfileResult) -> DeviceProfile:
         inflection_update_frequency=msg.inflection_update_frequency,
         on_demand=OnDemandPoint(msg.on_demand.inter_token_ns, msg.on_demand.misses_per_token)
         if msg.HasField("on_demand") else None,
+        batch_decode=tuple(BatchDecodePoint(b.rows, b.step_ns) for b in msg.batch_decode),
     )

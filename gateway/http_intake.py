@@ -14,7 +14,7 @@ from __future__ import annotations
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 
-from swapmoe.orchestration import openai_api as api
+from swapmoe.gateway import openai_api as api
 
 # A body holds one prompt, which must fit the executor's context (at most a few thousand tokens):
 # 4 MiB is far beyond any prompt that fits, and bounds what JSON parsing of one body can allocate.

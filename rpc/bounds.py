@@ -65,6 +65,7 @@ FIELD_LIMITS: dict[str, int | tuple[int, int]] = {
     "swapmoe.v1.ProfileResult.loads": _SAMPLES,
     "swapmoe.v1.ProfileResult.sweep_experts_per_layer": limits.MAX_LAYERS,
     "swapmoe.v1.ProfileResult.sweep": _SAMPLES,
+    "swapmoe.v1.ProfileResult.batch_decode": _SAMPLES,
     "swapmoe.v1.LayerProfile.compute": _SAMPLES,
     "swapmoe.v1.LoadSample.tier": _LABEL,
     # telemetry.proto (executors send it up their Connect stream)

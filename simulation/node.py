@@ -3,13 +3,13 @@
 A ``SimNode`` speaks the protocol ``swapmoe.executor.planner_link`` speaks: it registers (with
 the secret of its previous Welcome, and the last plan it acknowledged), sends the telemetry the
 Welcome asks for, answers every plan with an ACK or a NACK as the executor's ``PlanBook.review``
-would (a plan carrying ``budget_bytes`` sets the budget, and the change goes up as a
-BudgetChange, as the real executor's event forwarder sends it), fails every ProfileAsk at once
+would (a plan carrying ``budget_bytes`` sets the budget, which its ACK answers: as on a real
+executor, no BudgetChange goes up for it), fails every ProfileAsk at once
 (FAILED_PRECONDITION: the planner must not wait on it), and registers again with backoff when
 its stream ends. Everything runs on one asyncio loop, so one process holds thousands of nodes:
 per node, one reader coroutine, one request generator and one telemetry task.
 
-``benchmarks.fleet_sim`` starts the nodes, spreads them over channels and reports on them.
+``swapmoe.simulation.fleet`` starts the nodes, spreads them over channels and reports on them.
 """
 
 from __future__ import annotations
@@ -141,10 +141,6 @@ class NodeRecord:
         return max((v for v, _, ok in self.answers if ok), default=0)
 
     @property
-    def last_answer(self) -> tuple[int, float, bool] | None:
-        return self.answers[-1] if self.answers else None
-
-    @property
     def pending(self) -> bool:
         """A plan received and not answered yet."""
         return bool(self.plans) and (not self.answers or self.answers[-1][0] != self.plans[-1][0])
@@ -160,7 +156,7 @@ class Counters:
     plans: int = 0
     acks: int = 0
     nacks: int = 0
-    budget_changes: int = 0  # BudgetChange messages sent (plans that changed the budget)
+    budget_changes: int = 0  # plans that changed the budget (their ACK says so; no BudgetChange goes up)
     telemetry: int = 0  # telemetry events sent
     telemetry_dropped: int = 0
     profile_asks: int = 0
@@ -297,10 +293,7 @@ class SimNode:
         counters = self.fleet.counters
         counters.acks += not reason
         counters.nacks += bool(reason)
-        if self.budget != previous:
-            counters.budget_changes += 1
-            self._send(ppb.ExecutorMessage(budget_change=ppb.BudgetChange(
-                previous_budget_bytes=previous, budget_bytes=self.budget, reason=f"with plan {plan_pb.version}")))
+        counters.budget_changes += self.budget != previous
 
     def _apply(self, plan_pb: common_pb2.Plan) -> str:
         """Why the plan is rejected (the executor's reasons), or "" once it is applied."""
@@ -315,7 +308,7 @@ class SimNode:
             return reason
         budget = plan.budget_bytes or self.budget
         self.book.accept(plan)
-        self.book.set_budget(budget, None)
+        self.book.set_budget(budget)
         return ""
 
     @property

@@ -22,11 +22,13 @@ from typing import Callable, ContextManager, Iterator, Sequence
 import torch
 from torch import nn
 
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
+from swapmoe.core.device_profile import BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
 from swapmoe.core.layout import DeviceInfo
 from swapmoe.core.plan import Strategy
-from swapmoe.executor.scheduler import Cancelled
-from swapmoe.executor.generation import SamplingParams, generate_ids
+from swapmoe.executor.serving_loop import Cancelled
+from swapmoe.executor.requests import GenerationRequest
+from swapmoe.executor.model_runner import ModelRunner
+from swapmoe.executor.step import generate_offline
 
 DEFAULT_TOKEN_COUNTS = (1, 4, 16, 64)
 DEFAULT_REPEATS = 5
@@ -183,36 +185,43 @@ def _prompt(vocab_size: int) -> tuple[int, ...]:
     return tuple(t % vocab_size for t in SWEEP_PROMPT) if vocab_size else SWEEP_PROMPT
 
 
-def _decode_step_ns(runtime, repeats: int, cancelled) -> int:
-    """One decode step (a token through the real model with the KV cache of a short prompt),
-    no updates: the generation path's own steps after the prefill and a warm-up step."""
-    tokens = generate_ids(runtime.model, _prompt(runtime.layout.vocab_size), repeats + 2, SamplingParams(),
-                          between_steps=lambda: runtime.between_passes(0))
-    with contextlib.closing(tokens):
-        next(tokens)  # prefill
-        next(tokens)  # warm-up step
-        return _median_ns(lambda: next(tokens), repeats, cancelled)
+def _pass_stamps(runtime, frequency: int, rows: int, count: int, cancelled, at_first=lambda: None) -> list[int]:
+    """When each forward pass of ``rows`` greedy generations of ``count`` tokens ended, run through
+    the serving step as a request would be (``begin_input`` at its prefill, the experts' work between
+    passes every ``frequency`` passes): the ``rows`` prefills, then the decode passes of them all.
+    ``at_first`` runs once the first token exists (after the prefills)."""
+    runner = ModelRunner(runtime.model, runtime, rows, frequency)
+    request = GenerationRequest(_prompt(runtime.layout.vocab_size), count)
+    stamps: list[int] = []
+    made = generate_offline(runner, [request] * rows, joins_per_pass=rows)
+    with contextlib.closing(made):
+        for emitted in made:
+            if stamps and stamps[-1] == emitted.computed_ns:
+                continue  # another row of the same pass
+            stamps.append(emitted.computed_ns)
+            if len(stamps) == rows:
+                at_first()
+            if cancelled():
+                raise Cancelled()
+    return stamps
+
+
+def _decode_step_ns(runtime, repeats: int, cancelled, rows: int = 1) -> int:
+    """One decode pass of ``rows`` sequences (each with the KV cache of a short prompt), no updates:
+    the median of the serving step's passes after the prefills and a warm-up pass."""
+    stamps = _pass_stamps(runtime, 0, rows, repeats + 2, cancelled)[rows - 1:]
+    return int(statistics.median(b - a for a, b in itertools.islice(zip(stamps, stamps[1:]), 1, None)))
 
 
 def _generate_once(runtime, frequency: int, count: int, cancelled, counter=None) -> tuple[list[int], int]:
-    """Generate ``count`` greedy tokens with updates every ``frequency`` tokens, as a request
-    would (``begin_input``, then ``between_passes`` after each pass); returns the times between
-    tokens and the loads started (or, given ``counter``, how far it moved after the first token:
-    the prefill's loads aside)."""
+    """Generate ``count`` greedy tokens with updates every ``frequency`` passes, as a request
+    would; returns the times between tokens and the loads started (or, given ``counter``, how
+    far it moved after the first token: the prefill's loads aside)."""
     count_now = counter or (lambda: runtime.stats.loads_started)
-    started = count_now()
-    tokens = generate_ids(runtime.model, _prompt(runtime.layout.vocab_size), count, SamplingParams(),
-                          between_steps=lambda: runtime.between_passes(frequency))
-    runtime.begin_input()
-    stamps = []
-    with contextlib.closing(tokens):
-        for _ in tokens:
-            stamps.append(time.perf_counter_ns())
-            if counter is not None and len(stamps) == 1:
-                started = count_now()
-            if cancelled():
-                raise Cancelled()
-    return [b - a for a, b in zip(stamps, stamps[1:])], count_now() - started
+    started = [count_now()]
+    stamps = _pass_stamps(runtime, frequency, 1, count, cancelled,
+                          at_first=(lambda: started.__setitem__(0, count_now())) if counter is not None else lambda: None)
+    return [b - a for a, b in zip(stamps, stamps[1:])], count_now() - started[0]
 
 
 def _generate_on_demand(runtime, count: int, cancelled) -> tuple[list[int], int]:
@@ -235,7 +244,8 @@ def _settle(runtime) -> None:
 @torch.inference_mode()
 def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Callable[[], tuple[int, ...]],
             cancelled: Callable[[], bool] = lambda: False,
-            measurement: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[ProfileProgress]:
+            measurement: Callable[[], ContextManager] = contextlib.nullcontext,
+            max_rows: int = 1) -> Iterator[ProfileProgress]:
     """Measure ``runtime`` (a ``VirtualExperts``), reporting progress. The work is a series of
     short measurements, each inside ``measurement()`` (the engine's exclusive step: no pass of a
     generation runs and no plan resizes a slot meanwhile; generations may run between two): one
@@ -264,6 +274,11 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Cal
         _resize(runtime, sweep_capacities)
         _settle(runtime)
         decode_ns = _decode_step_ns(runtime, decode_steps, cancelled)
+    batch_decode = [BatchDecodePoint(1, decode_ns)]
+    for rows in batch_sizes(max_rows)[1:]:
+        with measurement():
+            _resize(runtime, sweep_residency())
+            batch_decode.append(BatchDecodePoint(rows, _decode_step_ns(runtime, decode_steps, cancelled, rows)))
     with measurement():  # warm-up: the first generation after a resize runs slower
         _resize(runtime, sweep_residency())
         _generate_once(runtime, 0, spec.sweep_tokens, cancelled)
@@ -311,8 +326,17 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Cal
         inflection_update_frequency=inflection(sweep, tolerance),
         on_demand=OnDemandPoint(max(1, int(statistics.median(on_demand_medians))),
                                 on_demand_misses / max(1, on_demand_gaps)) if on_demand_medians else None,
+        batch_decode=tuple(batch_decode),
     )
     yield ProfileProgress(1.0, "done", result)
+
+
+def batch_sizes(max_rows: int) -> tuple[int, ...]:
+    """The batch sizes a profile measures decode at: powers of two up to ``max_rows``, and it."""
+    sizes = [1]
+    while sizes[-1] * 2 < max_rows:
+        sizes.append(sizes[-1] * 2)
+    return tuple(sizes + [max_rows]) if max_rows > 1 else (1,)
 
 
 def _resize(runtime, capacities: tuple[int, ...]) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 
 from swapmoe.core.errors import InvalidField
-from swapmoe.orchestration.addresses import EXECUTOR_PORT, address_type, port_number
+from swapmoe.cli.addresses import EXECUTOR_PORT, address_type, port_number
 from swapmoe.rpc import security, transport
 from swapmoe.rpc.auth import read_token
 from swapmoe.rpc.tls import is_loopback
@@ -76,8 +76,8 @@ def add_parser(commands) -> None:
 def serve(args: argparse.Namespace) -> None:
     import uvicorn  # missing: the CLI names the extra to install (cli.EXTRA_OF_MODULE)
 
-    from swapmoe.orchestration import openai_http
-    from swapmoe.orchestration.executor_pool import ExecutorPool
+    from swapmoe.gateway import openai_http
+    from swapmoe.gateway.executor_pool import ExecutorPool
 
     _check_https(args)
     api_key = read_token(args.api_key_file, "--api-key-file", API_KEY_ENV)

@@ -7,9 +7,10 @@ search at the exact budget follows). Otherwise the even split is the fallback, a
 in its origin; a device without a profile is profiled through its Connect stream first.
 
 ``choose`` runs under the registry's lock and never searches; searches and profiles run on
-the planner's own threads, which call back ``registry.replan`` when a better plan is ready.
-(``record`` arguments are ``registry.ExecutorRecord``s; the registry imports this module, not
-the other way round.)
+the policy's own threads, which hand a better plan's node id to ``on_plan_ready`` (the
+registry then calls ``choose`` again). The policy knows the fleet only through the plain
+callables it is built with; the registry builds it and calls it, never the other way round.
+(``record`` arguments are ``records.ExecutorRecord``s.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Plan
@@ -81,9 +83,16 @@ class _Node:
     key: str = ""
 
 
-class Planner:
-    def __init__(self, settings: PlannerSettings = PlannerSettings()):
+class PlanPolicy:
+    """Which plan each executor should run (this planner process's policy, not the process)."""
+
+    def __init__(self, settings: PlannerSettings, *, on_plan_ready: Callable[[str, str], None],
+                 connected: Callable[[str], bool], profile: Callable[[str, epb.ProfileRequest, float], epb.ProfileResult]):
+        """``on_plan_ready(node_id, why)``: a better plan for ``node_id`` is ready (a frontier, a refined
+        search, a profile); ``connected(node_id)``: whether it is there to plan for; ``profile(node_id,
+        request, timeout_s)``: measure its device through its stream (raises when no profile comes)."""
         self.settings = settings
+        self._on_plan_ready, self._connected, self._profile = on_plan_ready, connected, profile
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
         self._accuracy = profiles.find_accuracy(self._roots())
@@ -91,14 +100,10 @@ class Planner:
         self._work = ThreadPoolExecutor(1, thread_name_prefix="planner-search")  # searches, one at a time
         self._queued: set[tuple] = set()  # (node id, what) of the searches waiting, each once
         self._profiling = ThreadPoolExecutor(4, thread_name_prefix="planner-profile")  # waits on devices
-        self.registry = None  # the Registry, once attached
-
-    def attach(self, registry) -> None:
-        self.registry = registry
 
     # --- called by the registry, under its lock: fast, never searches ----------------
     def choose(self, record, why: str) -> Choice:
-        budget = record.registration.budget_bytes
+        budget = record.budget_bytes
         node = self._node(record.node_id, record.registration.model_fingerprint, record.memory_model)
         workload, found = self._lookup(node, record)
         if found is None:
@@ -139,7 +144,7 @@ class Planner:
         paper scale) is used without their reconnecting. Returns the node ids now profiled."""
         waiting = [(node_id, node) for node_id, node in list(self._nodes.items())
                    if node.fingerprint and node.fingerprint not in self._accuracy
-                   and self.registry is not None and self.registry.connected(node_id)]
+                   and self._connected(node_id)]
         picked = []
         for node_id, node in waiting:
             if self._nodes.get(node_id) is not node:
@@ -211,17 +216,9 @@ class Planner:
     # --- own threads ------------------------------------------------------------------
     def _measure(self, node_id: str) -> None:
         """Profile the device through its Connect stream, then build its frontiers."""
-        registry = self.registry
         try:
-            pending = registry.ask_profile(node_id, self.settings.profile_request)
-            try:
-                if not pending.done.wait(self.settings.profile_timeout_s):
-                    raise TimeoutError(f"no profile within {self.settings.profile_timeout_s:g} s")
-            finally:
-                registry.end_profile(pending)
-            if pending.outcome is None or pending.outcome.error:
-                raise RuntimeError(pending.failure or pending.outcome.error)
-            device = convert.device_profile_from_pb(pending.outcome.result)
+            measured = self._profile(node_id, self.settings.profile_request, self.settings.profile_timeout_s)
+            device = convert.device_profile_from_pb(measured)
             node = self._nodes.get(node_id)
             if node is None:
                 return  # forgotten meanwhile
@@ -277,7 +274,7 @@ class Planner:
         def run():
             with self._lock:
                 self._queued.discard(key)
-            if node_id in self._nodes and (self.registry is None or self.registry.connected(node_id)):
+            if node_id in self._nodes and self._connected(node_id):
                 search(node_id, *args)
 
         self._work.submit(run)
@@ -306,8 +303,7 @@ class Planner:
         self._replan(node_id, f"refined search at budget {format_size(budget)}")
 
     def _replan(self, node_id: str, why: str) -> None:
-        if self.registry is not None:
-            self.registry.replan(node_id, why)
+        self._on_plan_ready(node_id, why)
 
     # --- helpers ----------------------------------------------------------------------
     def _node(self, node_id: str, fingerprint: str, memory: MemoryModel) -> _Node:
@@ -324,7 +320,7 @@ class Planner:
             frontier = node.frontiers.get(wanted) or node.frontiers.get(default)
         if frontier is None:
             return wanted, None
-        return frontier.workload, frontier.at(record.registration.budget_bytes)
+        return frontier.workload, frontier.at(record.budget_bytes)
 
     def _default_workload(self, node: _Node) -> str:
         accuracy = self._accuracy.get(node.fingerprint)

@@ -11,7 +11,7 @@ from pathlib import Path
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.sizes import format_size, parse_size
 from swapmoe.models.bundled import LM_DIR
-from swapmoe.orchestration import client
+from swapmoe.cli import client
 from swapmoe.orchestration.processes import spawn
 from swapmoe.rpc import convert, transport
 from swapmoe.v1 import executor_pb2 as epb, planner_pb2 as ppb, planner_pb2_grpc, telemetry_pb2 as tpb
@@ -72,7 +72,7 @@ def run_demo(args) -> int:
             threading.Thread(target=_collect_events, args=(executor.address, events, stop), daemon=True).start()
             status = wait_for_ack(planner.address, node_id)
             if not args.budget:  # cut the budget live: keep about 3/4 of the experts (at 1/2 the bundled
-                # LM's perplexity goes from 28 to 42: benchmarks/RESULTS-runtime.md)
+                # LM's perplexity goes from 28 to 42: benchmarks/results/RESULTS-runtime.md)
                 d = client.executor_stub(executor.address).Describe(epb.DescribeRequest(), timeout=30)
                 experts = d.layout.total_bytes - d.layout.dense_bytes
                 per_layer = sum(l.bytes_per_expert for l in d.layout.layers)

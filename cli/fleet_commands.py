@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from swapmoe.core.sizes import format_size
-from swapmoe.orchestration import arg_types, fleet_up
-from swapmoe.orchestration.addresses import FLEET_PORT, PLANNER_PORT, address_type, port_number
+from swapmoe.cli import arg_types
+from swapmoe.orchestration import fleet_up
+from swapmoe.cli.addresses import FLEET_PORT, PLANNER_PORT, address_type, port_number
 from swapmoe.rpc import security
 from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, planner_pb2 as ppb
 
@@ -32,7 +33,7 @@ CALL_S = 30
 
 def _stub(address: str):
     """A stub whose calls carry the command's TLS and token (``client.security``, set by the CLI)."""
-    from swapmoe.orchestration import client
+    from swapmoe.cli import client
     from swapmoe.v1 import fleet_pb2_grpc
 
     return fleet_pb2_grpc.FleetServiceStub(client.channel(address))
@@ -75,7 +76,7 @@ def table(rows: list[list[str]], header: list[str], out=None) -> None:
 # -- commands ------------------------------------------------------------------------------------
 
 def serve(args) -> None:
-    from swapmoe.orchestration import preflight
+    from swapmoe.cli import preflight
     from swapmoe.orchestration.fleet import serve as serve_fleet
 
     preflight.check_port_free(args.host, args.port)
@@ -196,7 +197,7 @@ def rollouts(args) -> None:
 
 
 def _print_json(message) -> None:
-    from swapmoe.orchestration.client import print_json
+    from swapmoe.cli.client import print_json
 
     print_json(message)
 

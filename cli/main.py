@@ -15,12 +15,12 @@ import grpc
 from swapmoe.core import logs
 from swapmoe.core.errors import Corrupted, NotFound
 from swapmoe.core.labels import parse_labels
-from swapmoe.orchestration import (arg_types, devcerts, env_defaults, fleet_commands, http_commands, planner_commands,
-                                   preflight)
+from swapmoe.cli import (arg_types, devcerts, env_defaults, fleet_commands, http_commands, planner_commands,
+                          preflight)
 from swapmoe.rpc import security
 from swapmoe.rpc.tls import check_bind
 from swapmoe.profiler import commands as profile_commands
-from swapmoe.orchestration.addresses import EXECUTOR_PORT, FLEET_PORT, PLANNER_PORT, address_type, port_number
+from swapmoe.cli.addresses import EXECUTOR_PORT, FLEET_PORT, PLANNER_PORT, address_type, port_number
 
 
 def _serve_until_signalled(server, name: str) -> None:
@@ -113,7 +113,7 @@ def planner_serve(args) -> None:
     preflight.check_port_free(args.host, args.control_port, "--control-port")
     preflight.check_state_dir(args.state_dir)
     from swapmoe.planner_service.heap import HeapSettings
-    from swapmoe.planner_service.planner import PlannerSettings
+    from swapmoe.planner_service.policy import PlannerSettings
     from swapmoe.planner_service.claims import RegistrySettings
     from swapmoe.planner_service.search import SearchSettings
     from swapmoe.planner_service.server import serve
@@ -135,13 +135,13 @@ def planner_serve(args) -> None:
 
 
 def generate(args) -> None:
-    from swapmoe.orchestration import client
+    from swapmoe.cli import client
 
     target = args.executor
     if args.fleet:
         if not args.model:
             raise ValueError("--fleet needs --model: the model to route to (its executors' `model` label)")
-        from swapmoe.orchestration.routing import Router
+        from swapmoe.orchestration.balancing import Router
 
         target = Router(args.fleet, channel_factory=client.channel)
     client.stream_generation(target, args.prompt, model=args.model or "", selector=args.selector,
@@ -150,19 +150,19 @@ def generate(args) -> None:
 
 
 def describe(args) -> None:
-    from swapmoe.orchestration import client
+    from swapmoe.cli import client
 
     client.print_description(args.executor, as_json=args.json)
 
 
 def set_budget(args) -> None:
-    from swapmoe.orchestration import client
+    from swapmoe.cli import client
 
     client.set_budget(args.executor, args.budget, args.reason, as_json=args.json)
 
 
 def demo(args) -> None:
-    from swapmoe.orchestration.demo import run_demo
+    from swapmoe.cli.demo import run_demo
 
     sys.exit(run_demo(args))
 
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"SWAPMOE_LOG_FORMAT: {error}")
     try:
         if hasattr(args, "token_file") and not hasattr(args, "auth_tokens"):  # a client command
-            from swapmoe.orchestration import client
+            from swapmoe.cli import client
 
             role = "client" if args.command in CLIENT_ROLE_COMMANDS else "control"
             client.security = security.client_from_args(args, role)

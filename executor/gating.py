@@ -97,9 +97,6 @@ class MaskedRouter(nn.Module):
         self.resident = mask
         self.all_resident = bool(mask.all())
 
-    def set_resident(self, experts: list[int]) -> None:
-        self.install(self.mask(experts))
-
     def forward(self, hidden: torch.Tensor):
         logits, weights, index = call(self.router, hidden)
         self.record(hidden, weights, index)

@@ -1,7 +1,7 @@
 """A simulated fleet: thousands of executors on the real PlannerService.Connect protocol, in one
 process, for loading a planner (issue 15: a planner holding 10,000 executors).
 
-    python -m benchmarks.fleet_sim --planner HOST:PORT --count 1000 [--labels class=a,region=eu ...]
+    python -m swapmoe.simulation.fleet --planner HOST:PORT --count 1000 [--labels class=a,region=eu ...]
         [--nack-ids sim-00003,sim-00007] [--nack-share 0.2] [--token-file F] [--telemetry-interval S]
 
 runs until SIGINT or SIGTERM and prints a status line every ``--status-every`` seconds::
@@ -18,7 +18,7 @@ that ended streams, with one node's error message.
 
 In a test or a benchmark, ``SimulatedFleet(SimSettings(...)).start()`` runs the fleet's asyncio
 loop on a background thread; ``wait_connected``, ``wait_acked``, ``stats`` and ``records`` watch
-it, ``set_nack`` changes who rejects plans. Each node is ``fleet_sim_node.SimNode``; node ids
+it, ``set_nack`` changes who rejects plans. Each node is ``node.SimNode``; node ids
 are ``prefix`` + zero-padded index (``sim-00000``, ``sim-00001``, ...).
 """
 
@@ -35,9 +35,9 @@ from typing import Callable, Collection
 
 import grpc
 
-from benchmarks.fleet_sim_node import (DEFAULT_LABELS, SIM_CHANNEL_OPTIONS, Fleetwide, NodeRecord, SimNode,
-                                       SimSettings)
 from swapmoe.core.sizes import parse_size
+from swapmoe.simulation.node import (DEFAULT_LABELS, SIM_CHANNEL_OPTIONS, Fleetwide, NodeRecord, SimNode,
+                                    SimSettings)
 from swapmoe.v1 import planner_pb2_grpc
 
 __all__ = ["SIM_CHANNEL_OPTIONS", "NodeRecord", "SimSettings", "SimulatedFleet", "every_share", "parse_status",
@@ -214,7 +214,7 @@ def settings_from_args(args: argparse.Namespace) -> SimSettings:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.fleet_sim", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m swapmoe.simulation.fleet", description=__doc__.split("\n\n")[0])
     p.add_argument("--planner", required=True, help="HOST:PORT of PlannerService")
     p.add_argument("--count", type=int, default=100, help="simulated executors (default 100)")
     p.add_argument("--prefix", default="sim-", help="node id prefix (default sim-)")
