@@ -13,7 +13,7 @@ from swapmoe.core.sizes import format_size
 from swapmoe.profiler.workloads import MIX
 
 HERE = Path(__file__).resolve().parent
-PROFILE = HERE.parent / "profiles" / "e1a419fec4d32150"
+PROFILE = HERE.parent / "models" / "profiles" / "e1a419fec4d32150"
 ACCURACY_DIR = PROFILE / "accuracy" / "profiling-lm-3x256"
 DEVICE_DIR = PROFILE / "devices" / "x86_64-bench"
 MIB, GIB = 1 << 20, 1 << 30

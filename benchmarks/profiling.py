@@ -187,7 +187,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configurations", type=int, default=240)
     parser.add_argument("--speedup-configurations", type=int, default=16)
-    parser.add_argument("--root", type=Path, default=HERE.parent / "profiles")
+    parser.add_argument("--root", type=Path, default=HERE.parent / "models" / "profiles")
     parser.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "speedup", "device"])
     args = parser.parse_args(argv)
     torch.set_num_threads(1)

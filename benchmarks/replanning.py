@@ -79,7 +79,7 @@ def main() -> None:
     args = parser.parse_args()
 
     state = Path(tempfile.mkdtemp(prefix="replanning-"))
-    planner = spawn("planner", ["planner", "serve", "--port", "0", "--profiles", str(HERE.parent / "profiles"),
+    planner = spawn("planner", ["planner", "serve", "--port", "0", "--profiles", str(HERE.parent / "models" / "profiles"),
                                 "--state-dir", str(state / "planner")], log_dir=state)
     began = time.monotonic()
     executor = spawn("executor", ["executor", "serve", "--model", str(LM_DIR), "--budget", "64MiB", "--port", "0",

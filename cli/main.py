@@ -243,9 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 20000; "
                         "each holds a connection: raise `ulimit -n` past twice this)")
     p.add_argument("--profiles", type=Path, action="append", default=[],
-                   help="a root of accuracy profiles (the --root of `swapmoe profile accuracy`, laid out "
-                        "ROOT/<model fingerprint>/accuracy/<set>/); repeatable (default: that command's default root, "
-                        "env SWAPMOE_PROFILES). Executors of a model without one get the even split")
+                   help="a root of accuracy profiles (`swapmoe profile accuracy --root`: ROOT/<model fingerprint>/"
+                        "accuracy/<set>/); repeatable (default: that command's, env SWAPMOE_PROFILES); the bundled "
+                        "models' own are found after these. Executors of a model without one get the even split")
     p.add_argument("--latency-target-ms", type=float, default=0,
                    help="plans must predict at most this many ms between tokens (default: each device's "
                         "latency at its update-frequency inflection point)")
@@ -308,9 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile_commands.add_parser(commands)
     devcerts.add_parser(commands)
 
-    p = commands.add_parser("demo", help="planner + executor + a streamed generation under a budget")
+    p = commands.add_parser("demo", help="planner + executor: a searched plan, a budget cut, a workload shift")
     p.add_argument("--model", help="checkpoint directory (default: the embedded demo model)")
-    p.add_argument("--budget", help="memory budget (default: 60%% of what the model needs in full)")
+    p.add_argument("--budget", help="the starting memory budget (default: room for every expert)")
     p.add_argument("--prompt", default="def fibonacci(n):", help="the text to continue (default: a code prompt)")
     p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (default 48)")
     p.set_defaults(func=demo)

@@ -28,6 +28,7 @@ from typing import Callable
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Plan
 from swapmoe.core.sizes import format_size
+from swapmoe.models.bundled import PROFILES as SHIPPED_PROFILES
 from swapmoe.planner_service import frontier as frontiers
 from swapmoe.planner_service import profiles
 from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
@@ -50,6 +51,7 @@ MAX_QUEUED_SEARCHES = 64
 @dataclass(frozen=True)
 class PlannerSettings:
     accuracy_roots: tuple[Path, ...] = ()  # where accuracy profiles are found
+    shipped_profiles: bool = True  # and the bundled models' own (models/profiles), for a model the roots lack
     state_dir: Path | None = None  # device profiles and frontiers are kept here
     search: SearchSettings = SearchSettings()
     frontier_points: int = frontiers.MAX_POINTS
@@ -95,7 +97,7 @@ class PlanPolicy:
         self._on_plan_ready, self._connected, self._profile = on_plan_ready, connected, profile
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
-        self._accuracy = profiles.find_accuracy(self._roots())
+        self._accuracy = self._find_accuracy()
         self._scanned = time.monotonic()
         self._work = ThreadPoolExecutor(1, thread_name_prefix="planner-search")  # searches, one at a time
         self._queued: set[tuple] = set()  # (node id, what) of the searches waiting, each once
@@ -124,7 +126,7 @@ class PlanPolicy:
         node = self._node(node_id, fingerprint, memory)
         if node.fingerprint and node.fingerprint not in self._accuracy and time.monotonic() - self._scanned > RESCAN_S:
             self._scanned = time.monotonic()  # a profile copied in since: looked for at most every RESCAN_S
-            self._accuracy.update(profiles.find_accuracy(self._roots()))
+            self._accuracy.update(self._find_accuracy())
         if node.fingerprint not in self._accuracy or node.profile_state in ("profiling", "ready"):
             return False
         root = self._profile_root()
@@ -335,9 +337,12 @@ class PlanPolicy:
             return f"fallback: device profile {node.profile_state}"
         return f"fallback: frontier for workload {workload!r} being searched"
 
-    def _roots(self) -> list[Path]:
-        roots = list(self.settings.accuracy_roots)
-        return roots + ([self._profile_root()] if self._profile_root() else [])
+    def _find_accuracy(self) -> dict[str, profiles.AccuracyProfile]:
+        """The accuracy profiles of the roots given (and the state directory's), then those shipped
+        with the bundled models for a model none of those has."""
+        roots = list(self.settings.accuracy_roots) + ([self._profile_root()] if self._profile_root() else [])
+        found = profiles.find_accuracy(roots)
+        return {**profiles.find_accuracy([SHIPPED_PROFILES]), **found} if self.settings.shipped_profiles else found
 
     def _profile_root(self) -> Path | None:
         return self.settings.state_dir / "profiles" if self.settings.state_dir else None

@@ -1,6 +1,6 @@
 """One executor as the planner knows it, its status as the wire shows it, and a profile asked of it.
 
-Plain records: the registry (``registry.py``) changes them under its lock, the state file
+Plain records: the registry (``registry.py``) changes them under its lock, the state database
 (``state.py``) stores them, and the status RPCs turn them into ``ExecutorStatus`` here.
 """
 
@@ -49,7 +49,6 @@ class ExecutorRecord:
     found: Found | None = None  # what the search predicted for desired (None: not searched)
     throughput: tpb.ThroughputReport | None = None  # last measured
     budget_before: int = 0  # the budget before a pushed plan that carries one, until it is answered
-    registration_json: dict | None = None  # the state file's cache of the registration
 
     def __post_init__(self):
         self.budget_bytes = self.budget_bytes or self.registration.budget_bytes

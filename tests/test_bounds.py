@@ -84,6 +84,7 @@ def test_the_planner_refuses_a_huge_fingerprint_on_the_stream_and_writes_no_reco
     """An executor token's holder once sent a 50 MB fingerprint: it became a 150 MB state file."""
     from swapmoe.executor.planner_link import PlannerLink
     from swapmoe.planner_service.server import serve
+    from swapmoe.planner_service.state import PlannerState
 
     planner, registry = serve(state_dir=tmp_path)
     try:
@@ -98,7 +99,7 @@ def test_the_planner_refuses_a_huge_fingerprint_on_the_stream_and_writes_no_reco
         assert registry.find([]) == []
     finally:
         planner.stop(0)
-    assert list((tmp_path / "executors").iterdir()) == []
+    assert PlannerState(tmp_path).load() == []
 
 
 def test_a_plan_in_a_request_is_bounded_like_the_rest():

@@ -65,7 +65,7 @@ def test_profiling_a_rogue_executor_writes_nothing_outside_the_profile_root(tmp_
 
 
 def test_the_planner_refuses_a_device_profile_of_another_model_than_registered(owner, tmp_path):
-    settings = PlannerSettings(accuracy_roots=(ROOT / "profiles",), profile_timeout_s=30)
+    settings = PlannerSettings(accuracy_roots=(ROOT / "models" / "profiles",), profile_timeout_s=30)
     planner, registry = serve(state_dir=tmp_path / "state", settings=settings)
     outbox: queue.Queue = queue.Queue()
     registration = claim(owner, "rogue", address="127.0.0.1:1")

@@ -14,7 +14,7 @@ import pytest
 
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.sizes import format_size
-from swapmoe.models.bundled import LM_DIR
+from swapmoe.models.bundled import LM_DIR, PROFILES  # the profiles shipped with the bundled models
 from swapmoe.cli import client
 from swapmoe.orchestration.processes import spawn
 from swapmoe.planner_service.policy import PlannerSettings
@@ -31,11 +31,9 @@ from polling import wait_until
 
 pytestmark = pytest.mark.slow
 
-PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 NODE = "lm-1"
 BUDGET = 96 << 20  # the bundled LM: room for a full batch and a choice of experts per layer
-SETTINGS = PlannerSettings(
-    accuracy_roots=(PROFILES,),
+SETTINGS = PlannerSettings(  # no profile roots: the bundled LM's profile ships with it
     search=SearchSettings(population=16, generations=12),
     frontier_points=8,
     # A short device profile: one token count, the sweep at two frequencies.
@@ -53,7 +51,7 @@ class Planner:
         self.start()
 
     def start(self):
-        state = PlannerState(self.state_dir)
+        self.state = state = PlannerState(self.state_dir)
 
         def persist(record):
             state.save(record)
@@ -70,6 +68,7 @@ class Planner:
     def stop(self):
         self.server.stop(0)
         self.registry.policy.close()
+        self.state.close()  # what is written behind reaches the database
 
     def status(self, node=NODE):
         stub = planner_pb2_grpc.PlannerServiceStub(transport.channel(self.address))
@@ -237,7 +236,8 @@ def test_a_profile_written_while_an_executor_stays_connected_is_picked_up(tmp_pa
     roots, logs = tmp_path / "profiles", tmp_path / "logs"
     roots.mkdir()
     logs.mkdir()
-    settings = dataclasses.replace(SETTINGS, accuracy_roots=(roots,), state_dir=tmp_path / "state")
+    settings = dataclasses.replace(SETTINGS, accuracy_roots=(roots,), state_dir=tmp_path / "state",
+                                   shipped_profiles=False)  # as for a model that ships none
     server, registry = serve("127.0.0.1:0", Registry(planning=settings))
     address = f"127.0.0.1:{server.port}"
     service = spawn("late", ["executor", "serve", "--model", str(LM_DIR), "--budget", str(BUDGET), "--port", "0",

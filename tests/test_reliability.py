@@ -3,7 +3,8 @@ loopback: no single call, idle stream or bad file wedges, poisons or silently co
 
 from __future__ import annotations
 
-import json
+import contextlib
+import sqlite3
 import queue
 import threading
 import time
@@ -275,10 +276,12 @@ def test_a_connected_node_id_is_taken_over_only_with_its_secret(restartable_plan
         again.close()
     finally:
         first.close()
-    saved_file = wait_until(lambda: next((restartable_planner.state_dir / "executors").glob("*.json"), None),
-                            what="the executor's state file (written behind)")
-    saved = json.loads(saved_file.read_text())
-    assert secret not in json.dumps(saved), "the planner keeps a digest of the secret, not the secret"
+    def saved_row():
+        with contextlib.closing(sqlite3.connect(restartable_planner.state_dir / "planner.db")) as db:
+            return db.execute("SELECT record FROM executors WHERE node_id = 'owner'").fetchone()
+
+    (saved,) = wait_until(saved_row, what="the executor's record in the planner's state (written behind)")
+    assert secret not in saved, "the planner keeps a digest of the secret, not the secret"
 
 
 def test_an_executor_keeps_its_secret_in_its_state_directory(restartable_planner, hostile_engine):
