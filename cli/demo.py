@@ -137,9 +137,7 @@ def _shift(demo: Demo, workload: str) -> None:
     of its own, searched once the shift is seen) is ACKed."""
     from swapmoe.models.corpus import DOMAINS, load_eval
 
-    # The planner searches every workload's frontier once the device is profiled, in name order after
-    # the default: the first one not recognised now has its plan soonest.
-    domain = next(d for d in sorted(DOMAINS) if d != workload)
+    domain = next(d for d in sorted(DOMAINS) if d != workload)  # its frontier is searched next once seen
     texts = [row["text"][:600] for row in load_eval(domain)]
     sent = itertools.count()
     print(f"\nsending {domain} prompts (held-out text) until the planner sees the shift from {workload or 'none'!r}")

@@ -83,6 +83,7 @@ class _Node:
     frontiers: dict[str, frontiers.Frontier] = field(default_factory=dict)
     tracker: WorkloadTracker | None = None
     key: str = ""
+    budget: int = 0  # the budget its plan was last chosen for
 
 
 class PlanPolicy:
@@ -108,6 +109,7 @@ class PlanPolicy:
         budget = record.budget_bytes
         node = self._node(record.node_id, record.registration.model_fingerprint, record.memory_model)
         workload, found = self._lookup(node, record)
+        node.budget = budget
         if found is None:
             reason = self._fallback_reason(node, workload)
             plan = record.memory_model.default_plan(budget, 0, f"planner:even-split budget={format_size(budget)} "
@@ -251,13 +253,20 @@ class PlanPolicy:
             self._replan(node_id, "frontiers loaded from the planner's state")
 
     def _build_missing(self, node_id: str) -> None:
-        """Queue a search for each workload of a ready node that has no frontier yet, default first."""
+        """Queue the searches of the frontiers a ready node lacks (``_build_next``, one at a time)."""
+        self._search_later(self._build_next, node_id)
+
+    def _build_next(self, node_id: str) -> None:
+        """Search one missing frontier, then queue the rest. Which one is chosen at its turn: the
+        workload recognised now (a shift seen while others were searched is answered next), else the
+        default, else by name."""
         node = self._nodes[node_id]
-        default = self._default_workload(node)
+        wanted, default = node.tracker.current if node.tracker else "", self._default_workload(node)
         with self._lock:
-            missing = [w for w in sorted(node.objectives, key=lambda w: w != default) if w not in node.frontiers]
-        for workload in missing:
-            self._search_later(self._build, node_id, workload)
+            missing = [w for w in node.objectives if w not in node.frontiers]
+        if missing:
+            self._build(node_id, min(missing, key=lambda w: (w != wanted, w != default, w)))
+            self._search_later(self._build_next, node_id)
 
     def _search_later(self, search, node_id: str, *args) -> None:
         """Queue ``search(node_id, *args)`` for the search thread, once per (node, search) and at most
@@ -302,7 +311,8 @@ class PlanPolicy:
         with self._lock:
             frontier.add(found)
         self._save_frontiers(node)
-        self._replan(node_id, f"refined search at budget {format_size(budget)}")
+        if node.budget == budget:  # else the budget changed meanwhile: the point stays in the frontier
+            self._replan(node_id, f"refined search at budget {format_size(budget)}")
 
     def _replan(self, node_id: str, why: str) -> None:
         self._on_plan_ready(node_id, why)

@@ -235,12 +235,13 @@ class Registry:
 
     def replan(self, node_id: str, why: str) -> None:
         """The policy has a better answer for ``node_id`` (a frontier, a refined search): send it
-        unless the executor runs it already, is pinned or is away."""
+        unless the executor runs it already (then why the plan runs stays as it was), is pinned or
+        is away."""
         with self._lock:
             record = self._records.get(node_id)
             if record is None or not record.connected or record.pinned:
                 return
-            self._replan(record, why=why)
+            self._replan(record, why=why, quiet=True)
             self._persist(record)
 
     def statuses(self, records: list[ExecutorRecord], brief: bool = False) -> list[ppb.ExecutorStatus]:
@@ -368,15 +369,16 @@ class Registry:
             raise NotFound(f"node_ids: unknown executors {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
         return [self._records[n] for n in dict.fromkeys(node_ids)]
 
-    def _replan(self, record: ExecutorRecord, force: bool = False, why: str = "", budget: int = 0) -> None:
+    def _replan(self, record: ExecutorRecord, force: bool = False, why: str = "", budget: int = 0, quiet=False) -> None:
         choice = self.policy.choose(record, why)
         plan = choice.plan.with_budget(budget).with_version(next_version(record.version))
         running = record.desired if record.state == ppb.PLAN_STATE_PENDING else record.acked
         if force or running is None or _what(running) != _what(plan):
             self._send(record, plan)
             record.reason, record.found = choice.reason, choice.found
-        elif why:  # e.g. a new workload whose plan is the one running
-            record.reason, record.found = f"{choice.reason} (the executor runs it already)", choice.found
+        elif why:  # e.g. a new workload whose plan runs: its prediction; why, unless the policy's own search
+            record.found = choice.found
+            record.reason = record.reason if quiet else f"{choice.reason} (the executor runs it already)"
 
     def _send(self, record: ExecutorRecord, plan: Plan) -> None:
         record.desired, record.state = plan, ppb.PLAN_STATE_PENDING

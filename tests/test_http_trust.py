@@ -73,7 +73,9 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], dict]:
     head, _, body = data.partition(b"\r\n\r\n")
     status_line, *header_lines = head.decode().split("\r\n")
     headers = {k.lower(): v for k, _, v in (line.partition(": ") for line in header_lines)}
-    return int(status_line.split()[1]), headers, json.loads(body)
+    # A reset can drop what the gateway sent after its head (the kernel discards unread data on
+    # RST): the status stands, a lost body reads as {}.
+    return int(status_line.split()[1]), headers, json.loads(body) if body else {}
 
 
 def send_in_background(sock: socket.socket, chunks) -> threading.Thread:
