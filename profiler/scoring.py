@@ -116,14 +116,12 @@ class Scorer:
             accuracy = {w: s / n for w, (s, n) in totals.items()}
         return Score(config.key, accuracy, totals, activations, time.perf_counter() - start)
 
-    def _between(self, update_frequency: int) -> None:
-        self.experts.between_passes(update_frequency)
-        self.experts.wait_for_loads()
-
     @torch.inference_mode()
     def _perplexity(self, texts: list[list[int]], update_frequency: int) -> list[float]:
         """[summed NLL, predicted tokens] over ``texts`` read one after another (one stream)."""
         chunk = update_frequency or STATIC_CHUNK
+        # Between chunks, the runner's work between passes (one chunk is one update turn), settled.
+        between = ModelRunner(self.experts.model, self.experts, 1, 1 if update_frequency else 0, settle_loads=True)
         nll, count = 0.0, 0
         for ids in texts:
             past = None
@@ -135,7 +133,7 @@ class Scorer:
                 past = out.past_key_values
                 nll += F.cross_entropy(out.logits[0, :len(y)].float(), y, reduction="sum").item()
                 count += len(y)
-                self._between(1 if update_frequency else 0)
+                between.after_pass()
         return [nll, count]
 
     def _summaries(self, sources: list[list[int]], update_frequency: int) -> list[float]:
