@@ -61,8 +61,8 @@ def truth(b: Bundled, judging: ProfilingSet, randoms: int, seed: int) -> dict:
     for share in SHARES:
         total = experts_at(share, b.capacity)
         budget = budget_for(b.memory, total)
-        found = {role: search(b.masked(single=single), budget, b.target_ns) for role, single in b.searches().items()}
-        chosen = search(b.mix, budget, b.target_ns)
+        found = {role: search(b.masked(single=single), budget, b.service) for role, single in b.searches().items()}
+        chosen = search(b.mix, budget, b.service)
         f = found["searched"].update_frequency  # the planner's
         plans = {role: Configuration(x.experts_per_layer, x.update_frequency) for role, x in found.items()}
         plans["even"] = Configuration(even(total, b.capacity), f)
@@ -181,8 +181,8 @@ def latency_check(b: Bundled, rounds: int, tokens: int = 64) -> dict:
     plans = [("baseline", "no updates", baseline)]
     for share in SHARES:
         budget = budget_for(b.memory, experts_at(share, b.capacity))
-        plans.append((f"{share:.0%}", "masked gating", search(b.masked(), budget, b.target_ns)))
-        plans.append((f"{share:.0%}", "strategy-aware", search(b.mix, budget, b.target_ns)))
+        plans.append((f"{share:.0%}", "masked gating", search(b.masked(), budget, b.service)))
+        plans.append((f"{share:.0%}", "strategy-aware", search(b.mix, budget, b.service)))
     measured = {i: [] for i in range(len(plans))}
     loads = {i: [] for i in range(len(plans))}
     with Engine(EngineConfig(LM_DIR, 256 << 20, node_id="bench-planning")) as engine:

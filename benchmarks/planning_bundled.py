@@ -12,7 +12,7 @@ import numpy as np
 from swapmoe.core.budget import MemoryModel, Reserve
 from swapmoe.core.plan import Strategy
 from swapmoe.planner_service import profiles
-from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
+from swapmoe.planner_service.objectives import Objectives, Service, inflection_latency_ns
 from swapmoe.profiler.configs import Configuration, allocate
 from swapmoe.profiler.report import load_device
 from swapmoe.profiler.workloads import MIX
@@ -39,6 +39,11 @@ class Bundled:
     @property
     def mix(self) -> Objectives:
         return self.objectives[MIX]
+
+    @property
+    def service(self) -> Service:
+        """One stream at the planner's default latency target."""
+        return Service(latency_target_ns=self.target_ns)
 
     @property
     def model_name(self) -> str:

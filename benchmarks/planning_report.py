@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,3 +273,38 @@ def plot_truth(t: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def parser(doc: str, texts: int):
+    """The options every planning benchmark has: --quick, the judging set's size, --findings."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a smoke run; writes nothing")
+    p.add_argument("--texts", type=int, default=texts, help="judging texts per domain")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per judging text")
+    p.add_argument("--findings", type=Path, help="a Markdown file for the report's 'What this shows'")
+    return p
+
+
+def run_and_report(name: str, args, run, report) -> None:
+    """Run a planning benchmark's ``run(args)``, write its results (``RESULTS-<name>.json``) and
+    the report ``report(results, command)`` makes (``.md``, with the findings), then print it.
+    With ``--findings`` and a saved run, the report only is rewritten; ``--quick`` writes to a
+    temporary directory."""
+    saved = HERE / "results" / f"RESULTS-{name}.json"
+    start = time.perf_counter()
+    if args.findings and not args.quick and saved.exists():
+        results = json.loads(saved.read_text())
+    else:
+        results = run(args)
+        results["minutes"] = (time.perf_counter() - start) / 60
+    if args.findings:
+        results["findings"] = args.findings.read_text().strip()
+    lines = report(results, f"python -m benchmarks.{name.replace('-', '_')}")
+    if results.get("findings"):
+        lines += ["", "## What this shows", "", results["findings"]]
+    out = (Path(tempfile.mkdtemp()) if args.quick else HERE / "results") / f"RESULTS-{name}"
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(out.with_suffix(".md").read_text())

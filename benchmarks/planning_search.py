@@ -17,7 +17,7 @@ from tqdm import tqdm
 from swapmoe.core.budget import MemoryModel, Reserve
 from swapmoe.core.layout import LayerLayout, ModelLayout
 from swapmoe.planner_service import frontier
-from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
+from swapmoe.planner_service.objectives import Objectives, Service, inflection_latency_ns
 from swapmoe.planner_service.search import Found, SearchSettings, exhaustive, search
 from swapmoe.profiler.performance_models import AccuracyModel, LatencyModel
 from swapmoe.profiler.workloads import MIX
@@ -101,7 +101,7 @@ def timing(b: Bundled, runs: int, frontier_build: bool = True) -> dict:
         for share in SHARES:
             total = experts_at(share, obj.num_experts)
             budget = budget_for(obj.memory, total)
-            found, walls, cpus = timed(lambda: search(fresh, budget, target, SearchSettings()), runs)
+            found, walls, cpus = timed(lambda: search(fresh, budget, Service(latency_target_ns=target), SearchSettings()), runs)
             rows.append(dict(share=share, experts=total, budget_bytes=budget, wall_seconds=walls, cpu_seconds=cpus,
                              median_seconds=statistics.median(walls), found=found.to_json()))
             print(f"  {name} at {share:.0%}: median {statistics.median(walls):.2f} s "
@@ -113,7 +113,7 @@ def timing(b: Bundled, runs: int, frontier_build: bool = True) -> dict:
                         miss_curves_seconds=curve_wall[0], budgets=rows))
     result = dict(runs=runs, settings=dataclasses.asdict(SearchSettings()), models=out)
     if frontier_build:
-        built, walls, cpus = timed(lambda: frontier.build(b.mix, b.target_ns), 1)
+        built, walls, cpus = timed(lambda: frontier.build(b.mix, b.service), 1)
         result["frontier"] = dict(points=len(built.points), wall_seconds=walls[0], cpu_seconds=cpus[0],
                                   strategies=[p.strategy.value for p in built.points])
         print(f"  bundled LM frontier: {len(built.points)} budgets in {walls[0]:.1f} s")
@@ -147,8 +147,8 @@ def optimum_synthetic(spaces: int) -> dict:
     rows = []
     for seed in tqdm(range(spaces), desc="small spaces: search vs exhaustive", unit="space"):
         obj, budget, target = small_space(seed)
-        best, (ex_wall,), _ = timed(lambda: exhaustive(obj, budget, target), 1)
-        found, (wall,), _ = timed(lambda: search(obj, budget, target, SearchSettings(enumerate_below=0)), 1)
+        best, (ex_wall,), _ = timed(lambda: exhaustive(obj, budget, Service(latency_target_ns=target)), 1)
+        found, (wall,), _ = timed(lambda: search(obj, budget, Service(latency_target_ns=target), SearchSettings(enumerate_below=0)), 1)
         loss = lambda f: float(obj.loss(np.array([f.predicted.accuracy]))[0])  # noqa: E731
         gap = (loss(found) - loss(best)) / abs(loss(best))
         rows.append(dict(seed=seed, budget_bytes=budget, target_ns=target, load_ns=obj.load_ns,
@@ -177,14 +177,14 @@ def optimum_bundled(b: Bundled, shares=SHARES) -> dict:
         total = experts_at(share, b.capacity)
         budget = budget_for(b.memory, total)
         for role, single in b.searches().items():
-            searched = search(b.masked(single=single), budget, b.target_ns)
+            searched = search(b.masked(single=single), budget, b.service)
             frequencies = (searched.update_frequency,) if single else b.mix.update_frequencies
             per_frequency = {}
             for f in frequencies:
                 if not can_meet(b, f, budget):
                     per_frequency[f] = dict(skipped="no plan within the budget meets the latency target here")
                     continue
-                best, (wall,), _ = timed(lambda: exhaustive(b.masked((f,), single), budget, b.target_ns), 1)
+                best, (wall,), _ = timed(lambda: exhaustive(b.masked((f,), single), budget, b.service), 1)
                 per_frequency[f] = dict(optimum=best.to_json(), seconds=wall)
                 print(f"  {share:.0%}, {role}, f={f}: optimum {best.experts_per_layer} {best.predicted.accuracy:.3f} "
                       f"({best.evaluated} evaluated, {wall:.1f} s)")

@@ -78,6 +78,11 @@ def memory_line(m: common_pb2.MemoryReport) -> str:
             f"process RSS {format_size(m.process_rss_bytes)}")
 
 
+def rows_text(plan) -> str:
+    """A plan's rows as printed after its experts (a Plan or its proto): nothing for 0, a full batch."""
+    return f" rows={plan.rows}" if plan.rows else ""
+
+
 def print_description(address: str, as_json: bool = False) -> None:
     d = executor_stub(address).Describe(epb.DescribeRequest(), timeout=30)
     if as_json:
@@ -91,7 +96,7 @@ def print_description(address: str, as_json: bool = False) -> None:
               f"{format_size(layer.bytes_per_expert)}, top-{layer.top_k}, resident "
               f"{d.achieved_experts_per_layer[layer.index]}")
     print(f"budget {format_size(d.budget_bytes)} (minimum {format_size(d.min_budget_bytes)}); plan v{d.plan.version} "
-          f"{list(d.plan.experts_per_layer)} from {d.plan.origin!r}")
+          f"{list(d.plan.experts_per_layer)}{rows_text(d.plan)} from {d.plan.origin!r}")
     print(memory_line(d.memory))
 
 
@@ -115,17 +120,20 @@ def print_plan_status(address: str, node_ids: list[str], out=None, as_json: bool
     for s in response.executors:
         plan = convert.plan_from_pb(s.desired_plan)
         print(f"{s.node_id}: {'connected' if s.connected else 'away'}, budget {format_size(s.budget_bytes)}, "
-              f"plan v{plan.version} {list(plan.experts_per_layer)} f={plan.update_frequency} {plan.strategy.value} "
-              f"{ppb.PlanState.Name(s.state).removeprefix('PLAN_STATE_')}{' pinned' if s.pinned else ''}", file=out)
+              f"plan v{plan.version} {list(plan.experts_per_layer)}{rows_text(plan)} f={plan.update_frequency} "
+              f"{plan.strategy.value} {ppb.PlanState.Name(s.state).removeprefix('PLAN_STATE_')}"
+              f"{' pinned' if s.pinned else ''}", file=out)
         print(f"  workload: {s.workload or '(not recognised yet)'}; device profile: {s.profile_state}", file=out)
         if s.HasField("predicted"):
             p = s.predicted
+            load = f" at {p.offered_load} streams ({p.throughput:.1f} tokens/s in all)" if p.offered_load > 1 else ""
             print(f"  predicted: {p.accuracy_metric} {p.accuracy:.4g} on {p.workload}, {p.inter_token_ns / 1e6:.2f} ms "
-                  f"between tokens ({p.tokens_per_second:.1f} tokens/s), {format_size(p.memory_bytes)}", file=out)
+                  f"between tokens per stream ({p.tokens_per_second:.1f} tokens/s){load}, "
+                  f"{format_size(p.memory_bytes)}", file=out)
         if s.HasField("throughput"):
             t = s.throughput
             print(f"  measured: {t.tokens_per_second:.1f} tokens/s, inter-token p50 {t.inter_token_p50_ns / 1e6:.2f} ms "
-                  f"p99 {t.inter_token_p99_ns / 1e6:.2f} ms", file=out)
+                  f"p99 {t.inter_token_p99_ns / 1e6:.2f} ms; {t.running} running, {t.queue_depth} waiting", file=out)
         if s.HasField("memory"):
             print(f"  memory: {memory_line(s.memory)}", file=out)
         print(f"  why: {s.reason or '(adopted the plan the executor ran)'}", file=out)

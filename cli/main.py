@@ -113,16 +113,10 @@ def planner_serve(args) -> None:
     preflight.check_port_free(args.host, args.control_port, "--control-port")
     preflight.check_state_dir(args.state_dir)
     from swapmoe.planner_service.heap import HeapSettings
-    from swapmoe.planner_service.policy import PlannerSettings
     from swapmoe.planner_service.claims import RegistrySettings
-    from swapmoe.planner_service.search import SearchSettings
     from swapmoe.planner_service.server import serve
 
-    from swapmoe.profiler.artifacts import default_root
-
-    settings = PlannerSettings(accuracy_roots=tuple(args.profiles or [default_root()]), latency_target_ns=args.latency_target_ms * 1e6
-                               if args.latency_target_ms else None, profile_devices=not args.no_device_profiling,
-                               search=SearchSettings(seed=args.seed))
+    settings = planner_commands.planning_settings(args)
     control = None if args.control_port is None else f"{args.host}:{args.control_port}"
     sys.setswitchinterval(INTERPRETER_SWITCH_S)
     with preflight.binding(args.host, args.port):
@@ -242,17 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-executors", type=arg_types.positive, default=20_000,
                    help="executors connected at once; more are refused with RESOURCE_EXHAUSTED (default 20000; "
                         "each holds a connection: raise `ulimit -n` past twice this)")
-    p.add_argument("--profiles", type=Path, action="append", default=[],
-                   help="a root of accuracy profiles (`swapmoe profile accuracy --root`: ROOT/<model fingerprint>/"
-                        "accuracy/<set>/); repeatable (default: that command's, env SWAPMOE_PROFILES); the bundled "
-                        "models' own are found after these. Executors of a model without one get the even split")
-    p.add_argument("--latency-target-ms", type=float, default=0,
-                   help="plans must predict at most this many ms between tokens (default: each device's "
-                        "latency at its update-frequency inflection point)")
-    p.add_argument("--no-device-profiling", action="store_true",
-                   help="do not profile new devices through their Connect stream (they keep the even split "
-                        "until a device profile is stored under --state-dir)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
+    planner_commands.add_planning_arguments(p)
     p.add_argument("--max-nodes", type=arg_types.positive, default=100_000,
                    help="executors remembered, connected or away; a new node id past this is refused with "
                         "RESOURCE_EXHAUSTED unless some expired (default 100000)")

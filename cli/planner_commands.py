@@ -1,7 +1,11 @@
 """``swapmoe planner status`` and ``swapmoe planner forget``: what a planner knows of its executors,
-and releasing the node ids of executors gone for good."""
+and releasing the node ids of executors gone for good; and ``swapmoe planner serve``'s planning
+options (where profiles are, what plans must meet)."""
 
 from __future__ import annotations
+
+import argparse
+from pathlib import Path
 
 from swapmoe.cli.addresses import PLANNER_PORT, address_type
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc
@@ -38,3 +42,49 @@ def add_parsers(planner) -> None:
     p.add_argument("--json", action="store_true", help="print the ForgetNodes answer as JSON")
     p.add_argument("node_ids", nargs="+", help="the executors to forget (each must be away)")
     p.set_defaults(func=forget)
+
+
+def add_planning_arguments(p) -> None:
+    """How ``swapmoe planner serve`` chooses plans: its accuracy profiles and its objective."""
+    p.add_argument("--profiles", type=Path, action="append", default=[],
+                   help="a root of accuracy profiles (`swapmoe profile accuracy --root`: ROOT/<model fingerprint>/"
+                        "accuracy/<set>/); repeatable (default: that command's, env SWAPMOE_PROFILES); the bundled "
+                        "models' own are found after these. Executors of a model without one get the even split")
+    p.add_argument("--latency-target-ms", type=float, default=0,
+                   help="plans must predict at most this many ms between tokens of each stream at the offered load "
+                        "(requests running and waiting; default: each device's latency at its update-frequency "
+                        "inflection point, as it grows when every offered stream runs at once)")
+    p.add_argument("--throughput-target", type=_tokens_per_second, default=0.0, metavar="TOKENS_PER_S",
+                   help="plans must also predict at least this many tokens/s over all streams at the offered load "
+                        "(default: none)")
+    p.add_argument("--verify", type=int, default=0, metavar="N",
+                   help="measured before pushed: where the search's best N plans are predicted within E_accuracy's "
+                        "held-out error of each other, score them on the model's profiling set (its checkpoint and "
+                        "torch must be on this host) and keep the best measured; seconds per plan on the bundled "
+                        "models, minutes at paper scale (default 0: off)")
+    p.add_argument("--no-device-profiling", action="store_true",
+                   help="do not profile new devices through their Connect stream (they keep the even split "
+                        "until a device profile is stored under --state-dir)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the genetic search (default 0)")
+
+
+def planning_settings(args):
+    from swapmoe.planner_service.policy import PlannerSettings
+    from swapmoe.planner_service.search import SearchSettings
+    from swapmoe.profiler.artifacts import default_root
+
+    return PlannerSettings(accuracy_roots=tuple(args.profiles or [default_root()]),
+                           latency_target_ns=args.latency_target_ms * 1e6 if args.latency_target_ms else None,
+                           throughput_target=args.throughput_target, verify=args.verify,
+                           profile_devices=not args.no_device_profiling,
+                           search=SearchSettings(seed=args.seed))
+
+
+def _tokens_per_second(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected tokens per second, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value

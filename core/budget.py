@@ -2,12 +2,13 @@
 
 An executor accounts for its model's dense weights, a ``Reserve`` that does not depend on the
 plan (staging buffers for expert loads, the KV cache and activations of its longest context,
-those of a full batch's other sequences, and what the executor allocates beyond these
-tensors), and the slots its plan keeps per layer.
-``MemoryModel`` is that sum (the paper's E_memory, section 3.3): the executor checks plans and
-budgets with it, and the planner searches with the same one, built from what the executor
-reports at registration. Plans the planner makes and even splits leave room for a full batch;
-a plan is accepted when it fits with one sequence, and the batch takes what it leaves.
+and what the executor allocates beyond these tensors), the bytes of each sequence decoded
+beside the first (its KV cache with slack and a row of logits), and the slots its plan keeps
+per layer. ``MemoryModel`` is that sum (the paper's E_memory, section 3.3, with batch rows): the
+executor checks plans and budgets with it, and the planner searches with the same one, built
+from what the executor reports at registration. Rows and experts compete for the same bytes:
+a plan names its rows (0: a full batch, ``--max-batch``); it is accepted when it fits with one
+sequence, and the batch takes what the budget leaves, up to the plan's rows.
 """
 
 from __future__ import annotations
@@ -31,11 +32,31 @@ class Reserve:
     activation_bytes: int = 0  # workspace of one forward pass over the longest context
     batch_bytes: int = 0  # KV cache (with its slack) and logits of a full batch's other sequences
     runtime_bytes: int = 0  # the executor's own allocations for one sequence (executor.memory.runtime_bytes)
+    # Each sequence past the first (batch_bytes is max_rows - 1 of them); 0 from an executor that
+    # does not say, whose plans then leave room for its full batch.
+    sequence_bytes: int = 0
+
+    @property
+    def one_sequence_bytes(self) -> int:
+        """Everything a plan leaves room for with one sequence."""
+        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes + self.runtime_bytes
 
     @property
     def total_bytes(self) -> int:
         """Everything a plan leaves room for: a full batch."""
-        return self.staging_bytes + self.kv_cache_bytes + self.activation_bytes + self.batch_bytes + self.runtime_bytes
+        return self.one_sequence_bytes + self.batch_bytes
+
+    @property
+    def max_rows(self) -> int:
+        """The executor's full batch (``--max-batch``); 1 when it does not say its sequence bytes."""
+        return 1 + self.batch_bytes // self.sequence_bytes if self.sequence_bytes else 1
+
+    def rows_bytes(self, rows):
+        """Bytes of the sequences past the first at ``rows`` (0: a full batch); an int or an array."""
+        full = rows == 0
+        if not self.sequence_bytes:
+            return (rows != 1) * self.batch_bytes
+        return full * self.batch_bytes + (1 - full) * (rows - 1) * self.sequence_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,19 +73,30 @@ class MemoryModel:
         """What every plan needs before its first expert."""
         return self.layout.dense_bytes + self.reserve.total_bytes
 
-    def plan_bytes(self, experts_per_layer: Sequence[int]) -> int:
-        return self.fixed_bytes + self.layout.expert_bytes(experts_per_layer)
+    def plan_bytes(self, experts_per_layer: Sequence[int], rows=0) -> int:
+        """E_memory: a plan's bytes with ``rows`` sequences (0: a full batch). Arrays of columns
+        (``experts_per_layer`` [layers, N], ``rows`` [N]) give one figure per plan."""
+        return (self.layout.dense_bytes + self.reserve.one_sequence_bytes + self.reserve.rows_bytes(rows)
+                + self.layout.expert_bytes(experts_per_layer))
+
+    def rows_within(self, experts_per_layer: Sequence[int], budget: int) -> int:
+        """The most sequences ``budget`` holds beside ``experts_per_layer`` (at most a full batch;
+        at least one: plans are checked for one)."""
+        spare = budget - self.plan_bytes(experts_per_layer, 1)
+        if not self.reserve.sequence_bytes:
+            return self.reserve.max_rows if spare >= self.reserve.batch_bytes else 1
+        return max(1, min(self.reserve.max_rows, 1 + spare // self.reserve.sequence_bytes))
 
     @property
     def smallest_plan_bytes(self) -> int:
-        """One expert per layer beside a full batch: the least budget plans are searched for."""
+        """One expert per layer beside a full batch: the least budget an even split is sized for."""
         return self.plan_bytes([1] * self.layout.num_layers)
 
     @property
     def min_budget_bytes(self) -> int:
-        """One expert per layer (a layer with none cannot route) and one sequence: below a plan's
-        full batch, the executor runs fewer sequences at once."""
-        return self.smallest_plan_bytes - self.reserve.batch_bytes
+        """One expert per layer (a layer with none cannot route) and one sequence: the least budget
+        a plan is searched for; below a plan's rows, the executor runs fewer sequences at once."""
+        return self.plan_bytes([1] * self.layout.num_layers, 1)
 
     def check_budget(self, budget: int) -> None:
         """Raise InvalidField naming ``budget_bytes`` when ``budget`` cannot hold any plan, or is more
@@ -84,7 +116,7 @@ class MemoryModel:
     def over_budget(self, experts_per_layer: Sequence[int], budget: int) -> str:
         """Why a plan does not fit ``budget`` with one sequence, or "" when it does (the batch then
         runs as many sequences as the rest of the budget holds)."""
-        need = self.plan_bytes(experts_per_layer) - self.reserve.batch_bytes
+        need = self.plan_bytes(experts_per_layer, 1)
         if need <= budget:
             return ""
         return (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
@@ -93,7 +125,7 @@ class MemoryModel:
     def fit(self, budget: int, one_sequence: bool = False) -> tuple[int, ...]:
         """The most experts per layer that ``budget`` holds beside a full batch (or one sequence),
         spread evenly."""
-        return even_split(self.layout, budget - self.fixed_bytes + (self.reserve.batch_bytes if one_sequence else 0))
+        return even_split(self.layout, budget - self.plan_bytes([0] * self.layout.num_layers, 1 if one_sequence else 0))
 
     def shrink(self, experts_per_layer: Sequence[int], budget: int) -> tuple[int, ...]:
         """``experts_per_layer`` cut down, layer by layer, to what ``budget`` holds with one

@@ -28,6 +28,8 @@ MAX_EXPERTS_PER_LAYER = 65_536
 MAX_BYTES = 1 << 50
 # Tokens between resident-set updates: past a million, updates are off in all but name.
 MAX_UPDATE_FREQUENCY = 1 << 20
+# Sequences decoded together (a plan's rows, an executor's --max-batch).
+MAX_ROWS = 4096
 MAX_NODE_ID_CHARS = 128
 MAX_LABEL_CHARS = 256  # short free text: a plan's origin, a model's class name, a dtype
 MAX_REASON_CHARS = 4096  # a budget change's or a NACK's reason

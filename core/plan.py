@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import ModelLayout
-from swapmoe.core.limits import MAX_BYTES, MAX_PLAN_VERSION, MAX_UPDATE_FREQUENCY, check_range, check_text
+from swapmoe.core.limits import (MAX_BYTES, MAX_PLAN_VERSION, MAX_ROWS, MAX_UPDATE_FREQUENCY, check_range,
+                                 check_text)
 from swapmoe.core.memory import MemoryReport
 
 
@@ -41,6 +42,9 @@ class Plan:
     strategy: Strategy = Strategy.MASKED_GATING
     origin: str = ""
     budget_bytes: int = 0  # a budget to set with the plan (a fleet-wide budget policy); 0 keeps it
+    # Sequences decoded together at most (batch rows): what the plan's bytes leave room for beside
+    # its experts. 0: as many as the budget holds. The executor's --max-batch bounds it either way.
+    rows: int = 0
 
     def with_version(self, version: int) -> "Plan":
         return dataclasses.replace(self, version=version)
@@ -55,6 +59,7 @@ def validate_plan(plan: Plan, layout: ModelLayout) -> None:
     check_range("plan.update_frequency", plan.update_frequency, 0, MAX_UPDATE_FREQUENCY)
     check_text("plan.origin", plan.origin)
     check_range("plan.budget_bytes", plan.budget_bytes, 0, MAX_BYTES)
+    check_range("plan.rows", plan.rows, 0, MAX_ROWS)
     if len(plan.experts_per_layer) != layout.num_layers:
         raise InvalidField(
             "plan.experts_per_layer",
@@ -78,7 +83,7 @@ class PlanResult:
     achieved_experts_per_layer: tuple[int, ...] = ()
     memory: MemoryReport | None = None
     apply_ns: int = 0
-
+    achieved_rows: int = 0  # sequences the executor decodes together under the plan (ACK only)
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -181,7 +182,11 @@ def _compute_sample(inner: nn.Module, tokens: int, repeats: int, cancelled, devi
     return ComputeSample(tokens, _median_ns(run, repeats, cancelled))
 
 
-def _prompt(vocab_size: int) -> tuple[int, ...]:
+def _prompt(vocab_size: int, row: int = 0) -> tuple[int, ...]:
+    """The sweep's prompt; for each other row of a batch, other tokens (seeded by the row): requests
+    that route alike would run fewer distinct experts in a pass than a batch of real ones does."""
+    if row:
+        return tuple(int(t) for t in np.random.default_rng(row).integers(0, vocab_size or 32, len(SWEEP_PROMPT)))
     return tuple(t % vocab_size for t in SWEEP_PROMPT) if vocab_size else SWEEP_PROMPT
 
 
@@ -191,9 +196,9 @@ def _pass_stamps(runtime, frequency: int, rows: int, count: int, cancelled, at_f
     passes every ``frequency`` passes): the ``rows`` prefills, then the decode passes of them all.
     ``at_first`` runs once the first token exists (after the prefills)."""
     runner = ModelRunner(runtime.model, runtime, rows, frequency)
-    request = GenerationRequest(_prompt(runtime.layout.vocab_size), count)
+    requests = [GenerationRequest(_prompt(runtime.layout.vocab_size, row), count) for row in range(rows)]
     stamps: list[int] = []
-    made = generate_offline(runner, [request] * rows, joins_per_pass=rows)
+    made = generate_offline(runner, requests, joins_per_pass=rows)
     with contextlib.closing(made):
         for emitted in made:
             if stamps and stamps[-1] == emitted.computed_ns:

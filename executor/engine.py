@@ -87,12 +87,12 @@ class Engine:
             activations = lambda rows: memory.activation_bytes(self.model.config, self.max_context,  # noqa: E731
                                                                dtype_bytes, rows)
             # Each sequence past the first: its KV cache with the cache's growth slack, and a row of
-            # logits. Plans leave room for a full batch; one that fits with one sequence is accepted,
-            # and the batch takes the rest.
+            # logits. A plan names its rows (0: a full batch); one that fits with one sequence is
+            # accepted, and the batch takes the rest, up to the plan's rows.
             self.sequence_bytes = kv + memory.kv_slack_bytes(kv) + activations(2) - activations(1)
             self.memory_model = MemoryModel(self.layout, Reserve(
                 self.experts.staging_bytes, kv, activations(1), (self.runner.capacity - 1) * self.sequence_bytes,
-                memory.runtime_bytes(kv),
+                memory.runtime_bytes(kv), sequence_bytes=self.sequence_bytes,
             ), self.device_info.memory_bytes)
             self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
             note = self.plans.resume()
@@ -140,9 +140,22 @@ class Engine:
         return self.memory_model.min_budget_bytes
 
     def batch_rows(self, budget: int, plan: Plan) -> int:
-        """Sequences ``budget`` holds beside ``plan`` (at least one: plans are checked for one)."""
-        one = self.memory_model.plan_bytes(plan.experts_per_layer) - self.memory_model.reserve.batch_bytes
-        return max(1, min(self.scheduler.capacity, 1 + (budget - one) // self.sequence_bytes))
+        """Sequences decoded together under ``plan`` and ``budget``: the plan's rows (0: a full batch)
+        within the batch's capacity and what the budget holds beside the plan's experts (at least
+        one: plans are checked for one)."""
+        capacity = self.scheduler.capacity
+        return max(1, min(capacity, plan.rows or capacity,
+                          self.memory_model.rows_within(plan.experts_per_layer, budget)))
+
+    def _rows_capped(self, plan: Plan) -> str:
+        """Why ``plan`` runs fewer rows than it names whatever the budget, or "" when it does not."""
+        capacity = self.scheduler.capacity
+        if plan.rows <= capacity:
+            return ""
+        if capacity == self.config.max_batch:
+            return f"rows {plan.rows} capped at --max-batch {capacity}"
+        return (f"rows {plan.rows} capped at {capacity}: this model decodes one sequence at a time "
+                "(encoder-decoder or sliding-window attention)")
 
     def memory(self) -> MemoryReport:
         reserve, rows = self.memory_model.reserve, self.scheduler.limit
@@ -164,7 +177,7 @@ class Engine:
         top of a step, between two passes."""
         start = time.perf_counter_ns()
         validate_plan(plan, self.layout)
-        previous, reason, unsaved = self.loop.call(lambda: self._apply_plan(plan))
+        previous, reason, unsaved, rows = self.loop.call(lambda: self._apply_plan(plan))
         if not reason and self.budget_bytes != previous:
             self.hub.event(EventKind.BUDGET_CHANGED,
                            f"budget {format_size(previous)} -> {format_size(self.budget_bytes)}: with plan {plan.version}",
@@ -172,18 +185,22 @@ class Engine:
         if reason:
             self.hub.event(EventKind.PLAN_REJECTED, reason, plan_version=plan.version)
             return PlanResult(plan.version, False, reason, memory=self.memory())
-        note = f"applied, but {unsaved}: a restart meanwhile resumes an older plan" if unsaved else ""
-        self.hub.event(EventKind.PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}"
-                       + (f"; {unsaved}" if unsaved else ""), plan_version=plan.version)
-        return PlanResult(plan.version, True, note, self.achieved, self.memory(), time.perf_counter_ns() - start)
+        capped = self._rows_capped(plan)
+        notes = (capped, unsaved and f"applied, but {unsaved}: a restart meanwhile resumes an older plan")
+        self.hub.event(EventKind.PLAN_APPLIED, f"plan {plan.version} applied: {list(self.achieved)}, {rows} rows"
+                       + "".join(f"; {note}" for note in (capped, unsaved) if note), plan_version=plan.version)
+        return PlanResult(plan.version, True, "; ".join(n for n in notes if n), self.achieved, self.memory(),
+                          time.perf_counter_ns() - start, achieved_rows=rows)
 
-    def _apply_plan(self, plan: Plan) -> tuple[int, str, str]:
-        """(the budget before, why the plan is refused or "", why it is not saved yet or "")."""
+    def _apply_plan(self, plan: Plan) -> tuple[int, str, str, int]:
+        """(the budget before, why the plan is refused or "", why it is not saved yet or "", the
+        rows decoded together from now on)."""
         self.plans.check_step(plan)
         previous = self.budget_bytes
         if reason := self.plans.review(plan):
-            return previous, reason, ""
-        return previous, "", self._transition(plan.budget_bytes or previous, plan, lambda: self.plans.accept(plan))
+            return previous, reason, "", self.scheduler.limit
+        unsaved = self._transition(plan.budget_bytes or previous, plan, lambda: self.plans.accept(plan))
+        return previous, "", unsaved, self.scheduler.limit
 
     def set_budget(self, budget: int, reason: str = "") -> int:
         """Apply a new budget at the top of the next step, taking rows out of the batch, then

@@ -60,7 +60,8 @@ class PlanBook:
         if reason := self.memory.over_budget(plan.experts_per_layer, self.budget_bytes):
             return f"ignored saved plan {plan.version}: {reason}"
         self.current = plan
-        return f"resumed saved plan {plan.version} {list(plan.experts_per_layer)}"
+        rows = f" rows={plan.rows}" if plan.rows else ""
+        return f"resumed saved plan {plan.version} {list(plan.experts_per_layer)}{rows}"
 
     def check_step(self, plan: Plan) -> None:
         """InvalidField (``plan.version``) for a version more than ``MAX_VERSION_STEP`` ahead of the
@@ -98,7 +99,8 @@ class PlanBook:
         kept = self.memory.shrink(plan.experts_per_layer, budget_bytes)
         if kept == tuple(plan.experts_per_layer):
             return None
-        return Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget")
+        return Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget",
+                    rows=plan.rows)
 
     def set_budget(self, budget_bytes: int) -> None:
         self.memory.check_budget(budget_bytes)

@@ -1,11 +1,16 @@
 """What the search optimises: the three performance models of one model on one device for one
 workload (paper section 3.3), evaluated on many candidate plans at once.
 
-A candidate is ``(strategy, update_frequency, experts_per_layer)`` as arrays. Virtual experts
-(masked gating) trade accuracy for speed: E_accuracy predicts the first, E_latency the second.
-On-demand loading is exact (the full model's accuracy) and pays a synchronous load for every
-miss, so its latency depends on how often the device's tier is hit; that cost comes from the
-device profile's load time and the workload's expert histogram. Pure numpy, no I/O.
+A candidate is ``(strategy, update_frequency, rows, experts_per_layer)`` as arrays. Virtual
+experts (masked gating) trade accuracy for speed: E_accuracy predicts the first, E_latency the
+second. On-demand loading is exact (the full model's accuracy) and pays a synchronous load for
+every miss, so its latency depends on how often the device's tier is hit; that cost comes from
+the device profile's load time and the workload's expert histogram.
+
+Rows (sequences decoded together) compete with experts for the same bytes. What they buy depends
+on what the device serves (``Service``): at an offered load of L streams, a plan of r rows runs
+min(r, L) at once, each pass costing the device's measured batch ratio, and when L > r each
+stream waits its turn (its time between tokens grows by L / r). Pure numpy, no I/O.
 """
 
 from __future__ import annotations
@@ -26,12 +31,29 @@ STRATEGIES = (Strategy.MASKED_GATING, Strategy.ON_DEMAND)
 
 
 @dataclass(frozen=True, slots=True)
+class Service:
+    """What a device serves, that its plan is chosen for: ``offered_load`` concurrent streams (from
+    its telemetry: running and waiting requests), the time between tokens each stream may see
+    (None: the device's inflection point, section 3.4.1, at that load) and a throughput over all
+    streams (tokens/s; 0: none asked)."""
+
+    offered_load: int = 1
+    latency_target_ns: float | None = None
+    throughput_target: float = 0.0
+
+    def __post_init__(self):
+        if self.offered_load < 1 or self.throughput_target < 0:
+            raise ValueError("offered_load must be at least 1 and throughput_target at least 0")
+
+
+@dataclass(frozen=True, slots=True)
 class Prediction:
-    """The models' estimate of one plan."""
+    """The models' estimate of one plan at its service's offered load."""
 
     accuracy: float  # perplexity (lower is better) or Rouge-2 (higher is better)
-    inter_token_ns: float
+    inter_token_ns: float  # per stream
     memory_bytes: int
+    throughput: float = 0.0  # tokens/s over all streams
 
     @property
     def tokens_per_second(self) -> float:
@@ -60,10 +82,17 @@ class Objectives:
         """What the search minimises: perplexity as is, Rouge-2 negated."""
         return accuracy if lower_is_better(self.workload) else -accuracy
 
-    def predict(self, strategy: np.ndarray, frequency: np.ndarray, kept: np.ndarray) -> tuple[np.ndarray, ...]:
-        """accuracy [N], inter-token ns [N], memory bytes [N] for strategy indices [N] (into
-        ``strategies``), update frequencies [N] and kept [N, layers]."""
-        kept = np.asarray(kept, dtype=np.int64)
+    @property
+    def max_rows(self) -> int:
+        return self.memory.reserve.max_rows
+
+    def predict(self, strategy: np.ndarray, frequency: np.ndarray, rows: np.ndarray, kept: np.ndarray,
+                load: int = 1) -> tuple[np.ndarray, ...]:
+        """accuracy [N], inter-token ns per stream [N], memory bytes [N] and throughput (tokens/s) [N]
+        at ``load`` streams for strategy indices [N] (into ``strategies``), update frequencies [N],
+        rows [N] (0: a full batch of an executor that does not say its size, taken as one) and
+        kept [N, layers]."""
+        kept, rows = np.asarray(kept, dtype=np.int64), np.asarray(rows, dtype=np.int64)
         exact = (np.asarray(self.strategies)[strategy] == Strategy.ON_DEMAND) | (kept == self.num_experts).all(axis=1)
         accuracy = self.accuracy.predict_arrays(kept, frequency)
         # No plan beats the full model: the network's error near full residency must not pass for gain.
@@ -71,14 +100,30 @@ class Objectives:
             else np.minimum(accuracy, self.reference_accuracy)
         accuracy = np.where(exact, self.reference_accuracy, accuracy)
         on_demand = np.asarray(self.strategies)[strategy] == Strategy.ON_DEMAND
-        latency = np.where(on_demand, self.latency.base_ns + self.misses_per_token(kept) * self.load_ns,
-                           self.masked_latency(frequency, kept))
-        return accuracy, latency, e_memory_many(self.memory, kept)
+        rows_run = np.maximum(rows, 1)
+        together = np.minimum(rows_run, load)
+        compute = self.latency.base_ns * self.latency.pass_ratio(together)
+        per_pass = np.where(on_demand, compute + self.misses_per_token(kept) * self.load_ns * together,
+                            compute + self.masked_latency(frequency, kept) - self.latency.base_ns)
+        latency = per_pass * np.maximum(1.0, load / rows_run)
+        return accuracy, latency, e_memory_many(self.memory, kept, rows), together * 1e9 / per_pass
 
-    def predict_one(self, strategy: Strategy, frequency: int, kept: Sequence[int]) -> Prediction:
-        accuracy, latency, memory = self.predict(np.array([self.strategies.index(strategy)]), np.array([frequency]),
-                                                 np.array([kept]))
-        return Prediction(float(accuracy[0]), float(latency[0]), int(memory[0]))
+    def predict_one(self, strategy: Strategy, frequency: int, kept: Sequence[int], rows: int = 1,
+                    load: int = 1) -> Prediction:
+        accuracy, latency, memory, throughput = self.predict(
+            np.array([self.strategies.index(strategy)]), np.array([frequency]), np.array([rows]), np.array([kept]),
+            load)
+        return Prediction(float(accuracy[0]), float(latency[0]), int(memory[0]), float(throughput[0]))
+
+    def latency_target_ns(self, service: Service, inflection_ns: float) -> float:
+        """The time between tokens each stream may see: the service's, else the device's inflection
+        latency (one stream) as it grows when every offered stream runs at once (at most a full
+        batch; past it, streams take turns)."""
+        if service.latency_target_ns is not None:
+            return service.latency_target_ns
+        together = min(service.offered_load, self.max_rows)
+        ratio = float(self.latency.pass_ratio(together))
+        return inflection_ns * ratio * max(1.0, service.offered_load / self.max_rows)
 
     def masked_latency(self, frequency: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """E_latency under virtual experts, vectorised (``LatencyModel.inter_token_ns``)."""
@@ -123,9 +168,10 @@ def lru_miss_ratios(shares: Sequence[float], width: int, grid: int = 2000) -> np
     return out
 
 
-def e_memory_many(memory: MemoryModel, kept: np.ndarray) -> np.ndarray:
-    """E_memory of kept [N, layers]: the executor's own ``plan_bytes``, given columns."""
-    return np.asarray(memory.plan_bytes(np.asarray(kept, dtype=np.int64).T), dtype=np.int64)
+def e_memory_many(memory: MemoryModel, kept: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """E_memory of kept [N, layers] with rows [N]: the executor's own ``plan_bytes``, given columns."""
+    return np.asarray(memory.plan_bytes(np.asarray(kept, dtype=np.int64).T, np.asarray(rows, dtype=np.int64)),
+                      dtype=np.int64)
 
 
 def inflection_latency_ns(latency: LatencyModel, inflection_frequency: int) -> float:

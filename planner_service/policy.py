@@ -15,8 +15,6 @@ callables it is built with; the registry builds it and calls it, never the other
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -28,13 +26,13 @@ from typing import Callable
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.plan import Plan
 from swapmoe.core.sizes import format_size
-from swapmoe.models.bundled import PROFILES as SHIPPED_PROFILES
 from swapmoe.planner_service import frontier as frontiers
 from swapmoe.planner_service import profiles
-from swapmoe.planner_service.objectives import Objectives, inflection_latency_ns
-from swapmoe.planner_service.search import Found, SearchSettings, search
-from swapmoe.planner_service.workload import Hysteresis, WorkloadTracker
-from swapmoe.profiler import artifacts, report
+from swapmoe.planner_service.policy_files import PolicyFiles
+from swapmoe.planner_service.objectives import Objectives, Service, inflection_latency_ns
+from swapmoe.planner_service.search import Found, SearchSettings, candidates, search
+from swapmoe.planner_service.verification import Verifier, configuration, verifier_for, verify
+from swapmoe.planner_service.workload import Hysteresis, LoadTracker, WorkloadTracker
 from swapmoe.rpc import convert
 from swapmoe.v1 import executor_pb2 as epb
 
@@ -55,7 +53,9 @@ class PlannerSettings:
     state_dir: Path | None = None  # device profiles and frontiers are kept here
     search: SearchSettings = SearchSettings()
     frontier_points: int = frontiers.MAX_POINTS
-    latency_target_ns: float | None = None  # None: the device's inflection point (section 3.4.1)
+    latency_target_ns: float | None = None  # per stream; None: the device's inflection point (section 3.4.1)
+    throughput_target: float = 0.0  # tokens/s over all streams at the offered load; 0: none
+    verify: int = 0  # candidates scored before a plan is settled where they are near ties (< 2: none)
     profile_request: epb.ProfileRequest = field(default_factory=epb.ProfileRequest)
     profile_devices: bool = True  # profile a new device through its Connect stream
     profile_timeout_s: float = 600.0
@@ -79,9 +79,10 @@ class _Node:
     memory: MemoryModel
     profile_state: str = "none"
     objectives: dict[str, Objectives] = field(default_factory=dict)
-    target_ns: float = 0.0
-    frontiers: dict[str, frontiers.Frontier] = field(default_factory=dict)
+    inflection_ns: float = 0.0  # one stream's latency at the device's inflection point
+    frontiers: dict[str, frontiers.Frontier] = field(default_factory=dict)  # by frontiers.key
     tracker: WorkloadTracker | None = None
+    load: LoadTracker = field(default_factory=lambda: LoadTracker(1))  # its offered load, in streams
     key: str = ""
     budget: int = 0  # the budget its plan was last chosen for
 
@@ -98,28 +99,33 @@ class PlanPolicy:
         self._on_plan_ready, self._connected, self._profile = on_plan_ready, connected, profile
         self._lock = threading.Lock()
         self._nodes: dict[str, _Node] = {}
-        self._accuracy = self._find_accuracy()
+        self.files = PolicyFiles(settings.state_dir, settings.accuracy_roots, settings.shipped_profiles)
+        self._accuracy = self.files.find_accuracy()
         self._scanned = time.monotonic()
         self._work = ThreadPoolExecutor(1, thread_name_prefix="planner-search")  # searches, one at a time
         self._queued: set[tuple] = set()  # (node id, what) of the searches waiting, each once
         self._profiling = ThreadPoolExecutor(4, thread_name_prefix="planner-profile")  # waits on devices
+        self._verifiers: dict[str, Verifier | None] = {}  # by model fingerprint
 
     # --- called by the registry, under its lock: fast, never searches ----------------
     def choose(self, record, why: str) -> Choice:
         budget = record.budget_bytes
         node = self._node(record.node_id, record.registration.model_fingerprint, record.memory_model)
-        workload, found = self._lookup(node, record)
+        workload, frontier = self._lookup(node, record)
+        found = frontier.at(budget) if frontier else None
         node.budget = budget
+        if frontier is not None and frontier.key != frontiers.key(workload, node.load.current):
+            self._build_missing(record.node_id)  # the load (or workload) seen now has no frontier yet
         if found is None:
             reason = self._fallback_reason(node, workload)
             plan = record.memory_model.default_plan(budget, 0, f"planner:even-split budget={format_size(budget)} "
                                                                f"({reason})")
             return Choice(plan, f"{why}; {reason}: even split")
-        if found.budget_bytes != budget:
-            self._search_later(self._refine, record.node_id, workload, budget, found)
-        origin = (f"planner:search workload={workload} budget={format_size(budget)} strategy={found.strategy.value} "
-                  f"predicted={found.predicted.accuracy:.4g} {found.predicted.inter_token_ns / 1e6:.2f}ms")
-        return Choice(found.plan(0, origin), f"{why}; searched plan for workload {workload!r}", found)
+        if found.budget_bytes != budget or self._unverified(found):
+            self._search_later(self._refine, record.node_id, frontier.key, budget, found)
+        return Choice(found.plan(0, found.origin(budget)), f"{why}; searched plan for workload {frontier.workload!r}"
+                                             f"{f' at {found.offered_load} streams' if found.rows else ''}"
+                                             f"{f'; verified: {found.verified}' if found.verified else ''}", found)
 
     def prepare(self, node_id: str, fingerprint: str, memory: MemoryModel) -> bool:
         """An executor registers: load what its plans need (stored device profile and frontiers)
@@ -128,11 +134,10 @@ class PlanPolicy:
         node = self._node(node_id, fingerprint, memory)
         if node.fingerprint and node.fingerprint not in self._accuracy and time.monotonic() - self._scanned > RESCAN_S:
             self._scanned = time.monotonic()  # a profile copied in since: looked for at most every RESCAN_S
-            self._accuracy.update(self._find_accuracy())
+            self._accuracy.update(self.files.find_accuracy())
         if node.fingerprint not in self._accuracy or node.profile_state in ("profiling", "ready"):
             return False
-        root = self._profile_root()
-        device = profiles.load_device(root, node.fingerprint, node_id) if root else None
+        device = self.files.load_device(node.fingerprint, node_id)
         if device is not None:
             self._ready(node_id, device, replan=False)
             return False
@@ -185,6 +190,13 @@ class PlanPolicy:
             return None
         return f"workload shift to {node.tracker.current!r}: {node.tracker.why}"
 
+    def observe_load(self, record, running: int, waiting: int) -> str | None:
+        """A throughput report; returns why the plan should change when the offered load did."""
+        node = self._nodes.get(record.node_id)
+        if node is None or node.profile_state != "ready":
+            return None
+        return node.load.why if node.load.observe(running, waiting) else None
+
     def recognises_workloads(self, node_id: str) -> bool:
         """Whether expert telemetry from ``node_id`` is of use: its model has an accuracy profile,
         whose per-workload histograms the reports are matched against."""
@@ -194,7 +206,8 @@ class PlanPolicy:
     def searched(self, record) -> bool:
         """Whether ``choose`` would answer ``record`` from a frontier."""
         node = self._nodes.get(record.node_id)
-        return node is not None and self._lookup(node, record)[1] is not None
+        frontier = self._lookup(node, record)[1] if node is not None else None
+        return frontier is not None and frontier.at(record.budget_bytes) is not None
 
     def status(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
@@ -216,6 +229,8 @@ class PlanPolicy:
     def close(self) -> None:
         self._work.shutdown(wait=False, cancel_futures=True)
         self._profiling.shutdown(wait=False, cancel_futures=True)
+        for verifier in filter(None, self._verifiers.values()):
+            verifier.close()
 
     # --- own threads ------------------------------------------------------------------
     def _measure(self, node_id: str) -> None:
@@ -230,7 +245,7 @@ class PlanPolicy:
                 raise ValueError(f"the executor answered with a profile of model {device.model_fingerprint[:64]!r} "
                                  f"on node {device.node_id[:128]!r}, not of the model it registered "
                                  f"({node.fingerprint}) on {node_id!r}")
-            self._keep(lambda: report.save_device(self._profile_root(), device), "device profile of " + node_id)
+            self.files.save_device(device)
         except Exception as error:  # noqa: BLE001 - the fallback stays; the status says why
             log.warning("device profile of %s failed: %s", node_id, error)
             if node_id in self._nodes:
@@ -242,9 +257,9 @@ class PlanPolicy:
         node = self._nodes[node_id]
         accuracy = self._accuracy[node.fingerprint]
         node.objectives = profiles.objectives(accuracy, device, node.memory)
-        node.target_ns = self.settings.latency_target_ns or \
-            inflection_latency_ns(next(iter(node.objectives.values())).latency, device.inflection_update_frequency)
-        node.key = _frontier_key(node, accuracy, device)
+        node.inflection_ns = inflection_latency_ns(next(iter(node.objectives.values())).latency,
+                                                   device.inflection_update_frequency)
+        node.key = frontiers.node_key(node.fingerprint, accuracy.digest, device, node.memory)
         node.profile_state = "ready"
         loaded = self._load_frontiers(node)
         if replan:  # else (at registration) ``registered`` queues them once the record is in
@@ -261,11 +276,12 @@ class PlanPolicy:
         workload recognised now (a shift seen while others were searched is answered next), else the
         default, else by name."""
         node = self._nodes[node_id]
-        wanted, default = node.tracker.current if node.tracker else "", self._default_workload(node)
+        wanted, default, load = node.tracker.current if node.tracker else "", self._default_workload(node), \
+            node.load.current
         with self._lock:
-            missing = [w for w in node.objectives if w not in node.frontiers]
+            missing = [w for w in node.objectives if frontiers.key(w, load) not in node.frontiers]
         if missing:
-            self._build(node_id, min(missing, key=lambda w: (w != wanted, w != default, w)))
+            self._build(node_id, min(missing, key=lambda w: (w != wanted, w != default, w)), load)
             self._search_later(self._build_next, node_id)
 
     def _search_later(self, search, node_id: str, *args) -> None:
@@ -290,29 +306,49 @@ class PlanPolicy:
 
         self._work.submit(run)
 
-    def _build(self, node_id: str, workload: str) -> None:
+    def _build(self, node_id: str, workload: str, load: int) -> None:
         node = self._nodes[node_id]
-        built = frontiers.build(node.objectives[workload], node.target_ns, self.settings.search,
-                                self.settings.frontier_points)
+        objectives = node.objectives[workload]
+        target = objectives.latency_target_ns(Service(load, self.settings.latency_target_ns), node.inflection_ns)
+        service = Service(load, target, self.settings.throughput_target)
+        built = frontiers.build(objectives, service, self.settings.search, self.settings.frontier_points)
         with self._lock:
-            node.frontiers[workload] = built
+            node.frontiers[built.key] = built
         self._save_frontiers(node)
-        log.info("frontier of %s for %r: %d budgets", node_id, workload, len(built.points))
-        self._replan(node_id, f"frontier for workload {workload!r} searched")
+        log.info("frontier of %s for %r at %d streams: %d budgets", node_id, workload, load, len(built.points))
+        self._replan(node_id, f"frontier for workload {workload!r} at {load} streams searched")
 
-    def _refine(self, node_id: str, workload: str, budget: int, near: Found) -> None:
+    def _refine(self, node_id: str, key: str, budget: int, near: Found) -> None:
         node = self._nodes[node_id]
         with self._lock:
-            frontier = node.frontiers.get(workload)
+            frontier = node.frontiers.get(key)
             current = frontier.at(budget) if frontier else None
-            if current is None or current.budget_bytes == budget:
+            if current is None or (current.budget_bytes == budget and not self._unverified(current)):
                 return
-        found = search(node.objectives[workload], budget, node.target_ns, self.settings.search, [near])
+        objectives = node.objectives[frontier.workload]
+        verifier = self._verifier(node.fingerprint) if self.settings.verify > 1 else None
+        if verifier is None:
+            found = search(objectives, budget, frontier.service, self.settings.search, [near])
+        else:  # measured before pushed: the near ties are scored
+            ranked = candidates(objectives, budget, frontier.service, self.settings.search, [near], self.settings.verify)
+            error = self._accuracy[node.fingerprint].held_out_error.get(frontier.workload, 0.0)
+            found = verify(ranked, error, lambda f: verifier.accuracy(configuration(f, objectives.num_experts),
+                                                                      frontier.workload))
         with self._lock:
             frontier.add(found)
         self._save_frontiers(node)
         if node.budget == budget:  # else the budget changed meanwhile: the point stays in the frontier
-            self._replan(node_id, f"refined search at budget {format_size(budget)}")
+            self._replan(node_id, f"{'verified' if found.verified else 'refined'} search at budget "
+                                  f"{format_size(budget)}")
+
+    def _unverified(self, found: Found) -> bool:
+        return self.settings.verify > 1 and not found.verified
+
+    def _verifier(self, fingerprint: str) -> Verifier | None:
+        """The model's verifier (None, said once, where its checkpoint or torch is not on this host)."""
+        if fingerprint not in self._verifiers:
+            self._verifiers[fingerprint] = verifier_for(self._accuracy[fingerprint])
+        return self._verifiers[fingerprint]
 
     def _replan(self, node_id: str, why: str) -> None:
         self._on_plan_ready(node_id, why)
@@ -321,18 +357,21 @@ class PlanPolicy:
     def _node(self, node_id: str, fingerprint: str, memory: MemoryModel) -> _Node:
         node = self._nodes.get(node_id)
         if node is None or node.fingerprint != fingerprint or node.memory != memory:
-            node = self._nodes[node_id] = _Node(fingerprint, memory)  # a new model or budget reserve: start over
+            node = self._nodes[node_id] = _Node(fingerprint, memory, load=LoadTracker(memory.reserve.max_rows))  # a new model or budget reserve: start over
         return node
 
-    def _lookup(self, node: _Node, record) -> tuple[str, Found | None]:
-        """The workload planned for and the frontier's plan for ``record``'s budget: the recognised
-        workload's frontier, else the default workload's while the other is searched."""
-        wanted, default = record.workload or self._default_workload(node), self._default_workload(node)
+    def _lookup(self, node: _Node, record) -> tuple[str, frontiers.Frontier | None]:
+        """The workload planned for and the frontier to answer ``record`` from: the recognised
+        workload's, else the default workload's while the other is searched; of those, the one
+        searched for the offered load nearest the one seen."""
+        wanted, default, load = record.workload or self._default_workload(node), self._default_workload(node), \
+            node.load.current
         with self._lock:
-            frontier = node.frontiers.get(wanted) or node.frontiers.get(default)
-        if frontier is None:
+            pool = [f for f in node.frontiers.values() if f.workload == wanted] or \
+                [f for f in node.frontiers.values() if f.workload == default]
+        if not pool:
             return wanted, None
-        return frontier.workload, frontier.at(record.budget_bytes)
+        return wanted, min(pool, key=lambda f: (abs(f.service.offered_load - load), f.service.offered_load))
 
     def _default_workload(self, node: _Node) -> str:
         accuracy = self._accuracy.get(node.fingerprint)
@@ -347,52 +386,13 @@ class PlanPolicy:
             return f"fallback: device profile {node.profile_state}"
         return f"fallback: frontier for workload {workload!r} being searched"
 
-    def _find_accuracy(self) -> dict[str, profiles.AccuracyProfile]:
-        """The accuracy profiles of the roots given (and the state directory's), then those shipped
-        with the bundled models for a model none of those has."""
-        roots = list(self.settings.accuracy_roots) + ([self._profile_root()] if self._profile_root() else [])
-        found = profiles.find_accuracy(roots)
-        return {**profiles.find_accuracy([SHIPPED_PROFILES]), **found} if self.settings.shipped_profiles else found
-
-    def _profile_root(self) -> Path | None:
-        return self.settings.state_dir / "profiles" if self.settings.state_dir else None
-
-    def _frontier_path(self, node: _Node) -> Path | None:
-        return self.settings.state_dir / "frontiers" / f"{node.key}.json" if self.settings.state_dir else None
-
     def _save_frontiers(self, node: _Node) -> None:
-        path = self._frontier_path(node)
         with self._lock:
-            body = {w: f.to_json() for w, f in node.frontiers.items()}
-        self._keep(lambda: artifacts.write_json(path, "frontiers", dict(key=node.key, workloads=body)), str(path))
-
-    def _keep(self, write, what: str) -> None:
-        """Store a profile or frontiers when the planner has a state directory; a full disk costs only
-        the copy (measured again, or searched again, after a restart), never the plan it feeds."""
-        if self.settings.state_dir is None:
-            return
-        try:
-            write()
-        except OSError as error:
-            log.warning("cannot store the %s (%s): kept in memory only", what, error)
+            kept = dict(node.frontiers)
+        self.files.save_frontiers(node.key, kept)
 
     def _load_frontiers(self, node: _Node) -> set[str]:
-        path = self._frontier_path(node)
-        if path is None or not path.exists():
-            return set()
-        try:
-            body = artifacts.read_json(path, "frontiers")
-            loaded = {w: frontiers.Frontier.from_json(f) for w, f in body["workloads"].items() if w in node.objectives}
-        except (artifacts.ProfileError, OSError, KeyError, TypeError, ValueError) as error:
-            log.warning("ignoring stored frontiers %s: %s", path, error)
-            return set()
+        loaded = self.files.load_frontiers(node.key, node.objectives)
         with self._lock:
             node.frontiers.update(loaded)
         return set(loaded)
-
-
-def _frontier_key(node: _Node, accuracy: profiles.AccuracyProfile, device) -> str:
-    """Frontiers are valid for one model, accuracy profile, device profile and memory model."""
-    text = json.dumps([node.fingerprint, accuracy.digest, device.node_id, device.decode_step_ns,
-                       node.memory.fixed_bytes, [l.bytes_per_expert for l in node.memory.layout.layers]])
-    return hashlib.sha256(text.encode()).hexdigest()[:24]

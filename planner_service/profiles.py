@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
@@ -37,6 +37,9 @@ class AccuracyProfile:
     reference: dict[str, float]
     histograms: dict[str, tuple[tuple[float, ...], ...]]
     digest: str = ""  # of the stored models: frontiers searched with other models are stale
+    held_out_error: dict[str, float] = field(default_factory=dict)  # E_accuracy's mean relative error per workload
+    checkpoint: Path | None = None  # the model scored, where the planner's host has it (None: not here)
+    profiling_set: dict = field(default_factory=dict)  # what it was scored on (profiler.workloads.ProfilingSet)
 
     @property
     def default_workload(self) -> str:
@@ -50,8 +53,31 @@ def load_accuracy(directory: Path) -> AccuracyProfile:
         raise artifacts.ProfileError(f"{directory / E_ACCURACY} holds no workload")
     histograms = {w: tuple(tuple(float(x) for x in layer) for layer in h) for w, h in body["histograms"].items()}
     digest = hashlib.sha256((directory / E_ACCURACY).read_bytes()).hexdigest()[:16]
+    errors = {w: float(part.get("held_out_error", {}).get("ensemble", {}).get("mean_relative_error", 0.0))
+              for w, part in body.get("workloads", {}).items()}
+    scored = _scored(directory)
     return AccuracyProfile(body["model_fingerprint"], directory, models,
-                           {w: float(v) for w, v in body["reference_accuracy"].items()}, histograms, digest)
+                           {w: float(v) for w, v in body["reference_accuracy"].items()}, histograms, digest, errors,
+                           _checkpoint(scored.get("checkpoint", "")), dict(scored.get("profiling_set", {})))
+
+
+def _scored(directory: Path) -> dict:
+    """The profile's own record (``profile.json``: the checkpoint and set it scored); {} if unreadable."""
+    try:
+        return artifacts.read_json(directory / "profile.json", "accuracy-profile")
+    except (artifacts.ProfileError, OSError, ValueError):
+        return {}
+
+
+def _checkpoint(recorded: str) -> Path | None:
+    """The checkpoint a profile scored, if this host has it: where it was, else (a shipped profile
+    made on another machine) the bundled model of that name."""
+    from swapmoe.models.bundled import MODELS
+
+    for path in (Path(recorded), MODELS / Path(recorded).name) if recorded else ():
+        if (path / "config.json").is_file():
+            return path
+    return None
 
 
 def find_accuracy(roots: Iterable[Path]) -> dict[str, AccuracyProfile]:

@@ -87,7 +87,8 @@ def prediction_to_pb(found: Found) -> ppb.PlanPrediction:
     return ppb.PlanPrediction(workload=found.workload, accuracy=found.predicted.accuracy, accuracy_metric=metric,
                               inter_token_ns=int(found.predicted.inter_token_ns),
                               tokens_per_second=found.predicted.tokens_per_second,
-                              memory_bytes=found.predicted.memory_bytes, budget_bytes=found.budget_bytes)
+                              memory_bytes=found.predicted.memory_bytes, budget_bytes=found.budget_bytes,
+                              offered_load=found.offered_load, throughput=found.predicted.throughput)
 
 
 @dataclass

@@ -220,18 +220,19 @@ class Registry:
 
     def on_telemetry(self, record: ExecutorRecord, event) -> None:
         kind = event.WhichOneof("payload")
-        if kind == "memory":  # one reference replaced: readers see the old report or the new one
-            record.memory = event.memory
-        elif kind == "throughput":
-            record.throughput = event.throughput
-        elif kind == "experts":
-            with self._lock:
-                why = self.policy.observe(record, [list(layer.activations) for layer in event.experts.layers])
-                if why:
-                    record.workload = self.policy.recognised(record.node_id)
-                    if not record.pinned and record.connected:
-                        self._replan(record, why=why)
-                    self._persist(record)
+        if kind in ("memory", "throughput"):  # one reference replaced: readers see the old report or the new one
+            setattr(record, kind, getattr(event, kind))
+        if kind not in ("experts", "throughput"):
+            return
+        with self._lock:
+            if kind == "throughput":  # the offered load (requests running and waiting) may call for other rows
+                why = self.policy.observe_load(record, event.throughput.running, event.throughput.queue_depth)
+            elif why := self.policy.observe(record, [list(layer.activations) for layer in event.experts.layers]):
+                record.workload = self.policy.recognised(record.node_id)
+            if why:
+                if not record.pinned and record.connected:
+                    self._replan(record, why=why)
+                self._persist(record)
 
     def replan(self, node_id: str, why: str) -> None:
         """The policy has a better answer for ``node_id`` (a frontier, a refined search): send it
@@ -396,4 +397,4 @@ def _accepts(record: ExecutorRecord, budget: int) -> bool:
 
 def _what(plan: Plan) -> tuple:
     """What a plan makes an executor do (its version and origin aside)."""
-    return plan.experts_per_layer, plan.update_frequency, plan.strategy
+    return plan.experts_per_layer, plan.update_frequency, plan.strategy, plan.rows

@@ -1,15 +1,18 @@
 """The genetic search for a plan (paper section 3.4.2), on pymoo's NSGA-II.
 
-A genome is ``[strategy, update-frequency index, experts of layer 0, ..., of layer L-1]``.
+A genome is ``[strategy, update-frequency index, rows, experts of layer 0, ..., of layer L-1]``.
 Following the paper: a random initial population (each individual spends the whole budget,
 spread by a random Dirichlet share, so skewed and even allocations both start); mutation
 changes one parameter (or moves one expert between two layers); crossover exchanges genes or
-averages them; configurations over the memory budget are repaired back under it, and NSGA-II
-drops dominated ones. The two objectives are the loss E_accuracy predicts and the inter-token
-latency E_latency predicts; memory and the latency target are constraints.
+averages them; configurations over the memory budget are repaired back under it (rows first
+when one expert per layer does not fit beside them), and NSGA-II drops dominated ones. The two
+objectives are the loss E_accuracy predicts and the inter-token latency per stream E_latency
+predicts at the service's offered load; memory, the latency target and the throughput target are
+constraints.
 
-The answer is the most accurate plan whose predicted latency meets the target (ties: the faster);
-when none does, the fastest plan that fits. Every evaluated individual is considered, not
+The answer is the most accurate plan that meets the targets (ties: the faster); when none does,
+the targets are loosened by steps of 25% until one does (a budget too small for the rows a load
+asks for gets the most accurate plan near the fastest, not the fastest at any cost). Every evaluated individual is considered, not
 only the last front. pymoo was chosen over a hand-written loop for its constrained
 non-dominated sorting, elitism and seeded generators; the operators are the paper's.
 """
@@ -30,9 +33,10 @@ from pymoo.core.sampling import Sampling
 from pymoo.optimize import minimize
 
 from swapmoe.core.plan import Plan, Strategy
-from swapmoe.planner_service.objectives import Objectives, Prediction
+from swapmoe.core.sizes import format_size
+from swapmoe.planner_service.objectives import Objectives, Prediction, Service
 
-HEAD = 2  # genes before the layers: strategy, frequency index
+HEAD = 3  # genes before the layers: strategy, frequency index, rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,50 +63,72 @@ class Found:
     predicted: Prediction
     budget_bytes: int
     workload: str
-    meets_latency: bool  # False: no plan met the latency target; this is the fastest that fits
+    meets_latency: bool  # False: no plan met the targets; this is the fastest that fits
     evaluated: int  # configurations the search evaluated
+    rows: int = 0  # sequences decoded together (0: the executor's full batch)
+    offered_load: int = 1  # concurrent streams it was chosen for
+    verified: str = ""  # what was measured before it was chosen ("": not verified; planner_service.verification)
 
     def plan(self, version: int, origin: str) -> Plan:
-        return Plan(version, self.experts_per_layer, self.update_frequency, self.strategy, origin)
+        return Plan(version, self.experts_per_layer, self.update_frequency, self.strategy, origin, rows=self.rows)
+
+    def origin(self, budget_bytes: int) -> str:
+        """A plan's origin: what it was searched for, and what the models predict of it."""
+        rows = f" rows={self.rows} load={self.offered_load}" if self.rows else ""
+        return (f"planner:search workload={self.workload} budget={format_size(budget_bytes)}{rows} "
+                f"strategy={self.strategy.value} predicted={self.predicted.accuracy:.4g} "
+                f"{self.predicted.inter_token_ns / 1e6:.2f}ms{' verified' if self.verified.startswith('measured') else ''}")
 
     def to_json(self) -> dict:
         return dict(strategy=self.strategy.value, update_frequency=self.update_frequency,
                     experts_per_layer=list(self.experts_per_layer), budget_bytes=self.budget_bytes,
                     workload=self.workload, meets_latency=self.meets_latency, evaluated=self.evaluated,
                     accuracy=self.predicted.accuracy, inter_token_ns=self.predicted.inter_token_ns,
-                    memory_bytes=self.predicted.memory_bytes)
+                    memory_bytes=self.predicted.memory_bytes, throughput=self.predicted.throughput,
+                    rows=self.rows, offered_load=self.offered_load, verified=self.verified)
 
     @classmethod
     def from_json(cls, body: dict) -> "Found":
         return cls(Strategy(body["strategy"]), int(body["update_frequency"]),
                    tuple(int(k) for k in body["experts_per_layer"]),
-                   Prediction(float(body["accuracy"]), float(body["inter_token_ns"]), int(body["memory_bytes"])),
+                   Prediction(float(body["accuracy"]), float(body["inter_token_ns"]), int(body["memory_bytes"]),
+                              float(body.get("throughput", 0.0))),
                    int(body["budget_bytes"]), str(body["workload"]), bool(body["meets_latency"]),
-                   int(body["evaluated"]))
+                   int(body["evaluated"]), int(body.get("rows", 0)), int(body.get("offered_load", 1)),
+                   str(body.get("verified", "")))
 
 
-def search(objectives: Objectives, budget_bytes: int, latency_target_ns: float | None = None,
+def search(objectives: Objectives, budget_bytes: int, service: Service = Service(),
            settings: SearchSettings = SearchSettings(), seeds: Sequence[Found] = ()) -> Found:
-    """The best plan for ``budget_bytes`` (and ``latency_target_ns``, when given). ``seeds``
-    (plans found for nearby budgets) join the random initial population, repaired to fit."""
-    if (least := objectives.memory.smallest_plan_bytes) > budget_bytes:
-        raise ValueError(f"budget {budget_bytes} is below the smallest plan's {least} (one expert per layer and a "
-                         f"full batch)")
-    problem = _PlanProblem(objectives, budget_bytes, math.inf if latency_target_ns is None else latency_target_ns)
+    """The best plan for ``budget_bytes`` and ``service`` (its latency target None: no target).
+    ``seeds`` (plans found for nearby budgets) join the random initial population, repaired to fit."""
+    return candidates(objectives, budget_bytes, service, settings, seeds, 1)[0]
+
+
+def candidates(objectives: Objectives, budget_bytes: int, service: Service = Service(),
+               settings: SearchSettings = SearchSettings(), seeds: Sequence[Found] = (), count: int = 3) -> list[Found]:
+    """``search``'s answer and the next most accurate distinct plans that meet the targets, up to
+    ``count`` in all, best first (just the fastest plan that fits when none meets them)."""
+    if (least := least_bytes(objectives)) > budget_bytes:
+        raise ValueError(f"budget {budget_bytes} is below the smallest plan's {least} (one expert per layer and "
+                         f"one sequence)")
+    problem = _PlanProblem(objectives, budget_bytes, service)
     if problem.size <= settings.enumerate_below:
-        return exhaustive(objectives, budget_bytes, latency_target_ns)
+        return _enumerate(problem, count)
     start = [problem.genome(f) for f in seeds][: settings.population // 2]
     algorithm = NSGA2(pop_size=settings.population, sampling=_FullBudget(start), crossover=_ExchangeOrAverage(),
                       mutation=_ChangeOne(), repair=_FitBudget(), eliminate_duplicates=True)
     minimize(problem, algorithm, ("n_gen", settings.generations), seed=settings.seed, verbose=False)
-    return problem.best()
+    return problem.ranked(count)
 
 
-def exhaustive(objectives: Objectives, budget_bytes: int, latency_target_ns: float | None = None,
-               chunk: int = 1 << 16) -> Found:
+def exhaustive(objectives: Objectives, budget_bytes: int, service: Service = Service()) -> Found:
     """The optimum ``search`` looks for, by evaluating every configuration (small spaces only:
     tests and benchmarks measure the search against it)."""
-    problem = _PlanProblem(objectives, budget_bytes, math.inf if latency_target_ns is None else latency_target_ns)
+    return _enumerate(_PlanProblem(objectives, budget_bytes, service), 1)[0]
+
+
+def _enumerate(problem: "_PlanProblem", count: int, chunk: int = 1 << 16) -> list[Found]:
     sizes = problem.upper - problem.lower + 1
     total = int(np.prod(sizes.astype(float)))
     if total > 50_000_000:
@@ -110,69 +136,107 @@ def exhaustive(objectives: Objectives, budget_bytes: int, latency_target_ns: flo
     for start in range(0, total, chunk):
         index = np.arange(start, min(total, start + chunk))
         genomes = np.stack(np.unravel_index(index, sizes), axis=1) + problem.lower
-        genomes = genomes[problem.spare(genomes[:, HEAD:]) >= 0]
+        genomes = genomes[problem.spare(genomes) >= 0]
         if len(genomes):
             problem.evaluate(genomes, return_as_dictionary=True)
-            problem.keep_best()
-    return problem.best()
+            problem.keep_best(count)
+    return problem.ranked(count)
+
+
+def least_bytes(objectives: Objectives) -> int:
+    """One expert per layer and one sequence (or, from an executor that does not say its sequence
+    bytes, its full batch)."""
+    memory = objectives.memory
+    return memory.plan_bytes([1] * memory.layout.num_layers, 1 if memory.reserve.sequence_bytes else 0)
 
 
 class _PlanProblem(Problem):
-    def __init__(self, objectives: Objectives, budget: int, latency_target: float):
+    def __init__(self, objectives: Objectives, budget: int, service: Service):
         num_experts = np.array(objectives.num_experts)
-        super().__init__(n_var=HEAD + len(num_experts), n_obj=2, n_ieq_constr=2, vtype=int,
-                         xl=np.array([0, 0] + [1] * len(num_experts)),
-                         xu=np.concatenate([[len(objectives.strategies) - 1, len(objectives.update_frequencies) - 1],
-                                            num_experts]))
-        self.objectives, self.budget, self.latency_target = objectives, budget, latency_target
+        reserve = objectives.memory.reserve
+        rows = (1, reserve.max_rows) if reserve.sequence_bytes else (0, 0)  # (0, 0): the full batch, unsized
+        super().__init__(n_var=HEAD + len(num_experts), n_obj=2, n_ieq_constr=3, vtype=int,
+                         xl=np.array([0, 0, rows[0]] + [1] * len(num_experts)),
+                         xu=np.concatenate([[len(objectives.strategies) - 1, len(objectives.update_frequencies) - 1,
+                                             rows[1]], num_experts]))
+        self.objectives, self.budget, self.service = objectives, budget, service
+        self.latency_target = math.inf if service.latency_target_ns is None else service.latency_target_ns
         self.lower, self.upper = self.xl.astype(np.int64), self.xu.astype(np.int64)  # pymoo keeps floats
         self.frequencies = np.array(objectives.update_frequencies)
         self.bytes_per_expert = np.array([l.bytes_per_expert for l in objectives.memory.layout.layers])
-        self.fixed = objectives.memory.fixed_bytes
-        self.archive: list[tuple[np.ndarray, ...]] = []  # (genomes, loss, latency, bytes) per evaluation
+        self.archive: list[tuple[np.ndarray, ...]] = []  # (genomes, loss, latency, bytes, throughput) per evaluation
         self.evaluated = 0  # genomes forgotten by keep_best
 
     def _evaluate(self, x, out, *args, **kwargs):
         x = np.asarray(x, dtype=np.int64)
-        accuracy, latency, memory = self.objectives.predict(x[:, 0], self.frequencies[x[:, 1]], x[:, HEAD:])
+        accuracy, latency, memory, throughput = self.objectives.predict(
+            x[:, 0], self.frequencies[x[:, 1]], x[:, 2], x[:, HEAD:], self.service.offered_load)
         loss = self.objectives.loss(accuracy)
         out["F"] = np.column_stack([loss, latency])
-        out["G"] = np.column_stack([memory - self.budget, latency - min(self.latency_target, 1e30)])
-        self.archive.append((x, loss, latency, memory))
+        out["G"] = np.column_stack([memory - self.budget, latency - min(self.latency_target, 1e30),
+                                    self.service.throughput_target - throughput])
+        self.archive.append((x, loss, latency, memory, throughput))
 
-    def keep_best(self) -> None:
-        """Forget all but the rows ``best`` could pick (an enumeration keeps little memory)."""
-        x, loss, latency, memory = (np.concatenate(parts) for parts in zip(*self.archive))
-        rows = [r for r in (self._pick(x, loss, latency, memory, timely=True),
-                            self._pick(x, loss, latency, memory, timely=False)) if r is not None]
-        self.evaluated += len(x) - len(rows)
-        self.archive = [(x[rows], loss[rows], latency[rows], memory[rows])]
+    def keep_best(self, count: int = 1) -> None:
+        """Forget all but the rows ``ranked(count)`` could pick (an enumeration keeps little memory)."""
+        parts = [np.concatenate(p) for p in zip(*self.archive)]
+        rows = self._order(*parts, timely=True, count=count) or self._order(*parts, timely=True, count=count,
+                                                                             relax=self._relaxation(*parts))
+        self.evaluated += len(parts[0]) - len(rows)
+        self.archive = [tuple(p[rows] for p in parts)]
 
-    def _pick(self, x, loss, latency, memory, timely: bool) -> int | None:
-        """The most accurate plan that fits and meets the latency target (ties: faster, then the
-        smaller genome), or with ``timely`` False the fastest plan that fits."""
-        ok = (memory <= self.budget) & ((latency <= self.latency_target) if timely else True)
-        rows = np.flatnonzero(ok)
-        if not len(rows):
-            return None
+    def _order(self, x, loss, latency, memory, throughput, timely: bool, count: int, relax: float = 1.0) -> list[int]:
+        """Up to ``count`` rows of distinct plans, best first: the most accurate that fit and meet the
+        targets (``relax`` times looser; ties: faster, then the smaller genome), or with ``timely``
+        False the fastest that fit."""
+        meets = (latency <= self.latency_target * relax) & (throughput >= self.service.throughput_target / relax)
+        rows = np.flatnonzero((memory <= self.budget) & (meets if timely else True))
         primary, secondary = (loss, latency) if timely else (latency, loss)
         keys = [x[rows, i] for i in reversed(range(x.shape[1]))] + [secondary[rows], primary[rows]]
-        return int(rows[np.lexsort(keys)[0]])
+        out, seen = [], set()
+        for row in rows[np.lexsort(keys)] if len(rows) else ():
+            plan = self._plan(x[row])
+            if plan not in seen:
+                seen.add(plan)
+                out.append(int(row))
+                if len(out) == count:
+                    break
+        return out
 
-    def best(self) -> Found:
-        x, loss, latency, memory = (np.concatenate(parts) for parts in zip(*self.archive))
-        row = self._pick(x, loss, latency, memory, timely=True)
-        timely = row is not None
-        row = row if timely else self._pick(x, loss, latency, memory, timely=False)
-        assert row is not None, "the repair keeps every individual within the budget"
-        genome = x[row]
+    def _plan(self, genome: np.ndarray) -> tuple:
+        """(strategy, update frequency, rows, experts) of a genome. On-demand never updates in the
+        background: its frequency means nothing, so it is 0."""
         strategy = self.objectives.strategies[genome[0]]
-        # On-demand never updates in the background: its frequency means nothing, so it is 0.
         frequency = 0 if strategy is Strategy.ON_DEMAND else int(self.frequencies[genome[1]])
-        kept = tuple(int(k) for k in genome[HEAD:])
-        evaluated = self.evaluated + len(np.unique(x, axis=0))
-        return Found(strategy, frequency, kept, self.objectives.predict_one(strategy, frequency, kept), self.budget,
-                     self.objectives.workload, timely, evaluated)
+        return strategy, frequency, int(genome[2]), tuple(int(k) for k in genome[HEAD:])
+
+    def _relaxation(self, x, loss, latency, memory, throughput) -> float:
+        """When no plan that fits meets the targets: the least of 1.25, 1.25^2, ... by which they are
+        loosened until one does, so the plan chosen is the most accurate near the fastest, not the
+        fastest at any cost in accuracy (a budget too small for the rows a load asks for)."""
+        fits = memory <= self.budget
+        need = np.maximum(latency[fits] / self.latency_target,
+                          np.divide(self.service.throughput_target, throughput[fits],
+                                    out=np.full(int(fits.sum()), np.inf), where=throughput[fits] > 0)
+                          if self.service.throughput_target else 0.0)
+        least = float(need.min()) if len(need) else 1.0
+        return 1.25 ** math.ceil(math.log(least) / math.log(1.25)) if 1.0 < least < math.inf else 1.0
+
+    def ranked(self, count: int) -> list[Found]:
+        parts = [np.concatenate(p) for p in zip(*self.archive)]
+        rows = self._order(*parts, timely=True, count=count)
+        timely = bool(rows)
+        rows = rows or self._order(*parts, timely=True, count=count, relax=self._relaxation(*parts)) \
+            or self._order(*parts, timely=False, count=1)
+        assert rows, "the repair keeps every individual within the budget"
+        evaluated, load = self.evaluated + len(np.unique(parts[0], axis=0)), self.service.offered_load
+        out = []
+        for row in rows:
+            strategy, frequency, rows_run, kept = self._plan(parts[0][row])
+            predicted = self.objectives.predict_one(strategy, frequency, kept, rows_run, load)
+            out.append(Found(strategy, frequency, kept, predicted, self.budget, self.objectives.workload, timely,
+                             evaluated, rows_run, load))
+        return out
 
     @property
     def size(self) -> int:
@@ -183,11 +247,14 @@ class _PlanProblem(Problem):
         strategy = self.objectives.strategies.index(found.strategy) if found.strategy in self.objectives.strategies else 0
         frequencies = list(self.frequencies)
         frequency = frequencies.index(found.update_frequency) if found.update_frequency in frequencies else 0
-        return np.array([strategy, frequency, *found.experts_per_layer], dtype=np.int64)
+        rows = int(np.clip(found.rows, self.lower[2], self.upper[2]))
+        return np.array([strategy, frequency, rows, *found.experts_per_layer], dtype=np.int64)
 
-    def spare(self, kept: np.ndarray) -> np.ndarray:
-        """Bytes left under the budget per individual (negative: over)."""
-        return self.budget - (self.fixed + kept @ self.bytes_per_expert)
+    def spare(self, x: np.ndarray) -> np.ndarray:
+        """Bytes left under the budget per individual (whole genomes; negative: over)."""
+        memory = self.objectives.memory
+        fixed = memory.plan_bytes([0] * memory.layout.num_layers, x[:, 2])
+        return self.budget - (fixed + x[:, HEAD:] @ self.bytes_per_expert)
 
 
 class _FullBudget(Sampling):
@@ -207,27 +274,38 @@ class _FullBudget(Sampling):
         rng = random_state
         layers = problem.n_var - HEAD
         x = np.ones((n_samples, problem.n_var), dtype=np.int64)
-        x[:, 0] = rng.integers(0, problem.upper[0] + 1, n_samples)
-        x[:, 1] = rng.integers(0, problem.upper[1] + 1, n_samples)
+        for gene in range(HEAD):
+            x[:, gene] = rng.integers(problem.lower[gene], problem.upper[gene] + 1, n_samples)
+        _fit_rows(problem, x)
         concentration = 10 ** rng.uniform(-1, 1.5, n_samples)
         share = np.array([rng.dirichlet(np.full(layers, c)) for c in concentration])
-        x[:, HEAD:] = _fill(problem, x[:, HEAD:], share)
-        return x
+        return _fill(problem, x, share)
 
 
-def _fill(problem: _PlanProblem, kept: np.ndarray, share: np.ndarray) -> np.ndarray:
-    """kept [N, layers] grown toward ``share`` [N, layers] while each row's budget has room:
-    each round, every row adds to its layer furthest below its share."""
-    kept = kept.copy()
+def _fit_rows(problem: _PlanProblem, x: np.ndarray) -> None:
+    """Cut each genome's rows (in place) to what the budget holds beside one expert per layer."""
+    ones = x.copy()
+    ones[:, HEAD:] = 1
+    sequence = problem.objectives.memory.reserve.sequence_bytes
+    over = problem.spare(ones) < 0
+    if sequence and over.any():
+        x[over, 2] = np.maximum(problem.lower[2], x[over, 2] + problem.spare(ones[over]) // sequence)
+
+
+def _fill(problem: _PlanProblem, x: np.ndarray, share: np.ndarray) -> np.ndarray:
+    """Genomes [N, genes] whose layers are grown toward ``share`` [N, layers] while each one's
+    budget has room: each round, every genome adds to its layer furthest below its share."""
+    x = x.copy()
+    kept = x[:, HEAD:]  # a view: growing it grows x
     capacity = problem.upper[HEAD:]
     want = share * capacity.sum()
     rows = np.arange(len(kept))
     while True:
-        spare = problem.spare(kept)
+        spare = problem.spare(x)
         room = (kept < capacity) & (problem.bytes_per_expert <= spare[:, None])
         growing = room.any(axis=1)
         if not growing.any():
-            return kept
+            return x
         deficit = np.where(room, want - kept, -np.inf)
         layer = deficit.argmax(axis=1)
         steps = np.minimum(capacity[layer] - kept[rows, layer], spare // problem.bytes_per_expert[layer])
@@ -276,24 +354,25 @@ class _ChangeOne(Mutation):
 
 
 class _FitBudget(Repair):
-    """Every individual is brought within the budget by taking experts away from random layers
-    (weighted by their counts); then half of them, at random, fill the room left. The other
-    half keep it: a model may rank a plan that leaves memory unused above those that spend it."""
+    """Every individual is brought within the budget: rows first, when one expert per layer does
+    not fit beside them, then experts taken away from random layers (weighted by their counts);
+    then half of them, at random, fill the room left. The other half keep it: a model may rank a
+    plan that leaves memory unused above those that spend it."""
 
     def _do(self, problem: _PlanProblem, x, random_state=None, **kwargs):
         rng = random_state or np.random.default_rng(0)
         x = np.asarray(x, dtype=np.int64).copy()
-        kept = x[:, HEAD:]
-        over = problem.spare(kept) < 0
+        _fit_rows(problem, x)
+        kept = x[:, HEAD:]  # a view: cutting it cuts x
+        over = problem.spare(x) < 0
         if over.any():  # most of the way in one step: each layer gives up the same share of its extra experts
             removable = (kept[over] - 1) @ problem.bytes_per_expert
-            share = -problem.spare(kept[over]) / np.maximum(removable, 1)
+            share = -problem.spare(x[over]) / np.maximum(removable, 1)
             kept[over] -= np.floor((kept[over] - 1) * share[:, None] * 0.98).astype(np.int64)
-        while (over := problem.spare(kept) < 0).any():
+        while (over := problem.spare(x) < 0).any():
             weights = np.cumsum(kept[over] - 1, axis=1)
             pick = (weights > rng.random(len(weights))[:, None] * weights[:, -1:]).argmax(axis=1)
             kept[np.flatnonzero(over), pick] -= 1
-        fill = rng.random(len(kept)) < 0.5
-        kept[fill] = _fill(problem, kept[fill], rng.dirichlet(np.ones(kept.shape[1]), int(fill.sum())))
-        x[:, HEAD:] = kept
+        fill = rng.random(len(x)) < 0.5
+        x[fill] = _fill(problem, x[fill], rng.dirichlet(np.ones(kept.shape[1]), int(fill.sum())))
         return x

@@ -90,3 +90,48 @@ class WorkloadTracker:
 def _log_shares(histogram: Sequence[Sequence[float]]) -> np.ndarray:
     shares = np.asarray(histogram, dtype=float) + SMOOTHING
     return np.log(shares / shares.sum(axis=1, keepdims=True))
+
+
+@dataclass
+class LoadTracker:
+    """The offered load an executor serves, from its throughput reports (requests running and
+    waiting): a class of 1, 2, 4, ... streams up to its full batch, the smallest holding the
+    mean of the last ``window`` reports. It changes when ``confirm`` reports in a row point to
+    another class, so a plan's rows follow the load without flapping; idle reports (nothing
+    running or waiting) say nothing about the load the device serves and are left out."""
+
+    max_rows: int
+    window: int = 5
+    confirm: int = 5
+    current: int = 1
+    why: str = ""
+    _reports: deque = field(default_factory=deque)
+    _challenger: tuple[int, int] = (0, 0)
+
+    def observe(self, running: int, waiting: int) -> bool:
+        """Add one report; returns True when the load class changed."""
+        if running + waiting <= 0:
+            return False
+        self._reports.append(running + waiting)
+        while len(self._reports) > self.window:
+            self._reports.popleft()
+        mean = sum(self._reports) / len(self._reports)
+        seen = self.load_class(mean)
+        if seen == self.current:
+            self._challenger = (0, 0)
+            return False
+        name, wins = self._challenger
+        self._challenger = (seen, wins + 1 if name == seen else 1)
+        if self._challenger[1] < self.confirm:
+            return False
+        previous, self.current, self._challenger = self.current, seen, (0, 0)
+        self.why = (f"offered load {previous} -> {seen} streams (mean {mean:.1f} requests running or waiting "
+                    f"over the last {len(self._reports)} reports)")
+        return True
+
+    def load_class(self, streams: float) -> int:
+        """The smallest of 1, 2, 4, ... (at most ``max_rows``) that holds ``streams``."""
+        size = 1
+        while size < streams and size < self.max_rows:
+            size *= 2
+        return min(size, max(1, self.max_rows))

@@ -223,6 +223,11 @@ class LatencyModel:
     overhead_ns: tuple[float, ...]  # inter-token time above the sweep's no-update baseline
     sweep_loading_share: float  # share of layers that could load in the sweep's plan
     num_experts: tuple[int, ...]
+    # A decode pass of each measured batch size, as a multiple of one sequence's (ascending rows,
+    # starting at 1). Empty (an older profile): a pass costs as many times one as it has rows,
+    # so rows buy no speed and a plan spends nothing on them it need not.
+    batch_rows: tuple[int, ...] = ()
+    batch_ratio: tuple[float, ...] = ()
 
     def inter_token_ns(self, config: Configuration) -> float:
         rate = 1.0 / config.update_frequency if config.update_frequency else 0.0
@@ -230,6 +235,16 @@ class LatencyModel:
         loading = np.mean([k < e for k, e in zip(config.experts_per_layer, self.num_experts)])
         scale = loading / self.sweep_loading_share if self.sweep_loading_share else 0.0
         return self.base_ns + overhead * scale
+
+    def pass_ratio(self, rows) -> np.ndarray:
+        """A decode pass of ``rows`` sequences (an array) over one sequence's: interpolated between
+        the measured batch sizes, extended past the largest by its last slope."""
+        rows = np.asarray(rows, dtype=float)
+        if len(self.batch_rows) < 2:
+            return np.maximum(rows, 1.0)
+        x, y = np.asarray(self.batch_rows, dtype=float), np.asarray(self.batch_ratio)
+        slope = (y[-1] - y[-2]) / (x[-1] - x[-2])
+        return np.where(rows <= x[-1], np.interp(rows, x, y), y[-1] + (rows - x[-1]) * slope)
 
     def tokens_per_second(self, config: Configuration) -> float:
         return 1e9 / self.inter_token_ns(config)
@@ -240,7 +255,8 @@ class LatencyModel:
     @classmethod
     def from_json(cls, body: dict) -> "LatencyModel":
         return cls(body["compute_ns"], body["base_ns"], tuple(body["rate"]), tuple(body["overhead_ns"]),
-                   body["sweep_loading_share"], tuple(body["num_experts"]))
+                   body["sweep_loading_share"], tuple(body["num_experts"]), tuple(body.get("batch_rows", ())),
+                   tuple(body.get("batch_ratio", ())))
 
 
 def expert_ns_at(samples, tokens: int) -> float:
@@ -268,8 +284,17 @@ def fit_latency(profile: DeviceProfile) -> LatencyModel:
         rate, overhead = (), ()
     loading = float(np.mean([k < e for k, e in zip(profile.sweep_experts_per_layer, num_experts)])) \
         if profile.sweep_experts_per_layer else 0.0
+    batch = sorted((p.rows, p.step_ns) for p in profile.batch_decode if p.rows >= 1 and p.step_ns > 0)
+    one = next((ns for rows, ns in batch if rows == 1), None)
+    if one is not None and len(batch) > 1:
+        # Fitted monotone too: more rows never make a pass cheaper (timing noise at small batches can).
+        ratios = IsotonicRegression(increasing=True).fit([r for r, _ in batch], [ns / one for _, ns in batch])
+        batch_rows = tuple(r for r, _ in batch)
+        batch_ratio = tuple(float(max(1.0, v)) for v in ratios.predict([r for r, _ in batch]))
+    else:
+        batch_rows, batch_ratio = (), ()
     return LatencyModel(compute, float(baseline) if baseline is not None else compute, rate, overhead, loading,
-                        num_experts)
+                        num_experts, batch_rows, batch_ratio)
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
+from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
+                                         OnDemandPoint, SweepPoint)
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.sizes import format_size
 from swapmoe.profiler import artifacts
@@ -95,7 +96,8 @@ def load_device(directory: Path, fingerprint: str | None = None) -> DeviceProfil
         sweep_experts_per_layer=tuple(body["sweep_experts_per_layer"]),
         sweep=tuple(SweepPoint(**p) for p in body["sweep"]),
         inflection_update_frequency=body["inflection_update_frequency"],
-        on_demand=OnDemandPoint(**body["on_demand"]) if body.get("on_demand") else None)
+        on_demand=OnDemandPoint(**body["on_demand"]) if body.get("on_demand") else None,
+        batch_decode=tuple(BatchDecodePoint(**p) for p in body.get("batch_decode", ())))
 
 
 def load_latency_model(directory: Path, fingerprint: str | None = None) -> LatencyModel:
@@ -121,6 +123,9 @@ def device_summary(profile: DeviceProfile, latency: LatencyModel) -> str:
               "| update frequency | inter-token latency | tokens/s | loads per token |", "|---|---|---|---|"]
     lines += [f"| {p.update_frequency} | {p.inter_token_ns / 1e6:.2f} ms | {p.tokens_per_second:.1f} | "
               f"{p.loads_per_token:.2f} |" for p in profile.sweep]
+    if profile.batch_decode:
+        lines += ["", "A decode pass by batch size: " + ", ".join(f"{p.rows} rows {p.step_ns / 1e6:.2f} ms"
+                                                             for p in profile.batch_decode) + "."]
     if profile.on_demand is not None:
         miss = profile.miss_ns()
         lines += ["", f"On-demand loading at the same plan: {profile.on_demand.inter_token_ns / 1e6:.2f} ms between "

@@ -7,7 +7,9 @@ each incoming message against it, streams message by message, so a 50 MB fingerp
 million node ids is an INVALID_ARGUMENT naming the field, never a copy into a state file, a
 reason or a log line. The table is complete by construction: ``tests/test_bounds.py`` fails
 for a field of a request that it does not list, so a new field gets its bound on purpose.
-Handlers still check what bounds cannot say (ranges, formats, meaning).
+``FIELD_MAXIMA`` bounds integer fields the same way where a message carries them to code that
+sizes work by them (a plan's rows, a reserve's bytes per sequence). Handlers still check what
+bounds cannot say (other ranges, formats, meaning).
 """
 
 from __future__ import annotations
@@ -109,13 +111,20 @@ FIELD_LIMITS: dict[str, int | tuple[int, int]] = {
     "swapmoe.v1.RolloutActionRequest.rollout_id": _ROLLOUT_ID_CHARS,
     "swapmoe.v1.RolloutActionRequest.reason": _REASON,
 }
+# Full field name -> the largest value an integer field may hold (the least is 0).
+FIELD_MAXIMA: dict[str, int] = {
+    "swapmoe.v1.Plan.rows": limits.MAX_ROWS,
+    "swapmoe.v1.PlanResult.achieved_rows": limits.MAX_ROWS,
+    "swapmoe.v1.Reserve.sequence_bytes": limits.MAX_BYTES,
+}
 _STRING = FieldDescriptor.TYPE_STRING
 _MESSAGE = FieldDescriptor.TYPE_MESSAGE
 
 
 def check_message(message, path: str = "") -> None:
     """Raise InvalidField, naming the field by its path (``registration.labels``), for the first set
-    field of ``message`` (nested messages included) that holds more than ``FIELD_LIMITS`` allows."""
+    field of ``message`` (nested messages included) that holds more than ``FIELD_LIMITS`` or
+    ``FIELD_MAXIMA`` allows."""
     for field, value in message.ListFields():
         name = path + field.name
         if field.is_repeated:
@@ -133,6 +142,8 @@ def check_message(message, path: str = "") -> None:
             limits.check_text(name, value, FIELD_LIMITS[field.full_name])
         elif field.type == _MESSAGE:
             check_message(value, name + ".")
+        elif field.full_name in FIELD_MAXIMA:
+            limits.check_range(name, value, 0, FIELD_MAXIMA[field.full_name])
 
 
 def _check_map(field, entries, name: str) -> None:

@@ -35,6 +35,7 @@ def plan_to_pb(plan: Plan) -> pb.Plan:
         strategy=_STRATEGY_TO_PB[plan.strategy],
         origin=plan.origin,
         budget_bytes=plan.budget_bytes,
+        rows=plan.rows,
     )
 
 
@@ -48,6 +49,7 @@ def plan_from_pb(msg: pb.Plan) -> Plan:
         strategy=_STRATEGY_FROM_PB[msg.strategy],
         origin=msg.origin,
         budget_bytes=msg.budget_bytes,
+        rows=msg.rows,
     )
 
 
@@ -114,6 +116,7 @@ def plan_result_to_pb(result: PlanResult) -> pb.PlanResult:
         reason=result.reason,
         achieved_experts_per_layer=list(result.achieved_experts_per_layer),
         apply_ns=result.apply_ns,
+        achieved_rows=result.achieved_rows,
     )
     if result.memory is not None:
         msg.memory.CopyFrom(memory_to_pb(result.memory))
@@ -132,11 +135,12 @@ def budget_change_from_pb(msg: ppb.BudgetChange) -> BudgetChange:
 def reserve_to_pb(reserve: Reserve) -> pb.Reserve:
     return pb.Reserve(staging_bytes=reserve.staging_bytes, kv_cache_bytes=reserve.kv_cache_bytes,
                       activation_bytes=reserve.activation_bytes, batch_bytes=reserve.batch_bytes,
-                      runtime_bytes=reserve.runtime_bytes)
+                      runtime_bytes=reserve.runtime_bytes, sequence_bytes=reserve.sequence_bytes)
 
 
 def reserve_from_pb(msg: pb.Reserve) -> Reserve:
-    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes, msg.batch_bytes, msg.runtime_bytes)
+    return Reserve(msg.staging_bytes, msg.kv_cache_bytes, msg.activation_bytes, msg.batch_bytes, msg.runtime_bytes,
+                   msg.sequence_bytes)
 
 
 def check_profile_request(msg: epb.ProfileRequest, max_tokens: int = MAX_PROFILE_TOKENS,

@@ -288,6 +288,8 @@ class SimNode:
                                        memory=self._memory(), apply_ns=time.perf_counter_ns() - start)
         if not reason:
             result.achieved_experts_per_layer.extend(plan_pb.experts_per_layer)
+            within = self.memory.rows_within(self.plan.experts_per_layer, self.budget)
+            result.achieved_rows = min(self.plan.rows or within, within)  # as the executor's batch_rows
         self._send(ppb.ExecutorMessage(plan_result=result))
         self.record.answers.append((plan_pb.version, time.time(), not reason))
         counters = self.fleet.counters

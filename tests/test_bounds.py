@@ -108,6 +108,26 @@ def test_a_plan_in_a_request_is_bounded_like_the_rest():
         bounds.check_message(epb.ApplyPlanRequest(plan=plan))
 
 
+def test_integer_maxima_name_integer_fields_that_exist():
+    fields = {f.full_name: f for d in received_messages() for f in d.fields}
+    for name in bounds.FIELD_MAXIMA:
+        assert name in fields and fields[name].cpp_type in (F.CPPTYPE_UINT32, F.CPPTYPE_UINT64), name
+
+
+@pytest.mark.parametrize("message, path, limit", [
+    (lambda n: epb.ApplyPlanRequest(plan=common_pb2.Plan(rows=n)), "plan.rows", limits.MAX_ROWS),
+    (lambda n: ppb.ExecutorMessage(plan_result=common_pb2.PlanResult(achieved_rows=n)), "plan_result.achieved_rows",
+     limits.MAX_ROWS),
+    (lambda n: ppb.ExecutorMessage(registration=ppb.Registration(reserve=common_pb2.Reserve(sequence_bytes=n))),
+     "registration.reserve.sequence_bytes", limits.MAX_BYTES),
+])
+def test_rows_and_bytes_per_sequence_past_their_maxima_are_refused_by_their_path(message, path, limit):
+    bounds.check_message(message(limit))
+    with pytest.raises(InvalidField) as error:
+        bounds.check_message(message(limit + 1))
+    assert str(error.value) == f"{path}: {limit + 1} is outside the allowed range 0 to {limit}"
+
+
 def test_a_status_page_ends_early_past_its_byte_limit_and_the_next_page_goes_on():
     """Executors choose their layouts: 500 of the largest the bounds allow would not fit one message,
     and `planner status` once failed with RESOURCE_EXHAUSTED for every viewer."""

@@ -104,3 +104,53 @@ def test_a_budget_above_the_devices_memory_names_the_field():
         on_device.check_budget(10_001)
     with pytest.raises(InvalidField, match="budget_bytes: .* above the largest budget allowed"):
         MODEL.check_budget(2**64 - 1)
+
+
+# Batch rows: --max-batch 4, each sequence past the first 50 bytes (batch_bytes holds three).
+ROWS = MemoryModel(LAYOUT, Reserve(staging_bytes=10, kv_cache_bytes=20, activation_bytes=30, batch_bytes=150,
+                                   sequence_bytes=50))
+
+
+def test_a_plan_pays_for_each_sequence_past_the_first_and_rows_zero_is_a_full_batch():
+    one = 1060 + 6 * 100  # dense, reserve of one sequence, two experts in each of three layers
+    assert ROWS.reserve.max_rows == 4
+    assert ROWS.plan_bytes((2, 2, 2), 1) == one
+    assert ROWS.plan_bytes((2, 2, 2), 3) == one + 2 * 50
+    assert ROWS.plan_bytes((2, 2, 2), 0) == ROWS.plan_bytes((2, 2, 2), 4) == ROWS.plan_bytes((2, 2, 2)) == one + 150
+
+
+def test_plan_bytes_of_columns_of_plans_is_one_figure_per_plan():
+    import numpy as np
+
+    experts = np.array([[2, 1, 8], [2, 1, 8], [2, 1, 8]])  # [layers, N]
+    rows = np.array([3, 1, 0])  # [N]
+    assert ROWS.plan_bytes(experts, rows).tolist() == [ROWS.plan_bytes((2, 2, 2), 3), ROWS.plan_bytes((1, 1, 1), 1),
+                                                        ROWS.plan_bytes((8, 8, 8), 0)]
+
+
+def test_rows_within_is_the_most_sequences_the_budget_holds_beside_the_experts():
+    one = ROWS.plan_bytes((2, 2, 2), 1)
+    assert ROWS.rows_within((2, 2, 2), one) == 1
+    assert ROWS.rows_within((2, 2, 2), one + 49) == 1
+    assert ROWS.rows_within((2, 2, 2), one + 50) == 2
+    assert ROWS.rows_within((2, 2, 2), one + 2 * 50 + 49) == 3
+    assert ROWS.rows_within((2, 2, 2), 10**9) == 4  # never past --max-batch
+    assert ROWS.rows_within((2, 2, 2), one - 1) == 1  # plans are checked for one sequence
+
+
+def test_the_minimum_budget_is_one_expert_per_layer_and_one_sequence():
+    assert ROWS.min_budget_bytes == ROWS.plan_bytes((1, 1, 1), 1) == 1060 + 300
+    ROWS.check_budget(ROWS.min_budget_bytes)
+    with pytest.raises(InvalidField, match="budget_bytes"):
+        ROWS.check_budget(ROWS.min_budget_bytes - 1)
+    assert ROWS.over_budget((2, 2, 2), ROWS.plan_bytes((2, 2, 2), 1)) == ""  # a plan is accepted with one sequence
+
+
+def test_a_reserve_without_sequence_bytes_plans_for_its_full_batch_as_before():
+    """From an executor that does not say its bytes per sequence: a plan's bytes are the full batch's
+    (rows 0 or any but one), the minimum is one sequence, and it decodes one row as far as plans know."""
+    assert BATCHED.reserve.max_rows == 1
+    assert BATCHED.plan_bytes((2, 2, 2)) == BATCHED.plan_bytes((2, 2, 2), 0) == BATCHED.fixed_bytes + 600
+    assert BATCHED.plan_bytes((2, 2, 2), 1) == BATCHED.fixed_bytes - 250 + 600
+    assert BATCHED.min_budget_bytes == 1060 + 300
+    assert BATCHED.rows_within((2, 2, 2), 10**9) == BATCHED.rows_within((2, 2, 2), BATCHED.min_budget_bytes) == 1

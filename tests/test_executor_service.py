@@ -101,9 +101,27 @@ def test_malformed_plans_are_invalid_argument_naming_the_field(stub, channel, co
     assert_healthy(channel)
 
 
+def test_a_plan_with_more_rows_than_any_executor_decodes_is_invalid_argument_naming_plan_rows(stub, channel):
+    plan = next_plan(stub, [2, 2])
+    plan.rows = 5000
+    with pytest.raises(grpc.RpcError) as error:
+        stub.ApplyPlan(epb.ApplyPlanRequest(plan=plan), timeout=10)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == "plan.rows: 5000 is outside the allowed range 0 to 4096"
+    assert_healthy(channel)
+    assert stub.Describe(epb.DescribeRequest(), timeout=5).plan.version == plan.version - 1
+
+
 def test_a_plan_is_acked_with_what_was_achieved(stub):
     result = stub.ApplyPlan(epb.ApplyPlanRequest(plan=next_plan(stub, [3, 5])), timeout=10)
     assert result.accepted and list(result.achieved_experts_per_layer) == [3, 5]
+    assert result.achieved_rows == 8  # rows 0: as many as the budget holds, up to --max-batch
+    with_rows = next_plan(stub, [3, 5])
+    with_rows.rows = 2
+    assert stub.ApplyPlan(epb.ApplyPlanRequest(plan=with_rows), timeout=10).achieved_rows == 2
+    assert stub.Describe(epb.DescribeRequest(), timeout=5).plan.rows == 2
+    result = stub.ApplyPlan(epb.ApplyPlanRequest(plan=next_plan(stub, [3, 5])), timeout=10)
+    assert result.achieved_rows == 8
     assert result.memory.accounted_bytes <= result.memory.budget_bytes
     described = stub.Describe(epb.DescribeRequest(), timeout=5)
     assert described.plan.version == result.plan_version and list(described.achieved_experts_per_layer) == [3, 5]

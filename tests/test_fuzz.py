@@ -269,18 +269,25 @@ def test_every_answer_is_a_clear_status_and_the_server_stays_healthy(services, s
 
 # --- bounds: one past each field's limit --------------------------------------------------------
 def past_bounds(seed, prefix=""):
-    """(path, request) for each string and repeated field of ``seed`` (and of the messages set in it):
-    a copy of ``seed`` holding one more character or entry than ``swapmoe.rpc.bounds`` allows."""
-    from swapmoe.rpc.bounds import FIELD_LIMITS
+    """(path, request, what the refusal says after the path) for each string, repeated and bounded
+    integer field of ``seed`` (and of the messages set in it): a copy of ``seed`` holding one more
+    character, entry or unit than ``swapmoe.rpc.bounds`` allows."""
+    from swapmoe.rpc.bounds import FIELD_LIMITS, FIELD_MAXIMA
 
     for field in seed.DESCRIPTOR.fields:
         if field.type == F.TYPE_MESSAGE and not field.is_repeated:
             if seed.HasField(field.name):
-                for path, inner in past_bounds(getattr(seed, field.name), f"{prefix}{field.name}."):
+                for path, inner, detail in past_bounds(getattr(seed, field.name), f"{prefix}{field.name}."):
                     msg = type(seed)()
                     msg.CopyFrom(seed)
                     getattr(msg, field.name).CopyFrom(inner)
-                    yield path, msg
+                    yield path, msg, detail
+            continue
+        if field.full_name in FIELD_MAXIMA:
+            msg = type(seed)()
+            msg.CopyFrom(seed)
+            setattr(msg, field.name, FIELD_MAXIMA[field.full_name] + 1)
+            yield f"{prefix}{field.name}", msg, f"{FIELD_MAXIMA[field.full_name] + 1} is outside"
             continue
         if field.type != F.TYPE_STRING and not field.is_repeated:
             continue
@@ -297,7 +304,7 @@ def past_bounds(seed, prefix=""):
             value.extend(["x" if field.type == F.TYPE_STRING else 1] * (count + 1 - len(value)))
         else:
             setattr(msg, field.name, "x" * (chars + 1))
-        yield f"{prefix}{field.name}", msg
+        yield f"{prefix}{field.name}", msg, "has "
 
 
 @pytest.mark.parametrize("service, method", [(s, m.name) for s, (d, _) in SERVICES.items() for m in d.methods])
@@ -305,7 +312,7 @@ def test_one_past_any_bound_is_invalid_argument_naming_the_field(services, servi
     engine, link, channels = services
     seed = seeds(engine, link)[method]
     checked = []
-    for path, request in past_bounds(seed):
+    for path, request, detail in past_bounds(seed):
         spec = SERVICES[service][0].methods_by_name[method]
         rpc = getattr(SERVICES[service][1](channels[service]), method)
         try:
@@ -317,7 +324,7 @@ def test_one_past_any_bound_is_invalid_argument_naming_the_field(services, servi
                 rpc(request, timeout=10)
         except grpc.RpcError as error:
             assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (path, error.details())
-            assert error.details().startswith(f"{path}: has "), (path, error.details())
+            assert error.details().startswith(f"{path}: {detail}"), (path, error.details())
             checked.append(path)
             continue
         raise AssertionError(f"{service}.{method} accepted {path} past its bound")

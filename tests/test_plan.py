@@ -4,6 +4,7 @@ import pytest
 
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import LayerLayout, ModelLayout
+from swapmoe.core.limits import MAX_ROWS
 from swapmoe.core.plan import Plan, validate_plan
 
 LAYOUT = ModelLayout("mixtral", "MixtralForCausalLM",
@@ -25,3 +26,13 @@ def test_a_plan_with_the_wrong_number_of_layers_names_the_field():
 def test_a_count_outside_one_to_the_layers_experts_names_the_layer(counts, layer):
     with pytest.raises(InvalidField, match=rf"plan.experts_per_layer\[{layer}\]: keeps {counts[layer]} experts"):
         validate_plan(Plan(1, counts), LAYOUT)
+
+
+@pytest.mark.parametrize("rows", [0, 1, MAX_ROWS])
+def test_a_plan_names_its_rows_from_zero_a_full_batch_to_the_most_an_executor_may_decode(rows):
+    assert validate_plan(Plan(1, (2, 2, 2), rows=rows), LAYOUT) is None
+
+
+def test_rows_past_the_most_an_executor_may_decode_name_the_field():
+    with pytest.raises(InvalidField, match=rf"^plan.rows: {MAX_ROWS + 1} is outside the allowed range 0 to {MAX_ROWS}$"):
+        validate_plan(Plan(1, (2, 2, 2), rows=MAX_ROWS + 1), LAYOUT)

@@ -2,6 +2,7 @@
 searches next."""
 
 from swapmoe.models.bundled import PROFILES
+from swapmoe.planner_service import frontier
 from swapmoe.planner_service.policy import PlannerSettings, PlanPolicy, _Node
 from swapmoe.planner_service.workload import WorkloadTracker
 
@@ -28,9 +29,9 @@ def test_the_frontier_searched_next_is_the_recognised_workloads_then_the_default
     node.tracker = WorkloadTracker({}, current="prose")
     built = []
 
-    def build(node_id, workload):
+    def build(node_id, workload, load):
         built.append(workload)
-        node.frontiers[workload] = object()
+        node.frontiers[frontier.key(workload, load)] = object()
         if workload == "prose":
             node.tracker.current = "manual"  # a shift seen while the first frontier was searched
 
@@ -38,5 +39,30 @@ def test_the_frontier_searched_next_is_the_recognised_workloads_then_the_default
     try:
         planner._build_missing("edge-1")
         assert built == ["prose", "manual", "mix", "code"]
+    finally:
+        planner.close()
+
+
+def test_a_shift_of_offered_load_is_answered_with_the_rows_that_load_pays_for():
+    from types import SimpleNamespace
+    from test_planner_rows import ROWS, budget, objectives
+
+    from swapmoe.planner_service.search import SearchSettings
+
+    planner, obj = policy(search=SearchSettings(population=16, generations=10), frontier_points=4), objectives()
+    record = SimpleNamespace(node_id="edge-1", budget_bytes=budget(obj, 12, ROWS), workload="mix",
+                             registration=SimpleNamespace(model_fingerprint=LM), memory_model=obj.memory)
+    node = planner._node("edge-1", LM, obj.memory)
+    node.profile_state, node.objectives, node.inflection_ns = "ready", {"mix": obj}, 10.2e6
+    planner._search_later = lambda search, node_id, *args: search(node_id, *args)
+    try:
+        planner._build_missing("edge-1")
+        assert planner.choose(record, "registered").plan.rows == 1  # one stream: every byte to experts
+        whys = [planner.observe_load(record, running=8, waiting=2) for _ in range(node.load.confirm)]
+        assert whys[:-1] == [None] * (node.load.confirm - 1) and "offered load 1 -> 8 streams" in whys[-1]
+        choice = planner.choose(record, whys[-1])  # the load-8 frontier is searched, then answers
+        assert set(node.frontiers) == {"mix@1", "mix@8"}
+        assert planner.choose(record, "replan").plan.rows == ROWS
+        assert "at 8 streams" in planner.choose(record, "replan").reason and choice.plan.rows in (1, ROWS)
     finally:
         planner.close()

@@ -210,6 +210,28 @@ def test_the_plan_status_command_shows_the_plan_prediction_measurements_workload
         assert part in text, text
 
 
+def test_concurrent_streams_get_a_plan_that_pays_for_rows_where_one_stream_got_none(restartable_planner, lm):
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = acked_search(restartable_planner)  # one request at a time so far: one row, every other byte in experts
+    assert alone.acked_plan.rows == 1 and alone.predicted.offered_load == 1
+    domains = ["code", "prose", "manual"]
+
+    def burst():
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda i: generate(lm, domains[i % 3], requests=1, start=i), range(8)))
+
+    busy = wait_until(lambda: burst() or ((s := restartable_planner.status()).predicted.offered_load >= 4
+                                          and s.state == ppb.PLAN_STATE_ACKED and s),
+                      timeout=180, what="a plan for the concurrent streams ACKed")
+    assert any("offered load 1 -> " in why for node, _, _, why in restartable_planner.sent if node == NODE)
+    assert busy.acked_plan.rows > 1 and busy.last_result.achieved_rows == busy.acked_plan.rows
+    assert f"rows={busy.acked_plan.rows} load={busy.predicted.offered_load}" in busy.acked_plan.origin
+    assert busy.predicted.throughput > alone.predicted.throughput
+    assert sum(busy.acked_plan.experts_per_layer) < sum(alone.acked_plan.experts_per_layer)  # rows cost experts
+    assert executor(lm).Describe(epb.DescribeRequest(), timeout=5).memory.accounted_bytes <= busy.budget_bytes
+
+
 def test_an_executor_of_a_model_with_no_profile_gets_the_even_split_and_says_why(restartable_planner, tiny_model_dir,
                                                                                  tmp_path_factory):
     service = spawn("tiny", ["executor", "serve", "--model", str(tiny_model_dir), "--budget", "1GiB", "--port", "0",

@@ -4,6 +4,7 @@ profiles."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -11,13 +12,14 @@ import numpy as np
 import pytest
 
 from swapmoe.core.budget import MemoryModel
-from swapmoe.core.device_profile import ComputeSample, DeviceProfile, LayerProfile, LoadSample, SweepPoint
+from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
+                                         SweepPoint)
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.plan import Plan
 from swapmoe.profiler import artifacts
 from swapmoe.profiler.configs import Configuration, allocate, sample, sample_many
-from swapmoe.profiler.performance_models import (ENSEMBLE, AccuracyEnsemble, AccuracyModel, e_memory, fit_accuracy,
-                                                 fit_latency, is_held_out)
+from swapmoe.profiler.performance_models import (ENSEMBLE, AccuracyEnsemble, AccuracyModel, LatencyModel, e_memory,
+                                                 fit_accuracy, fit_latency, is_held_out)
 from swapmoe.profiler.workloads import ProfilingSet, rows
 from swapmoe.rpc import convert
 
@@ -169,6 +171,18 @@ def test_e_latency_adds_update_cost_to_measured_compute_and_never_rewards_more_u
     assert model.tokens_per_second(Configuration((4, 4), 0)) == pytest.approx(1e9 / 1_100_000)
 
 
+def test_the_batch_ratio_is_measured_monotone_and_extends_past_the_largest_batch():
+    profile = dataclasses.replace(_device_profile([(0, 1_100_000)]), batch_decode=(
+        BatchDecodePoint(1, 100), BatchDecodePoint(2, 95), BatchDecodePoint(4, 160), BatchDecodePoint(8, 240)))
+    model = fit_latency(profile)
+    assert model.batch_rows == (1, 2, 4, 8)
+    ratio = model.pass_ratio(np.array([1, 2, 3, 4, 8, 10]))
+    assert ratio[0] == 1.0 and (np.diff(ratio) >= 0).all()  # 2 rows measured faster than 1: noise, flattened
+    assert ratio[4] == pytest.approx(2.4) and ratio[5] == pytest.approx(2.4 + 2 * 0.8 / 4)
+    assert LatencyModel.from_json(model.to_json()) == model
+    assert list(fit_latency(dataclasses.replace(profile, batch_decode=())).pass_ratio(np.array([1, 4]))) == [1, 4]
+
+
 # --- stored profiles ----------------------------------------------------------------
 def test_profiles_round_trip_and_refuse_another_model_or_format(tmp_path):
     path = tmp_path / "profile.json"
@@ -198,11 +212,13 @@ def test_a_score_line_cut_off_by_a_crash_is_dropped_and_the_next_append_is_clean
 def test_a_device_profile_round_trips_with_its_e_latency_and_is_refused_for_another_model(tmp_path):
     from swapmoe.profiler.report import load_device, load_latency_model, save_device
 
-    profile = _device_profile([(0, 1_000_000), (8, 1_000_000), (2, 1_200_000)])
+    profile = dataclasses.replace(_device_profile([(0, 1_000_000), (8, 1_000_000), (2, 1_200_000)]),
+                                  batch_decode=(BatchDecodePoint(1, 100), BatchDecodePoint(4, 150)))
     directory = save_device(tmp_path, profile)
     assert directory == artifacts.device_dir(tmp_path, "abc", "x-n")
     assert load_device(directory, "abc") == profile
     assert load_latency_model(directory, "abc") == fit_latency(profile)
     assert "inflection: **4**" in (directory / "summary.md").read_text()
+    assert "4 rows 0.00 ms" in (directory / "summary.md").read_text()  # the batch sizes survive a restart too
     with pytest.raises(artifacts.ProfileError, match="built for model abc"):
         load_device(directory, "another")

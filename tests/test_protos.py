@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 import pytest
+from swapmoe.core.budget import Reserve
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.memory import MemoryReport
@@ -69,7 +70,7 @@ def test_services_live_in_a_versioned_package():
 
 @pytest.mark.parametrize("strategy", list(Strategy))
 def test_plan_round_trips_through_its_proto(strategy):
-    plan = Plan(7, (3, 1, 8), update_frequency=16, strategy=strategy, origin="test")
+    plan = Plan(7, (3, 1, 8), update_frequency=16, strategy=strategy, origin="test", budget_bytes=1 << 30, rows=4)
     wire = common_pb2.Plan.FromString(convert.plan_to_pb(plan).SerializeToString())
     assert convert.plan_from_pb(wire) == plan
 
@@ -95,11 +96,24 @@ def test_layout_device_and_memory_round_trip():
     assert wire_memory.accounted_bytes == 100
 
 
-def test_plan_result_carries_ack_and_achieved_experts():
-    result = PlanResult(3, True, "", (2, 2), MemoryReport(10, 1, 2, 3, 4), apply_ns=99)
+def test_a_plan_without_rows_runs_as_many_as_the_budget_holds():
+    assert convert.plan_from_pb(common_pb2.Plan(version=1, experts_per_layer=[2])).rows == 0
+
+
+def test_plan_result_carries_ack_and_achieved_experts_and_rows():
+    result = PlanResult(3, True, "", (2, 2), MemoryReport(10, 1, 2, 3, 4), apply_ns=99, achieved_rows=5)
     wire = common_pb2.PlanResult.FromString(convert.plan_result_to_pb(result).SerializeToString())
     assert (wire.plan_version, wire.accepted, list(wire.achieved_experts_per_layer), wire.apply_ns) == (3, True, [2, 2], 99)
-    assert wire.memory.accounted_bytes == 10
+    assert wire.memory.accounted_bytes == 10 and wire.achieved_rows == 5
+
+
+def test_a_reserve_round_trips_with_its_bytes_per_sequence_and_an_older_executors_has_none():
+    reserve = Reserve(staging_bytes=1, kv_cache_bytes=2, activation_bytes=3, batch_bytes=700, runtime_bytes=5,
+                      sequence_bytes=100)
+    wire = common_pb2.Reserve.FromString(convert.reserve_to_pb(reserve).SerializeToString())
+    assert convert.reserve_from_pb(wire) == reserve and convert.reserve_from_pb(wire).max_rows == 8
+    older = common_pb2.Reserve(staging_bytes=1, kv_cache_bytes=2, activation_bytes=3, batch_bytes=700, runtime_bytes=5)
+    assert convert.reserve_from_pb(older).sequence_bytes == 0
 
 
 def test_streaming_messages_round_trip():

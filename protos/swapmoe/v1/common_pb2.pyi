@@ -69,50 +69,56 @@ class DeviceInfo(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpu_count: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("version", "experts_per_layer", "update_frequency", "strategy", "origin", "budget_bytes")
+    __slots__ = ("version", "experts_per_layer", "update_frequency", "strategy", "origin", "budget_bytes", "rows")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
     version: int
     experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
     update_frequency: int
     strategy: NonResidentStrategy
     origin: str
     budget_bytes: int
-    def __init__(self, version: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., update_frequency: _Optional[int] = ..., strategy: _Optional[_Union[NonResidentStrategy, str]] = ..., origin: _Optional[str] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
+    rows: int
+    def __init__(self, version: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., update_frequency: _Optional[int] = ..., strategy: _Optional[_Union[NonResidentStrategy, str]] = ..., origin: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
 
 class PlanResult(_message.Message):
-    __slots__ = ("plan_version", "accepted", "reason", "achieved_experts_per_layer", "memory", "apply_ns")
+    __slots__ = ("plan_version", "accepted", "reason", "achieved_experts_per_layer", "memory", "apply_ns", "achieved_rows")
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ACHIEVED_EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     APPLY_NS_FIELD_NUMBER: _ClassVar[int]
+    ACHIEVED_ROWS_FIELD_NUMBER: _ClassVar[int]
     plan_version: int
     accepted: bool
     reason: str
     achieved_experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
     memory: MemoryReport
     apply_ns: int
-    def __init__(self, plan_version: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., apply_ns: _Optional[int] = ...) -> None: ...
+    achieved_rows: int
+    def __init__(self, plan_version: _Optional[int] = ..., accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[MemoryReport, _Mapping]] = ..., apply_ns: _Optional[int] = ..., achieved_rows: _Optional[int] = ...) -> None: ...
 
 class Reserve(_message.Message):
-    __slots__ = ("staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes", "runtime_bytes")
+    __slots__ = ("staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes", "runtime_bytes", "sequence_bytes")
     STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
     RUNTIME_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_BYTES_FIELD_NUMBER: _ClassVar[int]
     staging_bytes: int
     kv_cache_bytes: int
     activation_bytes: int
     batch_bytes: int
     runtime_bytes: int
-    def __init__(self, staging_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., batch_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ...) -> None: ...
+    sequence_bytes: int
+    def __init__(self, staging_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., activation_bytes: _Optional[int] = ..., batch_bytes: _Optional[int] = ..., runtime_bytes: _Optional[int] = ..., sequence_bytes: _Optional[int] = ...) -> None: ...
 
 class MemoryReport(_message.Message):
     __slots__ = ("budget_bytes", "accounted_bytes", "dense_bytes", "expert_bytes", "kv_cache_bytes", "activation_bytes", "process_rss_bytes", "process_peak_rss_bytes", "runtime_bytes")

@@ -195,7 +195,7 @@ class StatusSummary(_message.Message):
     def __init__(self, total: _Optional[int] = ..., connected: _Optional[int] = ..., pending: _Optional[int] = ..., acked: _Optional[int] = ..., nacked: _Optional[int] = ..., unplanned: _Optional[int] = ..., pinned: _Optional[int] = ...) -> None: ...
 
 class PlanPrediction(_message.Message):
-    __slots__ = ("workload", "accuracy", "accuracy_metric", "inter_token_ns", "tokens_per_second", "memory_bytes", "budget_bytes")
+    __slots__ = ("workload", "accuracy", "accuracy_metric", "inter_token_ns", "tokens_per_second", "memory_bytes", "budget_bytes", "offered_load", "throughput")
     WORKLOAD_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_FIELD_NUMBER: _ClassVar[int]
     ACCURACY_METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +203,8 @@ class PlanPrediction(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    OFFERED_LOAD_FIELD_NUMBER: _ClassVar[int]
+    THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
     workload: str
     accuracy: float
     accuracy_metric: str
@@ -210,7 +212,9 @@ class PlanPrediction(_message.Message):
     tokens_per_second: float
     memory_bytes: int
     budget_bytes: int
-    def __init__(self, workload: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ...) -> None: ...
+    offered_load: int
+    throughput: float
+    def __init__(self, workload: _Optional[str] = ..., accuracy: _Optional[float] = ..., accuracy_metric: _Optional[str] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., memory_bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., offered_load: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
 
 class PlanStatusRequest(_message.Message):
     __slots__ = ("node_ids", "selector", "page_size", "page_token", "view", "connected_only", "states")
