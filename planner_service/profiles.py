@@ -58,7 +58,7 @@ def load_accuracy(directory: Path) -> AccuracyProfile:
     scored = _scored(directory)
     return AccuracyProfile(body["model_fingerprint"], directory, models,
                            {w: float(v) for w, v in body["reference_accuracy"].items()}, histograms, digest, errors,
-                           _checkpoint(scored.get("checkpoint", "")), dict(scored.get("profiling_set", {})))
+                           _checkpoint(scored.get("checkpoint", ""), directory), dict(scored.get("profiling_set", {})))
 
 
 def _scored(directory: Path) -> dict:
@@ -69,12 +69,15 @@ def _scored(directory: Path) -> dict:
         return {}
 
 
-def _checkpoint(recorded: str) -> Path | None:
-    """The checkpoint a profile scored, if this host has it: where it was, else (a shipped profile
-    made on another machine) the bundled model of that name."""
+def _checkpoint(recorded: str, directory: Path) -> Path | None:
+    """The checkpoint a profile scored, if this host has it: for a profile shipped with the bundled
+    models, the bundled model of that name (it was made on another machine); else where it was
+    (the verifier checks its fingerprint either way)."""
     from swapmoe.models.bundled import MODELS
 
-    for path in (Path(recorded), MODELS / Path(recorded).name) if recorded else ():
+    shipped = MODELS / Path(recorded).name
+    candidates = (shipped, Path(recorded)) if directory.resolve().is_relative_to(MODELS) else (Path(recorded),)
+    for path in candidates if recorded else ():
         if (path / "config.json").is_file():
             return path
     return None
