@@ -105,7 +105,7 @@ def check_registration(reg: ppb.Registration) -> Registered:
     for name in ("kind", "name", "hostname"):
         limits.check_text(f"registration.device.{name}", getattr(reg.device, name))
     limits.check_range("registration.device.memory_bytes", reg.device.memory_bytes, 0, limits.MAX_BYTES)
-    for name in ("staging_bytes", "kv_cache_bytes", "activation_bytes"):
+    for name in ("staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes", "runtime_bytes"):
         limits.check_range(f"registration.reserve.{name}", getattr(reg.reserve, name), 0, limits.MAX_BYTES)
     limits.check_count("registration.layout.layers", reg.layout.layers, limits.MAX_LAYERS)
     layout = convert.layout_from_pb(reg.layout)

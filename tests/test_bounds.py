@@ -153,3 +153,15 @@ def test_a_status_page_ends_early_past_its_byte_limit_and_the_next_page_goes_on(
         if not (token := page.next_page_token):
             break
     assert seen == [f"n{i}" for i in range(10)]
+
+
+@pytest.mark.parametrize("name", ["staging_bytes", "kv_cache_bytes", "activation_bytes", "batch_bytes",
+                                  "runtime_bytes"])
+def test_every_byte_count_of_a_registrations_reserve_is_bounded_by_name(name):
+    from swapmoe.planner_service.registration import check_registration
+    from test_planner_registry import registration
+
+    reg = registration(10**6)
+    setattr(reg.reserve, name, limits.MAX_BYTES + 1)
+    with pytest.raises(InvalidField, match=rf"^registration\.reserve\.{name}: "):
+        check_registration(reg)
