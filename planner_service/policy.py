@@ -32,7 +32,7 @@ from swapmoe.planner_service.policy_files import PolicyFiles
 from swapmoe.planner_service.objectives import Objectives, Service, inflection_latency_ns
 from swapmoe.planner_service.search import Found, SearchSettings, candidates, search
 from swapmoe.planner_service.verification import Verifier, configuration, verifier_for, verify
-from swapmoe.planner_service.workload import Hysteresis, LoadTracker, WorkloadTracker
+from swapmoe.planner_service.workload import Hysteresis, LoadTracker, WorkloadTracker, streams
 from swapmoe.rpc import convert
 from swapmoe.v1 import executor_pb2 as epb
 
@@ -124,7 +124,7 @@ class PlanPolicy:
         if found.budget_bytes != budget or self._unverified(found):
             self._search_later(self._refine, record.node_id, frontier.key, budget, found)
         return Choice(found.plan(0, found.origin(budget)), f"{why}; searched plan for workload {frontier.workload!r}"
-                                             f"{f' at {found.offered_load} streams' if found.rows else ''}"
+                                             f"{f' at {streams(found.offered_load)}' if found.rows else ''}"
                                              f"{f'; verified: {found.verified}' if found.verified else ''}", found)
 
     def prepare(self, node_id: str, fingerprint: str, memory: MemoryModel) -> bool:
@@ -316,7 +316,7 @@ class PlanPolicy:
             node.frontiers[built.key] = built
         self._save_frontiers(node)
         log.info("frontier of %s for %r at %d streams: %d budgets", node_id, workload, load, len(built.points))
-        self._replan(node_id, f"frontier for workload {workload!r} at {load} streams searched")
+        self._replan(node_id, f"frontier for workload {workload!r} at {streams(load)} searched")
 
     def _refine(self, node_id: str, key: str, budget: int, near: Found) -> None:
         node = self._nodes[node_id]

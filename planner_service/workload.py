@@ -125,7 +125,7 @@ class LoadTracker:
         if self._challenger[1] < self.confirm:
             return False
         previous, self.current, self._challenger = self.current, seen, (0, 0)
-        self.why = (f"offered load {previous} -> {seen} streams (mean {mean:.1f} requests running or waiting "
+        self.why = (f"offered load {previous} -> {streams(seen)} (mean {mean:.1f} requests running or waiting "
                     f"over the last {len(self._reports)} reports)")
         return True
 
@@ -135,3 +135,7 @@ class LoadTracker:
         while size < streams and size < self.max_rows:
             size *= 2
         return min(size, max(1, self.max_rows))
+
+
+def streams(count: int) -> str:
+    return f"{count} stream{'' if count == 1 else 's'}"
