@@ -203,9 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1)")
     p.add_argument("--max-context", type=int, default=0, help="longest prompt + completion (default: model limit, <= 2048)")
     p.add_argument("--max-batch", type=arg_types.positive, default=8,
-                   help="generations decoded together in one forward pass (continuous batching: plans leave room "
-                        "for each one's KV cache, and a budget cut runs fewer at once; encoder-decoder models run "
-                        "one at a time) (default 8)")
+                   help="the most generations decoded together in one forward pass (continuous batching: a plan "
+                        "names its rows up to this, the budget pays for each one's KV cache, and a budget cut runs "
+                        "fewer at once; encoder-decoder models run one at a time) (default 8)")
     p.add_argument("--max-queue", type=arg_types.non_negative, default=64,
                    help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--threads", type=arg_types.non_negative, default=0,
