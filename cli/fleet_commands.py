@@ -123,8 +123,11 @@ def rollout_request(args) -> fpb.StartRolloutRequest:
     request = fpb.StartRolloutRequest(node_ids=args.nodes, selector=args.selector, budget_bytes=args.budget or 0,
                                       wave_percents=args.waves or [], timeout_ms=int(args.timeout * 1000),
                                       bake_ms=int(args.bake_seconds * 1000), description=args.description)
+    if args.rows and not args.experts:
+        raise ValueError("--rows is part of a plan: give --experts with it")
     if args.experts:
-        request.plan.CopyFrom(common_pb2.Plan(experts_per_layer=args.experts, origin="swapmoe fleet rollout"))
+        request.plan.CopyFrom(common_pb2.Plan(experts_per_layer=args.experts, rows=args.rows,
+                                              origin="swapmoe fleet rollout"))
     if args.canary is not None:
         request.canary_nodes = args.canary
     if args.max_failures is not None:
@@ -261,6 +264,9 @@ def add_parser(commands) -> None:
     where.add_argument("--nodes", type=_ids, default=[], help="comma-separated node ids (default: every connected)")
     where.add_argument("--selector", default="", help="connected executors with these labels, e.g. class=phone")
     p.add_argument("--experts", type=_ints, help="experts per layer, e.g. 4,4,4 (default: each planner decides)")
+    p.add_argument("--rows", type=arg_types.non_negative, default=0,
+                   help="with --experts: sequences decoded together at most (default 0: as many as each budget holds "
+                        "up to the executor's --max-batch)")
     p.add_argument("--budget", type=arg_types.size, help="set every target's budget, e.g. 1.5GiB")
     p.add_argument("--canary", type=int, help="nodes in the canary wave (default 1; 0: none)")
     p.add_argument("--waves", type=_ints, help="cumulative percentages after the canary (default 10,50,100)")

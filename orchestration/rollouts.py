@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.labels import parse_selector
 from swapmoe.core.limits import (MAX_BYTES, MAX_EXPERTS_PER_LAYER, MAX_LAYERS, MAX_LABEL_CHARS, MAX_REASON_CHARS,
-                                 MAX_ROLLOUT_TIMEOUT_MS, MAX_UPDATE_FREQUENCY, check_count, check_finite,
+                                 MAX_ROLLOUT_TIMEOUT_MS, MAX_ROWS, MAX_UPDATE_FREQUENCY, check_count, check_finite,
                                  check_node_ids, check_range, check_text)
 from swapmoe.v1 import common_pb2, fleet_pb2 as fpb, planner_pb2 as ppb
 
@@ -96,6 +96,7 @@ def check_plan(plan: common_pb2.Plan) -> None:
     for i, kept in enumerate(plan.experts_per_layer):
         check_range(f"plan.experts_per_layer[{i}]", kept, 1, MAX_EXPERTS_PER_LAYER)
     check_range("plan.update_frequency", plan.update_frequency, 0, MAX_UPDATE_FREQUENCY)
+    check_range("plan.rows", plan.rows, 0, MAX_ROWS)
     if plan.strategy not in common_pb2.NonResidentStrategy.values():
         raise InvalidField("plan.strategy", f"unknown strategy value {plan.strategy}")
     check_text("plan.origin", plan.origin, MAX_LABEL_CHARS)

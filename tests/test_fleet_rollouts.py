@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from swapmoe.cli import main as cli
+from swapmoe.core.errors import InvalidField
 from swapmoe.orchestration.fleet import serve as serve_fleet
 from swapmoe.planner_service.policy import PlannerSettings
 from swapmoe.planner_service.server import serve
@@ -256,3 +257,19 @@ def test_the_rollout_command_watches_progress_and_exits_zero_on_success(planner_
             assert ended.value.code == 2
         err = capsys.readouterr().err
         assert "INVALID_ARGUMENT: rollout_id: rollout-1 is SUCCEEDED" in err and "NOT_FOUND" in err and "nope" in err
+
+
+def test_a_rollout_may_name_the_plans_rows_and_rows_past_any_executors_are_refused_by_name(capsys):
+    from swapmoe.cli.fleet_commands import rollout_request
+    from swapmoe.orchestration.rollouts import check_plan
+
+    args = cli.build_parser().parse_args(["fleet", "rollout", "--experts", "4,4", "--rows", "2"])
+    request = rollout_request(args)
+    assert request.plan.rows == 2 and list(request.plan.experts_per_layer) == [4, 4]
+    check_plan(request.plan)
+    request.plan.rows = 5000
+    with pytest.raises(InvalidField, match=r"^plan\.rows: 5000 is outside the allowed range 0 to 4096"):
+        check_plan(request.plan)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["fleet", "rollout", "--fleet", "127.0.0.1:1", "--rows", "2"])
+    assert ended.value.code == 2 and "--rows is part of a plan: give --experts with it" in capsys.readouterr().err
