@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from swapmoe.cli import arg_types
 from swapmoe.cli.addresses import PLANNER_PORT, address_type
 from swapmoe.v1 import planner_pb2 as ppb, planner_pb2_grpc
 
@@ -57,7 +58,7 @@ def add_planning_arguments(p) -> None:
     p.add_argument("--throughput-target", type=_tokens_per_second, default=0.0, metavar="TOKENS_PER_S",
                    help="plans must also predict at least this many tokens/s over all streams at the offered load "
                         "(default: none)")
-    p.add_argument("--verify", type=int, default=0, metavar="N",
+    p.add_argument("--verify", type=arg_types.non_negative, default=0, metavar="N",
                    help="measured before pushed: where the search's best N plans are predicted within E_accuracy's "
                         "held-out error of each other, score them on the model's profiling set (its checkpoint and "
                         "torch must be on this host) and keep the best measured; seconds per plan on the bundled "
