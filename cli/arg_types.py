@@ -38,3 +38,14 @@ def positive(text: str) -> int:
     if value == 0:
         raise argparse.ArgumentTypeError("must be >= 1, got 0")
     return value
+
+
+def non_negative_finite(text: str) -> float:
+    """A number >= 0 that is not infinite (a rate, a target)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value

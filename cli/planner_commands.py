@@ -4,7 +4,6 @@ options (where profiles are, what plans must meet)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from swapmoe.cli import arg_types
@@ -55,7 +54,7 @@ def add_planning_arguments(p) -> None:
                    help="plans must predict at most this many ms between tokens of each stream at the offered load "
                         "(requests running and waiting; default: each device's latency at its update-frequency "
                         "inflection point, as it grows when every offered stream runs at once)")
-    p.add_argument("--throughput-target", type=_tokens_per_second, default=0.0, metavar="TOKENS_PER_S",
+    p.add_argument("--throughput-target", type=arg_types.non_negative_finite, default=0.0, metavar="TOKENS_PER_S",
                    help="plans must also predict at least this many tokens/s over all streams at the offered load "
                         "(default: none)")
     p.add_argument("--verify", type=arg_types.non_negative, default=0, metavar="N",
@@ -80,12 +79,3 @@ def planning_settings(args):
                            profile_devices=not args.no_device_profiling,
                            search=SearchSettings(seed=args.seed))
 
-
-def _tokens_per_second(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected tokens per second, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value

@@ -82,9 +82,9 @@ class MemoryModel:
     def rows_within(self, experts_per_layer: Sequence[int], budget: int) -> int:
         """The most sequences ``budget`` holds beside ``experts_per_layer`` (at most a full batch;
         at least one: plans are checked for one)."""
+        if not self.reserve.sequence_bytes:  # an executor that does not say: its max_rows is 1
+            return 1
         spare = budget - self.plan_bytes(experts_per_layer, 1)
-        if not self.reserve.sequence_bytes:
-            return self.reserve.max_rows if spare >= self.reserve.batch_bytes else 1
         return max(1, min(self.reserve.max_rows, 1 + spare // self.reserve.sequence_bytes))
 
     @property

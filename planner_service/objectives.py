@@ -104,7 +104,7 @@ class Objectives:
         together = np.minimum(rows_run, load)
         compute = self.latency.base_ns * self.latency.pass_ratio(together)
         per_pass = np.where(on_demand, compute + self.misses_per_token(kept) * self.load_ns * together,
-                            compute + self.masked_latency(frequency, kept) - self.latency.base_ns)
+                            compute + self.update_overhead_ns(frequency, kept))
         latency = per_pass * np.maximum(1.0, load / rows_run)
         return accuracy, latency, e_memory_many(self.memory, kept, rows), together * 1e9 / per_pass
 
@@ -127,13 +127,18 @@ class Objectives:
 
     def masked_latency(self, frequency: np.ndarray, kept: np.ndarray) -> np.ndarray:
         """E_latency under virtual experts, vectorised (``LatencyModel.inter_token_ns``)."""
+        return self.latency.base_ns + self.update_overhead_ns(frequency, kept)
+
+    def update_overhead_ns(self, frequency: np.ndarray, kept: np.ndarray) -> np.ndarray:
+        """What resident-set updates add to a pass: the sweep's fitted cost at the update rate,
+        scaled by the share of layers that can load at all."""
         lat = self.latency
         frequency = np.asarray(frequency, dtype=float)
         rate = np.divide(1.0, frequency, out=np.zeros_like(frequency), where=frequency > 0)
         overhead = np.interp(rate, lat.rate, lat.overhead_ns) if lat.rate else np.zeros_like(rate)
         loading = (kept < np.asarray(self.num_experts)).mean(axis=1)
         scale = loading / lat.sweep_loading_share if lat.sweep_loading_share else np.zeros_like(loading)
-        return lat.base_ns + overhead * scale
+        return overhead * scale
 
     def misses_per_token(self, kept: np.ndarray) -> np.ndarray:
         """Synchronous loads per decoded token under on-demand (LRU) loading: per layer, top-k

@@ -356,8 +356,8 @@ class PlanPolicy:
     # --- helpers ----------------------------------------------------------------------
     def _node(self, node_id: str, fingerprint: str, memory: MemoryModel) -> _Node:
         node = self._nodes.get(node_id)
-        if node is None or node.fingerprint != fingerprint or node.memory != memory:
-            node = self._nodes[node_id] = _Node(fingerprint, memory, load=LoadTracker(memory.reserve.max_rows))  # a new model or budget reserve: start over
+        if node is None or node.fingerprint != fingerprint or node.memory != memory:  # a new model or reserve
+            node = self._nodes[node_id] = _Node(fingerprint, memory, load=LoadTracker(memory.reserve.max_rows))
         return node
 
     def _lookup(self, node: _Node, record) -> tuple[str, frontiers.Frontier | None]:

@@ -1,10 +1,9 @@
 """What the planner knows about each executor, and which plan each should run.
 
-Plain bookkeeping under one lock: the gRPC server checks each message first
-(``registration``), then feeds it here and drains each executor's outbox into its stream.
-Every change is handed to ``persist`` (``state.PlannerState.save``), so a restarted planner
-knows what each executor was asked to run, what it acknowledged and which plans an operator
-pinned.
+Plain bookkeeping under one lock: the gRPC server checks each message first (``registration``),
+then feeds it here and drains each executor's outbox into its stream. Every change is handed to
+``persist`` (``state.PlannerState.save``), so a restarted planner knows what each executor was
+asked to run, what it acknowledged and which plans an operator pinned.
 
 The rules, in one place:
 - A registering executor keeps the plan it runs: the planner adopts it (a plan the planner
@@ -222,12 +221,13 @@ class Registry:
         kind = event.WhichOneof("payload")
         if kind in ("memory", "throughput"):  # one reference replaced: readers see the old report or the new one
             setattr(record, kind, getattr(event, kind))
-        if kind not in ("experts", "throughput"):
+        why = self.policy.observe_load(record, event.throughput.running, event.throughput.queue_depth) \
+            if kind == "throughput" else None  # the offered load may call for other rows: the lock only then
+        if not why and kind != "experts":
             return
         with self._lock:
-            if kind == "throughput":  # the offered load (requests running and waiting) may call for other rows
-                why = self.policy.observe_load(record, event.throughput.running, event.throughput.queue_depth)
-            elif why := self.policy.observe(record, [list(layer.activations) for layer in event.experts.layers]):
+            if kind == "experts" and (why := self.policy.observe(record, [list(layer.activations)
+                                                                         for layer in event.experts.layers])):
                 record.workload = self.policy.recognised(record.node_id)
             if why:
                 if not record.pinned and record.connected:

@@ -12,8 +12,8 @@ constraints.
 
 The answer is the most accurate plan that meets the targets (ties: the faster); when none does,
 the targets are loosened by steps of 25% until one does (a budget too small for the rows a load
-asks for gets the most accurate plan near the fastest, not the fastest at any cost). Every evaluated individual is considered, not
-only the last front. pymoo was chosen over a hand-written loop for its constrained
+asks for gets the most accurate plan near the fastest, not the fastest at any cost). Every
+evaluated individual is considered, not only the last front. pymoo was chosen over a hand-written loop for its constrained
 non-dominated sorting, elitism and seeded generators; the operators are the paper's.
 """
 
@@ -63,7 +63,7 @@ class Found:
     predicted: Prediction
     budget_bytes: int
     workload: str
-    meets_latency: bool  # False: no plan met the targets; this is the fastest that fits
+    meets_latency: bool  # False: no plan met the targets; this is the most accurate within them loosened
     evaluated: int  # configurations the search evaluated
     rows: int = 0  # sequences decoded together (0: the executor's full batch)
     offered_load: int = 1  # concurrent streams it was chosen for
@@ -77,7 +77,8 @@ class Found:
         rows = f" rows={self.rows} load={self.offered_load}" if self.rows else ""
         return (f"planner:search workload={self.workload} budget={format_size(budget_bytes)}{rows} "
                 f"strategy={self.strategy.value} predicted={self.predicted.accuracy:.4g} "
-                f"{self.predicted.inter_token_ns / 1e6:.2f}ms{' verified' if self.verified.startswith('measured') else ''}")
+                f"{self.predicted.inter_token_ns / 1e6:.2f}ms"
+                + (" verified" if self.verified.startswith("measured") else ""))
 
     def to_json(self) -> dict:
         return dict(strategy=self.strategy.value, update_frequency=self.update_frequency,
@@ -147,7 +148,7 @@ def least_bytes(objectives: Objectives) -> int:
     """One expert per layer and one sequence (or, from an executor that does not say its sequence
     bytes, its full batch)."""
     memory = objectives.memory
-    return memory.plan_bytes([1] * memory.layout.num_layers, 1 if memory.reserve.sequence_bytes else 0)
+    return memory.min_budget_bytes if memory.reserve.sequence_bytes else memory.smallest_plan_bytes
 
 
 class _PlanProblem(Problem):

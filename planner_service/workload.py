@@ -34,6 +34,27 @@ class Hysteresis:
 
 
 @dataclass
+class Streak:
+    """A challenger to what is in force and the reports in a row it has won: it takes over after
+    ``confirm`` of them, so a plan does not flap."""
+
+    name: object = None
+    wins: int = 0
+
+    def won(self, name, confirm: int) -> bool:
+        """``name`` won this report; True (and the streak starts over) once it has won ``confirm``
+        in a row."""
+        self.wins, self.name = (self.wins + 1 if name == self.name else 1), name
+        if self.wins < confirm:
+            return False
+        self.reset()
+        return True
+
+    def reset(self) -> None:
+        self.name, self.wins = None, 0
+
+
+@dataclass
 class WorkloadTracker:
     """One executor's recent expert activations and the workload recognised in them."""
 
@@ -42,7 +63,7 @@ class WorkloadTracker:
     current: str = ""
     why: str = ""
     _reports: deque = field(default_factory=deque)
-    _challenger: tuple[str, int] = ("", 0)
+    _streak: Streak = field(default_factory=Streak)
 
     def __post_init__(self):
         self._log_shares = {w: _log_shares(h) for w, h in self.histograms.items()}
@@ -65,11 +86,9 @@ class WorkloadTracker:
         if not self.current:
             return self._switch(best, scores, tokens)
         if best == self.current or scores[best] - scores[self.current] < self.settings.margin:
-            self._challenger = ("", 0)
+            self._streak.reset()
             return False
-        name, wins = self._challenger
-        self._challenger = (best, wins + 1 if name == best else 1)
-        if self._challenger[1] < self.settings.confirm:
+        if not self._streak.won(best, self.settings.confirm):
             return False
         return self._switch(best, scores, tokens)
 
@@ -79,7 +98,8 @@ class WorkloadTracker:
         return {w: float(((counts * logs).sum(axis=1) / per_layer).sum()) for w, logs in self._log_shares.items()}
 
     def _switch(self, workload: str, scores: dict[str, float], tokens: float) -> bool:
-        previous, self.current, self._challenger = self.current, workload, ("", 0)
+        previous, self.current = self.current, workload
+        self._streak.reset()
         ranked = sorted(scores, key=scores.get, reverse=True)
         runner = ranked[1] if len(ranked) > 1 else workload
         self.why = (f"expert activations of the last {len(self._reports)} reports ({int(tokens)}+ tokens per layer) "
@@ -106,7 +126,7 @@ class LoadTracker:
     current: int = 1
     why: str = ""
     _reports: deque = field(default_factory=deque)
-    _challenger: tuple[int, int] = (0, 0)
+    _streak: Streak = field(default_factory=Streak)
 
     def observe(self, running: int, waiting: int) -> bool:
         """Add one report; returns True when the load class changed."""
@@ -118,13 +138,11 @@ class LoadTracker:
         mean = sum(self._reports) / len(self._reports)
         seen = self.load_class(mean)
         if seen == self.current:
-            self._challenger = (0, 0)
+            self._streak.reset()
             return False
-        name, wins = self._challenger
-        self._challenger = (seen, wins + 1 if name == seen else 1)
-        if self._challenger[1] < self.confirm:
+        if not self._streak.won(seen, self.confirm):
             return False
-        previous, self.current, self._challenger = self.current, seen, (0, 0)
+        previous, self.current = self.current, seen
         self.why = (f"offered load {previous} -> {streams(seen)} (mean {mean:.1f} requests running or waiting "
                     f"over the last {len(self._reports)} reports)")
         return True
