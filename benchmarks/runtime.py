@@ -7,7 +7,8 @@ Configurations (all but "original" run in the executor's runtime, ``swapmoe.exec
 original (unmodified transformers as it loads by default, every expert), virtual experts at
 100/75/50/25% of the experts (masked gating, an update every ``F`` tokens), pruning (the
 top-||E_i|| experts per layer, never swapped) and on-demand (an LRU cache of the same size
-that loads misses: exact).
+that loads misses: exact); and llama.cpp on the same checkpoint as an f32 and an f16 GGUF, each
+served from its own process (``benchmarks.peer_llamacpp``; skipped, with a note, when not installed).
 Prompts are interleaved across configurations so drift on a shared machine hits them alike.
 Peak memory is measured in a fresh process per configuration.
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from benchmarks import peer_llamacpp
 from swapmoe.core.plan import Strategy
 from swapmoe.executor.checkpoint import load_checkpoint
 from swapmoe.executor.requests import GenerationRequest
@@ -44,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 REPORT = HERE / "results" / "RESULTS-runtime.md"
 BUNDLED_LM = HERE.parent / "models" / "swapmoe-lm"
 UPDATE_FREQUENCY = 4
+PEER_TYPES = ("f32", "f16")  # llama.cpp's GGUF types measured beside the configurations
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,9 +103,43 @@ class Subject:
         return self.runtime.layout.dense_bytes + self.runtime.slot_bytes() + self.runtime.staging_bytes
 
 
-def generate_timed(subject: Subject, prompt: list[int], new_tokens: int) -> list[int]:
+class Peer:
+    """llama.cpp serving the checkpoint as a GGUF from its own process (benchmarks.peer_llamacpp)."""
+
+    runtime = None
+
+    def __init__(self, outtype: str, checkpoint: Path, store_root: Path, threads: int):
+        self.config = Config(f"llama.cpp {outtype}")
+        # Named by the directory alone: a random model made afresh each run replaces its GGUFs (it is newer).
+        self.gguf = peer_llamacpp.convert(checkpoint, store_root / "gguf" / f"{checkpoint.name}-{outtype}.gguf",
+                                          outtype, threads=threads)
+        self.process = peer_llamacpp.LlamaProcess(self.gguf, threads)
+
+    def begin_input(self) -> None:
+        pass
+
+    def between(self) -> None:
+        pass
+
+    def io(self) -> LoadCounters:
+        return LoadCounters()
+
+    def accounted_bytes(self) -> int:
+        return self.gguf.stat().st_size
+
+    def close(self) -> dict:
+        """Ends the process; its peak RSS, and that above its RSS once llama_cpp was imported."""
+        memory = self.process.memory()
+        self.process.close()
+        return dict(peak_rss_mib=memory["peak_rss"] / 2**20,
+                    peak_above_libraries_mib=(memory["peak_rss"] - memory["library_rss"]) / 2**20)
+
+
+def generate_timed(subject: Subject | Peer, prompt: list[int], new_tokens: int) -> list[int]:
     """Token arrival times (ns), the first measured from the start of the prefill, through the
-    serving step (the unmodified model's too, with no virtual experts)."""
+    serving step (the unmodified model's too, with no virtual experts); a peer times its own."""
+    if isinstance(subject, Peer):
+        return subject.process.generate(prompt, new_tokens).times_ns
     runner = ModelRunner(subject.model, subject.runtime, 1, subject.config.update_frequency)
     start = time.perf_counter_ns()
     made = generate_offline(runner, [GenerationRequest(tuple(prompt), new_tokens)])
@@ -130,9 +167,12 @@ def streaming_perplexity(subject: Subject, texts: list[list[int]], chunk: int) -
 
 
 def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts: list[list[int]] | None,
-                  new_tokens: int, store_root: Path, configs=CONFIGS, bandwidth: float | None = None) -> list[dict]:
+                  new_tokens: int, store_root: Path, configs=CONFIGS, bandwidth: float | None = None,
+                  peers: tuple[str, ...] = (), threads: int = 1) -> list[dict]:
     subjects = [Subject(c, checkpoint, store_root, bandwidth)
                 for c in tqdm(configs, desc=f"{label}: loading", unit="config")]
+    subjects += [Peer(t, checkpoint, store_root, threads) for t in tqdm(peers, desc=f"{label}: GGUF", unit="type")]
+    configs = [s.config for s in subjects]
     gaps = {c.name: [] for c in configs}
     ttft = {c.name: [] for c in configs}
     decode = {c.name: [0, 0] for c in configs}  # tokens, ns
@@ -164,12 +204,15 @@ def measure_model(label: str, checkpoint: Path, prompts: list[list[int]], texts:
             accounted_mib=subject.accounted_bytes() / 2**20,
         ))
     if texts:
-        for row, subject in zip(rows, tqdm(subjects, desc=f"{label}: perplexity", unit="config")):
+        ours = [s for s in subjects if isinstance(s, Subject)]  # first in rows; peers have no perplexity here
+        for row, subject in zip(rows, tqdm(ours, desc=f"{label}: perplexity", unit="config")):
             row["perplexity"] = streaming_perplexity(subject, texts, chunk=UPDATE_FREQUENCY)
     tier = next(s.runtime.tier for s in subjects if s.runtime)
-    for subject in subjects:
+    for row, subject in zip(rows, subjects):
         if subject.runtime:
             subject.runtime.close()
+        elif isinstance(subject, Peer):  # its own process: its peak is its own
+            row.update(subject.close())
     for row in rows:
         row["tier"] = tier
     return rows
@@ -257,6 +300,8 @@ def main(argv=None) -> None:
     prompts = [ids[:48] for ids in encoded][:args.prompts]
     texts = [ids[:192] for ids in encoded]
     synthetic = [[5 + (i * 7 + j) % 250 for j in range(48)] for i in range(args.prompts)]
+    peer_note = peer_llamacpp.available()
+    peers = () if peer_note else PEER_TYPES
     models = [("tiny Mixtral 4x16, 1.5 MiB experts (random)", random_mixtral(work / "tiny", 256, 512), synthetic, None),
               ("swapmoe-lm 6x16, 192 KiB experts (bundled)", BUNDLED_LM, prompts, texts)]
     if not args.quick:
@@ -264,9 +309,10 @@ def main(argv=None) -> None:
                        synthetic[:max(2, args.prompts // 2)], None))
     rows = []
     for label, path, model_prompts, model_texts in models:
-        rows += measure_model(label, path, model_prompts, model_texts, args.new_tokens, store_root)
+        rows += measure_model(label, path, model_prompts, model_texts, args.new_tokens, store_root,
+                              peers=peers, threads=args.threads)
         if not args.quick:
-            for index, row in enumerate(tqdm([r for r in rows if r["model"] == label],
+            for index, row in enumerate(tqdm([r for r in rows if r["model"] == label and "peak_rss_mib" not in r],
                                              desc=f"{label}: peak memory", unit="config")):
                 row.update(peak_memory(path, index, store_root, 16))
     slow = []
@@ -275,14 +321,14 @@ def main(argv=None) -> None:
         picked = [c for c in CONFIGS if c.name in ("virtual 50%", "pruning 50% (= updates off)", "on-demand LRU 50%")]
         slow = measure_model(label, models[-1][1], synthetic[:max(2, args.prompts // 4)], None, args.new_tokens,
                              store_root, picked, args.slow_tier * 2**20)
-    report = render(rows, slow, args)
+    report = render(rows, slow, args, peer_note)
     print(report)
     args.report.write_text(report)
     args.report.with_suffix(".json").write_text(json.dumps(rows + slow, indent=1))
     print(f"wrote {args.report}")
 
 
-def render(rows: list[dict], slow: list[dict], args) -> str:
+def render(rows: list[dict], slow: list[dict], args, peer_note: str = "") -> str:
     return "\n".join([
         "# Runtime benchmark: virtual experts vs. original, pruning and on-demand",
         "",
@@ -301,6 +347,12 @@ def render(rows: list[dict], slow: list[dict], args) -> str:
         "a process that only imports torch, transformers, the runtime and the model's transformers modeling "
         "module, and warms torch up (`benchmarks.memory.import_libraries`; RESULTS-memory.md explains the "
         "rest).",
+        "",
+        peer_note or (f"llama.cpp rows: llama-cpp-python {peer_llamacpp.installed_version()}, the checkpoint "
+                      f"converted by llama.cpp's convert_hf_to_gguf.py, {args.threads} threads, one process per "
+                      "type serving the same prompts in turn; accounted = the GGUF's size; peak RSS is that "
+                      "process's (mostly the mapped GGUF), 'above libraries' subtracts its RSS once llama_cpp "
+                      "was imported."),
         "",
         "## Against the goals",
         "",

@@ -78,9 +78,12 @@ def memory_line(m: common_pb2.MemoryReport) -> str:
             f"process RSS {format_size(m.process_rss_bytes)}")
 
 
-def rows_text(plan) -> str:
-    """A plan's rows as printed after its experts (a Plan or its proto): nothing for 0, a full batch."""
-    return f" rows={plan.rows}" if plan.rows else ""
+def plan_extras(plan) -> str:
+    """A plan's rows and precision as printed after its experts (a Plan or its proto): nothing for
+    rows 0 (a full batch) or the checkpoint's precision everywhere ("-" for it in a layer)."""
+    rows = f" rows={plan.rows}" if plan.rows else ""
+    precision = f" precision={','.join(p or '-' for p in plan.precision)}" if any(plan.precision) else ""
+    return rows + precision
 
 
 def print_description(address: str, as_json: bool = False) -> None:
@@ -92,11 +95,12 @@ def print_description(address: str, as_json: bool = False) -> None:
     print(f"model {layout.model_class} ({layout.architecture}, {layout.dtype}): {len(layout.layers)} MoE layers, "
           f"{format_size(layout.total_bytes)} in full, dense {format_size(layout.dense_bytes)}")
     for layer in layout.layers:
+        lower = "".join(f", {p.precision} {format_size(p.bytes_per_expert)}" for p in layer.precisions)
         print(f"  layer {layer.index} {layer.module}: {layer.num_experts} experts x "
-              f"{format_size(layer.bytes_per_expert)}, top-{layer.top_k}, resident "
+              f"{format_size(layer.bytes_per_expert)}{lower}, top-{layer.top_k}, resident "
               f"{d.achieved_experts_per_layer[layer.index]}")
     print(f"budget {format_size(d.budget_bytes)} (minimum {format_size(d.min_budget_bytes)}); plan v{d.plan.version} "
-          f"{list(d.plan.experts_per_layer)}{rows_text(d.plan)} from {d.plan.origin!r}")
+          f"{list(d.plan.experts_per_layer)}{plan_extras(d.plan)} from {d.plan.origin!r}")
     print(memory_line(d.memory))
 
 
@@ -120,7 +124,7 @@ def print_plan_status(address: str, node_ids: list[str], out=None, as_json: bool
     for s in response.executors:
         plan = convert.plan_from_pb(s.desired_plan)
         print(f"{s.node_id}: {'connected' if s.connected else 'away'}, budget {format_size(s.budget_bytes)}, "
-              f"plan v{plan.version} {list(plan.experts_per_layer)}{rows_text(plan)} f={plan.update_frequency} "
+              f"plan v{plan.version} {list(plan.experts_per_layer)}{plan_extras(plan)} f={plan.update_frequency} "
               f"{plan.strategy.value} {ppb.PlanState.Name(s.state).removeprefix('PLAN_STATE_')}"
               f"{' pinned' if s.pinned else ''}", file=out)
         print(f"  workload: {s.workload or '(not recognised yet)'}; device profile: {s.profile_state}", file=out)

@@ -123,11 +123,12 @@ def rollout_request(args) -> fpb.StartRolloutRequest:
     request = fpb.StartRolloutRequest(node_ids=args.nodes, selector=args.selector, budget_bytes=args.budget or 0,
                                       wave_percents=args.waves or [], timeout_ms=int(args.timeout * 1000),
                                       bake_ms=int(args.bake_seconds * 1000), description=args.description)
-    if args.rows and not args.experts:
-        raise ValueError("--rows is part of a plan: give --experts with it")
+    for flag, value in (("--rows", args.rows), ("--precision", args.precision)):
+        if value and not args.experts:
+            raise ValueError(f"{flag} is part of a plan: give --experts with it")
     if args.experts:
         request.plan.CopyFrom(common_pb2.Plan(experts_per_layer=args.experts, rows=args.rows,
-                                              origin="swapmoe fleet rollout"))
+                                              precision=args.precision or [], origin="swapmoe fleet rollout"))
     if args.canary is not None:
         request.canary_nodes = args.canary
     if args.max_failures is not None:
@@ -222,6 +223,14 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _precisions(text: str) -> list[str]:
+    """Comma-separated precisions per layer, '-' for the checkpoint's."""
+    names = [n.strip() for n in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated precisions ('-': the checkpoint's), got {text!r}")
+    return ["" if n == "-" else n for n in names]
+
+
 def _ids(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
@@ -267,6 +276,9 @@ def add_parser(commands) -> None:
     p.add_argument("--rows", type=arg_types.non_negative, default=0,
                    help="with --experts: sequences decoded together at most (default 0: as many as each budget holds "
                         "up to the executor's --max-batch)")
+    p.add_argument("--precision", type=_precisions,
+                   help="with --experts: each layer's precision, e.g. int4,int4,- ('-': the checkpoint's; "
+                        "'swapmoe describe' lists what an executor keeps: bfloat16, int8, int4)")
     p.add_argument("--budget", type=arg_types.size, help="set every target's budget, e.g. 1.5GiB")
     p.add_argument("--canary", type=int, help="nodes in the canary wave (default 1; 0: none)")
     p.add_argument("--waves", type=_ints, help="cumulative percentages after the canary (default 10,50,100)")

@@ -61,7 +61,7 @@ def executor_serve(args) -> None:
 
     config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context,
                           max_queue=args.max_queue, max_batch=args.max_batch, state_dir=args.state_dir,
-                          threads=args.threads,
+                          threads=args.threads, precision=args.precision,
                           load_bandwidth=args.load_bandwidth)
     if args.node_id:
         config.node_id = args.node_id
@@ -92,7 +92,8 @@ def executor_serve(args) -> None:
         scheme = "http" if server_security.tls is None else "https"
         print(f"metrics on {scheme}://{metrics_host}:{metrics.server_port}/metrics", flush=True)
         stops.append(metrics.shutdown)
-    _serve_until_signalled(_Running(server, args.host, stops, args.drain_seconds), "executor")
+    _serve_until_signalled(_Running(server, args.host, stops, args.drain_seconds, notes=(engine.threads.setting.reason,)),
+                           "executor")
 
 
 def _check_metrics_bind(host: str, server_security: security.ServerSecurity) -> None:
@@ -209,7 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=arg_types.non_negative, default=64,
                    help="generation requests that may wait for their turn; more get RESOURCE_EXHAUSTED (default 64)")
     p.add_argument("--threads", type=arg_types.non_negative, default=0,
-                   help="torch threads (default 0: all cores but one, left to gRPC and expert loads)")
+                   help="torch intra-op threads of the forward pass (default 0: by measurement: the count the last "
+                        "device profile chose, kept in --state-dir, else a probe of a few decode passes per count at "
+                        "start-up; each with an expert load beside it, the fewest threads within noise of the fastest)")
+    p.add_argument("--precision", default="", choices=["", "bfloat16", "int8", "int4"], metavar="PRECISION",
+                   help="the experts' precision in the starting plan, until a planner's plan says otherwise: "
+                        "bfloat16 (float32 checkpoints), int8 or int4 (default: the checkpoint's; a budget too small "
+                        "for one expert per layer at it starts at int4)")
     p.add_argument("--load-bandwidth", type=arg_types.size_or_zero, default=0,
                    help="cap expert reads at this many bytes per second, e.g. 200MiB (default: no cap)")
     p.add_argument("--state-dir", type=Path,

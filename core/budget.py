@@ -73,30 +73,41 @@ class MemoryModel:
         """What every plan needs before its first expert."""
         return self.layout.dense_bytes + self.reserve.total_bytes
 
-    def plan_bytes(self, experts_per_layer: Sequence[int], rows=0) -> int:
-        """E_memory: a plan's bytes with ``rows`` sequences (0: a full batch). Arrays of columns
-        (``experts_per_layer`` [layers, N], ``rows`` [N]) give one figure per plan."""
+    def plan_bytes(self, experts_per_layer: Sequence[int], rows=0, precision: Sequence[str] = ()) -> int:
+        """E_memory: a plan's bytes with ``rows`` sequences (0: a full batch) and its experts at
+        ``precision`` (per layer; empty: the checkpoint's). Arrays of columns (``experts_per_layer``
+        [layers, N], ``rows`` [N]) give one figure per plan."""
         return (self.layout.dense_bytes + self.reserve.one_sequence_bytes + self.reserve.rows_bytes(rows)
-                + self.layout.expert_bytes(experts_per_layer))
+                + self.layout.expert_bytes(experts_per_layer, precision))
 
-    def rows_within(self, experts_per_layer: Sequence[int], budget: int) -> int:
+    def rows_within(self, experts_per_layer: Sequence[int], budget: int, precision: Sequence[str] = ()) -> int:
         """The most sequences ``budget`` holds beside ``experts_per_layer`` (at most a full batch;
         at least one: plans are checked for one)."""
         if not self.reserve.sequence_bytes:  # an executor that does not say: its max_rows is 1
             return 1
-        spare = budget - self.plan_bytes(experts_per_layer, 1)
+        spare = budget - self.plan_bytes(experts_per_layer, 1, precision)
         return max(1, min(self.reserve.max_rows, 1 + spare // self.reserve.sequence_bytes))
 
     @property
     def smallest_plan_bytes(self) -> int:
-        """One expert per layer beside a full batch: the least budget an even split is sized for."""
-        return self.plan_bytes([1] * self.layout.num_layers)
+        """One expert per layer at its smallest precision beside a full batch: the least budget an
+        even split is sized for."""
+        return self.plan_bytes([1] * self.layout.num_layers, 0, self.layout.smallest_precision)
 
     @property
     def min_budget_bytes(self) -> int:
-        """One expert per layer (a layer with none cannot route) and one sequence: the least budget
-        a plan is searched for; below a plan's rows, the executor runs fewer sequences at once."""
-        return self.plan_bytes([1] * self.layout.num_layers, 1)
+        """One expert per layer (a layer with none cannot route) at its smallest precision, and one
+        sequence: the least budget a plan is searched for; below a plan's rows, the executor runs
+        fewer sequences at once."""
+        return self.plan_bytes([1] * self.layout.num_layers, 1, self.layout.smallest_precision)
+
+    def precision_within(self, budget: int, precision: Sequence[str] = ()) -> tuple[str, ...]:
+        """``precision`` (per layer; empty: the checkpoint's) when one expert per layer at it fits
+        ``budget`` with one sequence, else each layer's smallest: the least a budget cut changes."""
+        if not self.over_budget([1] * self.layout.num_layers, budget, precision):
+            return tuple(precision)
+        smallest = self.layout.smallest_precision
+        return smallest if any(smallest) else ()
 
     def check_budget(self, budget: int) -> None:
         """Raise InvalidField naming ``budget_bytes`` when ``budget`` cannot hold any plan, or is more
@@ -109,34 +120,46 @@ class MemoryModel:
             raise InvalidField(
                 "budget_bytes",
                 f"{format_size(budget)} is below this model's minimum of {format_size(self.min_budget_bytes)} "
-                f"({self.min_budget_bytes} bytes: dense weights, one expert per layer, KV cache, activations "
+                f"({self.min_budget_bytes} bytes: dense weights, one expert per layer at its smallest precision, "
+                "KV cache, activations "
                 "and the executor's own allocations)",
             )
 
-    def over_budget(self, experts_per_layer: Sequence[int], budget: int) -> str:
+    def over_budget(self, experts_per_layer: Sequence[int], budget: int, precision: Sequence[str] = ()) -> str:
         """Why a plan does not fit ``budget`` with one sequence, or "" when it does (the batch then
         runs as many sequences as the rest of the budget holds)."""
-        need = self.plan_bytes(experts_per_layer, 1)
+        need = self.plan_bytes(experts_per_layer, 1, precision)
         if need <= budget:
             return ""
         return (f"plan needs {format_size(need)} ({need} bytes) but the budget is "
                 f"{format_size(budget)} ({budget} bytes)")
 
-    def fit(self, budget: int, one_sequence: bool = False) -> tuple[int, ...]:
-        """The most experts per layer that ``budget`` holds beside a full batch (or one sequence),
-        spread evenly."""
-        return even_split(self.layout, budget - self.plan_bytes([0] * self.layout.num_layers, 1 if one_sequence else 0))
+    def fit(self, budget: int, one_sequence: bool = False, precision: Sequence[str] = ()) -> tuple[int, ...]:
+        """The most experts per layer (at ``precision``) that ``budget`` holds beside a full batch
+        (or one sequence), spread evenly."""
+        return even_split(self.layout.at(precision),
+                          budget - self.plan_bytes([0] * self.layout.num_layers, 1 if one_sequence else 0))
 
-    def shrink(self, experts_per_layer: Sequence[int], budget: int) -> tuple[int, ...]:
-        """``experts_per_layer`` cut down, layer by layer, to what ``budget`` holds with one
-        sequence (a budget cut takes sequences out of the batch first, then experts)."""
-        if not self.over_budget(experts_per_layer, budget):
-            return tuple(experts_per_layer)
-        return tuple(min(a, b) for a, b in zip(self.fit(budget, one_sequence=True), experts_per_layer))
+    def shrink(self, experts_per_layer: Sequence[int], budget: int,
+               precision: Sequence[str] = ()) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """(experts per layer, precision) cut down to what ``budget`` holds with one sequence: a
+        budget cut takes sequences out of the batch first, then experts, and lowers the precision
+        only where one expert per layer at it no longer fits (the planner may then answer with a
+        plan that lowers precision instead of the count)."""
+        if not self.over_budget(experts_per_layer, budget, precision):
+            return tuple(experts_per_layer), tuple(precision)
+        precision = self.precision_within(budget, precision)
+        fit = self.fit(budget, one_sequence=True, precision=precision)
+        return tuple(min(a, b) for a, b in zip(fit, experts_per_layer)), precision
 
-    def default_plan(self, budget: int, version: int, origin: str) -> Plan:
-        """The plan to run before a better one is known: an even split of the budget."""
-        return Plan(version, self.fit(budget), DEFAULT_UPDATE_FREQUENCY, origin=origin)
+    def default_plan(self, budget: int, version: int, origin: str, precision: str = "") -> Plan:
+        """The plan to run before a better one is known: an even split of the budget, with every
+        layer's experts at ``precision`` ("": the checkpoint's) where one expert per layer fits it."""
+        if precision:
+            self.layout.layers[0].bytes_at(precision)  # KeyError for a precision the layers are not kept at
+        precision = self.precision_within(budget, (precision,) * self.layout.num_layers if precision else ())
+        return Plan(version, self.fit(budget, precision=precision), DEFAULT_UPDATE_FREQUENCY, origin=origin,
+                    precision=precision)
 
 
 def even_split(layout: ModelLayout, expert_bytes_available: int) -> tuple[int, ...]:

@@ -58,6 +58,25 @@ class BatchDecodePoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ThreadPoint:
+    """One decode pass of one sequence at the sweep's plan, without updates, run by ``threads`` torch
+    intra-op threads while an expert load runs beside it: what the forward pass's thread count costs
+    or saves once loads share the cores."""
+
+    threads: int
+    step_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class PrecisionPoint:
+    """One decode pass of one sequence at the sweep's residency, without updates, with every layer's
+    experts at ``precision`` ("": the checkpoint's): what the kernels of each precision cost or save."""
+
+    precision: str
+    step_ns: int
+
+
+@dataclass(frozen=True, slots=True)
 class OnDemandPoint:
     """Generation with on-demand loading at the sweep's plan: every miss loaded before the pass
     goes on, so (inter_token_ns - the sweep's no-update time) / misses_per_token is what a
@@ -82,6 +101,10 @@ class DeviceProfile:
     inflection_update_frequency: int  # the most frequent updates that do not cost latency
     on_demand: OnDemandPoint | None = None  # None: not measured (an older profile)
     batch_decode: tuple[BatchDecodePoint, ...] = ()  # by rows; empty: not measured (an older profile)
+    thread_points: tuple[ThreadPoint, ...] = ()  # by threads; empty: not measured (an older profile)
+    threads: int = 0  # the intra-op threads chosen from thread_points; 0: not measured
+    precision_points: tuple[PrecisionPoint, ...] = ()  # "" first, then each lower one; empty: not measured
+    sweep_precision: tuple[str, ...] = ()  # per layer, what the decode step and sweep ran at; empty: the checkpoint's
 
     def miss_ns(self) -> float | None:
         """What one synchronous (on-demand) miss costs, from the on-demand point; None when it

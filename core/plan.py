@@ -45,6 +45,14 @@ class Plan:
     # Sequences decoded together at most (batch rows): what the plan's bytes leave room for beside
     # its experts. 0: as many as the budget holds. The executor's --max-batch bounds it either way.
     rows: int = 0
+    # Per layer, the precision its resident experts are held at ("": the checkpoint's; see
+    # executor.quantization). Empty: the checkpoint's in every layer.
+    precision: tuple[str, ...] = ()
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """``precision`` with one entry per layer ("" where the plan names none)."""
+        return self.precision or ("",) * len(self.experts_per_layer)
 
     def with_version(self, version: int) -> "Plan":
         return dataclasses.replace(self, version=version)
@@ -71,6 +79,15 @@ def validate_plan(plan: Plan, layout: ModelLayout) -> None:
                 f"plan.experts_per_layer[{layer}]",
                 f"keeps {kept} experts; layer {layer} has {spec.num_experts} (allowed: 1 to {spec.num_experts})",
             )
+    if plan.precision and len(plan.precision) != layout.num_layers:
+        raise InvalidField("plan.precision", f"has {len(plan.precision)} entries but the model has "
+                                             f"{layout.num_layers} MoE layers (or none: the checkpoint's)")
+    for layer, (precision, spec) in enumerate(zip(plan.precision, layout.layers)):
+        check_text(f"plan.precision[{layer}]", precision)
+        if precision and precision not in dict(spec.precisions):
+            kept = ", ".join(['"" (the checkpoint\'s ' + layout.dtype + ")", *dict(spec.precisions)])
+            raise InvalidField(f"plan.precision[{layer}]", f"{precision!r} is not a precision layer {layer}'s "
+                                                           f"experts are kept at (it has {kept})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ Switch Transformers).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from swapmoe.core.layout import LayerLayout, ModelLayout
+from swapmoe.executor import quantization
 from swapmoe.executor.gating import MaskedRouter, MaskedTop1Router, Select, select_sigmoid_group_topk, select_softmax_topk
 from swapmoe.executor.slot_experts import OneHot, Packed
 
@@ -152,6 +154,16 @@ def describe(model: nn.Module) -> ModelLayout:
         max_positions=_max_positions(config),
         encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
     )
+
+
+def with_precisions(layout: ModelLayout, store, device: torch.device) -> ModelLayout:
+    """``layout`` with the bytes per expert of each lower precision ``store`` keeps that computes
+    on ``device`` (the slots hold an expert's stored parts as they are)."""
+    variants = [(p, store.manifest.variant(p)[1]) for p in store.manifest.precisions[1:]
+                if quantization.runs_on(p, device)]
+    layers = tuple(dataclasses.replace(l, precisions=tuple((p, specs[i].expert_bytes) for p, specs in variants))
+                   for i, l in enumerate(layout.layers))
+    return dataclasses.replace(layout, layers=layers)
 
 
 def _max_positions(config) -> int:

@@ -5,7 +5,8 @@ Per MoE layer: bytes and activation bytes of one expert and its compute time aga
 counts. Per tier an expert load goes through: the load time (the store's tier, ``O_DIRECT``
 from disk on a CPU device; on an accelerator also the pinned host -> device copy). One decode
 step through the executor's real model, and generation at each update frequency through the
-executor's own generation path. The pure part (which update frequency is the inflection point)
+executor's own generation path, also at each intra-op thread count with an expert load beside it
+(``swapmoe.executor.intra_op``). The pure part (which update frequency is the inflection point)
 comes first; results are plain data (``swapmoe.core.device_profile``); the server turns them
 into protobuf.
 """
@@ -23,12 +24,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from swapmoe.core.device_profile import BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample, OnDemandPoint, SweepPoint
+from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
+                                         OnDemandPoint, SweepPoint, ThreadPoint)
 from swapmoe.core.layout import DeviceInfo
 from swapmoe.core.plan import Strategy
+from swapmoe.executor.intra_op import THREADS_TOLERANCE, choose_threads, loads_beside, thread_counts, usable_cores
 from swapmoe.executor.serving_loop import Cancelled
 from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.model_runner import ModelRunner
+from swapmoe.executor.precision_passes import measure_precisions
 from swapmoe.executor.step import generate_offline
 
 DEFAULT_TOKEN_COUNTS = (1, 4, 16, 64)
@@ -116,13 +120,13 @@ def _median_ns(fn, repeats: int, cancelled: Callable[[], bool],
 def _expert_forward(inner: nn.Module, tokens: int):
     """One expert's forward over ``tokens`` random tokens, through the model's own experts
     module ``inner`` (slot 0 of a layer's virtual experts)."""
-    dtype = next(inner.parameters()).dtype
-    device = next(inner.parameters()).device
+    model = getattr(inner, "base", inner)  # slots at a lower precision: the model's module, emptied, has the shapes
+    dtype, device = next(model.parameters()).dtype, next(inner.parameters()).device
     if isinstance(inner, nn.ModuleDict):  # per-expert modules (Switch)
         expert = inner["expert_0"]
         x = torch.randn(tokens, expert.wi.in_features, dtype=dtype, device=device)
         return lambda: expert(x)
-    x = torch.randn(tokens, inner.gate_up_proj.shape[-1], dtype=dtype, device=device)
+    x = torch.randn(tokens, model.gate_up_proj.shape[-1], dtype=dtype, device=device)
     index = torch.zeros(tokens, 1, dtype=torch.long, device=device)
     weights = torch.ones(tokens, 1, dtype=dtype, device=device)
     return lambda: inner(x, index, weights)
@@ -131,6 +135,7 @@ def _expert_forward(inner: nn.Module, tokens: int):
 def activation_bytes_per_token(inner: nn.Module) -> int:
     """One expert's intermediate activations for one token: gate_up packed experts keep the
     2I gate/up output and the I product; Switch's wi/wo keep I."""
+    inner = getattr(inner, "base", inner)  # slots at a lower precision: activations are the model's own
     if isinstance(inner, nn.ModuleDict):
         wi = inner["expert_0"].wi
         return wi.out_features * wi.weight.element_size()
@@ -218,6 +223,32 @@ def _decode_step_ns(runtime, repeats: int, cancelled, rows: int = 1) -> int:
     return int(statistics.median(b - a for a, b in itertools.islice(zip(stamps, stamps[1:]), 1, None)))
 
 
+def measure_threads(runtime, counts: Sequence[int], rounds: int, passes: int, cancelled=lambda: False,
+                    measurement: Callable[[], ContextManager] = contextlib.nullcontext,
+                    prepare=lambda: None) -> tuple[tuple[ThreadPoint, ...], int]:
+    """One decode pass at each intra-op thread count of ``counts``, on the calling thread, with an
+    expert load beside it (``intra_op.loads_beside``): ``rounds`` rounds (one at least), counts
+    interleaved so drift hits all alike, each the median of ``passes`` passes inside ``measurement()``
+    after ``prepare()``. Returns the median per count and the count chosen within the fastest one's
+    noise (the spread of its rounds); the calling thread's count is restored."""
+    samples: dict[int, list[int]] = {n: [] for n in counts}
+    previous = torch.get_num_threads()
+    try:
+        for _ in range(max(1, rounds)):
+            for threads in counts:
+                with measurement():
+                    prepare()
+                    _settle(runtime)
+                    torch.set_num_threads(threads)
+                    with loads_beside(runtime):
+                        samples[threads].append(_decode_step_ns(runtime, passes, cancelled))
+    finally:
+        torch.set_num_threads(previous)
+    points = tuple(ThreadPoint(n, max(1, int(statistics.median(s)))) for n, s in samples.items())
+    fastest = min(points, key=lambda p: p.step_ns).threads
+    return points, choose_threads(points, max(THREADS_TOLERANCE, relative_spread(samples[fastest])))
+
+
 def _generate_once(runtime, frequency: int, count: int, cancelled, counter=None) -> tuple[list[int], int]:
     """Generate ``count`` greedy tokens with updates every ``frequency`` passes, as a request
     would; returns the times between tokens and the loads started (or, given ``counter``, how
@@ -250,22 +281,30 @@ def _settle(runtime) -> None:
 def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Callable[[], tuple[int, ...]],
             cancelled: Callable[[], bool] = lambda: False,
             measurement: Callable[[], ContextManager] = contextlib.nullcontext,
-            max_rows: int = 1) -> Iterator[ProfileProgress]:
+            max_rows: int = 1, threads: int = 0) -> Iterator[ProfileProgress]:
     """Measure ``runtime`` (a ``VirtualExperts``), reporting progress. The work is a series of
     short measurements, each inside ``measurement()`` (the engine's exclusive step: no pass of a
-    generation runs and no plan resizes a slot meanwhile; generations may run between two): one
-    expert read or copy, one token count of one layer's expert, the decode step, one generation
-    of the sweep. ``cancelled()`` is checked before every repeat (raises Cancelled). The decode
-    step and the sweep run with ``sweep_residency()`` experts per layer, asked at each step (a plan
-    or budget change may land between two); the caller puts the plan's slots back afterwards."""
+    generation runs and no plan resizes a slot meanwhile; generations may run between two): the
+    decode passes at one thread count, one expert read or copy, one token count of one layer's
+    expert, the decode step, one generation of the sweep. ``cancelled()`` is checked before every
+    repeat (raises Cancelled). The thread counts come first; the rest runs (and the calling thread
+    stays) at the count the executor serves with (``threads``, an explicit ``--threads``; 0: the
+    count chosen). The decode steps and the sweep run with ``sweep_residency()`` experts per layer, asked
+    at each step (a plan or budget change may land between two); the caller puts the plan's slots
+    back afterwards."""
     layers, frequencies = runtime.layers, spec.frequencies
-    steps = 2 + len(layers) + (len(frequencies) + 1) * spec.repeats  # + an on-demand run per round
+    steps = 3 + len(layers) + (len(frequencies) + 1) * spec.repeats  # + an on-demand run per round
     device = runtime.device
-    yield ProfileProgress(0.0, "expert load")
+    decode_steps = max(1, min(spec.repeats, spec.sweep_tokens))
+    yield ProfileProgress(0.0, "intra-op threads")
+    thread_points, chosen = measure_threads(runtime, thread_counts(usable_cores()), spec.repeats, decode_steps,
+                                            cancelled, measurement, lambda: _resize(runtime, sweep_residency()))
+    torch.set_num_threads(threads or chosen)
+    yield ProfileProgress(1 / steps, "expert load")
     loads = _load_samples(runtime, spec.repeats, cancelled, measurement)
     profiles = []
     for i, (layer, layout) in enumerate(zip(layers, runtime.layout.layers)):
-        yield ProfileProgress((1 + i) / steps, f"expert compute, layer {i}")
+        yield ProfileProgress((2 + i) / steps, f"expert compute, layer {i}")
         compute = []
         for tokens in spec.token_counts:
             with measurement():
@@ -273,8 +312,7 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Cal
         profiles.append(LayerProfile(layout.bytes_per_expert, activation_bytes_per_token(layer.experts.inner),
                                      tuple(compute)))
     sweep_capacities = sweep_residency()
-    decode_steps = max(1, min(spec.repeats, spec.sweep_tokens))
-    yield ProfileProgress((1 + len(layers)) / steps, "decode step")
+    yield ProfileProgress((2 + len(layers)) / steps, "decode step")
     with measurement():
         _resize(runtime, sweep_capacities)
         _settle(runtime)
@@ -284,6 +322,8 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Cal
         with measurement():
             _resize(runtime, sweep_residency())
             batch_decode.append(BatchDecodePoint(rows, _decode_step_ns(runtime, decode_steps, cancelled, rows)))
+    precision_points = measure_precisions(runtime, sweep_residency, lambda: _decode_step_ns(runtime, decode_steps,
+                                                                                         cancelled), measurement)
     with measurement():  # warm-up: the first generation after a resize runs slower
         _resize(runtime, sweep_residency())
         _generate_once(runtime, 0, spec.sweep_tokens, cancelled)
@@ -292,7 +332,7 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Cal
     loads_started = dict.fromkeys(frequencies, 0)
     on_demand_medians, on_demand_misses, on_demand_gaps = [], 0, 0
     for repeat in range(spec.repeats):  # frequencies interleaved: drift on the device hits all alike
-        yield ProfileProgress((2 + len(layers) + repeat * (len(frequencies) + 1)) / steps,
+        yield ProfileProgress((3 + len(layers) + repeat * (len(frequencies) + 1)) / steps,
                               f"update-frequency sweep, round {repeat + 1} of {spec.repeats}")
         for frequency in frequencies:
             if cancelled():
@@ -332,6 +372,9 @@ def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Cal
         on_demand=OnDemandPoint(max(1, int(statistics.median(on_demand_medians))),
                                 on_demand_misses / max(1, on_demand_gaps)) if on_demand_medians else None,
         batch_decode=tuple(batch_decode),
+        thread_points=thread_points,
+        threads=chosen,
+        precision_points=precision_points, sweep_precision=runtime.precisions if any(runtime.precisions) else (),
     )
     yield ProfileProgress(1.0, "done", result)
 

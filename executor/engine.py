@@ -12,20 +12,17 @@ the plan within the budget.
 from __future__ import annotations
 
 import contextlib
-import os
-import platform
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-import psutil
 import torch
 
 from swapmoe.core.budget import MemoryModel, Reserve
 from swapmoe.core.errors import InvalidField
-from swapmoe.core.layout import DeviceInfo, ModelLayout
+from swapmoe.core.layout import ModelLayout
 from swapmoe.core.memory import MemoryReport
 from swapmoe.core.plan import BudgetChange, Plan, PlanResult, validate_plan
 from swapmoe.core.sizes import format_size
@@ -34,7 +31,8 @@ from swapmoe.executor.requests import GenerationRequest
 from swapmoe.executor.loader import LoadCounters
 from swapmoe.executor.metrics import ServingStats
 from swapmoe.executor.plans import PlanBook
-from swapmoe.executor.device_profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, profile
+from swapmoe.executor.device_profiling import SWEEP_PROMPT, Identity, ProfileProgress, ProfileSpec, measure_threads, profile
+from swapmoe.executor.intra_op import IntraOpThreads
 from swapmoe.executor.model_runner import ModelRunner
 from swapmoe.executor.scheduler import Scheduler, Sequence
 from swapmoe.executor.serving_loop import ServingLoop
@@ -62,15 +60,15 @@ class EngineConfig:
     state_dir: Path | None = None  # where the last acknowledged plan is kept, to resume it after a restart
     max_loads_per_update: int = 1  # per layer: how far one update moves the resident set
     load_bandwidth: int = 0  # bytes/s cap on expert reads (0: none), to leave the device's storage to others
-    # torch intra-op threads; 0: all cores but one, which is left to gRPC, telemetry and expert loads.
+    # torch intra-op threads; 0: by measurement (``executor.intra_op``: the last device profile's choice, else a probe).
     threads: int = 0
+    precision: str = ""  # of the experts in the starting plan, until a plan says otherwise ("": the checkpoint's)
 
 
 class Engine:
     def __init__(self, config: EngineConfig, hub: TelemetryHub | None = None):
         self.config = config
         self.hub = hub or TelemetryHub(config.node_id)
-        torch.set_num_threads(config.threads or max(1, len(os.sched_getaffinity(0)) - 1))
         self.experts = VirtualExperts(config.model_dir, config.device, config.store_root,
                                       max_loads_per_update=config.max_loads_per_update,
                                       load_bandwidth=config.load_bandwidth or None)
@@ -81,7 +79,7 @@ class Engine:
                 raise InvalidField("max_context", f"{config.max_context} is above the model's {limit} positions")
             self.max_context = config.max_context or min(limit, DEFAULT_MAX_CONTEXT)
             dtype_bytes = next(self.model.parameters()).element_size()
-            self.device_info = _device_info(config.device)
+            self.device_info = memory.device_info(config.device)
             self.runner = ModelRunner(self.model, self.experts, config.max_batch, before_join=self._back_to_plan)
             kv = memory.kv_cache_bytes(self.model.config, self.max_context, dtype_bytes)
             activations = lambda rows: memory.activation_bytes(self.model.config, self.max_context,  # noqa: E731
@@ -94,16 +92,19 @@ class Engine:
                 self.experts.staging_bytes, kv, activations(1), (self.runner.capacity - 1) * self.sequence_bytes,
                 memory.runtime_bytes(kv), sequence_bytes=self.sequence_bytes,
             ), self.device_info.memory_bytes)
-            self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir)
+            self.plans = PlanBook(self.memory_model, config.budget_bytes, config.state_dir, config.precision)
             note = self.plans.resume()
             self.stats = ServingStats()
             self._budget_watchers: list[Callable[[BudgetChange], None]] = []
             self.scheduler = Scheduler(self.runner.capacity, config.max_queue, frozenset(self.text.eos))
             self.loop = ServingLoop(self.scheduler, self.step)
             self._apply_residency(self.plan)
+            self.threads = IntraOpThreads(config.threads, config.state_dir, self.model_fingerprint, config.device)
+            self.loop.call(self.threads.start(measure_threads, self.experts).apply)  # on the forward thread
+            self.experts.forget_traffic()  # a start-up probe's passes are not traffic
             self.scheduler.resize(self.batch_rows(self.budget_bytes, self.plan))
-            self.hub.event(EventKind.STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}",
-                           plan_version=self.plan.version)
+            self.hub.event(EventKind.STARTED, f"serving {self.layout.model_class} from {config.model_dir}; {note}; "
+                           f"{self.threads.setting.reason}", plan_version=self.plan.version)
         except BaseException:
             self.experts.close()  # a budget below the minimum, an unreadable tokenizer: leave no loader thread
             raise
@@ -145,7 +146,7 @@ class Engine:
         one: plans are checked for one)."""
         capacity = self.scheduler.capacity
         return max(1, min(capacity, plan.rows or capacity,
-                          self.memory_model.rows_within(plan.experts_per_layer, budget)))
+                          self.memory_model.rows_within(plan.experts_per_layer, budget, plan.precision)))
 
     def _rows_capped(self, plan: Plan) -> str:
         """Why ``plan`` runs fewer rows than it names whatever the budget, or "" when it does not."""
@@ -249,8 +250,8 @@ class Engine:
         self.runner.update_frequency = plan.update_frequency
         if plan.strategy is not self.experts.strategy:
             self.experts.set_strategy(plan.strategy)
-        if tuple(plan.experts_per_layer) != self.experts.capacities:
-            self.experts.resize(plan.experts_per_layer)
+        if tuple(plan.experts_per_layer) != self.experts.capacities or plan.precisions != self.experts.precisions:
+            self.experts.resize(plan.experts_per_layer, plan.precisions)
 
     # --- the state directory ------------------------------------------------------
     def keep_state(self, name: str, text: str, mode: int = 0o644) -> None:
@@ -302,11 +303,13 @@ class Engine:
         identity = Identity(self.config.node_id, self.device_info, self.model_fingerprint)
 
         def sweep() -> tuple[int, ...]:  # asked at each measurement: plans and budgets change between two
-            return self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer, self.budget_bytes)
+            return self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer, self.budget_bytes,
+                                            self.plan.precision)[0]
 
         with self.loop.exclusive(cancelled) as measurement:
             try:
-                yield from profile(self.experts, spec, identity, sweep, cancelled, measurement, self.scheduler.limit)
+                yield from self.threads.adopting(profile(self.experts, spec, identity, sweep, cancelled, measurement,
+                                                         self.scheduler.limit, self.config.threads), self.keep_state, self.loop.call)
             finally:  # however it ended, the slots are the plan's again
                 self.loop.call(self._back_to_plan)
 
@@ -316,7 +319,7 @@ class Engine:
             validate_plan(Plan(0, tuple(experts_per_layer)), self.layout)
         except InvalidField as error:
             raise InvalidField(error.field.removeprefix("plan."), error.detail) from None
-        if reason := self.memory_model.over_budget(experts_per_layer, self.budget_bytes):
+        if reason := self.memory_model.over_budget(experts_per_layer, self.budget_bytes, self.plan.precision):
             raise InvalidField("experts_per_layer", reason)
 
     @property
@@ -362,7 +365,8 @@ class Engine:
         """Before a prefill: slots a profile's measurement left become the plan's again, loaded
         before anything runs on them, so a generation has the experts it would have had without
         the profile (on the forward thread)."""
-        if tuple(self.plan.experts_per_layer) != self.achieved or self.plan.strategy is not self.experts.strategy:
+        if (tuple(self.plan.experts_per_layer) != self.achieved or self.plan.strategy is not self.experts.strategy
+                or self.plan.precisions != self.experts.precisions):
             self._apply_residency(self.plan)
             self.experts.wait_for_loads()
             self.experts.poll()
@@ -384,11 +388,3 @@ def _prepend(first, rest: Iterator) -> Iterator:
     with contextlib.closing(rest):
         yield first
         yield from rest
-
-
-def _device_info(device: str) -> DeviceInfo:
-    if device.startswith("cuda"):
-        props = torch.cuda.get_device_properties(torch.device(device))
-        return DeviceInfo("cuda", props.name, props.total_memory, os.cpu_count() or 1, socket.gethostname())
-    return DeviceInfo("cpu", platform.processor() or platform.machine(), psutil.virtual_memory().total,
-                      len(os.sched_getaffinity(0)), socket.gethostname())

@@ -32,6 +32,7 @@ class Load:
     nbytes: int = 0
     seconds: float = 0.0
     error: BaseException | None = None  # set when the load failed: its slot holds no expert
+    precision: str = ""  # of the slot's tensors ("": the checkpoint's): which store variant is read
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +70,7 @@ class Copier:
     def __init__(self, store: ExpertStore, device: torch.device, stats: LoadStats):
         self.store = store
         self.stats = stats
-        stride = max(l.stride for l in store.manifest.layers)
+        stride = store.max_stride
         self.buffer = store.buffer_of(stride)
         self.cuda = device.type == "cuda"
         if self.cuda:
@@ -77,25 +78,25 @@ class Copier:
             self.stream = torch.cuda.Stream(device)
         self.staging_bytes = stride * (2 if self.cuda else 1)
 
-    def copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
-        """Load one expert into ``targets``; returns the bytes read."""
+    def copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor], precision: str = "") -> int:
+        """Load one expert into ``targets``, from the store's variant at ``precision``; returns the bytes read."""
         start = time.perf_counter()
-        nbytes = self._copy(layer, expert, targets)
+        nbytes = self._copy(layer, expert, targets, precision)
         self.stats.add(nbytes, time.perf_counter() - start)
         return nbytes
 
-    def _copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
-        if self.store.can_read_into(layer, targets):  # disk -> slot by DMA: no CPU copy at all
-            return self.store.read_into_tensors(layer, expert, targets)
-        nbytes = self.store.read_into(layer, expert, self.buffer)
-        sources = self.store.tensors(layer, self.buffer)
+    def _copy(self, layer: int, expert: int, targets: dict[str, torch.Tensor], precision: str) -> int:
+        if self.store.can_read_into(layer, targets, precision):  # disk -> slot by DMA: no CPU copy at all
+            return self.store.read_into_tensors(layer, expert, targets, precision)
+        nbytes = self.store.read_into(layer, expert, self.buffer, precision)
+        sources = self.store.tensors(layer, self.buffer, precision)
         with torch.no_grad():
             if not self.cuda:
                 for name, target in targets.items():
                     target.copy_(sources[name])
                 return nbytes
             self.pinned[:nbytes].copy_(torch.frombuffer(self.buffer, dtype=torch.uint8, count=nbytes))
-            pinned = self.store.tensors_from(layer, self.pinned)
+            pinned = self.store.tensors_from(layer, self.pinned, precision)
             # The slot may have been read by kernels still queued on the compute stream.
             self.stream.wait_stream(torch.cuda.current_stream(next(iter(targets.values())).device))
             with torch.cuda.stream(self.stream):
@@ -164,7 +165,7 @@ class ExpertLoader:
                 self._busy = True
             try:
                 start = time.perf_counter()
-                load.nbytes = self._copier.copy(load.layer, load.expert, load.targets)
+                load.nbytes = self._copier.copy(load.layer, load.expert, load.targets, load.precision)
                 load.seconds = time.perf_counter() - start
             except Exception as error:  # reported with the load; the thread serves on
                 log.warning("loading expert %d of layer %d failed: %s", load.expert, load.layer, error)

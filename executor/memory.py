@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import resource
+import socket
 
 import psutil
+
+from swapmoe.core.layout import DeviceInfo
 
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
@@ -113,3 +117,14 @@ def activation_bytes(config, max_context: int, dtype_bytes: int, batch: int = 1)
     heads = getattr(text, "num_attention_heads", None) or getattr(text, "num_heads", 1)
     per_token = 6 * hidden + 3 * inner + heads * max_context
     return (per_token * max_context + 2 * text.vocab_size * batch) * dtype_bytes
+
+
+def device_info(device: str) -> DeviceInfo:
+    """The device a budget is checked against: its kind, name, memory and the cores this process may use."""
+    import torch  # here: reading this process's memory needs no torch
+
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        return DeviceInfo("cuda", props.name, props.total_memory, os.cpu_count() or 1, socket.gethostname())
+    return DeviceInfo("cpu", platform.processor() or platform.machine(), psutil.virtual_memory().total,
+                      len(os.sched_getaffinity(0)), socket.gethostname())

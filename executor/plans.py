@@ -35,15 +35,20 @@ log = logging.getLogger(__name__)
 class PlanBook:
     """The current plan and budget of one executor, checked against its ``MemoryModel``."""
 
-    def __init__(self, memory: MemoryModel, budget_bytes: int, state_dir: Path | None = None):
+    def __init__(self, memory: MemoryModel, budget_bytes: int, state_dir: Path | None = None, precision: str = ""):
+        """``precision``: of every layer's experts in the starting plan ("": the checkpoint's)."""
         memory.check_budget(budget_bytes)
+        if precision and precision not in memory.layout.precisions:
+            kept = ", ".join(memory.layout.precisions) or "none: the checkpoint's only"
+            raise InvalidField("precision", f"{precision!r} is not a precision this model's experts are kept at "
+                                            f"(lower ones kept: {kept})")
         if state_dir is not None:
             check_state_dir(Path(state_dir))
         self.memory = memory
         self.budget_bytes = budget_bytes
         self.state_dir = state_dir
         self.files = StateFiles(Path(state_dir)) if state_dir is not None else None
-        self.current = memory.default_plan(budget_bytes, 0, "executor:initial even split")
+        self.current = memory.default_plan(budget_bytes, 0, "executor:initial even split", precision)
 
     def resume(self) -> str:
         """Adopt the last acknowledged plan from ``state_dir`` if it still applies; says what happened."""
@@ -57,7 +62,7 @@ class PlanBook:
         except ValueError as error:
             log.warning("ignoring the saved plan: %s", error)
             return f"ignored the saved plan ({error})"
-        if reason := self.memory.over_budget(plan.experts_per_layer, self.budget_bytes):
+        if reason := self.memory.over_budget(plan.experts_per_layer, self.budget_bytes, plan.precision):
             return f"ignored saved plan {plan.version}: {reason}"
         self.current = plan
         rows = f" rows={plan.rows}" if plan.rows else ""
@@ -80,7 +85,7 @@ class PlanBook:
                 self.memory.check_budget(plan.budget_bytes)
             except InvalidField as error:
                 return f"the plan's {error}"
-        return self.memory.over_budget(plan.experts_per_layer, plan.budget_bytes or self.budget_bytes)
+        return self.memory.over_budget(plan.experts_per_layer, plan.budget_bytes or self.budget_bytes, plan.precision)
 
     def accept(self, plan: Plan) -> str:
         """``plan`` runs from now on, and a restart resumes it; returns "", or why it is not saved yet
@@ -96,11 +101,11 @@ class PlanBook:
         """The current plan cut down to fit a new budget, or None when it fits (nothing changes yet)."""
         self.memory.check_budget(budget_bytes)
         plan = self.current
-        kept = self.memory.shrink(plan.experts_per_layer, budget_bytes)
-        if kept == tuple(plan.experts_per_layer):
+        kept, precision = self.memory.shrink(plan.experts_per_layer, budget_bytes, plan.precision)
+        if kept == tuple(plan.experts_per_layer) and precision == plan.precision:
             return None
         return Plan(plan.version, kept, plan.update_frequency, plan.strategy, "executor:shrunk for budget",
-                    rows=plan.rows)
+                    rows=plan.rows, precision=precision)
 
     def set_budget(self, budget_bytes: int) -> None:
         self.memory.check_budget(budget_bytes)

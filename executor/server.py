@@ -244,6 +244,8 @@ def describe_pb(engine: Engine) -> epb.DescribeResponse:
         memory=convert.memory_to_pb(engine.memory()),
         reserve=convert.reserve_to_pb(engine.memory_model.reserve),
         state_error=engine.state_error,
+        threads=engine.threads.setting.threads,
+        threads_reason=engine.threads.setting.reason,
     )
 
 

@@ -23,11 +23,14 @@ import copy
 import math
 import mmap
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.nn.modules import module as _module
+
+from swapmoe.executor import quantization
+from swapmoe.executor.quantized_experts import QuantizedSlots
 
 
 def page_aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -161,10 +164,23 @@ class SlotExperts(nn.Module):
         self.kind = kind
         self.num_experts = num_experts
         self.capacity = 0
+        self.precision = ""  # of the slots' weights; "": the checkpoint's (see set_precision)
         self.slots = SlotTable(torch.zeros(num_experts + 1, dtype=torch.long), torch.zeros(0, dtype=torch.long), False)
         self.device = torch.device("cpu")  # of the slots, set by ``resize``
         # On-demand strategy: ``load_now(experts)`` makes those experts resident before use.
         self.load_now: Callable[[list[int]], None] | None = None
+
+    def set_precision(self, precision: str, parts: Sequence[quantization.PartShape], device) -> None:
+        """Hold the slots at ``precision`` ("": the model's own weights, in ``parts`` otherwise);
+        every slot is emptied first (the caller refills them), so the old and the new slots are
+        never held together."""
+        if precision and self.kind is not Packed:
+            raise ValueError(f"{type(self.inner).__name__} experts run at the checkpoint's precision only")
+        base = self.inner.base if isinstance(self.inner, QuantizedSlots) else self.inner
+        self.kind.resize(self.inner, 0, {}, device)
+        self.inner = QuantizedSlots(base, parts, precision) if precision else base
+        self.precision = precision
+        self.capacity = 0
 
     def resize(self, capacity: int, moves: dict[int, int], device) -> None:
         self.kind.resize(self.inner, capacity, moves, device)

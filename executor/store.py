@@ -4,8 +4,11 @@ A store (built once per checkpoint by ``executor.store_build``) holds the routed
 expert-major file, each expert's tensors in the runtime's layout (e.g. Mixtral's ``w1``/``w3``
 concatenated into ``gate_up_proj``), contiguous and aligned to 4 KiB, so a load is one
 ``pread``; the dense (non-expert) weights, under the runtime's names, in
-``dense.safetensors``; and a manifest. ``ExpertStore`` reads experts back with ``O_DIRECT``
-where the file system allows it, so the OS page cache does not quietly keep the model in RAM.
+``dense.safetensors``; and a manifest. Each lower precision the store keeps
+(``executor.quantization``: half, int8, int4) is a *variant*: an experts file of its own,
+laid out the same way, whose parts are that precision's tensors. ``ExpertStore`` reads experts
+back with ``O_DIRECT`` where the file system allows it, so the OS page cache does not quietly
+keep the model in RAM.
 
 Damage is detected, not served: the manifest holds a CRC-32 per expert and one for the dense
 file, and describes offsets that must agree with each other and with the file's size. A
@@ -33,9 +36,10 @@ import torch
 
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.limits import is_fingerprint
+from swapmoe.executor import quantization
 
 ALIGN = 4096
-FORMAT = 4  # 3: CRC-32 per expert and for the dense file; 4: the model fingerprint
+FORMAT = 5  # 3: CRC-32 per expert and for the dense file; 4: the model fingerprint; 5: precision variants
 DAMAGED = "DAMAGED"  # marker file: a load found damage; the next ensure_store rebuilds
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ class PartSpec:
     name: str
     shape: tuple[int, ...]
     nbytes: int
+    dtype: str = ""  # "": the manifest's dtype
+
+    def torch_dtype(self, default: str) -> torch.dtype:
+        return getattr(torch, self.dtype or default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +71,15 @@ class LayerSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class Variant:
+    """The experts at one lower precision, in a file of their own laid out like the native one."""
+
+    precision: str
+    file: str
+    layers: tuple[LayerSpec, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Manifest:
     architecture: str
     model_class: str
@@ -74,6 +91,23 @@ class Manifest:
     format: int = FORMAT
     dense_checksum: int = 0  # CRC-32 of the dense file
     model_fingerprint: str = ""  # core.fingerprint of the checkpoint it was built from
+    variants: tuple[Variant, ...] = ()
+    int4_layout: str = ""  # quantization.int4_layout_tag of the machine that packed the int4 variant
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The checkpoint's dtype, then each variant's precision (most bytes first)."""
+        return (self.dtype, *(v.precision for v in self.variants))
+
+    def variant(self, precision: str | None) -> tuple[str, tuple[LayerSpec, ...]]:
+        """(file, layers) of the experts at ``precision`` (None: the checkpoint's dtype); KeyError
+        names the precisions this store has."""
+        if precision in (None, "", self.dtype):
+            return self.file, self.layers
+        for v in self.variants:
+            if v.precision == precision:
+                return v.file, v.layers
+        raise KeyError(f"precision {precision!r} is not in this store (it has {', '.join(self.precisions)})")
 
     def save(self, directory: Path) -> None:
         tmp = directory / ".manifest.json.tmp"
@@ -89,13 +123,10 @@ class Manifest:
             raw = json.loads(path.read_text())
             if raw.get("format") != FORMAT:
                 raise Corrupted(f"{path}: expert store format {raw.get('format')} is not {FORMAT}")
-            layers = tuple(LayerSpec(l["module"], l["num_experts"],
-                                     tuple(PartSpec(p["name"], tuple(p["shape"]), p["nbytes"]) for p in l["parts"]),
-                                     l["expert_bytes"], l["stride"], l["offset"], tuple(l["norms"]),
-                                     tuple(l["checksums"])) for l in raw["layers"])
-            manifest = cls(raw["architecture"], raw["model_class"], raw["dtype"], layers, raw["dense_bytes"],
-                           raw["file"], raw["dense_file"], raw["format"], raw["dense_checksum"],
-                           raw["model_fingerprint"])
+            variants = tuple(Variant(v["precision"], v["file"], _layers(v["layers"])) for v in raw["variants"])
+            manifest = cls(raw["architecture"], raw["model_class"], raw["dtype"], _layers(raw["layers"]),
+                           raw["dense_bytes"], raw["file"], raw["dense_file"], raw["format"], raw["dense_checksum"],
+                           raw["model_fingerprint"], variants, raw["int4_layout"])
             manifest.check(directory)
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:  # AttributeError: not an object
             if isinstance(error, Corrupted):
@@ -104,19 +135,29 @@ class Manifest:
         return manifest
 
     def check(self, directory: Path) -> None:
-        """Corrupted unless the layers tile the experts file in order, each expert aligned and
-        described by its parts, norms and checksums, and the file has exactly those bytes."""
-        path, end = directory / "manifest.json", 0
+        """Corrupted unless each experts file is tiled by its layers in order, each expert aligned
+        and described by its parts, norms and checksums, and the file has exactly those bytes."""
+        path = directory / "manifest.json"
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise Corrupted(f"{path}: dtype {self.dtype!r} is not a torch dtype")
         if not (is_fingerprint(self.model_fingerprint) and len(self.model_fingerprint) == 16):
             raise Corrupted(f"{path}: model fingerprint {str(self.model_fingerprint)[:64]!r} is not 16 hex digits")
-        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
-        for i, l in enumerate(self.layers):
+        for precision in self.precisions:
+            file, layers = self.variant(precision)
+            if Path(file).name != file or not file.endswith(".bin"):
+                raise Corrupted(f"{path}: experts file {file[:64]!r} is not a file name in the store")
+            self._check_layers(directory, file, layers)
+
+    def _check_layers(self, directory: Path, file: str, layers: tuple[LayerSpec, ...]) -> None:
+        path, end = directory / "manifest.json", 0
+        for i, l in enumerate(layers):
+            for p in l.parts:
+                if not isinstance(getattr(torch, p.dtype or self.dtype, None), torch.dtype):
+                    raise Corrupted(f"{path}: {file} layers[{i}] part {p.name}: dtype {p.dtype!r} is not a torch dtype")
             problems = [
                 (l.num_experts < 1, f"{l.num_experts} experts"),
-                *((math.prod(p.shape) * itemsize != p.nbytes, f"part {p.name} of shape {list(p.shape)} in "
-                   f"{p.nbytes} bytes") for p in l.parts),
+                *((math.prod(p.shape) * _itemsize(p.torch_dtype(self.dtype)) != p.nbytes,
+                   f"part {p.name} of shape {list(p.shape)} in {p.nbytes} bytes") for p in l.parts),
                 (l.offset != end, f"offset {l.offset}, but layer {i - 1} ends at {end}" if i else
                  f"offset {l.offset}, but the first layer starts at 0"),
                 (l.stride % ALIGN or l.stride < l.expert_bytes, f"stride {l.stride} for {l.expert_bytes}-byte experts"),
@@ -127,11 +168,22 @@ class Manifest:
             ]
             for bad, what in problems:
                 if bad:
-                    raise Corrupted(f"{path}: layers[{i}] ({l.module}): {what}")
+                    raise Corrupted(f"{path}: layers[{i}] ({l.module}) of {file}: {what}")
             end = l.offset + l.stride * l.num_experts
-        size = (directory / self.file).stat().st_size if (directory / self.file).exists() else -1
+        size = (directory / file).stat().st_size if (directory / file).exists() else -1
         if size != end:
-            raise Corrupted(f"{directory / self.file}: {size} bytes, but the manifest describes {end}")
+            raise Corrupted(f"{directory / file}: {size} bytes, but the manifest describes {end}")
+
+
+def _layers(raw) -> tuple[LayerSpec, ...]:
+    return tuple(LayerSpec(l["module"], l["num_experts"],
+                           tuple(PartSpec(p["name"], tuple(p["shape"]), p["nbytes"], p["dtype"]) for p in l["parts"]),
+                           l["expert_bytes"], l["stride"], l["offset"], tuple(l["norms"]), tuple(l["checksums"]))
+                 for l in raw)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def file_crc(path: Path, chunk: int = 16 << 20) -> int:
@@ -149,6 +201,9 @@ def check_store(directory: Path) -> Manifest:
     if (directory / DAMAGED).exists():
         raise Corrupted(f"{directory}: marked damaged: {(directory / DAMAGED).read_text().strip()}")
     manifest = Manifest.load(directory)
+    if "int4" in manifest.precisions and manifest.int4_layout != quantization.int4_layout_tag():
+        raise Corrupted(f"{directory}: its int4 experts are packed for another CPU's kernel layout "
+                        f"({manifest.int4_layout}, this machine's is {quantization.int4_layout_tag()})")
     dense = directory / manifest.dense_file
     if not dense.exists() or file_crc(dense) != manifest.dense_checksum:
         raise Corrupted(f"{dense}: fails its checksum (the dense weights are damaged)")
@@ -156,14 +211,15 @@ def check_store(directory: Path) -> Manifest:
 
 
 def verify_store(directory: Path, manifest: Manifest | None = None) -> None:
-    """Read every expert back and check its CRC (one pass over the experts file: ~1.5 GB/s here,
-    so ~0.7 s per GB); Corrupted names the first damaged expert."""
+    """Read every expert of every precision back and check its CRC (one pass over the experts
+    files: ~1.5 GB/s here, so ~0.7 s per GB); Corrupted names the first damaged expert."""
     store = ExpertStore(directory, direct=False, manifest=manifest)
     try:
-        for layer, spec in enumerate(store.manifest.layers):
-            buffer = store.buffer(layer)
-            for expert in range(spec.num_experts):
-                store.read_into(layer, expert, buffer)
+        for precision in store.manifest.precisions:
+            for layer, spec in enumerate(store.manifest.variant(precision)[1]):
+                buffer = store.buffer(layer, precision)
+                for expert in range(spec.num_experts):
+                    store.read_into(layer, expert, buffer, precision)
     finally:
         store.close()
 
@@ -173,8 +229,35 @@ def _identity(stat: os.stat_result) -> tuple[int, int]:
     return stat.st_dev, stat.st_ino
 
 
+class _ExpertsFile:
+    """One experts file open for reading: ``O_DIRECT`` where the file system takes it."""
+
+    def __init__(self, path: Path, layers: tuple[LayerSpec, ...], direct: bool):
+        self.path, self.layers, self.direct = path, layers, False
+        if direct and hasattr(os, "O_DIRECT"):
+            try:
+                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:  # e.g. tmpfs does not support O_DIRECT
+                pass
+        if not self.direct:
+            self.fd = os.open(path, os.O_RDONLY)
+        self.opened = _identity(os.fstat(self.fd))  # damage is marked only on the file this reader has open
+        self._reopen = threading.Lock()
+
+    def without_direct_io(self) -> None:
+        with self._reopen:
+            if self.direct:  # another thread may have switched already; the old descriptor stays open for it
+                self.fd = os.open(self.path, os.O_RDONLY)
+                self.direct = False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class ExpertStore:
-    """Reads experts from an expert store; one ``pread`` per expert."""
+    """Reads experts from an expert store; one ``pread`` per expert. ``precision`` (None: the
+    checkpoint's dtype) picks which of the store's variants a read comes from."""
 
     def __init__(self, directory: Path, direct: bool = True, bandwidth: float | None = None,
                  manifest: Manifest | None = None):
@@ -186,92 +269,103 @@ class ExpertStore:
         self._tier_free_at = 0.0
         self.manifest = manifest or Manifest.load(self.directory)
         self.dtype = getattr(torch, self.manifest.dtype)
-        path = self.directory / self.manifest.file
-        self.direct = False
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self._fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                self.direct = True
-            except OSError:  # e.g. tmpfs does not support O_DIRECT
-                pass
-        if not self.direct:
-            self._fd = os.open(path, os.O_RDONLY)
-        self._opened = _identity(os.fstat(self._fd))  # damage is marked only on the file this reader has open
-        self.tier = "disk (O_DIRECT)" if self.direct else "disk (page cache dropped after reads)"
-        if bandwidth:
-            self.tier += f", capped at {bandwidth / 2**20:.0f} MiB/s"
-        self._reopen = threading.Lock()
+        self._files = {}
+        for precision in self.manifest.precisions:
+            file, layers = self.manifest.variant(precision)
+            self._files[precision] = _ExpertsFile(self.directory / file, layers, direct)
 
-    def _without_direct_io(self) -> None:
-        with self._reopen:
-            if self.direct:  # another thread may have switched already; the old descriptor stays open for it
-                self._fd = os.open(self.directory / self.manifest.file, os.O_RDONLY)
-                self.direct = False
-                self.tier = "disk (page cache dropped after reads)"
+    @property
+    def direct(self) -> bool:
+        return self._file(None).direct
 
-    def buffer(self, layer: int) -> mmap.mmap:
+    @property
+    def tier(self) -> str:
+        tier = "disk (O_DIRECT)" if self.direct else "disk (page cache dropped after reads)"
+        return tier + (f", capped at {self.bandwidth / 2**20:.0f} MiB/s" if self.bandwidth else "")
+
+    def without_direct_io(self) -> None:
+        """Read through the page cache from now on (as a file system that refuses O_DIRECT makes it)."""
+        for file in self._files.values():
+            file.without_direct_io()
+
+    def _file(self, precision: str | None) -> _ExpertsFile:
+        file = self._files.get(precision or self.manifest.dtype)
+        if file is None:
+            self.manifest.variant(precision)  # the KeyError naming what the store has
+        return file
+
+    def spec(self, layer: int, precision: str | None = None) -> LayerSpec:
+        return self._file(precision).layers[layer]
+
+    def buffer(self, layer: int, precision: str | None = None) -> mmap.mmap:
         """A page-aligned buffer for one expert of ``layer`` (O_DIRECT needs aligned memory)."""
-        return self.buffer_of(self.manifest.layers[layer].stride)
+        return self.buffer_of(self.spec(layer, precision).stride)
+
+    @property
+    def max_stride(self) -> int:
+        """The largest expert of any layer at any precision, padded: what one buffer must hold."""
+        return max(l.stride for f in self._files.values() for l in f.layers)
 
     @staticmethod
     def buffer_of(nbytes: int) -> mmap.mmap:
         return mmap.mmap(-1, nbytes)
 
-    def read_into(self, layer: int, expert: int, buffer: mmap.mmap) -> int:
+    def read_into(self, layer: int, expert: int, buffer: mmap.mmap, precision: str | None = None) -> int:
         """Read one expert into ``buffer``; returns the bytes read."""
-        return self._read(layer, expert, [memoryview(buffer)[:self.manifest.layers[layer].stride]])
+        return self._read(layer, expert, [memoryview(buffer)[:self.spec(layer, precision).stride]], precision)
 
-    def can_read_into(self, layer: int, targets: dict[str, torch.Tensor]) -> bool:
+    def can_read_into(self, layer: int, targets: dict[str, torch.Tensor], precision: str | None = None) -> bool:
         """Whether ``read_into_tensors`` can fill these tensors straight from disk: CPU tensors,
         contiguous, page-aligned, one per part, each a whole number of pages (for O_DIRECT)."""
-        parts = self.manifest.layers[layer].parts
-        return (self.direct and [p.name for p in parts] == list(targets)
+        parts = self.spec(layer, precision).parts
+        return (self._file(precision).direct and [p.name for p in parts] == list(targets)
                 and all(t.device.type == "cpu" and t.is_contiguous() and t.data_ptr() % ALIGN == 0
                         and t.numel() * t.element_size() == p.nbytes and p.nbytes % ALIGN == 0
                         for p, t in zip(parts, targets.values())))
 
-    def read_into_tensors(self, layer: int, expert: int, targets: dict[str, torch.Tensor]) -> int:
+    def read_into_tensors(self, layer: int, expert: int, targets: dict[str, torch.Tensor],
+                          precision: str | None = None) -> int:
         """Read one expert straight into its runtime tensors (one ``preadv``, no staging copy)."""
         views = [memoryview(t.detach().view(torch.uint8).reshape(-1).numpy()) for t in targets.values()]
-        return self._read(layer, expert, views)
+        return self._read(layer, expert, views, precision)
 
-    def _read(self, layer: int, expert: int, views: list[memoryview]) -> int:
-        spec = self.manifest.layers[layer]
+    def _read(self, layer: int, expert: int, views: list[memoryview], precision: str | None) -> int:
+        file = self._file(precision)
+        spec = file.layers[layer]
         if not 0 <= expert < spec.num_experts:
             raise IndexError(f"layer {layer} has no expert {expert}")
         offset = spec.expert_offset(expert)
         done_by = self._reserve(spec.expert_bytes)
         try:
-            done = os.preadv(self._fd, views, offset)
+            done = os.preadv(file.fd, views, offset)
         except OSError as error:
-            if not (self.direct and error.errno == errno.EINVAL):
+            if not (file.direct and error.errno == errno.EINVAL):
                 raise
-            self._without_direct_io()  # the file system took O_DIRECT at open but not for reads
-            done = os.preadv(self._fd, views, offset)
+            file.without_direct_io()  # the file system took O_DIRECT at open but not for reads
+            done = os.preadv(file.fd, views, offset)
         if done < spec.expert_bytes:
             raise OSError(f"short read of expert ({layer}, {expert}): {done} of {spec.expert_bytes} bytes")
-        self._check(layer, expert, views)
-        if not self.direct:
-            os.posix_fadvise(self._fd, offset, spec.stride, os.POSIX_FADV_DONTNEED)
+        self._check(file, layer, expert, views)
+        if not file.direct:
+            os.posix_fadvise(file.fd, offset, spec.stride, os.POSIX_FADV_DONTNEED)
         if done_by > (now := time.monotonic()):
             time.sleep(done_by - now)
         return spec.expert_bytes
 
-    def _check(self, layer: int, expert: int, views: list[memoryview]) -> None:
+    def _check(self, file: _ExpertsFile, layer: int, expert: int, views: list[memoryview]) -> None:
         """Corrupted, and the store marked for a rebuild, when the bytes read fail the expert's CRC."""
-        spec = self.manifest.layers[layer]
+        spec = file.layers[layer]
         crc, left = 0, spec.expert_bytes
         for view in views:
             chunk = view.cast("B")[:left]
             crc, left = zlib.crc32(chunk, crc), left - len(chunk)
         if crc == spec.checksums[expert]:
             return
-        problem = (f"{self.directory / self.manifest.file}: expert {expert} of layer {layer} ({spec.module}) "
-                   f"fails its checksum (CRC-32 {crc:08x}, manifest {spec.checksums[expert]:08x}) at offset "
-                   f"{spec.expert_offset(expert)}")
+        problem = (f"{file.path}: expert {expert} of layer {layer} ({spec.module}) fails its checksum "
+                   f"(CRC-32 {crc:08x}, manifest {spec.checksums[expert]:08x}) at offset {spec.expert_offset(expert)}")
         log.error("%s; the store is marked damaged and is rebuilt at the next start", problem)
         try:
-            if _identity(os.stat(self.directory / self.manifest.file)) == self._opened:  # not repaired meanwhile
+            if _identity(os.stat(file.path)) == file.opened:  # not repaired meanwhile
                 (self.directory / DAMAGED).write_text(problem + "\n")
         except OSError:
             pass  # a read-only store: the error still names the damage
@@ -286,19 +380,19 @@ class ExpertStore:
             self._tier_free_at = start + nbytes / self.bandwidth
             return self._tier_free_at
 
-    def tensors(self, layer: int, buffer: mmap.mmap) -> dict[str, torch.Tensor]:
+    def tensors(self, layer: int, buffer: mmap.mmap, precision: str | None = None) -> dict[str, torch.Tensor]:
         """Views of the expert in ``buffer`` as its runtime tensors (no copy)."""
-        spec = self.manifest.layers[layer]
-        return self.tensors_from(layer, torch.frombuffer(buffer, dtype=torch.uint8, count=spec.expert_bytes))
+        count = self.spec(layer, precision).expert_bytes
+        return self.tensors_from(layer, torch.frombuffer(buffer, dtype=torch.uint8, count=count), precision)
 
-    def tensors_from(self, layer: int, raw: torch.Tensor) -> dict[str, torch.Tensor]:
+    def tensors_from(self, layer: int, raw: torch.Tensor, precision: str | None = None) -> dict[str, torch.Tensor]:
         """Views of an expert laid out in the uint8 tensor ``raw`` (e.g. a pinned staging buffer)."""
-        spec = self.manifest.layers[layer]
         out, start = {}, 0
-        for part in spec.parts:
-            out[part.name] = raw[start:start + part.nbytes].view(self.dtype).view(part.shape)
+        for part in self.spec(layer, precision).parts:
+            out[part.name] = raw[start:start + part.nbytes].view(part.torch_dtype(self.manifest.dtype)).view(part.shape)
             start += part.nbytes
         return out
 
     def close(self) -> None:
-        os.close(self._fd)
+        for file in self._files.values():
+            file.close()

@@ -28,7 +28,9 @@ from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.adapters import UnsupportedModel, adapter_for, expert_prefixes, find_moe_blocks
 from swapmoe.executor.checkpoint import auto_class, read_config
 from swapmoe.executor.safetensors_io import SafetensorsReader, SafetensorsWriter, TensorSpec
-from swapmoe.executor.store import (ALIGN, FORMAT, LayerSpec, Manifest, PartSpec, check_store, file_crc,
+from swapmoe.executor import quantization
+from swapmoe.executor.slot_experts import Packed
+from swapmoe.executor.store import (ALIGN, FORMAT, LayerSpec, Manifest, PartSpec, Variant, check_store, file_crc,
                                     verify_store)
 
 
@@ -83,7 +85,8 @@ class _Checkpoint:
 
 
 def build_store(checkpoint: Path, out: Path) -> Manifest:
-    """Write ``out/experts.bin``, ``out/dense.safetensors`` and ``out/manifest.json`` from ``checkpoint``."""
+    """Write ``out/experts.bin`` (and one experts file per lower precision), ``out/dense.safetensors``
+    and ``out/manifest.json`` from ``checkpoint``."""
     checkpoint, out = Path(checkpoint), Path(out)
     model = meta_model(checkpoint)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,60 +94,140 @@ def build_store(checkpoint: Path, out: Path) -> Manifest:
     with ThreadPoolExecutor(1, thread_name_prefix="checkpoint-hash") as pool:
         content = pool.submit(model_fingerprint, checkpoint)  # hashlib lets go of the GIL: a core of its own
         try:
-            layers = _write_experts(model, source, out / "experts.bin")
+            files = _write_experts(model, source, out)
             dense_bytes = _write_dense(model, source, out / "dense.safetensors")
         finally:
             source.close()
         fingerprint = content.result()
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    (_, layers), *variants = files.items()
     manifest = Manifest(model.config.model_type, type(model).__name__, dtype, tuple(layers), dense_bytes,
-                        dense_checksum=file_crc(out / "dense.safetensors"), model_fingerprint=fingerprint)
+                        dense_checksum=file_crc(out / "dense.safetensors"), model_fingerprint=fingerprint,
+                        variants=tuple(Variant(p, _file_of(p), tuple(l)) for p, l in variants),
+                        int4_layout=quantization.int4_layout_tag())
     manifest.check(out)
     verify_store(out, manifest)  # what was written reads back whole
     manifest.save(out)
     return manifest
 
 
-def _write_experts(model, source: _Checkpoint, path: Path) -> list[LayerSpec]:
-    """The routed experts, expert-major and page-aligned. Each expert is read from the checkpoint
-    straight into one buffer of the layer's stride (its runtime layout: concatenating tensors
-    along dim 0 is concatenating their bytes), checked, and written: that buffer is all the
-    memory an expert takes."""
+def _file_of(precision: str) -> str:
+    return f"experts.{precision}.bin"
+
+
+def _variants(adapter, parts: tuple[PartSpec, ...], dtype: torch.dtype) -> dict[str, tuple[PartSpec, ...]]:
+    """The lower precisions a layer of these parts can be stored at (quantized experts run in
+    the packed-experts forward only), each with its parts."""
+    if adapter.slots is not Packed:
+        return {}
+    out = {}
+    for precision in quantization.offered(dtype):
+        try:
+            out[precision] = tuple(PartSpec(q.name, q.shape, q.nbytes, quantization.name_of(q.dtype))
+                                   for p in parts for q in quantization.parts(p.name, p.shape, dtype, precision))
+        except ValueError:
+            continue
+    return out
+
+
+class _ExpertsWriter:
+    """One experts file being written: expert-major, each expert in a buffer of the layer's stride."""
+
+    def __init__(self, path: Path):
+        self.tmp, self.path = path.with_name(path.name + ".tmp"), path
+        self.file = open(self.tmp, "wb")
+        self.layers, self.offset = [], 0
+
+    def begin(self, parts: tuple[PartSpec, ...]) -> None:
+        self.parts = parts
+        self.expert_bytes = sum(p.nbytes for p in parts)
+        self.stride = -(-self.expert_bytes // ALIGN) * ALIGN
+        self.buffer = torch.zeros(self.stride, dtype=torch.uint8)  # the padding stays zero
+        self.checksums = []
+
+    def write(self, tensors: list[torch.Tensor] | None = None) -> None:
+        """The expert in ``buffer`` (already there), or ``tensors`` copied in first."""
+        view, position = memoryview(self.buffer.numpy()), 0
+        for t in tensors or ():
+            raw = t.contiguous().view(torch.uint8).reshape(-1)
+            self.buffer[position:position + raw.numel()] = raw
+            position += raw.numel()
+        self.checksums.append(zlib.crc32(view[:self.expert_bytes]))
+        self.file.write(view)
+
+    def end(self, module: str, norms: list[float]) -> None:
+        self.layers.append(LayerSpec(module, len(norms), self.parts, self.expert_bytes, self.stride, self.offset,
+                                     tuple(norms), tuple(self.checksums)))
+        self.offset += self.stride * len(norms)
+
+    def close(self) -> list[LayerSpec]:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.tmp.replace(self.path)
+        return self.layers
+
+
+def _write_experts(model, source: _Checkpoint, out: Path) -> dict[str, list[LayerSpec]]:
+    """The routed experts, expert-major and page-aligned, in the checkpoint's dtype and in each
+    lower precision every layer can be stored at; layers by precision, the checkpoint's first.
+    Each expert is read from the checkpoint straight into one buffer of the layer's stride (its
+    runtime layout: concatenating tensors along dim 0 is concatenating their bytes), checked,
+    quantized and written: those buffers are all the memory an expert takes."""
     adapter, blocks = adapter_for(model), find_moe_blocks(model)
     dtype = next(model.parameters()).dtype
-    layers, offset = [], 0
-    tmp = path.with_name(path.name + ".tmp")
+    plans = [(block, _parts(source, adapter.disk_keys(block.name, 0))) for block in blocks]
+    lower = [_variants(adapter, parts, dtype) for _, parts in plans]
+    precisions = [p for p in quantization.offered(dtype) if all(p in v for v in lower)]
+    writers = {quantization.name_of(dtype): _ExpertsWriter(out / "experts.bin"),
+               **{p: _ExpertsWriter(out / _file_of(p)) for p in precisions}}
+    native = writers[quantization.name_of(dtype)]
     progress = tqdm(total=sum(b.num_experts for b in blocks), desc="building the expert store", unit="expert",
                     disable=None)  # disabled when stderr is not a terminal
-    with open(tmp, "wb") as f, progress:
-        for block in blocks:
-            parts = _parts(source, adapter.disk_keys(block.name, 0))
-            expert_bytes = sum(p.nbytes for p in parts)
-            stride = -(-expert_bytes // ALIGN) * ALIGN
-            buffer = torch.zeros(stride, dtype=torch.uint8)  # the padding stays zero
-            view, norms, checksums = memoryview(buffer.numpy()), [], []
-            for expert in range(block.num_experts):
-                position = 0
-                for (name, keys), part in zip(adapter.disk_keys(block.name, expert), parts):
-                    for key in keys:
-                        nbytes = _expect(source, key, part, dtype)
-                        source.read_into(key, view[position:position + nbytes])
-                        _finite(key, buffer[position:position + nbytes].view(dtype))
-                        position += nbytes
-                if position != expert_bytes:
-                    raise UnsupportedModel(f"expert {expert} of {block.name} has {position} bytes on disk, expert 0 "
-                                           f"{expert_bytes}: the checkpoint's experts differ in shape")
-                norms.append(_norm(buffer[:expert_bytes].view(dtype)))
-                checksums.append(zlib.crc32(view[:expert_bytes]))
-                f.write(view)
-                progress.update()
-            layers.append(LayerSpec(block.name, block.num_experts, parts, expert_bytes, stride, offset,
-                                    tuple(norms), tuple(checksums)))
-            offset += stride * block.num_experts
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    return layers
+    try:
+        with progress:
+            for (block, parts), variants in zip(plans, lower):
+                native.begin(parts)
+                for p in precisions:
+                    writers[p].begin(variants[p])
+                norms = []
+                for expert in range(block.num_experts):
+                    _read_expert(source, adapter, block, expert, parts, native, dtype)
+                    norms.append(_norm(native.buffer[:native.expert_bytes].view(dtype)))
+                    weights = _views(native.buffer, parts, dtype)
+                    native.write()
+                    for p in precisions:
+                        writers[p].write([q for w in weights for q in quantization.quantize(w, p)])
+                    progress.update()
+                for writer in writers.values():
+                    writer.end(block.name, norms)
+        return {p: w.close() for p, w in writers.items()}
+    finally:
+        for writer in writers.values():
+            writer.file.close()
+
+
+def _read_expert(source: _Checkpoint, adapter, block, expert: int, parts: tuple[PartSpec, ...],
+                 native: _ExpertsWriter, dtype: torch.dtype) -> None:
+    """Expert ``expert`` of ``block`` from the checkpoint into ``native``'s buffer, checked."""
+    view, position = memoryview(native.buffer.numpy()), 0
+    for (name, keys), part in zip(adapter.disk_keys(block.name, expert), parts):
+        for key in keys:
+            nbytes = _expect(source, key, part, dtype)
+            source.read_into(key, view[position:position + nbytes])
+            _finite(key, native.buffer[position:position + nbytes].view(dtype))
+            position += nbytes
+    if position != native.expert_bytes:
+        raise UnsupportedModel(f"expert {expert} of {block.name} has {position} bytes on disk, expert 0 "
+                               f"{native.expert_bytes}: the checkpoint's experts differ in shape")
+
+
+def _views(buffer: torch.Tensor, parts: tuple[PartSpec, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+    out, start = [], 0
+    for part in parts:
+        out.append(buffer[start:start + part.nbytes].view(dtype).view(part.shape))
+        start += part.nbytes
+    return out
 
 
 def _parts(source: _Checkpoint, disk_keys) -> tuple[PartSpec, ...]:
@@ -205,9 +288,10 @@ def _dense_keys(model, source: _Checkpoint) -> dict[str, str]:
 
 
 def fingerprint(checkpoint: Path) -> str:
-    """Changes when the checkpoint's config or weight files change (name, size, mtime)."""
+    """Changes when the checkpoint's config or weight files change (name, size, mtime), or the CPU
+    int4 kernel's layout (a store is not moved between machines that pack int4 differently)."""
     checkpoint = Path(checkpoint)
-    digest = hashlib.sha256(f"format {FORMAT}\n".encode())
+    digest = hashlib.sha256(f"format {FORMAT} int4 {quantization.int4_layout_tag()}\n".encode())
     digest.update((checkpoint / "config.json").read_bytes())
     for path in sorted(checkpoint.glob("*.safetensors*")):
         stat = path.stat()

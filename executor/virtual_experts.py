@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.plan import Strategy
-from swapmoe.executor import memory
-from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers
+from swapmoe.executor import memory, quantization
+from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers, with_precisions
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
 from swapmoe.executor.gating import MaskedRouter
 from swapmoe.executor.skeleton import build_skeleton
@@ -94,7 +94,7 @@ class VirtualExperts:
         self.model = build_skeleton(Path(checkpoint), store_dir, manifest, self.device)
         norms = [torch.tensor(l.norms) for l in manifest.layers]
         routers = install_masked_routers(self.model, norms)
-        self.layout = describe(self.model)  # before slots replace the experts: all E per layer
+        self.layout = with_precisions(describe(self.model), self.store, self.device)  # before slots replace the experts
         kind = adapter_for(self.model).slots
         self.layers: list[Layer] = []
         for block, router, norm in zip(find_moe_blocks(self.model), routers, norms):
@@ -134,6 +134,11 @@ class VirtualExperts:
         """Slots per layer; empty before the first ``resize``."""
         return tuple(l.pool.capacity for l in self.layers) if self._filled else ()
 
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precision each layer's slots hold ("": the checkpoint's)."""
+        return tuple(l.experts.precision for l in self.layers)
+
     def resident(self) -> list[list[int]]:
         with self._state:
             return [l.pool.resident for l in self.layers]
@@ -147,7 +152,7 @@ class VirtualExperts:
         return self.loader.staging_bytes + self._sync.staging_bytes
 
     def slot_bytes(self) -> int:
-        return self.layout.expert_bytes(self.capacities) if self._filled else 0
+        return self.layout.expert_bytes(self.capacities, self.precisions) if self._filled else 0
 
     # --- routing tables: built with the pools' state, installed between passes -----------
     def _tables(self, layer: Layer) -> Tables:
@@ -168,23 +173,28 @@ class VirtualExperts:
             self.loader.submit(load)
 
     # --- plans: capacities and strategy ------------------------------------------------
-    def resize(self, capacities: Sequence[int]) -> None:
-        """Give each layer its number of slots: shrinking keeps the most important experts,
-        growing adds empty slots (filled at once when nothing is resident yet, else by updates)."""
+    def resize(self, capacities: Sequence[int], precisions: Sequence[str] = ()) -> None:
+        """Give each layer its number of slots and their precision (empty: as they are; "": the
+        checkpoint's): shrinking keeps the most important experts, growing adds empty slots
+        (filled at once when nothing is resident yet, else by updates), and a layer changing
+        precision refills its slots at once with its most important experts, at the new one."""
+        precisions = tuple(precisions) or self.precisions
         with self._state:
             self._settle()
             first, self._filled = not self._filled, True
             # The first fill reads the whole resident set (gigabytes at paper scale): show it on a terminal.
             filling = tqdm(total=sum(capacities), desc="filling expert slots", unit="expert",
                            disable=None if first else True, leave=False)
-            for index, (layer, capacity) in enumerate(zip(self.layers, capacities)):
+            for index, (layer, capacity, precision) in enumerate(zip(self.layers, capacities, precisions, strict=True)):
                 pool = layer.pool
-                if first:
+                if first or precision != layer.experts.precision:
+                    if precision != layer.experts.precision:
+                        layer.experts.set_precision(precision, self._parts(index, precision), self.device)
                     layer.pool = pool = SlotPool(pool.num_experts, capacity)
                     layer.experts.resize(capacity, {}, self.device)
                     wanted = sorted(pool.wanted(layer.scores.tolist(), capacity))  # index order: slot i = expert i when all fit
                     for expert, slot in pool.fill(wanted):
-                        self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+                        self._sync.copy(index, expert, layer.experts.slot_tensors(slot), precision)
                         pool.finish_load(expert, layer.scores.tolist(), capacity)
                         filling.update()
                 elif capacity < pool.capacity:
@@ -200,18 +210,27 @@ class VirtualExperts:
             if not first:
                 self.update(max_loads=max(capacities))
 
+    def _parts(self, index: int, precision: str) -> list[quantization.PartShape]:  # one expert, as stored
+        return [quantization.PartShape(p.name, p.shape, p.torch_dtype(self.store.manifest.dtype))
+                for p in self.store.spec(index, precision).parts]
+
     def restart(self, capacities: Sequence[int]) -> None:
         """Start over as a freshly built runtime would (no traffic seen, slots filled by expert
         norms), without rebuilding the model: accuracy profiling scores many configurations on
         one runtime, each from the same state, so a score does not depend on what ran before."""
         with self._state:
             self._settle()
-            for layer in self.layers:
-                layer.scores = layer.router.expert_norms.double().cpu() * 1e-9
-                layer.seen = layer.router.importance.detach().to("cpu", torch.double, copy=True)
+            self.forget_traffic()
             self._filled = False
             self._since_update = 0
             self.resize(capacities)
+
+    def forget_traffic(self) -> None:
+        """What the routers saw so far no longer moves the resident sets (passes that measured, not served)."""
+        with self._state:
+            for layer in self.layers:
+                layer.scores = layer.router.expert_norms.double().cpu() * 1e-9
+                layer.seen = layer.router.importance.detach().to("cpu", torch.double, copy=True)
 
     def wait_for_loads(self) -> None:
         """Block until the updates decided and the loads started so far are done (their tables
@@ -300,7 +319,7 @@ class VirtualExperts:
             layer.seen = importance
             scores = layer.scores.tolist()
             before = len(layer.pool.ready)
-            loads = [Load(index, expert, slot, layer.experts.slot_tensors(slot))
+            loads = [Load(index, expert, slot, layer.experts.slot_tensors(slot), precision=layer.experts.precision)
                      for expert, slot in layer.pool.begin_loads(scores, layer.pool.capacity,
                                                                 max_loads or self.max_loads_per_update)]
             if loads:  # a slot freed for a load is out of the tables before the load may write it
@@ -357,7 +376,7 @@ class VirtualExperts:
                 slot = pool.begin_sync_load(expert, keep=experts)
                 changed = True
                 try:
-                    self._sync.copy(index, expert, layer.experts.slot_tensors(slot))
+                    self._sync.copy(index, expert, layer.experts.slot_tensors(slot), layer.experts.precision)
                 except Exception as error:
                     pool.cancel_load(expert)  # the slot is free again, and the evicted expert unmapped
                     if isinstance(error, Corrupted):  # exact: each pass needing it fails; other strategies skip it

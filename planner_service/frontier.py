@@ -25,7 +25,7 @@ from swapmoe.planner_service.objectives import Objectives, Service
 from swapmoe.planner_service.search import Found, SearchSettings, least_bytes, search
 
 MAX_POINTS = 16  # budgets searched when a frontier is built
-FORMAT = 2  # of stored frontiers: 2 searched rows with experts (older ones are searched again)
+FORMAT = 3  # of stored frontiers: 2 searched rows with experts, 3 precision (older ones are searched again)
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +95,8 @@ def node_key(fingerprint: str, accuracy_digest: str, device, memory) -> str:
     """Stored frontiers are valid for one model, accuracy profile, device profile and memory model."""
     reserve = memory.reserve
     text = json.dumps([FORMAT, fingerprint, accuracy_digest, device.node_id, device.decode_step_ns, memory.fixed_bytes,
-                       reserve.sequence_bytes, [l.bytes_per_expert for l in memory.layout.layers]])
+                       reserve.sequence_bytes, [l.bytes_per_expert for l in memory.layout.layers],
+                       [l.precisions for l in memory.layout.layers]])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

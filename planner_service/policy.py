@@ -304,7 +304,9 @@ class PlanPolicy:
             if node_id in self._nodes and self._connected(node_id):
                 search(node_id, *args)
 
-        self._work.submit(run)
+        self._work.submit(run).add_done_callback(  # a search that raises is said, not lost in its future
+            lambda f: not f.cancelled() and f.exception()
+            and log.error("%s of %s failed", search.__name__, node_id, exc_info=f.exception()))
 
     def _build(self, node_id: str, workload: str, load: int) -> None:
         node = self._nodes[node_id]

@@ -397,4 +397,4 @@ def _accepts(record: ExecutorRecord, budget: int) -> bool:
 
 def _what(plan: Plan) -> tuple:
     """What a plan makes an executor do (its version and origin aside)."""
-    return plan.experts_per_layer, plan.update_frequency, plan.strategy, plan.rows
+    return plan.experts_per_layer, plan.update_frequency, plan.strategy, plan.rows, plan.precisions

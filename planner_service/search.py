@@ -1,11 +1,16 @@
 """The genetic search for a plan (paper section 3.4.2), on pymoo's NSGA-II.
 
-A genome is ``[strategy, update-frequency index, rows, experts of layer 0, ..., of layer L-1]``.
-Following the paper: a random initial population (each individual spends the whole budget,
-spread by a random Dirichlet share, so skewed and even allocations both start); mutation
-changes one parameter (or moves one expert between two layers); crossover exchanges genes or
-averages them; configurations over the memory budget are repaired back under it (rows first
-when one expert per layer does not fit beside them), and NSGA-II drops dominated ones. The two
+A genome is ``[strategy, update-frequency index, rows, experts of layer 0, ..., of layer L-1]``,
+then, where the executor keeps experts at lower precisions that E_accuracy was profiled with,
+``[precision of layer 0, ..., of layer L-1]`` (indices into ``Objectives.precisions``, most bytes
+first). Following the paper: a random initial population (each individual spends the whole
+budget, spread by a random Dirichlet share, so skewed and even allocations both start, at
+random precisions); mutation changes one parameter (or moves one expert between two layers, or
+sets every layer's precision at once); crossover exchanges genes or averages the counts;
+configurations over the memory budget are repaired back under it (rows first when one expert
+per layer does not fit beside them; then half of them lower the precision of random layers
+before any expert goes, half give up experts alone, so a budget cut is answered by whichever
+the models predict loses less), and NSGA-II drops dominated ones. The two
 objectives are the loss E_accuracy predicts and the inter-token latency per stream E_latency
 predicts at the service's offered load; memory, the latency target and the throughput target are
 constraints.
@@ -25,16 +30,13 @@ from typing import Sequence
 
 import numpy as np
 from pymoo.algorithms.moo.nsga2 import NSGA2
-from pymoo.core.crossover import Crossover
-from pymoo.core.mutation import Mutation
 from pymoo.core.problem import Problem
-from pymoo.core.repair import Repair
-from pymoo.core.sampling import Sampling
 from pymoo.optimize import minimize
 
 from swapmoe.core.plan import Plan, Strategy
 from swapmoe.core.sizes import format_size
-from swapmoe.planner_service.objectives import Objectives, Prediction, Service
+from swapmoe.planner_service.objectives import Objectives, Prediction, Service, expert_bytes_table
+from swapmoe.planner_service.operators import ChangeOne, ExchangeOrAverage, FitBudget, FullBudget
 
 HEAD = 3  # genes before the layers: strategy, frequency index, rows
 
@@ -68,15 +70,19 @@ class Found:
     rows: int = 0  # sequences decoded together (0: the executor's full batch)
     offered_load: int = 1  # concurrent streams it was chosen for
     verified: str = ""  # what was measured before it was chosen ("": not verified; planner_service.verification)
+    precision: tuple[str, ...] = ()  # per layer ("": the checkpoint's); empty: the checkpoint's everywhere
 
     def plan(self, version: int, origin: str) -> Plan:
-        return Plan(version, self.experts_per_layer, self.update_frequency, self.strategy, origin, rows=self.rows)
+        return Plan(version, self.experts_per_layer, self.update_frequency, self.strategy, origin, rows=self.rows,
+                    precision=self.precision)
 
     def origin(self, budget_bytes: int) -> str:
         """A plan's origin: what it was searched for, and what the models predict of it."""
         rows = f" rows={self.rows} load={self.offered_load}" if self.rows else ""
+        counts = {p or "native": self.precision.count(p) for p in self.precision}  # layers at each: short for any model
+        precision = f" precision={','.join(f'{p}x{n}' for p, n in counts.items())}" if self.precision else ""
         return (f"planner:search workload={self.workload} budget={format_size(budget_bytes)}{rows} "
-                f"strategy={self.strategy.value} predicted={self.predicted.accuracy:.4g} "
+                f"strategy={self.strategy.value}{precision} predicted={self.predicted.accuracy:.4g} "
                 f"{self.predicted.inter_token_ns / 1e6:.2f}ms"
                 + (" verified" if self.verified.startswith("measured") else ""))
 
@@ -86,7 +92,8 @@ class Found:
                     workload=self.workload, meets_latency=self.meets_latency, evaluated=self.evaluated,
                     accuracy=self.predicted.accuracy, inter_token_ns=self.predicted.inter_token_ns,
                     memory_bytes=self.predicted.memory_bytes, throughput=self.predicted.throughput,
-                    rows=self.rows, offered_load=self.offered_load, verified=self.verified)
+                    rows=self.rows, offered_load=self.offered_load, verified=self.verified,
+                    **({"precision": list(self.precision)} if self.precision else {}))
 
     @classmethod
     def from_json(cls, body: dict) -> "Found":
@@ -96,7 +103,7 @@ class Found:
                               float(body.get("throughput", 0.0))),
                    int(body["budget_bytes"]), str(body["workload"]), bool(body["meets_latency"]),
                    int(body["evaluated"]), int(body.get("rows", 0)), int(body.get("offered_load", 1)),
-                   str(body.get("verified", "")))
+                   str(body.get("verified", "")), tuple(str(p) for p in body.get("precision", ())))
 
 
 def search(objectives: Objectives, budget_bytes: int, service: Service = Service(),
@@ -117,8 +124,8 @@ def candidates(objectives: Objectives, budget_bytes: int, service: Service = Ser
     if problem.size <= settings.enumerate_below:
         return _enumerate(problem, count)
     start = [problem.genome(f) for f in seeds][: settings.population // 2]
-    algorithm = NSGA2(pop_size=settings.population, sampling=_FullBudget(start), crossover=_ExchangeOrAverage(),
-                      mutation=_ChangeOne(), repair=_FitBudget(), eliminate_duplicates=True)
+    algorithm = NSGA2(pop_size=settings.population, sampling=FullBudget(start), crossover=ExchangeOrAverage(),
+                      mutation=ChangeOne(), repair=FitBudget(), eliminate_duplicates=True)
     minimize(problem, algorithm, ("n_gen", settings.generations), seed=settings.seed, verbose=False)
     return problem.ranked(count)
 
@@ -145,10 +152,12 @@ def _enumerate(problem: "_PlanProblem", count: int, chunk: int = 1 << 16) -> lis
 
 
 def least_bytes(objectives: Objectives) -> int:
-    """One expert per layer and one sequence (or, from an executor that does not say its sequence
-    bytes, its full batch)."""
-    memory = objectives.memory
-    return memory.min_budget_bytes if memory.reserve.sequence_bytes else memory.smallest_plan_bytes
+    """One expert per layer at the smallest precision searched and one sequence (or, from an
+    executor that does not say its sequence bytes, its full batch): the executor's own minimum
+    counts precisions the accuracy model may not know."""
+    memory, layers = objectives.memory, objectives.memory.layout.layers
+    smallest = [min(objectives.precisions, key=l.bytes_at) for l in layers]
+    return memory.plan_bytes([1] * len(layers), 1 if memory.reserve.sequence_bytes else 0, smallest)
 
 
 class _PlanProblem(Problem):
@@ -156,22 +165,26 @@ class _PlanProblem(Problem):
         num_experts = np.array(objectives.num_experts)
         reserve = objectives.memory.reserve
         rows = (1, reserve.max_rows) if reserve.sequence_bytes else (0, 0)  # (0, 0): the full batch, unsized
-        super().__init__(n_var=HEAD + len(num_experts), n_obj=2, n_ieq_constr=3, vtype=int,
-                         xl=np.array([0, 0, rows[0]] + [1] * len(num_experts)),
+        layers, names = len(num_experts), objectives.precisions
+        precision = len(names) > 1  # precision genes only where there is a choice
+        super().__init__(n_var=HEAD + layers * (1 + precision), n_obj=2, n_ieq_constr=3, vtype=int,
+                         xl=np.array([0, 0, rows[0]] + [1] * layers + [0] * (layers * precision)),
                          xu=np.concatenate([[len(objectives.strategies) - 1, len(objectives.update_frequencies) - 1,
-                                             rows[1]], num_experts]))
+                                             rows[1]], num_experts, [len(names) - 1] * (layers * precision)]))
+        self.kept = slice(HEAD, HEAD + layers)  # genes of the experts per layer, then of their precision
+        self.precision = slice(HEAD + layers, HEAD + layers * (1 + precision))
+        self.bytes_table = expert_bytes_table(objectives.memory.layout, names)  # [layers, precisions]
         self.objectives, self.budget, self.service = objectives, budget, service
         self.latency_target = math.inf if service.latency_target_ns is None else service.latency_target_ns
         self.lower, self.upper = self.xl.astype(np.int64), self.xu.astype(np.int64)  # pymoo keeps floats
         self.frequencies = np.array(objectives.update_frequencies)
-        self.bytes_per_expert = np.array([l.bytes_per_expert for l in objectives.memory.layout.layers])
         self.archive: list[tuple[np.ndarray, ...]] = []  # (genomes, loss, latency, bytes, throughput) per evaluation
         self.evaluated = 0  # genomes forgotten by keep_best
 
     def _evaluate(self, x, out, *args, **kwargs):
         x = np.asarray(x, dtype=np.int64)
         accuracy, latency, memory, throughput = self.objectives.predict(
-            x[:, 0], self.frequencies[x[:, 1]], x[:, 2], x[:, HEAD:], self.service.offered_load)
+            x[:, 0], self.frequencies[x[:, 1]], x[:, 2], x[:, self.kept], self.service.offered_load, self.codes(x))
         loss = self.objectives.loss(accuracy)
         out["F"] = np.column_stack([loss, latency])
         out["G"] = np.column_stack([memory - self.budget, latency - min(self.latency_target, 1e30),
@@ -205,11 +218,21 @@ class _PlanProblem(Problem):
         return out
 
     def _plan(self, genome: np.ndarray) -> tuple:
-        """(strategy, update frequency, rows, experts) of a genome. On-demand never updates in the
-        background: its frequency means nothing, so it is 0."""
+        """(strategy, update frequency, rows, experts, precision) of a genome. On-demand never updates
+        in the background: its frequency means nothing, so it is 0."""
         strategy = self.objectives.strategies[genome[0]]
         frequency = 0 if strategy is Strategy.ON_DEMAND else int(self.frequencies[genome[1]])
-        return strategy, frequency, int(genome[2]), tuple(int(k) for k in genome[HEAD:])
+        precision = tuple(self.objectives.precisions[c] for c in genome[self.precision])
+        return (strategy, frequency, int(genome[2]), tuple(int(k) for k in genome[self.kept]),
+                precision if any(precision) else ())
+
+    def codes(self, x: np.ndarray) -> np.ndarray:
+        """[N, layers]: each genome's precision per layer (the checkpoint's where it has no such genes)."""
+        return x[:, self.precision] if self.precision.stop > self.precision.start else np.zeros_like(x[:, self.kept])
+
+    def expert_bytes(self, x: np.ndarray) -> np.ndarray:
+        """[N, layers]: one expert's bytes in each layer of each genome, at its precision."""
+        return self.bytes_table[np.arange(self.bytes_table.shape[0]), self.codes(x)]
 
     def _relaxation(self, x, loss, latency, memory, throughput) -> float:
         """When no plan that fits meets the targets: the least of 1.25, 1.25^2, ... by which they are
@@ -233,10 +256,10 @@ class _PlanProblem(Problem):
         evaluated, load = self.evaluated + len(np.unique(parts[0], axis=0)), self.service.offered_load
         out = []
         for row in rows:
-            strategy, frequency, rows_run, kept = self._plan(parts[0][row])
-            predicted = self.objectives.predict_one(strategy, frequency, kept, rows_run, load)
+            strategy, frequency, rows_run, kept, precision = self._plan(parts[0][row])
+            predicted = self.objectives.predict_one(strategy, frequency, kept, rows_run, load, precision)
             out.append(Found(strategy, frequency, kept, predicted, self.budget, self.objectives.workload, timely,
-                             evaluated, rows_run, load))
+                             evaluated, rows_run, load, precision=precision))
         return out
 
     @property
@@ -249,131 +272,13 @@ class _PlanProblem(Problem):
         frequencies = list(self.frequencies)
         frequency = frequencies.index(found.update_frequency) if found.update_frequency in frequencies else 0
         rows = int(np.clip(found.rows, self.lower[2], self.upper[2]))
-        return np.array([strategy, frequency, rows, *found.experts_per_layer], dtype=np.int64)
+        names = self.objectives.precisions
+        genes = [names.index(p) if p in names else 0 for p in found.precision or ("",) * len(found.experts_per_layer)]
+        genes = genes if self.precision.stop > self.precision.start else []
+        return np.array([strategy, frequency, rows, *found.experts_per_layer, *genes], dtype=np.int64)
 
     def spare(self, x: np.ndarray) -> np.ndarray:
         """Bytes left under the budget per individual (whole genomes; negative: over)."""
         memory = self.objectives.memory
         fixed = memory.plan_bytes([0] * memory.layout.num_layers, x[:, 2])
-        return self.budget - (fixed + x[:, HEAD:] @ self.bytes_per_expert)
-
-
-class _FullBudget(Sampling):
-    """Random individuals that spend the budget: filled toward a Dirichlet share whose
-    concentration is log-uniform, so allocations from skewed to nearly even all start; the
-    seeds given come first."""
-
-    def __init__(self, seeds: Sequence[np.ndarray] = ()):
-        super().__init__()
-        self.seeds = list(seeds)
-
-    def _do(self, problem: _PlanProblem, n_samples, *args, random_state=None, **kwargs):
-        random = self._random(problem, n_samples - len(self.seeds), random_state)
-        return np.vstack([np.array(self.seeds, dtype=np.int64).reshape(-1, problem.n_var), random])
-
-    def _random(self, problem: _PlanProblem, n_samples, random_state) -> np.ndarray:
-        rng = random_state
-        layers = problem.n_var - HEAD
-        x = np.ones((n_samples, problem.n_var), dtype=np.int64)
-        for gene in range(HEAD):
-            x[:, gene] = rng.integers(problem.lower[gene], problem.upper[gene] + 1, n_samples)
-        _fit_rows(problem, x)
-        concentration = 10 ** rng.uniform(-1, 1.5, n_samples)
-        share = np.array([rng.dirichlet(np.full(layers, c)) for c in concentration])
-        return _fill(problem, x, share)
-
-
-def _fit_rows(problem: _PlanProblem, x: np.ndarray) -> None:
-    """Cut each genome's rows (in place) to what the budget holds beside one expert per layer."""
-    ones = x.copy()
-    ones[:, HEAD:] = 1
-    sequence = problem.objectives.memory.reserve.sequence_bytes
-    over = problem.spare(ones) < 0
-    if sequence and over.any():
-        x[over, 2] = np.maximum(problem.lower[2], x[over, 2] + problem.spare(ones[over]) // sequence)
-
-
-def _fill(problem: _PlanProblem, x: np.ndarray, share: np.ndarray) -> np.ndarray:
-    """Genomes [N, genes] whose layers are grown toward ``share`` [N, layers] while each one's
-    budget has room: each round, every genome adds to its layer furthest below its share."""
-    x = x.copy()
-    kept = x[:, HEAD:]  # a view: growing it grows x
-    capacity = problem.upper[HEAD:]
-    want = share * capacity.sum()
-    rows = np.arange(len(kept))
-    while True:
-        spare = problem.spare(x)
-        room = (kept < capacity) & (problem.bytes_per_expert <= spare[:, None])
-        growing = room.any(axis=1)
-        if not growing.any():
-            return x
-        deficit = np.where(room, want - kept, -np.inf)
-        layer = deficit.argmax(axis=1)
-        steps = np.minimum(capacity[layer] - kept[rows, layer], spare // problem.bytes_per_expert[layer])
-        steps = np.clip(np.minimum(steps, np.ceil(deficit[rows, layer]).clip(1, None)), 1, None)
-        kept[rows[growing], layer[growing]] += steps[growing].astype(np.int64)
-
-
-class _ExchangeOrAverage(Crossover):
-    """Two parents give two children: half the matings exchange genes uniformly, half average
-    the layers' counts (rounded down for one child, up for the other)."""
-
-    def __init__(self):
-        super().__init__(2, 2, prob=0.9)
-
-    def _do(self, problem, x, *args, random_state=None, **kwargs):
-        rng = random_state
-        a, b = x[0].astype(np.int64), x[1].astype(np.int64)
-        out = np.stack([a.copy(), b.copy()])
-        exchange = rng.random(len(a)) < 0.5
-        swap = (rng.random(a.shape) < 0.5) & exchange[:, None]
-        out[0][swap], out[1][swap] = b[swap], a[swap]
-        mean = (a[~exchange, HEAD:] + b[~exchange, HEAD:]) / 2
-        out[0][~exchange, HEAD:] = np.floor(mean)
-        out[1][~exchange, HEAD:] = np.ceil(mean)
-        return out
-
-
-class _ChangeOne(Mutation):
-    """Change one parameter of each individual: the strategy, the update frequency, or one
-    layer's count (half the time by moving one expert to another layer, which keeps the
-    memory about the same)."""
-
-    def _do(self, problem, x, *args, random_state=None, **kwargs):
-        rng = random_state
-        x = np.asarray(x, dtype=np.int64).copy()
-        rows = np.arange(len(x))
-        gene = rng.integers(0, problem.n_var, len(x))
-        other = rng.integers(HEAD, problem.n_var, len(x))
-        move = (gene >= HEAD) & (rng.random(len(x)) < 0.5)
-        redraw = ~move
-        x[rows[redraw], gene[redraw]] = rng.integers(problem.lower[gene], problem.upper[gene] + 1)[redraw]
-        can = move & (gene != other) & (x[rows, gene] > 1) & (x[rows, other] < problem.upper[other])
-        x[rows[can], gene[can]] -= 1
-        x[rows[can], other[can]] += 1
-        return x
-
-
-class _FitBudget(Repair):
-    """Every individual is brought within the budget: rows first, when one expert per layer does
-    not fit beside them, then experts taken away from random layers (weighted by their counts);
-    then half of them, at random, fill the room left. The other half keep it: a model may rank a
-    plan that leaves memory unused above those that spend it."""
-
-    def _do(self, problem: _PlanProblem, x, random_state=None, **kwargs):
-        rng = random_state or np.random.default_rng(0)
-        x = np.asarray(x, dtype=np.int64).copy()
-        _fit_rows(problem, x)
-        kept = x[:, HEAD:]  # a view: cutting it cuts x
-        over = problem.spare(x) < 0
-        if over.any():  # most of the way in one step: each layer gives up the same share of its extra experts
-            removable = (kept[over] - 1) @ problem.bytes_per_expert
-            share = -problem.spare(x[over]) / np.maximum(removable, 1)
-            kept[over] -= np.floor((kept[over] - 1) * share[:, None] * 0.98).astype(np.int64)
-        while (over := problem.spare(x) < 0).any():
-            weights = np.cumsum(kept[over] - 1, axis=1)
-            pick = (weights > rng.random(len(weights))[:, None] * weights[:, -1:]).argmax(axis=1)
-            kept[np.flatnonzero(over), pick] -= 1
-        fill = rng.random(len(x)) < 0.5
-        x[fill] = _fill(problem, x[fill], rng.dirichlet(np.ones(kept.shape[1]), int(fill.sum())))
-        return x
+        return self.budget - (fixed + (x[:, self.kept] * self.expert_bytes(x)).sum(axis=1))

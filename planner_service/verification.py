@@ -36,10 +36,11 @@ def near_ties(candidates: Sequence[Found], error: float) -> list[Found]:
 
 
 def configuration(found: Found, num_experts: Sequence[int]) -> Configuration:
-    """What scoring runs for a plan: on-demand loading is exact, the full model's output."""
+    """What scoring runs for a plan: on-demand loading is exact, the full model's output (at the
+    plan's precision)."""
     if found.strategy is Strategy.ON_DEMAND:
-        return Configuration(tuple(num_experts), 0)
-    return Configuration(found.experts_per_layer, found.update_frequency)
+        return Configuration(tuple(num_experts), 0, found.precision)
+    return Configuration(found.experts_per_layer, found.update_frequency, found.precision)
 
 
 def verify(candidates: Sequence[Found], error: float, measure: Callable[[Found], float]) -> Found:

@@ -17,6 +17,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -102,12 +103,18 @@ class AccuracyProfiler:
         run.profiling_set.check_fits(bool(json.loads(config.read_text()).get("is_encoder_decoder")), str(run.checkpoint))
         self.layout = residency.checkpoint_layout(run.checkpoint)
         residency.check_cap(self.layout, run.max_resident_bytes)  # before Ray and the store
+        import torch
+
+        from swapmoe.executor.adapters import with_precisions
         from swapmoe.executor.store import Manifest
         from swapmoe.executor.store_build import ensure_store
 
         # Built once here, not by each worker at once; its manifest holds the checkpoint's fingerprint.
         store = ensure_store(run.checkpoint, run.store_root, log=log)
-        self.fingerprint = Manifest.load(store).model_fingerprint
+        manifest = Manifest.load(store)
+        self.fingerprint = manifest.model_fingerprint
+        # The lower precisions the store keeps, as the workers' runtimes describe them: configurations draw them.
+        self.layout = with_precisions(self.layout, SimpleNamespace(manifest=manifest), torch.device("cpu"))
         self.directory = artifacts.accuracy_dir(run.root, self.fingerprint, run.profiling_set.name)
         self.workers: list = []
 
@@ -117,14 +124,16 @@ class AccuracyProfiler:
 
     def configurations(self) -> list[Configuration]:
         """The full model first (the reference, and the workloads' activation histograms), then the
-        seed's first random configurations whose slots fit ``max_resident_bytes``."""
+        seed's first random configurations (at the precisions the store keeps) whose slots fit
+        ``max_resident_bytes``."""
         layout, cap = self.layout, self.run.max_resident_bytes
         full = Configuration(residency.full(layout), 0)
 
         def keep(config: Configuration) -> bool:
-            return config != full and residency.fits(layout, config.experts_per_layer, cap)
+            return config != full and residency.fits(layout, config.experts_per_layer, cap, config.precision)
 
-        return [full] + sample_many(full.experts_per_layer, self.run.configurations, self.run.seed, keep)
+        return [full] + sample_many(full.experts_per_layer, self.run.configurations, self.run.seed, keep,
+                                    layout.precisions)
 
     def __call__(self, progress: bool = True, on_result: Callable[[dict], None] = lambda row: None) -> list[dict]:
         """Score what is not scored yet; returns every row of ``scores.jsonl``."""
@@ -185,6 +194,8 @@ class AccuracyProfiler:
             row = dict(key=key, experts_per_layer=list(config.experts_per_layer),
                        update_frequency=config.update_frequency, accuracy=score.accuracy, totals=score.totals,
                        seconds=round(score.seconds, 3), finished=time.time())
+            if config.precision:
+                row["precision"] = list(config.precision)
             if key == self.reference_key:
                 row["activations"] = score.activations
             artifacts.append_score(self.scores_path, row)
@@ -196,7 +207,8 @@ class AccuracyProfiler:
         path = self.directory / "profile.json"
         body = dict(model_fingerprint=self.fingerprint, checkpoint=str(self.run.checkpoint),
                     profiling_set=dataclasses.asdict(self.run.profiling_set), seed=self.run.seed,
-                    num_experts=list(residency.full(self.layout)), max_resident_bytes=self.run.max_resident_bytes,
+                    num_experts=list(residency.full(self.layout)), precisions=list(self.layout.precisions),
+                    max_resident_bytes=self.run.max_resident_bytes,
                     sampling="swapmoe.profiler.configs (see its docstring)")
         if path.exists():
             artifacts.read_json(path, "accuracy-profile", self.fingerprint)

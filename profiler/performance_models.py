@@ -17,6 +17,8 @@ import numpy as np
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.device_profile import DeviceProfile
 from swapmoe.profiler.configs import Configuration
+from swapmoe.profiler.features import (configuration, feature_arrays, features, precision_indicators,
+                                        scored_precisions)
 
 HELD_OUT_PERCENT = 20
 ALPHAS = (0.01, 0.03, 0.1, 0.3, 1.0)  # L2 penalties E_accuracy's network is cross-validated over
@@ -26,26 +28,10 @@ ENSEMBLE = 5  # networks fitted from different seeds, averaged for the planner's
 # --- E_memory -------------------------------------------------------------------------
 def e_memory(memory: MemoryModel, config: Configuration) -> int:
     """Bytes the executor accounts for under ``config``: its own ``MemoryModel``, not a copy."""
-    return memory.plan_bytes(config.experts_per_layer)
+    return memory.plan_bytes(config.experts_per_layer, precision=config.precision)
 
 
 # --- E_accuracy -----------------------------------------------------------------------
-def features(configs: Sequence[Configuration], num_experts: Sequence[int]) -> np.ndarray:
-    """[configs, 2 x layers + 1]: the share of each layer's experts kept and its log (losing the
-    last few experts of a layer costs far more than the first few), and updates per token
-    (1 / update_frequency; 0 when the resident set never moves)."""
-    kept = np.array([c.experts_per_layer for c in configs], dtype=float).reshape(len(configs), len(num_experts))
-    return feature_arrays(kept, np.array([c.update_frequency for c in configs]), num_experts)
-
-
-def feature_arrays(kept: np.ndarray, update_frequency: np.ndarray, num_experts: Sequence[int]) -> np.ndarray:
-    """``features`` of many configurations given as arrays: kept [N, layers], update_frequency [N]."""
-    share = np.asarray(kept, dtype=float) / np.asarray(num_experts, dtype=float)
-    frequency = np.asarray(update_frequency, dtype=float)
-    rate = np.divide(1.0, frequency, out=np.zeros_like(frequency), where=frequency > 0)
-    return np.hstack([share, np.log(share), rate[:, None]])
-
-
 def lower_is_better(workload: str) -> bool:
     return workload != "summarization"  # perplexity; Rouge-2 is higher-better
 
@@ -72,13 +58,23 @@ class AccuracyModel:
     biases: tuple[tuple[float, ...], ...]
     y_mean: float
     y_scale: float
+    precisions: tuple[str, ...] = ()  # the lower precisions its features know (``features``); () before them
 
     def predict(self, configs: Sequence[Configuration]) -> np.ndarray:
-        return self._forward(features(configs, self.num_experts))
+        return self._forward(features(configs, self.num_experts, self.precisions))
 
-    def predict_arrays(self, kept: np.ndarray, update_frequency: np.ndarray) -> np.ndarray:
-        """``predict`` for kept [N, layers] and update_frequency [N] (what a search evaluates)."""
-        return self._forward(feature_arrays(kept, update_frequency, self.num_experts))
+    def predict_arrays(self, kept: np.ndarray, update_frequency: np.ndarray, precision: np.ndarray | None = None,
+                       names: Sequence[str] = ("",)) -> np.ndarray:
+        """``predict`` for kept [N, layers], update_frequency [N] and precision [N, layers] (indices
+        into ``names``; None: the checkpoint's everywhere): what a search evaluates."""
+        unknown = [n for n in names if n and n not in self.precisions]
+        if precision is not None and unknown:
+            raise ValueError(f"E_accuracy was not profiled with experts at {unknown} (it knows {list(self.precisions)})")
+        at = None if precision is None or not self.precisions else \
+            precision_indicators(precision, names, self.precisions)
+        if at is None and self.precisions:
+            at = np.zeros((len(kept), len(self.num_experts), len(self.precisions)), dtype=bool)
+        return self._forward(feature_arrays(kept, update_frequency, self.num_experts, at))
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         x = (x - np.asarray(self.x_mean)) / np.asarray(self.x_scale)
@@ -114,11 +110,16 @@ class AccuracyEnsemble:
     def num_experts(self) -> tuple[int, ...]:
         return self.members[0].num_experts
 
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        return self.members[0].precisions
+
     def predict(self, configs: Sequence[Configuration]) -> np.ndarray:
         return self._mean([m.predict(configs) for m in self.members])
 
-    def predict_arrays(self, kept: np.ndarray, update_frequency: np.ndarray) -> np.ndarray:
-        return self._mean([m.predict_arrays(kept, update_frequency) for m in self.members])
+    def predict_arrays(self, kept: np.ndarray, update_frequency: np.ndarray, precision: np.ndarray | None = None,
+                       names: Sequence[str] = ("",)) -> np.ndarray:
+        return self._mean([m.predict_arrays(kept, update_frequency, precision, names) for m in self.members])
 
     def _mean(self, predictions: list[np.ndarray]) -> np.ndarray:
         return _untarget(np.mean([_target(p, self.workload) for p in predictions], axis=0), self.workload)
@@ -137,26 +138,29 @@ def is_held_out(key: str) -> bool:
 
 
 def fit_accuracy(rows: list[dict], workload: str, num_experts: Sequence[int], seed: int = 0,
-                 hidden: int = 32) -> dict:
+                 hidden: int = 32, precisions: Sequence[str] = ()) -> dict:
     """Fit E_accuracy (the paper's two fully connected layers with ReLU; its L2 penalty chosen by
     5-fold cross-validation on the training configurations), ``ENSEMBLE`` such networks from
     different seeds at that penalty, and a linear model, on the training configurations of
-    ``rows``; report each on the held-out ones."""
+    ``rows``; report each on the held-out ones (and on those with some layer at a lower
+    precision alone). Its features know the lower precisions the rows scored (in the order of
+    ``precisions``, the store's)."""
     from sklearn.linear_model import LinearRegression
     from sklearn.model_selection import GridSearchCV, KFold
     from sklearn.neural_network import MLPRegressor
     from sklearn.preprocessing import StandardScaler
 
-    configs = [Configuration(tuple(r["experts_per_layer"]), r["update_frequency"]) for r in rows]
+    configs = [configuration(r) for r in rows]
+    known = scored_precisions(rows, precisions)
     y = np.array([r["accuracy"][workload] for r in rows], dtype=float)
     held = np.array([is_held_out(c.key) for c in configs])
     if held.all() or (~held).sum() < 3:
         raise ValueError(f"{len(rows)} scored configurations are too few to fit E_accuracy; score more")
-    x_scaler = StandardScaler().fit(features([c for c, h in zip(configs, held) if not h], num_experts))
+    x_scaler = StandardScaler().fit(features([c for c, h in zip(configs, held) if not h], num_experts, known))
     x_scaler.scale_[x_scaler.scale_ == 0] = 1.0
     t = _target(y[~held], workload)
     y_mean, y_scale = float(t.mean()), float(t.std() or 1.0)
-    x_train = x_scaler.transform(features([c for c, h in zip(configs, held) if not h], num_experts))
+    x_train = x_scaler.transform(features([c for c, h in zip(configs, held) if not h], num_experts, known))
     t_train = (t - y_mean) / y_scale
     network = MLPRegressor(hidden_layer_sizes=(hidden,), activation="relu", solver="lbfgs", max_iter=20_000,
                            random_state=seed)
@@ -169,7 +173,7 @@ def fit_accuracy(rows: list[dict], workload: str, num_experts: Sequence[int], se
                        for i in range(1, ENSEMBLE)]
     linear = LinearRegression().fit(x_train, t_train)
     common = dict(workload=workload, num_experts=tuple(num_experts), x_mean=tuple(x_scaler.mean_),
-                  x_scale=tuple(x_scaler.scale_), y_mean=y_mean, y_scale=y_scale)
+                  x_scale=tuple(x_scaler.scale_), y_mean=y_mean, y_scale=y_scale, precisions=known)
     networks = [AccuracyModel(weights=tuple(map(_rows, m.coefs_)), biases=tuple(tuple(b) for b in m.intercepts_),
                               **common) for m in members]
     models = {
@@ -180,9 +184,16 @@ def fit_accuracy(rows: list[dict], workload: str, num_experts: Sequence[int], se
     }
     held_configs = [c for c, h in zip(configs, held) if h]
     report = {name: _errors(m.predict(held_configs), y[held]) for name, m in models.items()} if held.any() else {}
-    return dict(workload=workload, trained_on=int((~held).sum()), held_out=int(held.sum()),
-                alpha=float(search.best_params_["alpha"]),
-                models={k: m.to_json() for k, m in models.items()}, held_out_error=report)
+    lowered = np.array([bool(c.precision) for c in configs]) & held
+    out = dict(workload=workload, trained_on=int((~held).sum()), held_out=int(held.sum()),
+               alpha=float(search.best_params_["alpha"]),
+               models={k: m.to_json() for k, m in models.items()}, held_out_error=report)
+    if known and lowered.any():  # the held-out configurations with some layer below the checkpoint's precision
+        lowered_configs = [c for c, h in zip(configs, lowered) if h]
+        out.update(held_out_with_precision=int(lowered.sum()),
+                   held_out_error_with_precision={name: _errors(m.predict(lowered_configs), y[lowered])
+                                                  for name, m in models.items()})
+    return out
 
 
 def _rows(matrix) -> tuple[tuple[float, ...], ...]:
@@ -228,13 +239,30 @@ class LatencyModel:
     # so rows buy no speed and a plan spends nothing on them it need not.
     batch_rows: tuple[int, ...] = ()
     batch_ratio: tuple[float, ...] = ()
+    # The lower precisions the executor keeps experts at; per precision, a decode pass with every
+    # layer at it over one at the checkpoint's (1.0 where not measured: an older profile predicts
+    # every precision at the checkpoint's speed) and an expert's bytes at it over the checkpoint's
+    # (the share of an update's or a miss's load time it takes).
+    precision_names: tuple[str, ...] = ()
+    precision_ratio: tuple[float, ...] = ()
+    precision_bytes: tuple[float, ...] = ()
 
     def inter_token_ns(self, config: Configuration) -> float:
         rate = 1.0 / config.update_frequency if config.update_frequency else 0.0
         overhead = float(np.interp(rate, self.rate, self.overhead_ns)) if self.rate else 0.0
-        loading = np.mean([k < e for k, e in zip(config.experts_per_layer, self.num_experts)])
+        names = ("", *self.precision_names)
+        codes = np.array([[names.index(p) if p in names else 0 for p in config.precisions]])
+        compute, loads = self.precision_factors(codes, names)
+        loading = np.mean([k < e for k, e in zip(config.experts_per_layer, self.num_experts)] * loads[0])
         scale = loading / self.sweep_loading_share if self.sweep_loading_share else 0.0
-        return self.base_ns + overhead * scale
+        return self.base_ns * float(compute[0]) + overhead * scale
+
+    def precision_factors(self, codes: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """For precision codes [N, layers] (indices into ``names``): each plan's pass time over one at
+        the checkpoint's precision [N] (each layer adds its share of the all-layers difference: layers
+        alike) and each layer's load time over the checkpoint's [N, layers] (bytes read)."""
+        return precision_factors(codes, names, dict(zip(self.precision_names,
+                                                        zip(self.precision_ratio, self.precision_bytes))))
 
     def pass_ratio(self, rows) -> np.ndarray:
         """A decode pass of ``rows`` sequences (an array) over one sequence's: interpolated between
@@ -256,7 +284,8 @@ class LatencyModel:
     def from_json(cls, body: dict) -> "LatencyModel":
         return cls(body["compute_ns"], body["base_ns"], tuple(body["rate"]), tuple(body["overhead_ns"]),
                    body["sweep_loading_share"], tuple(body["num_experts"]), tuple(body.get("batch_rows", ())),
-                   tuple(body.get("batch_ratio", ())))
+                   tuple(body.get("batch_ratio", ())), tuple(body.get("precision_names", ())),
+                   tuple(body.get("precision_ratio", ())), tuple(body.get("precision_bytes", ())))
 
 
 def expert_ns_at(samples, tokens: int) -> float:
@@ -282,7 +311,14 @@ def fit_latency(profile: DeviceProfile) -> LatencyModel:
         rate, overhead = tuple(float(v) for v in x), tuple(float(v) for v in fitted)
     else:
         rate, overhead = (), ()
-    loading = float(np.mean([k < e for k, e in zip(profile.sweep_experts_per_layer, num_experts)])) \
+    names, ratio, nbytes = precision_tables(profile)
+    sweep = ("", *names)
+    codes = np.array([[sweep.index(p) if p in sweep else 0 for p in profile.sweep_precision or
+                       ("",) * len(num_experts)]])
+    at_sweep, sweep_loads = precision_factors(codes, sweep, dict(zip(names, zip(ratio, nbytes))))
+    # The decode step and the sweep ran at the sweep's precision: the baseline is the checkpoint's.
+    compute, baseline = compute / float(at_sweep[0]), None if baseline is None else baseline / float(at_sweep[0])
+    loading = float(np.mean([k < e for k, e in zip(profile.sweep_experts_per_layer, num_experts)] * sweep_loads[0])) \
         if profile.sweep_experts_per_layer else 0.0
     batch = sorted((p.rows, p.step_ns) for p in profile.batch_decode if p.rows >= 1 and p.step_ns > 0)
     one = next((ns for rows, ns in batch if rows == 1), None)
@@ -294,7 +330,25 @@ def fit_latency(profile: DeviceProfile) -> LatencyModel:
     else:
         batch_rows, batch_ratio = (), ()
     return LatencyModel(compute, float(baseline) if baseline is not None else compute, rate, overhead, loading,
-                        num_experts, batch_rows, batch_ratio)
+                        num_experts, batch_rows, batch_ratio, names, ratio, nbytes)
+
+
+def precision_tables(profile: DeviceProfile) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
+    """The layout's lower precisions, each one's decode pass over the checkpoint's (1.0 unmeasured)
+    and its expert bytes over the checkpoint's (the mean over layers)."""
+    names = profile.layout.precisions
+    step = {p.precision: p.step_ns for p in profile.precision_points if p.step_ns > 0}
+    ratio = tuple(step[n] / step[""] if "" in step and n in step else 1.0 for n in names)
+    nbytes = tuple(float(np.mean([l.bytes_at(n) / l.bytes_per_expert for l in profile.layout.layers])) for n in names)
+    return names, ratio, nbytes
+
+
+def precision_factors(codes: np.ndarray, names: Sequence[str],
+                      measured: dict[str, tuple[float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """``LatencyModel.precision_factors`` from a table precision -> (pass ratio, bytes ratio)."""
+    table = np.array([measured.get(n, (1.0, 1.0)) for n in names], dtype=float).reshape(len(names), 2)
+    codes = np.asarray(codes, dtype=np.int64)
+    return 1.0 + (table[:, 0][codes] - 1.0).mean(axis=1), table[:, 1][codes]
 
 
 def relative_error(predicted: float, measured: float) -> float:

@@ -12,7 +12,7 @@ import dataclasses
 from pathlib import Path
 
 from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
-                                         OnDemandPoint, SweepPoint)
+                                         OnDemandPoint, PrecisionPoint, SweepPoint, ThreadPoint)
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.sizes import format_size
 from swapmoe.profiler import artifacts
@@ -28,12 +28,13 @@ def finish_accuracy(directory: Path, fingerprint: str | None = None) -> dict:
     meta = artifacts.read_json(directory / "profile.json", ACCURACY_KIND, fingerprint)
     rows = artifacts.read_scores(directory / artifacts.SCORES)
     num_experts = meta["num_experts"]
-    full = [r for r in rows if r["experts_per_layer"] == num_experts]
+    full = [r for r in rows if r["experts_per_layer"] == num_experts and not r.get("precision")]
     workloads = sorted(rows[0]["accuracy"]) if rows else []
     body = dict(model_fingerprint=meta["model_fingerprint"], num_experts=num_experts, configurations=len(rows),
                 reference_accuracy=full[0]["accuracy"] if full else {},
                 histograms=workload_histograms(rows),
-                workloads={w: fit_accuracy(rows, w, num_experts, seed=meta["seed"]) for w in workloads})
+                workloads={w: fit_accuracy(rows, w, num_experts, seed=meta["seed"],
+                                           precisions=meta.get("precisions", ())) for w in workloads})
     artifacts.write_json(directory / "e_accuracy.json", E_ACCURACY_KIND, body)
     (directory / "summary.md").write_text(accuracy_summary(meta, rows, body))
     return body
@@ -62,6 +63,13 @@ def accuracy_summary(meta: dict, rows: list[dict], body: dict) -> str:
                      f"{err['mlp']['mean_relative_error']:.2%} | "
                      f"{err.get('ensemble', err['mlp'])['mean_relative_error']:.2%} | {err['linear']['mean_relative_error']:.2%} | "
                      f"{err['mlp']['spearman']:.3f} |")
+    lowered = {w: fit for w, fit in body["workloads"].items() if fit.get("held_out_with_precision")}
+    if lowered:
+        lines += ["", f"Experts at lower precisions ({', '.join(meta.get('precisions', ()))}): of the held-out "
+                      "configurations, those with some layer below the checkpoint's precision, E_accuracy's (ensemble) "
+                      "mean relative error: " + ", ".join(
+                          f"{w} {fit['held_out_error_with_precision']['ensemble']['mean_relative_error']:.2%} "
+                          f"({fit['held_out_with_precision']})" for w, fit in lowered.items()) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -88,7 +96,8 @@ def load_device(directory: Path, fingerprint: str | None = None) -> DeviceProfil
     layout = body["layout"]
     return DeviceProfile(
         node_id=body["node_id"], device=DeviceInfo(**body["device"]), model_fingerprint=body["model_fingerprint"],
-        layout=ModelLayout(**{**layout, "layers": tuple(LayerLayout(**l) for l in layout["layers"])}),
+        layout=ModelLayout(**{**layout, "layers": tuple(LayerLayout(**{**l, "precisions": tuple(
+            tuple(p) for p in l.get("precisions", ()))}) for l in layout["layers"])}),
         layers=tuple(LayerProfile(l["bytes_per_expert"], l["activation_bytes_per_token"],
                                   tuple(ComputeSample(**c) for c in l["compute"])) for l in body["layers"]),
         loads=tuple(LoadSample(**l) for l in body["loads"]),
@@ -97,7 +106,10 @@ def load_device(directory: Path, fingerprint: str | None = None) -> DeviceProfil
         sweep=tuple(SweepPoint(**p) for p in body["sweep"]),
         inflection_update_frequency=body["inflection_update_frequency"],
         on_demand=OnDemandPoint(**body["on_demand"]) if body.get("on_demand") else None,
-        batch_decode=tuple(BatchDecodePoint(**p) for p in body.get("batch_decode", ())))
+        batch_decode=tuple(BatchDecodePoint(**p) for p in body.get("batch_decode", ())),
+        thread_points=tuple(ThreadPoint(**p) for p in body.get("thread_points", ())), threads=body.get("threads", 0),
+        precision_points=tuple(PrecisionPoint(**p) for p in body.get("precision_points", ())),
+        sweep_precision=tuple(body.get("sweep_precision", ())))
 
 
 def load_latency_model(directory: Path, fingerprint: str | None = None) -> LatencyModel:
@@ -126,6 +138,13 @@ def device_summary(profile: DeviceProfile, latency: LatencyModel) -> str:
     if profile.batch_decode:
         lines += ["", "A decode pass by batch size: " + ", ".join(f"{p.rows} rows {p.step_ns / 1e6:.2f} ms"
                                                              for p in profile.batch_decode) + "."]
+    if profile.thread_points:
+        lines += ["", "A decode pass by torch intra-op threads, with an expert load beside it: "
+                  + ", ".join(f"{p.threads} {p.step_ns / 1e6:.2f} ms" for p in profile.thread_points)
+                  + f"; chosen: **{profile.threads}**."]
+    if profile.precision_points:
+        lines += ["", "A decode pass with every layer's experts at each precision: " + ", ".join(
+            f"{p.precision or profile.layout.dtype} {p.step_ns / 1e6:.2f} ms" for p in profile.precision_points) + "."]
     if profile.on_demand is not None:
         miss = profile.miss_ns()
         lines += ["", f"On-demand loading at the same plan: {profile.on_demand.inter_token_ns / 1e6:.2f} ms between "

@@ -47,8 +47,9 @@ def check_cap(layout: ModelLayout, cap: int) -> None:
                          f"this model needs at least {least} ({format_size(least)})")
 
 
-def fits(layout: ModelLayout, experts_per_layer: Sequence[int], cap: int) -> bool:
-    return not cap or layout.expert_bytes(experts_per_layer) <= cap
+def fits(layout: ModelLayout, experts_per_layer: Sequence[int], cap: int, precision: Sequence[str] = ()) -> bool:
+    """Whether the slots fit ``cap`` with their experts at ``precision`` (per layer; empty: the checkpoint's)."""
+    return not cap or layout.expert_bytes(experts_per_layer, precision) <= cap
 
 
 def exact_capacities(layout: ModelLayout, cap: int) -> tuple[int, ...]:
@@ -65,15 +66,15 @@ def exact_capacities(layout: ModelLayout, cap: int) -> tuple[int, ...]:
     raise AssertionError("unreachable: one slot per layer fits a checked cap")
 
 
-def scoring_residency(layout: ModelLayout, experts_per_layer: Sequence[int],
-                      cap: int) -> tuple[tuple[int, ...], Strategy]:
+def scoring_residency(layout: ModelLayout, experts_per_layer: Sequence[int], cap: int,
+                      precision: Sequence[str] = ()) -> tuple[tuple[int, ...], Strategy]:
     """The slots and strategy that score a configuration under ``cap``: its own slots with masked
     gating when they fit, the full model on demand in fewer slots; anything else is refused."""
     experts_per_layer = tuple(experts_per_layer)
-    if fits(layout, experts_per_layer, cap):
+    if fits(layout, experts_per_layer, cap, precision):
         return experts_per_layer, Strategy.MASKED_GATING
-    if experts_per_layer == full(layout):
+    if experts_per_layer == full(layout) and not any(precision):
         return exact_capacities(layout, cap), Strategy.ON_DEMAND
-    size = layout.expert_bytes(experts_per_layer)
+    size = layout.expert_bytes(experts_per_layer, precision)
     raise ValueError(f"configuration {experts_per_layer} holds {size} bytes of experts ({format_size(size)}), "
                      f"over max_resident_bytes {cap} ({format_size(cap)})")

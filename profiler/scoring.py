@@ -1,7 +1,8 @@
 """Scoring one configuration on the profiling set with the executor's own runtime.
 
-The model runs as ``VirtualExperts`` under the configuration's slots: masked gating,
-importance (Eq. 1) and resident-set updates between forward passes, as the executor serves.
+The model runs as ``VirtualExperts`` under the configuration's slots, each layer's at the
+configuration's precision: masked gating, importance (Eq. 1) and resident-set updates between
+forward passes, as the executor serves.
 Two things differ, both so that a score is a function of the configuration alone:
 
 - each workload starts from a freshly filled runtime (``VirtualExperts.restart``);
@@ -98,9 +99,12 @@ class Scorer:
     def score(self, config: Configuration) -> Score:
         start = time.perf_counter()
         totals, activations = {}, {}
-        capacities, strategy = scoring_residency(self.layout, config.experts_per_layer, self.max_resident_bytes)
+        capacities, strategy = scoring_residency(self.layout, config.experts_per_layer, self.max_resident_bytes,
+                                                 config.precision)
         if strategy is not self.experts.strategy:  # on demand for the capped reference only
             self.experts.set_strategy(strategy)
+        if config.precisions != self.experts.precisions:  # one slot per layer at it: the restart fills the rest
+            self.experts.resize((1,) * len(capacities), config.precisions)
         for workload, inputs in self.inputs.items():
             self.experts.restart(capacities)
             before = [a.activations for a in self.experts.activity()]

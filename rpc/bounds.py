@@ -32,11 +32,14 @@ _REASON = limits.MAX_REASON_CHARS
 _NODE = limits.MAX_NODE_ID_CHARS
 _NODE_IDS = (limits.MAX_NODES_PER_REQUEST, _NODE)
 _SAMPLES = limits.MAX_PROFILE_SAMPLES
+_PRECISIONS = 8  # a layer's lower precisions (executor.quantization offers three)
 
 # Full field name -> characters (string), entries (repeated, map) or (entries, characters each).
 FIELD_LIMITS: dict[str, int | tuple[int, int]] = {
     # common.proto
     "swapmoe.v1.LayerLayout.module": _LABEL,
+    "swapmoe.v1.LayerLayout.precisions": _PRECISIONS,
+    "swapmoe.v1.PrecisionBytes.precision": _LABEL,
     "swapmoe.v1.ModelLayout.architecture": _LABEL,
     "swapmoe.v1.ModelLayout.model_class": _LABEL,
     "swapmoe.v1.ModelLayout.layers": limits.MAX_LAYERS,
@@ -46,6 +49,7 @@ FIELD_LIMITS: dict[str, int | tuple[int, int]] = {
     "swapmoe.v1.DeviceInfo.hostname": _LABEL,
     "swapmoe.v1.Plan.experts_per_layer": limits.MAX_LAYERS,
     "swapmoe.v1.Plan.origin": _LABEL,
+    "swapmoe.v1.Plan.precision": (limits.MAX_LAYERS, _LABEL),
     "swapmoe.v1.PlanResult.reason": _REASON,
     "swapmoe.v1.PlanResult.achieved_experts_per_layer": limits.MAX_LAYERS,
     # executor.proto
@@ -68,6 +72,10 @@ FIELD_LIMITS: dict[str, int | tuple[int, int]] = {
     "swapmoe.v1.ProfileResult.sweep_experts_per_layer": limits.MAX_LAYERS,
     "swapmoe.v1.ProfileResult.sweep": _SAMPLES,
     "swapmoe.v1.ProfileResult.batch_decode": _SAMPLES,
+    "swapmoe.v1.ProfileResult.thread_points": _SAMPLES,
+    "swapmoe.v1.ProfileResult.precision_points": _PRECISIONS + 1,
+    "swapmoe.v1.ProfileResult.sweep_precision": (limits.MAX_LAYERS, _LABEL),
+    "swapmoe.v1.PrecisionPoint.precision": _LABEL,
     "swapmoe.v1.LayerProfile.compute": _SAMPLES,
     "swapmoe.v1.LoadSample.tier": _LABEL,
     # telemetry.proto (executors send it up their Connect stream)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from swapmoe.core import limits
 from swapmoe.core.budget import Reserve
 from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
-                                         OnDemandPoint, SweepPoint)
+                                         OnDemandPoint, PrecisionPoint, SweepPoint, ThreadPoint)
 from swapmoe.core.errors import InvalidField
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.memory import MemoryReport
@@ -36,6 +36,7 @@ def plan_to_pb(plan: Plan) -> pb.Plan:
         origin=plan.origin,
         budget_bytes=plan.budget_bytes,
         rows=plan.rows,
+        precision=list(plan.precision),
     )
 
 
@@ -50,6 +51,7 @@ def plan_from_pb(msg: pb.Plan) -> Plan:
         origin=msg.origin,
         budget_bytes=msg.budget_bytes,
         rows=msg.rows,
+        precision=tuple(msg.precision),
     )
 
 
@@ -59,7 +61,8 @@ def layout_to_pb(layout: ModelLayout) -> pb.ModelLayout:
         model_class=layout.model_class,
         layers=[
             pb.LayerLayout(index=l.index, module=l.module, num_experts=l.num_experts,
-                           top_k=l.top_k, bytes_per_expert=l.bytes_per_expert)
+                           top_k=l.top_k, bytes_per_expert=l.bytes_per_expert,
+                           precisions=[pb.PrecisionBytes(precision=p, bytes_per_expert=b) for p, b in l.precisions])
             for l in layout.layers
         ],
         dense_bytes=layout.dense_bytes,
@@ -76,7 +79,8 @@ def layout_from_pb(msg: pb.ModelLayout) -> ModelLayout:
         architecture=msg.architecture,
         model_class=msg.model_class,
         layers=tuple(
-            LayerLayout(l.index, l.module, l.num_experts, l.top_k, l.bytes_per_expert) for l in msg.layers
+            LayerLayout(l.index, l.module, l.num_experts, l.top_k, l.bytes_per_expert,
+                        tuple((p.precision, p.bytes_per_expert) for p in l.precisions)) for l in msg.layers
         ),
         dense_bytes=msg.dense_bytes,
         dtype=msg.dtype,
@@ -195,6 +199,10 @@ def device_profile_to_pb(profile: DeviceProfile) -> epb.ProfileResult:
         on_demand=epb.OnDemandPoint(inter_token_ns=profile.on_demand.inter_token_ns,
                                     misses_per_token=profile.on_demand.misses_per_token) if profile.on_demand else None,
         batch_decode=[epb.BatchDecodePoint(rows=b.rows, step_ns=b.step_ns) for b in profile.batch_decode],
+        thread_points=[epb.ThreadPoint(threads=t.threads, step_ns=t.step_ns) for t in profile.thread_points],
+        threads=profile.threads,
+        precision_points=[epb.PrecisionPoint(precision=p.precision, step_ns=p.step_ns) for p in profile.precision_points],
+        sweep_precision=list(profile.sweep_precision),
     )
 
 
@@ -217,4 +225,8 @@ def device_profile_from_pb(msg: epb.ProfileResult) -> DeviceProfile:
         on_demand=OnDemandPoint(msg.on_demand.inter_token_ns, msg.on_demand.misses_per_token)
         if msg.HasField("on_demand") else None,
         batch_decode=tuple(BatchDecodePoint(b.rows, b.step_ns) for b in msg.batch_decode),
+        thread_points=tuple(ThreadPoint(t.threads, t.step_ns) for t in msg.thread_points),
+        threads=msg.threads,
+        precision_points=tuple(PrecisionPoint(p.precision, p.step_ns) for p in msg.precision_points),
+        sweep_precision=tuple(msg.sweep_precision),
     )

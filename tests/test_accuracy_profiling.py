@@ -180,9 +180,10 @@ def test_a_capped_run_scores_the_seeds_first_configurations_that_fit(capped_run,
     profiler, rows, _ = capped_run
     layout = profiler.layout
     fitting, over = [], 0
+    assert layout.precisions  # the store keeps lower precisions: configurations draw them, and fit at their bytes
     for index in itertools.count():  # the seed's sequence, filtered here independently of the profiler
-        config = sample([l.num_experts for l in layout.layers], index, seed=1)
-        if layout.expert_bytes(config.experts_per_layer) > cap:
+        config = sample([l.num_experts for l in layout.layers], index, seed=1, precisions=layout.precisions)
+        if layout.expert_bytes(config.experts_per_layer, config.precision) > cap:
             over += 1
         elif config not in fitting:
             fitting.append(config)
@@ -192,7 +193,7 @@ def test_a_capped_run_scores_the_seeds_first_configurations_that_fit(capped_run,
     assert sorted(r["key"] for r in rows) == sorted([profiler.reference_key] + [c.key for c in fitting])
     for row in rows:
         if row["key"] != profiler.reference_key:
-            assert layout.expert_bytes(row["experts_per_layer"]) <= cap
+            assert layout.expert_bytes(row["experts_per_layer"], row.get("precision", ())) <= cap
     longer = AccuracyProfiler(dataclasses.replace(profiler.run, configurations=8), log=lambda _: None)
     assert longer.configurations()[:5] == profiler.configurations()  # a longer run only adds
 

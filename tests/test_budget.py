@@ -42,8 +42,8 @@ def test_plans_leave_room_for_a_full_batch_but_one_sequence_is_the_minimum_and_e
     assert BATCHED.over_budget((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 250) == ""  # runs with one sequence
     assert BATCHED.over_budget((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 251) != ""
     # A budget cut keeps the plan while one sequence fits beside it, then cuts experts.
-    assert BATCHED.shrink((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 250) == (2, 2, 2)
-    assert BATCHED.shrink((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 251) == (2, 2, 1)
+    assert BATCHED.shrink((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 250)[0] == (2, 2, 2)
+    assert BATCHED.shrink((2, 2, 2), BATCHED.plan_bytes((2, 2, 2)) - 251)[0] == (2, 2, 1)
 
 
 def test_fit_splits_what_the_budget_leaves_after_the_fixed_bytes_evenly():
@@ -53,8 +53,8 @@ def test_fit_splits_what_the_budget_leaves_after_the_fixed_bytes_evenly():
 
 
 def test_shrink_keeps_a_fitting_plan_and_cuts_each_layer_to_the_fit_otherwise():
-    assert MODEL.shrink((8, 1, 2), MODEL.plan_bytes((8, 1, 2))) == (8, 1, 2)
-    assert MODEL.shrink((8, 1, 2), MODEL.plan_bytes((3, 3, 3))) == (3, 1, 2)
+    assert MODEL.shrink((8, 1, 2), MODEL.plan_bytes((8, 1, 2)))[0] == (8, 1, 2)
+    assert MODEL.shrink((8, 1, 2), MODEL.plan_bytes((3, 3, 3)))[0] == (3, 1, 2)
 
 
 def test_executor_and_planner_start_from_the_same_default_plan():
@@ -154,3 +154,26 @@ def test_a_reserve_without_sequence_bytes_plans_for_its_full_batch_as_before():
     assert BATCHED.plan_bytes((2, 2, 2), 1) == BATCHED.fixed_bytes - 250 + 600
     assert BATCHED.min_budget_bytes == 1060 + 300
     assert BATCHED.rows_within((2, 2, 2), 10**9) == BATCHED.rows_within((2, 2, 2), BATCHED.min_budget_bytes) == 1
+
+
+QUANTIZED = MemoryModel(ModelLayout("mixtral", "MixtralForCausalLM", tuple(
+    LayerLayout(i, f"model.layers.{i}.mlp", 8, 2, 100, (("bfloat16", 50), ("int4", 15))) for i in range(3)),
+    dense_bytes=1000), Reserve(staging_bytes=10, kv_cache_bytes=20, activation_bytes=30))
+
+
+def test_a_plans_experts_are_counted_at_its_precision_per_layer():
+    assert QUANTIZED.plan_bytes((2, 1, 4), 1, ("int4", "", "bfloat16")) == 1060 + 2 * 15 + 100 + 4 * 50
+    assert QUANTIZED.fit(1060 + 8 * 3 * 15, precision=("int4",) * 3) == (8, 8, 8)  # every expert at int4
+    assert QUANTIZED.fit(1060 + 8 * 3 * 15) == (1, 1, 1)  # the same bytes hold one each at the checkpoint's
+
+
+def test_the_minimum_budget_is_one_expert_per_layer_at_its_smallest_precision():
+    assert QUANTIZED.layout.smallest_precision == ("int4",) * 3
+    assert QUANTIZED.min_budget_bytes == 1060 + 3 * 15
+
+
+def test_a_budget_cut_cuts_experts_at_the_plans_precision_and_lowers_it_only_when_one_per_layer_no_longer_fits():
+    assert QUANTIZED.shrink((4, 4, 4), 1060 + 600) == ((2, 2, 2), ())
+    assert QUANTIZED.shrink((4, 4, 4), 1060 + 150) == ((4, 3, 3), ("int4",) * 3)  # 100 a layer no longer fits
+    assert QUANTIZED.default_plan(1060 + 299, 1, "test").precision == ("int4",) * 3
+    assert QUANTIZED.default_plan(1060 + 300, 1, "test").precision == ()

@@ -14,6 +14,7 @@ from swapmoe.core.fingerprint import model_fingerprint
 from swapmoe.executor.engine import Engine, EngineConfig
 from swapmoe.executor.planner_link import PlannerLink
 from swapmoe.executor.device_profiling import ProfileSpec, batch_sizes, inflection, relative_spread
+from swapmoe.executor.intra_op import thread_counts, usable_cores
 from swapmoe.orchestration.processes import spawn
 from swapmoe.planner_service.server import serve as serve_planner
 from swapmoe.rpc import convert, transport
@@ -103,6 +104,9 @@ def test_profile_returns_a_full_device_profile(executor, profiled_engine, tiny_m
     assert profiled_engine.scheduler.limit == 8
     assert [(b.rows, b.step_ns > 0) for b in result.batch_decode] == [(1, True), (2, True), (4, True), (8, True)]
     assert result.batch_decode[0].step_ns == result.decode_step_ns
+    # a decode pass at each thread count, with a load beside it, and the count chosen among them
+    assert [(t.threads, t.step_ns > 0) for t in result.thread_points] == [(n, True) for n in thread_counts(usable_cores())]
+    assert result.threads in thread_counts(usable_cores())
     assert list(result.sweep_experts_per_layer) == [2, 2]
     assert [p.update_frequency for p in result.sweep] == [0, 8, 2]
     assert all(p.inter_token_ns > 0 and p.tokens_per_second > 0 for p in result.sweep)
@@ -116,6 +120,24 @@ def test_profile_returns_a_full_device_profile(executor, profiled_engine, tiny_m
     assert result.load_tier == result.loads[0].tier and list(result.compute) == list(result.layers[0].compute)
     assert list(result.bytes_per_expert) == [l.bytes_per_expert for l in layout.layers]
     assert convert.device_profile_to_pb(convert.device_profile_from_pb(result)) == result
+
+
+def test_a_decode_pass_is_measured_at_each_precision_the_store_keeps_and_the_plans_precision_is_back(
+        executor, profiled_engine):
+    layout = profiled_engine.layout
+    plan = profiled_engine.plan
+    version = plan.version + 1
+    assert layout.precisions and profiled_engine.apply_plan(  # a plan at int8 when the profile starts
+        dataclasses.replace(plan, version=version, precision=("int8",) * layout.num_layers)).accepted
+    try:
+        result = profile(executor, **SMALL)
+        assert [(p.precision, p.step_ns > 0) for p in result.precision_points] == \
+            [(p, True) for p in ("", *layout.precisions)]
+        assert list(result.sweep_precision) == ["int8"] * layout.num_layers  # what the sweep ran at
+        assert profiled_engine.experts.precisions == ("int8",) * layout.num_layers
+    finally:
+        assert profiled_engine.apply_plan(dataclasses.replace(plan, version=version + 1)).accepted
+    assert profiled_engine.experts.precisions == ("",) * layout.num_layers
 
 
 def test_a_miss_costs_what_on_demand_generation_adds_to_the_baseline_per_miss():

@@ -137,8 +137,10 @@ def test_a_pinned_plan_survives_a_budget_change_and_a_push_without_a_plan_unpins
 
 def test_a_device_side_budget_cut_makes_the_planner_replan(cluster):
     d = executor_stub(cluster).Describe(epb.DescribeRequest(), timeout=5)
-    # Three experts per layer beside a full batch (the planner's plans leave room for one).
-    budget = d.min_budget_bytes + d.reserve.batch_bytes + 2 * sum(l.bytes_per_expert for l in d.layout.layers)
+    # Three experts per layer at the checkpoint's precision beside a full batch (the planner's plans
+    # leave room for one; the minimum budget is one expert per layer at its smallest precision).
+    smallest = sum(min(l.bytes_per_expert, *(p.bytes_per_expert for p in l.precisions)) for l in d.layout.layers)
+    budget = d.min_budget_bytes - smallest + d.reserve.batch_bytes + 3 * sum(l.bytes_per_expert for l in d.layout.layers)
     before = node_status(cluster).desired_plan.version
     executor_stub(cluster).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="test"), timeout=10)
     status = wait_until(lambda: (s := node_status(cluster)).desired_plan.version > before

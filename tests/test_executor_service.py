@@ -147,7 +147,8 @@ def test_budget_below_the_minimum_is_invalid_argument_and_changes_nothing(stub, 
 def test_a_budget_cut_shrinks_the_plan_to_fit_and_a_plan_over_budget_is_nacked(stub):
     d = stub.Describe(epb.DescribeRequest(), timeout=5)
     per_layer = [l.bytes_per_expert for l in d.layout.layers]
-    budget = d.min_budget_bytes + sum(per_layer)  # room for two experts per layer
+    smallest = [min(l.bytes_per_expert, *(p.bytes_per_expert for p in l.precisions)) for l in d.layout.layers]
+    budget = d.min_budget_bytes - sum(smallest) + 2 * sum(per_layer)  # two experts per layer at the checkpoint's
     reply = stub.SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="test"), timeout=10)
     assert reply.budget_bytes == budget and reply.memory.accounted_bytes <= budget
     assert list(reply.achieved_experts_per_layer) == [2, 2]

@@ -198,7 +198,8 @@ def test_generate_waits_for_one_measurement_of_a_maximal_profile_not_the_whole_p
                                  update_frequencies=list(range(1, 17)), sweep_tokens=trusted_engine.sweep_room)
     profile = executor.Profile(request, timeout=600)
     try:
-        wait_until(lambda: next(profile).stage.startswith("update-frequency sweep"), timeout=120,
+        # Before the sweep: thread counts and precisions at 100 repeats each (minutes on a loaded machine).
+        wait_until(lambda: next(profile).stage.startswith("update-frequency sweep"), timeout=400,
                    what="the profile's sweep")
         with transport.channel(address) as other:  # another client
             started = time.monotonic()

@@ -66,3 +66,36 @@ def test_a_shift_of_offered_load_is_answered_with_the_rows_that_load_pays_for():
         assert "at 8 streams" in planner.choose(record, "replan").reason and choice.plan.rows in (1, ROWS)
     finally:
         planner.close()
+
+
+def test_a_budget_cut_is_answered_with_a_plan_whose_experts_at_their_precision_fit_it():
+    """The executor keeps its experts at lower precisions too (its registration says their bytes): the
+    frontier answers a cut to half the float32 model's bytes with a searched plan that lowers precision
+    or the count, whichever the models predict loses less, and fits by the executor's memory model."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from swapmoe.core.budget import MemoryModel, Reserve
+    from swapmoe.planner_service.search import SearchSettings
+    from swapmoe.profiler.report import load_device
+    from test_planning_truth import LOWER
+
+    planner = policy(search=SearchSettings(population=16, generations=8), frontier_points=4)
+    device = load_device(PROFILES / LM / "devices" / "x86_64-bench", LM)
+    layout = dataclasses.replace(device.layout, layers=tuple(dataclasses.replace(l, precisions=LOWER)
+                                                             for l in device.layout.layers))
+    memory = MemoryModel(layout, Reserve())
+    record = SimpleNamespace(node_id="edge-1", budget_bytes=layout.total_bytes, workload="mix",
+                             registration=SimpleNamespace(model_fingerprint=LM), memory_model=memory)
+    planner._node("edge-1", LM, memory)
+    planner._search_later = lambda search, node_id, *args: search(node_id, *args)
+    try:
+        planner._ready("edge-1", device, replan=False)
+        planner._build("edge-1", "mix", 1)
+        assert planner.choose(record, "registered").plan.experts_per_layer == (16,) * 6  # everything fits
+        record.budget_bytes = layout.total_bytes // 2
+        plan = planner.choose(record, "budget change").plan
+        assert plan.precision and memory.over_budget(plan.experts_per_layer, record.budget_bytes, plan.precision) == ""
+        assert f"precision={plan.precision[0] or 'native'}x" in plan.origin
+    finally:
+        planner.close()

@@ -13,7 +13,7 @@ import pytest
 
 from swapmoe.core.budget import MemoryModel
 from swapmoe.core.device_profile import (BatchDecodePoint, ComputeSample, DeviceProfile, LayerProfile, LoadSample,
-                                         SweepPoint)
+                                         PrecisionPoint, SweepPoint)
 from swapmoe.core.layout import DeviceInfo, LayerLayout, ModelLayout
 from swapmoe.core.plan import Plan
 from swapmoe.profiler import artifacts
@@ -64,6 +64,33 @@ def test_a_configuration_key_round_trips():
     assert Configuration.from_key(config.key) == config
 
 
+LOWER = ("bfloat16", "int8", "int4")
+
+
+def test_a_configuration_with_precision_round_trips_and_an_older_key_reads_as_the_checkpoints_precision():
+    config = Configuration((4, 16, 2), 8, ("int4", "", "bfloat16"))
+    assert config.key == "f=8;k=4,16,2;p=int4,,bfloat16" and Configuration.from_key(config.key) == config
+    assert config.plan(3).precision == ("int4", "", "bfloat16")
+    older = Configuration.from_key("f=8;k=4,16,2")  # as scores.jsonl files from before precisions hold them
+    assert older.precision == () and older.precisions == ("", "", "") and older.plan(3).precision == ()
+    assert Configuration((4, 16, 2), 8, ("", "", "")) == older and older.key == "f=8;k=4,16,2"
+
+
+def test_sampling_with_precisions_keeps_the_draws_of_a_run_without_them_and_mixes_precisions():
+    # Counts and frequencies are drawn as before: where the precision comes out native, the key is the same
+    # and an older profile's score of it still counts.
+    for index in range(300):
+        a, b = sample([16] * 6, index), sample([16] * 6, index, precisions=LOWER)
+        assert (a.experts_per_layer, a.update_frequency) == (b.experts_per_layer, b.update_frequency)
+    configs = sample_many([16] * 6, 300, seed=0, precisions=LOWER)
+    native = [c for c in configs if not c.precision]
+    uniform = [c for c in configs if c.precision and len(set(c.precision)) == 1]
+    assert 0.25 < len(native) / 300 < 0.45 and 0.15 < len(uniform) / 300 < 0.35
+    assert {c.precision[0] for c in uniform} == set(LOWER)
+    assert {p for c in configs for p in c.precisions} == {"", *LOWER}
+    assert sample_many([16] * 6, 300, seed=0, precisions=LOWER)[:50] == sample_many([16] * 6, 50, 0, precisions=LOWER)
+
+
 # --- profiling data -----------------------------------------------------------------
 @pytest.mark.parametrize("name", ["code", "prose", "manual", "summarization"])
 def test_profiling_and_judging_sets_share_no_document(name):
@@ -107,6 +134,44 @@ def _synthetic_rows(count: int) -> list[dict]:
         out.append(dict(key=c.key, experts_per_layer=list(c.experts_per_layer), update_frequency=c.update_frequency,
                         accuracy={"mix": float(ppl)}))
     return out
+
+
+def _synthetic_rows_with_precision(count: int) -> list[dict]:
+    """``_synthetic_rows``' perplexity, and int4 costing accuracy in the first layer above all;
+    bfloat16 costs nothing and int8 a little."""
+    cost = {"": 0.0, "bfloat16": 0.0, "int8": 0.01, "int4": 0.08}
+    out = []
+    for c in sample_many([8, 8, 8], count, seed=1, precisions=LOWER):
+        kept = np.array(c.experts_per_layer) / 8
+        ppl = 20 * np.exp(2.0 * (1 - kept[0]) ** 2 + 0.5 * (1 - kept[1]) + 0.1 * (1 - kept[2]) + 0.05 / c.update_frequency
+                          + sum(cost[p] * w for p, w in zip(c.precisions, (3.0, 1.0, 0.5))))
+        out.append(dict(key=c.key, experts_per_layer=list(c.experts_per_layer), update_frequency=c.update_frequency,
+                        accuracy={"mix": float(ppl)}, **({"precision": list(c.precision)} if c.precision else {})))
+    return out
+
+
+@pytest.mark.slow
+def test_e_accuracy_learns_what_each_layers_precision_costs_and_reports_held_out_error_with_precision():
+    fitted = fit_accuracy(_synthetic_rows_with_precision(300), "mix", [8, 8, 8], precisions=LOWER)
+    model = AccuracyEnsemble.from_json(json.loads(json.dumps(fitted["models"]["ensemble"])))
+    assert model.precisions == LOWER
+    assert fitted["held_out_with_precision"] > 20
+    assert fitted["held_out_error_with_precision"]["ensemble"]["mean_relative_error"] < 0.03
+    at = {p: model.predict([Configuration((6, 6, 6), 8, q)])[0] for p, q in
+          (("native", ()), ("int4 first", ("int4", "", "")), ("int4 last", ("", "", "int4")), ("int4", ("int4",) * 3))}
+    assert at["native"] < at["int4 last"] < at["int4 first"] < at["int4"]
+    assert at["int4"] / at["native"] == pytest.approx(np.exp(0.08 * 4.5), rel=0.03)
+
+
+def test_an_e_accuracy_fitted_before_precisions_predicts_the_checkpoints_and_refuses_a_precision_it_never_saw():
+    rng = np.random.default_rng(0)
+    old = AccuracyModel("mix", (8, 8), (0.0,) * 5, (1.0,) * 5, (tuple((float(w),) for w in rng.normal(size=5)),),
+                        ((0.0,),), 3.0, 0.5)
+    assert AccuracyModel.from_json({k: v for k, v in old.to_json().items() if k != "precisions"}) == old
+    config = Configuration((4, 8), 4)
+    assert old.predict([config])[0] == old.predict_arrays(np.array([[4, 8]]), np.array([4]))[0]
+    with pytest.raises(ValueError, match="not profiled with experts at 'int4'"):
+        old.predict([Configuration((4, 8), 4, ("int4", ""))])
 
 
 @pytest.mark.slow
@@ -181,6 +246,47 @@ def test_the_batch_ratio_is_measured_monotone_and_extends_past_the_largest_batch
     assert ratio[4] == pytest.approx(2.4) and ratio[5] == pytest.approx(2.4 + 2 * 0.8 / 4)
     assert LatencyModel.from_json(model.to_json()) == model
     assert list(fit_latency(dataclasses.replace(profile, batch_decode=())).pass_ratio(np.array([1, 4]))) == [1, 4]
+
+
+def _precision_profile(**changes) -> DeviceProfile:
+    """``_device_profile`` of an executor that keeps int8 and int4 experts and timed a pass at each."""
+    base = _device_profile([(0, 1_000_000), (8, 1_000_000), (2, 1_200_000)])
+    layout = dataclasses.replace(base.layout, layers=tuple(
+        dataclasses.replace(l, precisions=(("int8", 270), ("int4", 160))) for l in base.layout.layers))
+    points = (PrecisionPoint("", 1_000_000), PrecisionPoint("int8", 900_000), PrecisionPoint("int4", 800_000))
+    return dataclasses.replace(base, layout=layout, precision_points=points, **changes)
+
+
+def test_e_latency_runs_a_pass_at_each_precisions_measured_speed_and_an_older_profile_at_the_checkpoints():
+    model = fit_latency(_precision_profile())
+    assert (model.precision_names, model.precision_ratio, model.precision_bytes) == \
+        (("int8", "int4"), (0.9, 0.8), (0.27, 0.16))
+    native = model.inter_token_ns(Configuration((4, 4), 0))
+    assert model.inter_token_ns(Configuration((4, 4), 0, ("int4", "int4"))) == pytest.approx(0.8 * native)
+    assert model.inter_token_ns(Configuration((4, 4), 0, ("int4", ""))) == pytest.approx(0.9 * native)
+    overhead = [model.inter_token_ns(Configuration((4, 4), 2, p)) - model.inter_token_ns(Configuration((4, 4), 0, p))
+                for p in ((), ("int4", "int4"))]
+    assert overhead[1] == pytest.approx(0.16 * overhead[0])  # an update loads int4's bytes
+    assert LatencyModel.from_json(model.to_json()) == model
+    # The sweep ran at int4 (the plan in force): the baseline at the checkpoint's is the slower one.
+    at_int4 = fit_latency(_precision_profile(sweep_precision=("int4", "int4")))
+    assert at_int4.base_ns == pytest.approx(native / 0.8)
+    older = fit_latency(dataclasses.replace(_precision_profile(), precision_points=()))
+    assert older.inter_token_ns(Configuration((4, 4), 0, ("int4", "int4"))) == pytest.approx(native)
+    body = {k: v for k, v in model.to_json().items() if not k.startswith("precision")}  # an e_latency.json of before
+    assert LatencyModel.from_json(body).inter_token_ns(Configuration((4, 4), 0, ("int4", "int4"))) == \
+        pytest.approx(native)
+
+
+def test_a_device_profile_with_precision_points_round_trips_through_its_file_and_the_wire(tmp_path):
+    from swapmoe.profiler.report import load_device, save_device
+
+    profile = _precision_profile(sweep_precision=("int8", ""))
+    directory = save_device(tmp_path, profile)
+    assert load_device(directory, "abc") == profile
+    assert "every layer's experts at each precision: float32 1.00 ms, int8 0.90 ms, int4 0.80 ms" in \
+        (directory / "summary.md").read_text()
+    assert convert.device_profile_from_pb(convert.device_profile_to_pb(profile)) == profile
 
 
 # --- stored profiles ----------------------------------------------------------------

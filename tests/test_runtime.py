@@ -120,7 +120,7 @@ def test_after_many_swaps_every_slot_holds_exactly_its_expert(arch, checkpoint_d
 def test_without_direct_reads_experts_go_through_the_staging_buffer(arch, checkpoint_dirs, runtime_for):
     reference = load_checkpoint(checkpoint_dirs(arch)).model
     runtime = runtime_for(arch)
-    runtime.store._without_direct_io()  # as on a file system that refuses O_DIRECT reads
+    runtime.store.without_direct_io()  # as on a file system that refuses O_DIRECT reads
     runtime.resize(_half(runtime))
     assert not runtime.store.can_read_into(0, runtime.layers[0].experts.slot_tensors(0))
     runtime.update(max_loads=2)

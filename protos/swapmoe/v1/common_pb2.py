@@ -24,31 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swapmoe/v1/common.proto\x12\nswapmoe.v1\"j\n\x0bLayerLayout\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x18\n\x10\x62ytes_per_expert\x18\x05 \x01(\x04\"\xde\x01\n\x0bModelLayout\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0bmodel_class\x18\x02 \x01(\t\x12\'\n\x06layers\x18\x03 \x03(\x0b\x32\x17.swapmoe.v1.LayerLayout\x12\x13\n\x0b\x64\x65nse_bytes\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_positions\x18\x08 \x01(\r\x12\x17\n\x0f\x65ncoder_decoder\x18\t \x01(\x08\"c\n\nDeviceInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x10\n\x08hostname\x18\x05 \x01(\t\"\xb3\x01\n\x04Plan\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x19\n\x11\x65xperts_per_layer\x18\x02 \x03(\r\x12\x18\n\x10update_frequency\x18\x03 \x01(\r\x12\x31\n\x08strategy\x18\x04 \x01(\x0e\x32\x1f.swapmoe.v1.NonResidentStrategy\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04rows\x18\x07 \x01(\r\"\xbb\x01\n\nPlanResult\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x04 \x03(\r\x12(\n\x06memory\x18\x05 \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12\x10\n\x08\x61pply_ns\x18\x06 \x01(\x04\x12\x15\n\rachieved_rows\x18\x07 \x01(\r\"\x96\x01\n\x07Reserve\x12\x15\n\rstaging_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x62\x61tch_bytes\x18\x04 \x01(\x04\x12\x15\n\rruntime_bytes\x18\x05 \x01(\x04\x12\x16\n\x0esequence_bytes\x18\x06 \x01(\x04\"\xec\x01\n\x0cMemoryReport\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x61\x63\x63ounted_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65nse_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x65xpert_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\x06 \x01(\x04\x12\x19\n\x11process_rss_bytes\x18\x07 \x01(\x04\x12\x1e\n\x16process_peak_rss_bytes\x18\x08 \x01(\x04\x12\x15\n\rruntime_bytes\x18\t \x01(\x04\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"j\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x1e\n\x16time_to_first_token_ns\x18\x02 \x01(\x04\x12\x1b\n\x13mean_inter_token_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04*\xaa\x01\n\x13NonResidentStrategy\x12%\n!NON_RESIDENT_STRATEGY_UNSPECIFIED\x10\x00\x12\'\n#NON_RESIDENT_STRATEGY_MASKED_GATING\x10\x01\x12\x1e\n\x1aNON_RESIDENT_STRATEGY_SKIP\x10\x02\x12#\n\x1fNON_RESIDENT_STRATEGY_ON_DEMAND\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17swapmoe/v1/common.proto\x12\nswapmoe.v1\"\x9a\x01\n\x0bLayerLayout\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0e\n\x06module\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\r\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x18\n\x10\x62ytes_per_expert\x18\x05 \x01(\x04\x12.\n\nprecisions\x18\x06 \x03(\x0b\x32\x1a.swapmoe.v1.PrecisionBytes\"=\n\x0ePrecisionBytes\x12\x11\n\tprecision\x18\x01 \x01(\t\x12\x18\n\x10\x62ytes_per_expert\x18\x02 \x01(\x04\"\xde\x01\n\x0bModelLayout\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x13\n\x0bmodel_class\x18\x02 \x01(\t\x12\'\n\x06layers\x18\x03 \x03(\x0b\x32\x17.swapmoe.v1.LayerLayout\x12\x13\n\x0b\x64\x65nse_bytes\x18\x04 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x04\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x15\n\rmax_positions\x18\x08 \x01(\r\x12\x17\n\x0f\x65ncoder_decoder\x18\t \x01(\x08\"c\n\nDeviceInfo\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cmemory_bytes\x18\x03 \x01(\x04\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x10\n\x08hostname\x18\x05 \x01(\t\"\xc6\x01\n\x04Plan\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x19\n\x11\x65xperts_per_layer\x18\x02 \x03(\r\x12\x18\n\x10update_frequency\x18\x03 \x01(\r\x12\x31\n\x08strategy\x18\x04 \x01(\x0e\x32\x1f.swapmoe.v1.NonResidentStrategy\x12\x0e\n\x06origin\x18\x05 \x01(\t\x12\x14\n\x0c\x62udget_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04rows\x18\x07 \x01(\r\x12\x11\n\tprecision\x18\x08 \x03(\t\"\xbb\x01\n\nPlanResult\x12\x14\n\x0cplan_version\x18\x01 \x01(\x04\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\"\n\x1a\x61\x63hieved_experts_per_layer\x18\x04 \x03(\r\x12(\n\x06memory\x18\x05 \x01(\x0b\x32\x18.swapmoe.v1.MemoryReport\x12\x10\n\x08\x61pply_ns\x18\x06 \x01(\x04\x12\x15\n\rachieved_rows\x18\x07 \x01(\r\"\x96\x01\n\x07Reserve\x12\x15\n\rstaging_bytes\x18\x01 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x02 \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x62\x61tch_bytes\x18\x04 \x01(\x04\x12\x15\n\rruntime_bytes\x18\x05 \x01(\x04\x12\x16\n\x0esequence_bytes\x18\x06 \x01(\x04\"\xec\x01\n\x0cMemoryReport\x12\x14\n\x0c\x62udget_bytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x61\x63\x63ounted_bytes\x18\x02 \x01(\x04\x12\x13\n\x0b\x64\x65nse_bytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x65xpert_bytes\x18\x04 \x01(\x04\x12\x16\n\x0ekv_cache_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x61\x63tivation_bytes\x18\x06 \x01(\x04\x12\x19\n\x11process_rss_bytes\x18\x07 \x01(\x04\x12\x1e\n\x16process_peak_rss_bytes\x18\x08 \x01(\x04\x12\x15\n\rruntime_bytes\x18\t \x01(\x04\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"j\n\x07Timings\x12\x10\n\x08queue_ns\x18\x01 \x01(\x04\x12\x1e\n\x16time_to_first_token_ns\x18\x02 \x01(\x04\x12\x1b\n\x13mean_inter_token_ns\x18\x03 \x01(\x04\x12\x10\n\x08total_ns\x18\x04 \x01(\x04*\xaa\x01\n\x13NonResidentStrategy\x12%\n!NON_RESIDENT_STRATEGY_UNSPECIFIED\x10\x00\x12\'\n#NON_RESIDENT_STRATEGY_MASKED_GATING\x10\x01\x12\x1e\n\x1aNON_RESIDENT_STRATEGY_SKIP\x10\x02\x12#\n\x1fNON_RESIDENT_STRATEGY_ON_DEMAND\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'swapmoe.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NONRESIDENTSTRATEGY']._serialized_start=1405
-  _globals['_NONRESIDENTSTRATEGY']._serialized_end=1575
-  _globals['_LAYERLAYOUT']._serialized_start=39
-  _globals['_LAYERLAYOUT']._serialized_end=145
-  _globals['_MODELLAYOUT']._serialized_start=148
-  _globals['_MODELLAYOUT']._serialized_end=370
-  _globals['_DEVICEINFO']._serialized_start=372
-  _globals['_DEVICEINFO']._serialized_end=471
-  _globals['_PLAN']._serialized_start=474
-  _globals['_PLAN']._serialized_end=653
-  _globals['_PLANRESULT']._serialized_start=656
-  _globals['_PLANRESULT']._serialized_end=843
-  _globals['_RESERVE']._serialized_start=846
-  _globals['_RESERVE']._serialized_end=996
-  _globals['_MEMORYREPORT']._serialized_start=999
-  _globals['_MEMORYREPORT']._serialized_end=1235
-  _globals['_USAGE']._serialized_start=1237
-  _globals['_USAGE']._serialized_end=1294
-  _globals['_TIMINGS']._serialized_start=1296
-  _globals['_TIMINGS']._serialized_end=1402
+  _globals['_NONRESIDENTSTRATEGY']._serialized_start=1536
+  _globals['_NONRESIDENTSTRATEGY']._serialized_end=1706
+  _globals['_LAYERLAYOUT']._serialized_start=40
+  _globals['_LAYERLAYOUT']._serialized_end=194
+  _globals['_PRECISIONBYTES']._serialized_start=196
+  _globals['_PRECISIONBYTES']._serialized_end=257
+  _globals['_MODELLAYOUT']._serialized_start=260
+  _globals['_MODELLAYOUT']._serialized_end=482
+  _globals['_DEVICEINFO']._serialized_start=484
+  _globals['_DEVICEINFO']._serialized_end=583
+  _globals['_PLAN']._serialized_start=586
+  _globals['_PLAN']._serialized_end=784
+  _globals['_PLANRESULT']._serialized_start=787
+  _globals['_PLANRESULT']._serialized_end=974
+  _globals['_RESERVE']._serialized_start=977
+  _globals['_RESERVE']._serialized_end=1127
+  _globals['_MEMORYREPORT']._serialized_start=1130
+  _globals['_MEMORYREPORT']._serialized_end=1366
+  _globals['_USAGE']._serialized_start=1368
+  _globals['_USAGE']._serialized_end=1425
+  _globals['_TIMINGS']._serialized_start=1427
+  _globals['_TIMINGS']._serialized_end=1533
 # @@protoc_insertion_point(module_scope)

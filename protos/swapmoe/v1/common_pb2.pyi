@@ -19,18 +19,28 @@ NON_RESIDENT_STRATEGY_SKIP: NonResidentStrategy
 NON_RESIDENT_STRATEGY_ON_DEMAND: NonResidentStrategy
 
 class LayerLayout(_message.Message):
-    __slots__ = ("index", "module", "num_experts", "top_k", "bytes_per_expert")
+    __slots__ = ("index", "module", "num_experts", "top_k", "bytes_per_expert", "precisions")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     MODULE_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    PRECISIONS_FIELD_NUMBER: _ClassVar[int]
     index: int
     module: str
     num_experts: int
     top_k: int
     bytes_per_expert: int
-    def __init__(self, index: _Optional[int] = ..., module: _Optional[str] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ...) -> None: ...
+    precisions: _containers.RepeatedCompositeFieldContainer[PrecisionBytes]
+    def __init__(self, index: _Optional[int] = ..., module: _Optional[str] = ..., num_experts: _Optional[int] = ..., top_k: _Optional[int] = ..., bytes_per_expert: _Optional[int] = ..., precisions: _Optional[_Iterable[_Union[PrecisionBytes, _Mapping]]] = ...) -> None: ...
+
+class PrecisionBytes(_message.Message):
+    __slots__ = ("precision", "bytes_per_expert")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    BYTES_PER_EXPERT_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    bytes_per_expert: int
+    def __init__(self, precision: _Optional[str] = ..., bytes_per_expert: _Optional[int] = ...) -> None: ...
 
 class ModelLayout(_message.Message):
     __slots__ = ("architecture", "model_class", "layers", "dense_bytes", "total_bytes", "dtype", "vocab_size", "max_positions", "encoder_decoder")
@@ -69,7 +79,7 @@ class DeviceInfo(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., cpu_count: _Optional[int] = ..., hostname: _Optional[str] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("version", "experts_per_layer", "update_frequency", "strategy", "origin", "budget_bytes", "rows")
+    __slots__ = ("version", "experts_per_layer", "update_frequency", "strategy", "origin", "budget_bytes", "rows", "precision")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EXPERTS_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +87,7 @@ class Plan(_message.Message):
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     version: int
     experts_per_layer: _containers.RepeatedScalarFieldContainer[int]
     update_frequency: int
@@ -84,7 +95,8 @@ class Plan(_message.Message):
     origin: str
     budget_bytes: int
     rows: int
-    def __init__(self, version: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., update_frequency: _Optional[int] = ..., strategy: _Optional[_Union[NonResidentStrategy, str]] = ..., origin: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., rows: _Optional[int] = ...) -> None: ...
+    precision: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, version: _Optional[int] = ..., experts_per_layer: _Optional[_Iterable[int]] = ..., update_frequency: _Optional[int] = ..., strategy: _Optional[_Union[NonResidentStrategy, str]] = ..., origin: _Optional[str] = ..., budget_bytes: _Optional[int] = ..., rows: _Optional[int] = ..., precision: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PlanResult(_message.Message):
     __slots__ = ("plan_version", "accepted", "reason", "achieved_experts_per_layer", "memory", "apply_ns", "achieved_rows")

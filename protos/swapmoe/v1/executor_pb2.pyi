@@ -113,7 +113,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DescribeResponse(_message.Message):
-    __slots__ = ("node_id", "layout", "device", "budget_bytes", "min_budget_bytes", "plan", "achieved_experts_per_layer", "memory", "reserve", "state_error")
+    __slots__ = ("node_id", "layout", "device", "budget_bytes", "min_budget_bytes", "plan", "achieved_experts_per_layer", "memory", "reserve", "state_error", "threads", "threads_reason")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,8 @@ class DescribeResponse(_message.Message):
     MEMORY_FIELD_NUMBER: _ClassVar[int]
     RESERVE_FIELD_NUMBER: _ClassVar[int]
     STATE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_REASON_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     layout: _common_pb2.ModelLayout
     device: _common_pb2.DeviceInfo
@@ -134,7 +136,9 @@ class DescribeResponse(_message.Message):
     memory: _common_pb2.MemoryReport
     reserve: _common_pb2.Reserve
     state_error: str
-    def __init__(self, node_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., state_error: _Optional[str] = ...) -> None: ...
+    threads: int
+    threads_reason: str
+    def __init__(self, node_id: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., budget_bytes: _Optional[int] = ..., min_budget_bytes: _Optional[int] = ..., plan: _Optional[_Union[_common_pb2.Plan, _Mapping]] = ..., achieved_experts_per_layer: _Optional[_Iterable[int]] = ..., memory: _Optional[_Union[_common_pb2.MemoryReport, _Mapping]] = ..., reserve: _Optional[_Union[_common_pb2.Reserve, _Mapping]] = ..., state_error: _Optional[str] = ..., threads: _Optional[int] = ..., threads_reason: _Optional[str] = ...) -> None: ...
 
 class ProfileRequest(_message.Message):
     __slots__ = ("token_counts", "repeats", "update_frequencies", "sweep_tokens", "experts_per_layer")
@@ -191,7 +195,7 @@ class SweepPoint(_message.Message):
     def __init__(self, update_frequency: _Optional[int] = ..., inter_token_ns: _Optional[int] = ..., tokens_per_second: _Optional[float] = ..., loads_per_token: _Optional[float] = ...) -> None: ...
 
 class ProfileResult(_message.Message):
-    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency", "on_demand", "batch_decode")
+    __slots__ = ("expert_load_ns", "load_bytes_per_second", "load_tier", "compute", "bytes_per_expert", "dense_bytes", "node_id", "device", "model_fingerprint", "layout", "layers", "loads", "dense_forward_ns", "decode_step_ns", "sweep_experts_per_layer", "sweep", "inflection_update_frequency", "on_demand", "batch_decode", "thread_points", "threads", "precision_points", "sweep_precision")
     EXPERT_LOAD_NS_FIELD_NUMBER: _ClassVar[int]
     LOAD_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     LOAD_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +215,10 @@ class ProfileResult(_message.Message):
     INFLECTION_UPDATE_FREQUENCY_FIELD_NUMBER: _ClassVar[int]
     ON_DEMAND_FIELD_NUMBER: _ClassVar[int]
     BATCH_DECODE_FIELD_NUMBER: _ClassVar[int]
+    THREAD_POINTS_FIELD_NUMBER: _ClassVar[int]
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_POINTS_FIELD_NUMBER: _ClassVar[int]
+    SWEEP_PRECISION_FIELD_NUMBER: _ClassVar[int]
     expert_load_ns: int
     load_bytes_per_second: float
     load_tier: str
@@ -230,7 +238,27 @@ class ProfileResult(_message.Message):
     inflection_update_frequency: int
     on_demand: OnDemandPoint
     batch_decode: _containers.RepeatedCompositeFieldContainer[BatchDecodePoint]
-    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ..., on_demand: _Optional[_Union[OnDemandPoint, _Mapping]] = ..., batch_decode: _Optional[_Iterable[_Union[BatchDecodePoint, _Mapping]]] = ...) -> None: ...
+    thread_points: _containers.RepeatedCompositeFieldContainer[ThreadPoint]
+    threads: int
+    precision_points: _containers.RepeatedCompositeFieldContainer[PrecisionPoint]
+    sweep_precision: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, expert_load_ns: _Optional[int] = ..., load_bytes_per_second: _Optional[float] = ..., load_tier: _Optional[str] = ..., compute: _Optional[_Iterable[_Union[ComputeSample, _Mapping]]] = ..., bytes_per_expert: _Optional[_Iterable[int]] = ..., dense_bytes: _Optional[int] = ..., node_id: _Optional[str] = ..., device: _Optional[_Union[_common_pb2.DeviceInfo, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., layout: _Optional[_Union[_common_pb2.ModelLayout, _Mapping]] = ..., layers: _Optional[_Iterable[_Union[LayerProfile, _Mapping]]] = ..., loads: _Optional[_Iterable[_Union[LoadSample, _Mapping]]] = ..., dense_forward_ns: _Optional[int] = ..., decode_step_ns: _Optional[int] = ..., sweep_experts_per_layer: _Optional[_Iterable[int]] = ..., sweep: _Optional[_Iterable[_Union[SweepPoint, _Mapping]]] = ..., inflection_update_frequency: _Optional[int] = ..., on_demand: _Optional[_Union[OnDemandPoint, _Mapping]] = ..., batch_decode: _Optional[_Iterable[_Union[BatchDecodePoint, _Mapping]]] = ..., thread_points: _Optional[_Iterable[_Union[ThreadPoint, _Mapping]]] = ..., threads: _Optional[int] = ..., precision_points: _Optional[_Iterable[_Union[PrecisionPoint, _Mapping]]] = ..., sweep_precision: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PrecisionPoint(_message.Message):
+    __slots__ = ("precision", "step_ns")
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    precision: str
+    step_ns: int
+    def __init__(self, precision: _Optional[str] = ..., step_ns: _Optional[int] = ...) -> None: ...
+
+class ThreadPoint(_message.Message):
+    __slots__ = ("threads", "step_ns")
+    THREADS_FIELD_NUMBER: _ClassVar[int]
+    STEP_NS_FIELD_NUMBER: _ClassVar[int]
+    threads: int
+    step_ns: int
+    def __init__(self, threads: _Optional[int] = ..., step_ns: _Optional[int] = ...) -> None: ...
 
 class BatchDecodePoint(_message.Message):
     __slots__ = ("rows", "step_ns")
