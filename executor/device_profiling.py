@@ -278,7 +278,7 @@ def _settle(runtime) -> None:
 
 
 @torch.inference_mode()
-def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Callable[[], tuple[int, ...]],
+def profile(runtime, spec: ProfileSpec, identity: Identity, sweep_residency: Callable[..., tuple[int, ...] | None],
             cancelled: Callable[[], bool] = lambda: False,
             measurement: Callable[[], ContextManager] = contextlib.nullcontext,
             max_rows: int = 1, threads: int = 0) -> Iterator[ProfileProgress]:

@@ -302,9 +302,13 @@ class Engine:
             self.check_residency(spec.experts_per_layer)
         identity = Identity(self.config.node_id, self.device_info, self.model_fingerprint)
 
-        def sweep() -> tuple[int, ...]:  # asked at each measurement: plans and budgets change between two
-            return self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer, self.budget_bytes,
-                                            self.plan.precision)[0]
+        def sweep(precision: tuple[str, ...] | None = None) -> tuple[int, ...] | None:
+            """Asked at each measurement (plans and budgets change between two): the residency the budget
+            holds at ``precision`` (None: the plan's), None when not even one expert per layer fits at it."""
+            wanted = self.plan.precisions if precision is None else precision
+            experts, fits = self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer,
+                                                     self.budget_bytes, wanted)
+            return experts if (fits or ("",) * len(wanted)) == tuple(wanted) else None
 
         with self.loop.exclusive(cancelled) as measurement:
             try:

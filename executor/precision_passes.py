@@ -16,26 +16,29 @@ from typing import Callable, ContextManager, Sequence
 from swapmoe.core.device_profile import PrecisionPoint
 
 
-def measure_precisions(runtime, residency: Callable[[], Sequence[int]], step_ns: Callable[[], int],
+def measure_precisions(runtime, residency: Callable[..., Sequence[int] | None], step_ns: Callable[[], int],
                        measurement: Callable[[], ContextManager], rounds: int = 3) -> tuple[PrecisionPoint, ...]:
     """A ``PrecisionPoint`` per precision ("" first, then the layout's lower ones): the median over
     ``rounds`` of ``step_ns()`` (one decode pass, loads settled) with every layer at it, each run
-    inside ``measurement()`` at ``residency()`` slots per layer. Empty when the store keeps no
-    lower precision."""
-    names = ("", *runtime.layout.precisions)
-    if len(names) == 1:
-        return ()
+    inside ``measurement()`` at ``residency(precision)`` slots per layer (what the budget holds at
+    it: a precision at which not even one expert per layer fits is not measured). Empty when the
+    store keeps no lower precision."""
     layers, previous = len(runtime.layers), runtime.precisions
+    names = tuple(n for n in ("", *runtime.layout.precisions) if residency((n,) * layers) is not None)
+    if len(names) < 2:
+        return ()
     samples: dict[str, list[int]] = {name: [] for name in names}
     try:
         for _ in range(max(1, rounds)):
             for name in names:
                 with measurement():
-                    runtime.resize(tuple(residency()), (name,) * layers)
+                    if (experts := residency((name,) * layers)) is None:
+                        continue  # a budget cut meanwhile: not at this precision
+                    runtime.resize(tuple(experts), (name,) * layers)
                     runtime.wait_for_loads()
                     runtime.poll()
                     samples[name].append(step_ns())
     finally:
         with measurement():
             runtime.resize(tuple(residency()), previous)
-    return tuple(PrecisionPoint(name, max(1, int(statistics.median(s)))) for name, s in samples.items())
+    return tuple(PrecisionPoint(name, max(1, int(statistics.median(s)))) for name, s in samples.items() if s)

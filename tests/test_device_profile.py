@@ -140,6 +140,21 @@ def test_a_decode_pass_is_measured_at_each_precision_the_store_keeps_and_the_pla
     assert profiled_engine.experts.precisions == ("",) * layout.num_layers
 
 
+def test_a_precision_whose_one_expert_per_layer_the_budget_cannot_hold_is_not_measured(executor, profiled_engine):
+    """Budgets are promises while profiling too: under a budget that holds the experts only at
+    int4, the checkpoint's precision is left out of the points rather than run over budget."""
+    layout, budget = profiled_engine.layout, profiled_engine.budget_bytes
+    tight = profiled_engine.memory_model.plan_bytes((1,) * layout.num_layers, 1) - 1  # one float32 expert each: over
+    profiled_engine.set_budget(tight)
+    try:
+        assert profiled_engine.plan.precision == layout.smallest_precision
+        result = profile(executor, **SMALL)
+        assert "" not in [p.precision for p in result.precision_points]
+        assert profiled_engine.memory().accounted_bytes <= tight
+    finally:
+        profiled_engine.set_budget(budget)
+
+
 def test_a_miss_costs_what_on_demand_generation_adds_to_the_baseline_per_miss():
     profile = _stored_profile()
     assert profile.miss_ns() == pytest.approx((1_900_000 - 1_000_000) / 0.5)
