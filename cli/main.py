@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch intra-op threads of the forward pass (default 0: by measurement: the count the last "
                         "device profile chose, kept in --state-dir, else a probe of a few decode passes per count at "
                         "start-up; each with an expert load beside it, the fewest threads within noise of the fastest)")
-    p.add_argument("--precision", default="", choices=["", "bfloat16", "int8", "int4"], metavar="PRECISION",
+    p.add_argument("--precision", default="", choices=["bfloat16", "int8", "int4"],
                    help="the experts' precision in the starting plan, until a planner's plan says otherwise: "
                         "bfloat16 (float32 checkpoints), int8 or int4 (default: the checkpoint's; a budget too small "
                         "for one expert per layer at it starts at int4)")
