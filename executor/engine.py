@@ -39,7 +39,8 @@ from swapmoe.executor.serving_loop import ServingLoop
 from swapmoe.executor.step import step as one_step
 from swapmoe.executor.telemetry import EventKind, TelemetryHub
 from swapmoe.executor.text import Chunk, TextCodec, stream_chunks
-from swapmoe.executor.virtual_experts import LayerActivity, VirtualExperts
+from swapmoe.executor.swap_stats import LayerActivity
+from swapmoe.executor.virtual_experts import VirtualExperts
 
 DEFAULT_MAX_CONTEXT = 2048
 
@@ -309,6 +310,8 @@ class Engine:
             experts, fits = self.memory_model.shrink(spec.experts_per_layer or self.plan.experts_per_layer,
                                                      self.budget_bytes, wanted)
             return experts if (fits or ("",) * len(wanted)) == tuple(wanted) else None
+
+        sweep.plan_precisions = lambda: self.plan.precisions  # what a measurement at other precisions goes back to
 
         with self.loop.exclusive(cancelled) as measurement:
             try:

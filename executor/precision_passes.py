@@ -38,7 +38,9 @@ def measure_precisions(runtime, residency: Callable[..., Sequence[int] | None], 
                     runtime.wait_for_loads()
                     runtime.poll()
                     samples[name].append(step_ns())
-    finally:
+    finally:  # back to the plan's precision as it is now (a budget cut meanwhile may have lowered it)
+        plan = getattr(residency, "plan_precisions", lambda: previous)()
         with measurement():
-            runtime.resize(tuple(residency()), previous)
+            if (experts := residency(plan)) is not None:
+                runtime.resize(tuple(experts), plan)
     return tuple(PrecisionPoint(name, max(1, int(statistics.median(s)))) for name, s in samples.items() if s)

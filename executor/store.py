@@ -147,6 +147,13 @@ class Manifest:
             if Path(file).name != file or not file.endswith(".bin"):
                 raise Corrupted(f"{path}: experts file {file[:64]!r} is not a file name in the store")
             self._check_layers(directory, file, layers)
+        native = getattr(torch, self.dtype)
+        for v in self.variants:  # each the checkpoint's layers, its parts those its precision makes of theirs
+            want = [(l.module, l.num_experts, [(q.name, q.shape, quantization.name_of(q.dtype)) for p in l.parts
+                                               for q in quantization.parts(p.name, p.shape, native, v.precision)])
+                    for l in self.layers]
+            if [(l.module, l.num_experts, [(p.name, p.shape, p.dtype) for p in l.parts]) for l in v.layers] != want:
+                raise Corrupted(f"{path}: its {v.precision} experts do not match the checkpoint's layers")
 
     def _check_layers(self, directory: Path, file: str, layers: tuple[LayerSpec, ...]) -> None:
         path, end = directory / "manifest.json", 0
@@ -233,15 +240,13 @@ class _ExpertsFile:
     """One experts file open for reading: ``O_DIRECT`` where the file system takes it."""
 
     def __init__(self, path: Path, layers: tuple[LayerSpec, ...], direct: bool):
-        self.path, self.layers, self.direct = path, layers, False
-        if direct and hasattr(os, "O_DIRECT"):
-            try:
-                self.fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                self.direct = True
-            except OSError:  # e.g. tmpfs does not support O_DIRECT
-                pass
-        if not self.direct:
-            self.fd = os.open(path, os.O_RDONLY)
+        self.path, self.layers, self.direct = path, layers, direct and hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+        except OSError:  # e.g. tmpfs does not support O_DIRECT
+            if not self.direct:
+                raise
+            self.fd, self.direct = os.open(path, os.O_RDONLY), False
         self.opened = _identity(os.fstat(self.fd))  # damage is marked only on the file this reader has open
         self._reopen = threading.Lock()
 
@@ -297,8 +302,7 @@ class ExpertStore:
     def spec(self, layer: int, precision: str | None = None) -> LayerSpec:
         return self._file(precision).layers[layer]
 
-    def buffer(self, layer: int, precision: str | None = None) -> mmap.mmap:
-        """A page-aligned buffer for one expert of ``layer`` (O_DIRECT needs aligned memory)."""
+    def buffer(self, layer: int, precision: str | None = None) -> mmap.mmap:  # page-aligned, for O_DIRECT
         return self.buffer_of(self.spec(layer, precision).stride)
 
     @property
@@ -306,9 +310,7 @@ class ExpertStore:
         """The largest expert of any layer at any precision, padded: what one buffer must hold."""
         return max(l.stride for f in self._files.values() for l in f.layers)
 
-    @staticmethod
-    def buffer_of(nbytes: int) -> mmap.mmap:
-        return mmap.mmap(-1, nbytes)
+    buffer_of = staticmethod(lambda nbytes: mmap.mmap(-1, nbytes))
 
     def read_into(self, layer: int, expert: int, buffer: mmap.mmap, precision: str | None = None) -> int:
         """Read one expert into ``buffer``; returns the bytes read."""

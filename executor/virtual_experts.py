@@ -33,6 +33,7 @@ from swapmoe.executor.slot_experts import SlotExperts, SlotTable
 from swapmoe.executor.slots import SlotPool
 from swapmoe.executor.store import ExpertStore
 from swapmoe.executor.store_build import ensure_store
+from swapmoe.executor.swap_stats import LayerActivity, SwapStats
 from swapmoe.executor.updater import PendingTables, Worker
 
 @dataclass(slots=True)
@@ -55,26 +56,6 @@ class Tables:
 
     slots: SlotTable
     resident: torch.Tensor  # [E] bool
-
-
-@dataclass(slots=True)
-class SwapStats:
-    updates: int = 0
-    loads_started: int = 0
-    loads_finished: int = 0
-    evictions: int = 0
-    on_demand_loads: int = 0
-    failed_loads: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class LayerActivity:
-    """One layer's cumulative routing (by the unmasked router: what tokens wanted) and the
-    experts resident now; readers subtract two readings for what happened between."""
-
-    activations: list[int]
-    importance: list[float]
-    resident: list[int]
 
 
 class VirtualExperts:
@@ -185,24 +166,19 @@ class VirtualExperts:
             # The first fill reads the whole resident set (gigabytes at paper scale): show it on a terminal.
             filling = tqdm(total=sum(capacities), desc="filling expert slots", unit="expert",
                            disable=None if first else True, leave=False)
-            for index, (layer, capacity, precision) in enumerate(zip(self.layers, capacities, precisions, strict=True)):
-                pool = layer.pool
-                if first or precision != layer.experts.precision:
-                    if precision != layer.experts.precision:
-                        layer.experts.set_precision(precision, self._parts(index, precision), self.device)
-                    layer.pool = pool = SlotPool(pool.num_experts, capacity)
-                    layer.experts.resize(capacity, {}, self.device)
-                    wanted = sorted(pool.wanted(layer.scores.tolist(), capacity))  # index order: slot i = expert i when all fit
-                    for expert, slot in pool.fill(wanted):
-                        self._sync.copy(index, expert, layer.experts.slot_tensors(slot), precision)
-                        pool.finish_load(expert, layer.scores.tolist(), capacity)
-                        filling.update()
-                elif capacity < pool.capacity:
-                    moves = pool.shrink(capacity, layer.scores.tolist())
-                    layer.experts.resize(capacity, moves, self.device)
-                elif capacity > pool.capacity:
-                    keep = {slot: slot for slot in pool.ready.values()}
-                    pool.grow(capacity)
+            layers = list(enumerate(zip(self.layers, capacities, precisions, strict=True)))
+            refill = {i for i, (layer, _, precision) in layers if first or precision != layer.experts.precision}
+            for index, (layer, capacity, precision) in layers:  # what frees memory first: the budget holds
+                if precision != layer.experts.precision:
+                    layer.experts.set_precision(precision, self._parts(index, precision), self.device)
+                elif index not in refill and capacity < layer.pool.capacity:
+                    layer.experts.resize(capacity, layer.pool.shrink(capacity, layer.scores.tolist()), self.device)
+            for index, (layer, capacity, precision) in layers:  # then what takes it
+                if index in refill:
+                    self._fill(index, capacity, filling, serving=not first)
+                elif capacity > layer.pool.capacity:
+                    keep = {slot: slot for slot in layer.pool.ready.values()}
+                    layer.pool.grow(capacity)
                     layer.experts.resize(capacity, keep, self.device)
                 self._post(index)
             filling.close()
@@ -210,14 +186,34 @@ class VirtualExperts:
             if not first:
                 self.update(max_loads=max(capacities))
 
+    def _fill(self, index: int, capacity: int, progress, serving: bool) -> None:
+        """Layer ``index``'s slots, empty, filled at once with its most important experts. While
+        ``serving``, one that fails to load (a damaged one is set aside) leaves its slot free for
+        a later update; at start-up the error is raised (the store is marked for a rebuild)."""
+        layer = self.layers[index]
+        layer.pool = pool = SlotPool(layer.pool.num_experts, capacity)
+        layer.experts.resize(capacity, {}, self.device)
+        for expert, slot in pool.fill(sorted(pool.wanted(layer.scores.tolist(), capacity))):  # slot i = expert i if all fit
+            try:
+                self._sync.copy(index, expert, layer.experts.slot_tensors(slot), layer.experts.precision)
+            except Exception as error:  # noqa: BLE001 - served without it, as a failed background load is
+                if not serving:
+                    raise
+                pool.cancel_load(expert)
+                self.stats.failed_loads += 1
+                if isinstance(error, Corrupted):
+                    pool.set_aside(expert)
+                continue
+            pool.finish_load(expert, layer.scores.tolist(), capacity)
+            progress.update()
+
     def _parts(self, index: int, precision: str) -> list[quantization.PartShape]:  # one expert, as stored
         return [quantization.PartShape(p.name, p.shape, p.torch_dtype(self.store.manifest.dtype))
                 for p in self.store.spec(index, precision).parts]
 
     def restart(self, capacities: Sequence[int]) -> None:
-        """Start over as a freshly built runtime would (no traffic seen, slots filled by expert
-        norms), without rebuilding the model: accuracy profiling scores many configurations on
-        one runtime, each from the same state, so a score does not depend on what ran before."""
+        """Start over as a freshly built runtime would (no traffic seen, slots filled by expert norms):
+        profiling scores many configurations on one runtime, each from the same state."""
         with self._state:
             self._settle()
             self.forget_traffic()

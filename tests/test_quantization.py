@@ -42,8 +42,10 @@ def test_quantization_error_is_what_the_bits_allow():
 
 
 def test_int4_needs_in_features_in_whole_groups():
-    with pytest.raises(ValueError, match="int4 needs a multiple of 32"):
+    with pytest.raises(ValueError, match="int4 needs in-features in whole groups of 32"):
         quantization.parts("down_proj", (64, 48), torch.float32, "int4")
+    with pytest.raises(ValueError, match="out-features in multiples of 16"):
+        quantization.parts("down_proj", (24, 64), torch.float32, "int4")
 
 
 def test_the_store_keeps_every_expert_at_each_precision_as_quantized_from_the_checkpoint(checkpoint_dirs, tmp_path):
@@ -156,3 +158,52 @@ def test_a_layer_changing_precision_holds_the_new_bytes_and_returns_exactly_to_t
 def test_switch_experts_are_kept_at_the_checkpoints_precision_only(runtime_of):
     runtime = runtime_of("switch_transformers")
     assert runtime.layout.precisions == () and runtime.store.manifest.variants == ()
+
+
+def test_layers_swapping_precisions_never_hold_more_than_either_plan(runtime_of, monkeypatch):
+    """Layers free what they give up before any layer takes more: moving int4 from layer 0 to
+    layer 1 (the same bytes either way) never holds layer 0's new slots beside layer 1's old."""
+    runtime = runtime_of("mixtral")
+    everything = [l.num_experts for l in runtime.layout.layers]
+    runtime.resize(everything, ["int4", ""])
+    plan_bytes = runtime.slot_bytes()
+    held, copy = [], runtime._sync.copy
+
+    def counted(*args):
+        held.append(sum(t.numel() * t.element_size() for l in runtime.layers
+                        for p in l.experts.inner.parameters(recurse=False) for t in [p]))
+        return copy(*args)
+
+    monkeypatch.setattr(runtime._sync, "copy", counted)
+    runtime.resize(everything, ["", "int4"])
+    assert runtime.slot_bytes() == plan_bytes and max(held) <= plan_bytes
+
+
+def test_a_damaged_expert_met_while_a_layer_changes_precision_is_set_aside_and_routing_stays_true(runtime_of):
+    runtime = runtime_of("mixtral")
+    everything = [l.num_experts for l in runtime.layout.layers]
+    runtime.resize([4, everything[1]], ["", ""])
+    file, layers = runtime.store.manifest.variant("int8")
+    with open(runtime.store.directory / file, "r+b") as f:
+        f.seek(layers[0].expert_offset(5) + 3)
+        f.write(b"\xff\xfe")
+    runtime.resize(everything, ["int8", ""])  # no error: the layer serves without expert 5
+    layer = runtime.layers[0]
+    assert 5 not in layer.pool.resident and len(layer.pool.resident) == everything[0] - 1
+    assert runtime.stats.failed_loads == 1
+    table = layer.experts.slots
+    assert all(int(table.expert_in_slot[slot]) == expert for expert, slot in layer.pool.ready.items())
+
+
+def test_a_manifest_whose_variant_disagrees_with_the_checkpoints_layers_is_damage(checkpoint_dirs, tmp_path):
+    import json
+
+    from swapmoe.executor.store import Manifest
+
+    build_store(checkpoint_dirs("mixtral"), tmp_path / "store")
+    raw = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    int4 = next(v for v in raw["variants"] if v["precision"] == "int4")
+    int4["layers"][0]["parts"][0]["dtype"] = "int8"  # same bytes, another meaning
+    (tmp_path / "store" / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(Corrupted, match="its int4 experts do not match the checkpoint's layers"):
+        Manifest.load(tmp_path / "store")
