@@ -83,7 +83,7 @@ def parts(name: str, shape: tuple[int, ...], native: torch.dtype, precision: str
         return PartShape(name, shape, torch.int8), PartShape(name + SCALES, (n,), COMPUTE)
     if precision == "int4":
         group = int4_group(k)
-        if not group or k % 2 or n % 16:
+        if not group or n % 16:
             raise ValueError(f"{name} is {n} x {k}: int4 needs in-features in whole groups of {INT4_GROUPS[-1]} "
                              "and out-features in multiples of 16")
         return PartShape(name, (n, k // 2), torch.uint8), PartShape(name + SCALES, (k // group, n, 2), COMPUTE)

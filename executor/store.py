@@ -160,10 +160,11 @@ class Manifest:
         for i, l in enumerate(layers):
             for p in l.parts:
                 if not isinstance(getattr(torch, p.dtype or self.dtype, None), torch.dtype):
-                    raise Corrupted(f"{path}: {file} layers[{i}] part {p.name}: dtype {p.dtype!r} is not a torch dtype")
+                    raise Corrupted(f"{path}: layers[{i}] ({l.module}) of {file}: part {p.name}'s dtype {p.dtype!r} "
+                                    "is not a torch dtype")
             problems = [
                 (l.num_experts < 1, f"{l.num_experts} experts"),
-                *((math.prod(p.shape) * _itemsize(p.torch_dtype(self.dtype)) != p.nbytes,
+                *((math.prod(p.shape) * torch.empty((), dtype=p.torch_dtype(self.dtype)).element_size() != p.nbytes,
                    f"part {p.name} of shape {list(p.shape)} in {p.nbytes} bytes") for p in l.parts),
                 (l.offset != end, f"offset {l.offset}, but layer {i - 1} ends at {end}" if i else
                  f"offset {l.offset}, but the first layer starts at 0"),
@@ -189,8 +190,13 @@ def _layers(raw) -> tuple[LayerSpec, ...]:
                  for l in raw)
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+def part_views(raw: torch.Tensor, parts: tuple[PartSpec, ...], dtype: str) -> dict[str, torch.Tensor]:
+    """Views of each part of an expert laid out in ``raw`` (uint8); ``dtype``: of parts naming none."""
+    out, start = {}, 0
+    for part in parts:
+        out[part.name] = raw[start:start + part.nbytes].view(part.torch_dtype(dtype)).view(part.shape)
+        start += part.nbytes
+    return out
 
 
 def file_crc(path: Path, chunk: int = 16 << 20) -> int:
@@ -239,14 +245,14 @@ def _identity(stat: os.stat_result) -> tuple[int, int]:
 class _ExpertsFile:
     """One experts file open for reading: ``O_DIRECT`` where the file system takes it."""
 
-    def __init__(self, path: Path, layers: tuple[LayerSpec, ...], direct: bool):
-        self.path, self.layers, self.direct = path, layers, direct and hasattr(os, "O_DIRECT")
+    def __init__(self, directory: Path, file: str, layers: tuple[LayerSpec, ...], direct: bool):
+        self.path, self.layers, self.direct = directory / file, layers, direct and hasattr(os, "O_DIRECT")
         try:
-            self.fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
+            self.fd = os.open(self.path, os.O_RDONLY | (os.O_DIRECT if self.direct else 0))
         except OSError:  # e.g. tmpfs does not support O_DIRECT
             if not self.direct:
                 raise
-            self.fd, self.direct = os.open(path, os.O_RDONLY), False
+            self.fd, self.direct = os.open(self.path, os.O_RDONLY), False
         self.opened = _identity(os.fstat(self.fd))  # damage is marked only on the file this reader has open
         self._reopen = threading.Lock()
 
@@ -274,10 +280,8 @@ class ExpertStore:
         self._tier_free_at = 0.0
         self.manifest = manifest or Manifest.load(self.directory)
         self.dtype = getattr(torch, self.manifest.dtype)
-        self._files = {}
-        for precision in self.manifest.precisions:
-            file, layers = self.manifest.variant(precision)
-            self._files[precision] = _ExpertsFile(self.directory / file, layers, direct)
+        self._files = {p: _ExpertsFile(self.directory, *self.manifest.variant(p), direct)
+                       for p in self.manifest.precisions}
 
     @property
     def direct(self) -> bool:
@@ -389,11 +393,7 @@ class ExpertStore:
 
     def tensors_from(self, layer: int, raw: torch.Tensor, precision: str | None = None) -> dict[str, torch.Tensor]:
         """Views of an expert laid out in the uint8 tensor ``raw`` (e.g. a pinned staging buffer)."""
-        out, start = {}, 0
-        for part in self.spec(layer, precision).parts:
-            out[part.name] = raw[start:start + part.nbytes].view(part.torch_dtype(self.manifest.dtype)).view(part.shape)
-            start += part.nbytes
-        return out
+        return part_views(raw, self.spec(layer, precision).parts, self.manifest.dtype)
 
     def close(self) -> None:
         for file in self._files.values():

@@ -31,7 +31,7 @@ from swapmoe.executor.safetensors_io import SafetensorsReader, SafetensorsWriter
 from swapmoe.executor import quantization
 from swapmoe.executor.slot_experts import Packed
 from swapmoe.executor.store import (ALIGN, FORMAT, LayerSpec, Manifest, PartSpec, Variant, check_store, file_crc,
-                                    verify_store)
+                                    part_views, verify_store)
 
 
 def default_root() -> Path:
@@ -194,7 +194,7 @@ def _write_experts(model, source: _Checkpoint, out: Path) -> dict[str, list[Laye
                 for expert in range(block.num_experts):
                     _read_expert(source, adapter, block, expert, parts, native, dtype)
                     norms.append(_norm(native.buffer[:native.expert_bytes].view(dtype)))
-                    weights = _views(native.buffer, parts, dtype)
+                    weights = part_views(native.buffer, parts, quantization.name_of(dtype)).values()
                     native.write()
                     for p in precisions:
                         writers[p].write([q for w in weights for q in quantization.quantize(w, p)])
@@ -220,14 +220,6 @@ def _read_expert(source: _Checkpoint, adapter, block, expert: int, parts: tuple[
     if position != native.expert_bytes:
         raise UnsupportedModel(f"expert {expert} of {block.name} has {position} bytes on disk, expert 0 "
                                f"{native.expert_bytes}: the checkpoint's experts differ in shape")
-
-
-def _views(buffer: torch.Tensor, parts: tuple[PartSpec, ...], dtype: torch.dtype) -> list[torch.Tensor]:
-    out, start = [], 0
-    for part in parts:
-        out.append(buffer[start:start + part.nbytes].view(dtype).view(part.shape))
-        start += part.nbytes
-    return out
 
 
 def _parts(source: _Checkpoint, disk_keys) -> tuple[PartSpec, ...]:
