@@ -72,6 +72,9 @@ class MaskedRouter(nn.Module):
         # resident experts (Fig. 5), skip drops it, on demand passes every choice on (the
         # experts module loads what is missing).
         self.strategy = Strategy.MASKED_GATING
+        # Called with each pass's hidden state after routing (the on-demand prefetch guesses the
+        # next layer's experts from it); None: nothing to call.
+        self.after_route: Callable[[torch.Tensor], None] | None = None
         num_experts = expert_norms.numel()
         self.num_experts = num_experts  # MoE blocks read these from their router
         self.top_k = getattr(router, "top_k", 1)
@@ -100,6 +103,8 @@ class MaskedRouter(nn.Module):
     def forward(self, hidden: torch.Tensor):
         logits, weights, index = call(self.router, hidden)
         self.record(hidden, weights, index)
+        if self.after_route is not None:
+            self.after_route(hidden)
         if self.all_resident or self.strategy is Strategy.ON_DEMAND:
             return logits, weights, index
         if self.strategy is Strategy.SKIP:
@@ -107,6 +112,15 @@ class MaskedRouter(nn.Module):
         weights, index = self.select(self.router, logits.reshape(hidden.numel() // hidden.shape[-1], -1),
                                      self.resident)
         return logits, weights, index
+
+    @torch.inference_mode()
+    def guess(self, hidden: torch.Tensor) -> list[int]:
+        """The experts the unmodified router picks for ``hidden``, most tokens first (ties: most probable
+        first), recording nothing: another layer's hidden state asks what this layer will need. The
+        router's own forward, not its hooks: transformers' output recorders would report the guess
+        as one of the model's routings (``output_router_logits``)."""
+        logits, _, index = self.router.forward(hidden)
+        return _most_routed(torch.bincount(index.reshape(-1), minlength=self.num_experts + 1)[:-1], logits)
 
     def record(self, hidden: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> None:
         """Eq. 1: importance_i += sum over tokens routed to i of ||x|| * |G(x)_i| * ||E_i||.
@@ -152,8 +166,21 @@ class MaskedRouter(nn.Module):
         return self.activations.tolist(), self.importance.tolist()
 
 
+def _most_routed(tokens: torch.Tensor, logits: torch.Tensor) -> list[int]:
+    """The experts with tokens ([E]: tokens per expert), most first; ties (one token picks several):
+    the most probable first by the router's ``logits`` [..., E] (mean over tokens; then lower index)."""
+    counts = tokens.tolist()
+    probability = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1).mean(dim=0).tolist()
+    return sorted((e for e, c in enumerate(counts) if c), key=lambda e: (-counts[e], -probability[e], e))
+
+
 class MaskedTop1Router(MaskedRouter):
     """Switch Transformers: ``forward(hidden [B,S,H]) -> (dispatch one-hot [B,S,E], prob [B,S,1], logits)``."""
+
+    @torch.inference_mode()
+    def guess(self, hidden: torch.Tensor) -> list[int]:
+        dispatch, _, logits = self.router.forward(hidden)  # not its hooks (see MaskedRouter.guess)
+        return _most_routed(dispatch.reshape(-1, dispatch.shape[-1]).sum(dim=0), logits)
 
     def forward(self, hidden: torch.Tensor):
         dispatch, probs, logits = call(self.router, hidden)
@@ -161,6 +188,8 @@ class MaskedTop1Router(MaskedRouter):
         routed = dispatch.sum(dim=-1) > 0  # tokens within capacity
         index = torch.where(routed, chosen, self.expert_norms.numel()).reshape(-1, 1)
         self.record(hidden.reshape(-1, hidden.shape[-1]), probs.reshape(-1, 1), index)
+        if self.after_route is not None:
+            self.after_route(hidden)
         if self.all_resident or self.strategy is Strategy.ON_DEMAND:
             return dispatch, probs, logits
         if self.strategy is Strategy.SKIP:

@@ -119,6 +119,7 @@ class ExpertLoader:
         self._queue: deque[Load] = deque()
         self._finished: list[Load] = []
         self._busy = False
+        self._current: Load | None = None  # the load being copied
         self._closed = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="expert-loader", daemon=True)
@@ -128,6 +129,18 @@ class ExpertLoader:
         with self._cond:
             self._queue.append(load)
             self._cond.notify_all()
+
+    def cancel(self, load: Load) -> bool:
+        """Take ``load`` off the queue if it has not started: True when it was (it never runs, its
+        slot was never written, and it is never reported finished); False when it is being copied,
+        has finished or was never queued (a copy under way cannot be stopped)."""
+        with self._cond:
+            for i, queued in enumerate(self._queue):
+                if queued is load:
+                    del self._queue[i]
+                    self._cond.notify_all()  # ``wait_for`` and ``wait_idle`` callers look again
+                    return True
+        return False
 
     def finished(self) -> list[Load]:
         """Loads completed since the last call (their slots are fully written)."""
@@ -143,6 +156,12 @@ class ExpertLoader:
             while self._busy:
                 self._cond.wait()
         return dropped
+
+    def wait_for(self, load: Load, timeout: float | None = None) -> bool:
+        """Block until ``load`` is neither queued nor being copied (finished, failed or dropped)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._current is not load and all(q is not load for q in self._queue),
+                                       timeout)
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         with self._cond:
@@ -161,7 +180,7 @@ class ExpertLoader:
                 self._cond.wait_for(lambda: self._queue or self._closed)
                 if self._closed:
                     return
-                load = self._queue.popleft()
+                load = self._current = self._queue.popleft()
                 self._busy = True
             try:
                 start = time.perf_counter()
@@ -176,4 +195,5 @@ class ExpertLoader:
                 self._on_finished()
                 with self._cond:
                     self._busy = False
+                    self._current = None
                     self._cond.notify_all()

@@ -34,6 +34,8 @@ class SlotPool:
     _recency: OrderedDict = field(default_factory=OrderedDict, init=False)
     # Experts whose stored copy is damaged: never wanted again, so their slots go to the next ones.
     _damaged: set = field(default_factory=set, init=False)
+    # Loading experts that are a guess (on-demand prefetch) -> the expert evicted for its slot (None: it was free).
+    _guesses: dict = field(default_factory=dict, init=False)
     hits: int = field(default=0, init=False)
     misses: int = field(default=0, init=False)
 
@@ -104,6 +106,7 @@ class SlotPool:
     def cancel_load(self, expert: int) -> None:
         """The load of ``expert`` will not complete: its slot is free again."""
         self._free.append(self._loading.pop(expert))
+        self._guesses.pop(expert, None)
 
     def set_aside(self, expert: int) -> None:
         """``expert`` cannot be loaded (its stored copy is damaged): never start a load of it again.
@@ -124,6 +127,7 @@ class SlotPool:
         """Keep the ``capacity`` most important ready experts in slots renumbered 0..n-1, cancel
         loads in flight. Returns {old slot: new slot} for the experts kept (the caller copies them)."""
         self._loading.clear()
+        self._guesses.clear()
         keep = sorted(self._ready, key=lambda e: (-scores[e], e))[:capacity]
         by_slot = sorted(keep, key=lambda e: self._ready[e])
         moves = {self._ready[e]: new for new, e in enumerate(by_slot)}
@@ -160,8 +164,43 @@ class SlotPool:
             self.evict(next(e for e in self._recency if e not in keep))
         return self._reserve(expert)
 
+    def least_recent(self, keep: Sequence[int]) -> int | None:
+        """The least recently used ready expert outside ``keep`` (None: every ready one is kept)."""
+        return next((e for e in self._recency if e not in keep), None)
+
     def finish_sync_load(self, expert: int) -> None:
         self._commit(expert)
+
+    # --- on demand: guesses (speculative loads) ----------------------------------------
+    def begin_guess(self, expert: int, keep: Sequence[int]) -> tuple[int, int | None] | None:
+        """Reserve a slot for a speculative load of ``expert``: a free one, else the slot of the least
+        recently used ready expert outside ``keep`` (evicted now). Returns (slot, the expert evicted
+        or None), or None when every ready expert is kept and no slot is free. Once loaded, a guess
+        is the least recently used expert (``touch`` promotes it when it is needed): an expert a pass
+        used outranks a guess none did. ``finish_load``, ``cancel_load`` or ``cancel_guess`` follows."""
+        victim = None
+        if not self._free:
+            victim = self.least_recent(keep)
+            if victim is None:
+                return None
+            self.evict(victim)
+        slot = self._reserve(expert)
+        self._guesses[expert] = victim
+        return slot, victim
+
+    def cancel_guess(self, expert: int) -> int | None:
+        """The guess's load was cancelled before it started, so its slot was never written: the
+        expert evicted for it holds that slot again (least recently used), unless it is resident or
+        loading elsewhere by now; else the slot is free. Returns the expert restored, or None."""
+        victim = self._guesses.pop(expert)
+        slot = self._loading.pop(expert)
+        if victim is None or victim in self._ready or victim in self._loading:
+            self._free.append(slot)
+            return None
+        self._ready[victim] = slot
+        self._recency[victim] = None
+        self._recency.move_to_end(victim, last=False)
+        return victim
 
     def _reserve(self, expert: int) -> int:
         slot = self._free.pop(0)
@@ -171,7 +210,9 @@ class SlotPool:
     def _commit(self, expert: int) -> None:
         self._ready[expert] = self._loading.pop(expert)
         self._recency[expert] = None
-        self._recency.move_to_end(expert)
+        guess = expert in self._guesses  # not used yet: the least recently used (see ``begin_guess``)
+        self._guesses.pop(expert, None)
+        self._recency.move_to_end(expert, last=not guess)
 
     def _victims(self, scores: Sequence[float], wanted: Sequence[int]) -> list[int]:
         keep = set(wanted)

@@ -85,6 +85,11 @@ class PendingTables:
             self.tables, self.loads = {}, []
         return tables, loads
 
+    def waiting(self, layer: int) -> bool:
+        """Whether tables for ``layer`` wait to be installed (what routing uses is older)."""
+        with self._lock:
+            return layer in self.tables
+
     def drop(self, layer: int) -> None:
         """Forget the tables waiting for ``layer`` (newer ones were installed directly)."""
         with self._lock:

@@ -28,6 +28,8 @@ from swapmoe.executor import memory, quantization
 from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers, with_precisions
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
 from swapmoe.executor.gating import MaskedRouter
+from swapmoe.executor.importance import Importance
+from swapmoe.executor.on_demand import OnDemand
 from swapmoe.executor.skeleton import build_skeleton
 from swapmoe.executor.slot_experts import SlotExperts, SlotTable
 from swapmoe.executor.slots import SlotPool
@@ -62,11 +64,16 @@ class VirtualExperts:
     """The model, its slots per layer, and the loads that move experts in and out.
 
     Construction builds the skeleton and reads the store's manifest; ``resize`` gives the
-    layers their slots and fills them (the model cannot run before that)."""
+    layers their slots and fills them (the model cannot run before that). ``importance``: what
+    updates rank experts by ("gate": Eq. 1, "count": tokens routed, "random": seeded noise; see
+    ``executor.importance``). ``prefetch``: on demand only, also load the next layer's guessed
+    experts in the background (see ``executor.on_demand``)."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu",
                  store_root: Path | None = None, max_loads_per_update: int = 1, decay: float = 0.5,
-                 load_bandwidth: float | None = None, log=print, background_updates: bool | None = None):
+                 load_bandwidth: float | None = None, log=print, background_updates: bool | None = None,
+                 importance: str = "gate", importance_seed: int = 0, prefetch: bool = False):
+        self._importance = Importance(importance, importance_seed)  # checked before any work
         self.device = torch.device(device)
         memory.return_large_frees_to_the_os()  # else the allocator keeps passes' temporaries: RSS over budget
         store_dir = ensure_store(checkpoint, store_root, log=log)
@@ -102,6 +109,7 @@ class VirtualExperts:
         self.updater = Worker(self._work, "expert-updater") if background else None
         self.loader = ExpertLoader(self.store, self.device, self.io,
                                    on_finished=self.updater.kick if self.updater else lambda: None)
+        self.on_demand = OnDemand(self, prefetch)
         self._filled = False
         self._since_update = 0
 
@@ -216,6 +224,7 @@ class VirtualExperts:
         profiling scores many configurations on one runtime, each from the same state."""
         with self._state:
             self._settle()
+            self._importance.reset()
             self.forget_traffic()
             self._filled = False
             self._since_update = 0
@@ -224,9 +233,9 @@ class VirtualExperts:
     def forget_traffic(self) -> None:
         """What the routers saw so far no longer moves the resident sets (passes that measured, not served)."""
         with self._state:
-            for layer in self.layers:
+            for index, layer in enumerate(self.layers):
                 layer.scores = layer.router.expert_norms.double().cpu() * 1e-9
-                layer.seen = layer.router.importance.detach().to("cpu", torch.double, copy=True)
+                layer.seen = self._importance.cumulative(index, layer.router, draw=False)
 
     def wait_for_loads(self) -> None:
         """Block until the updates decided and the loads started so far are done (their tables
@@ -243,10 +252,9 @@ class VirtualExperts:
         with self._state:
             self._settle()
             self.strategy = strategy
-            for index, layer in enumerate(self.layers):
+            for layer in self.layers:
                 layer.router.strategy = strategy
-                layer.experts.load_now = (lambda experts, i=index: self._load_now(i, experts)) \
-                    if strategy is Strategy.ON_DEMAND else None
+            self.on_demand.attach(strategy is Strategy.ON_DEMAND)
 
     # --- seamless updates (paper section 3.2) ------------------------------------------
     def begin_input(self) -> None:
@@ -310,7 +318,7 @@ class VirtualExperts:
             layer = self.layers[index]
             if len(layer.pool.ready) == layer.pool.num_experts:
                 continue  # every expert resident: nothing can move
-            importance = layer.router.importance.detach().to("cpu", torch.double, copy=True)
+            importance = self._importance.cumulative(index, layer.router)
             layer.scores = layer.scores * self.decay + (importance - layer.seen)
             layer.seen = importance
             scores = layer.scores.tolist()
@@ -354,36 +362,12 @@ class VirtualExperts:
         for load in waiting + self.loader.quiesce():
             self.layers[load.layer].pool.cancel_load(load.expert)
         self._collect()
+        self.on_demand.reset()
         for index in range(len(self.layers)):  # tables for the pools as they are now
             self._post(index)
         self._install()
 
-    # --- on-demand strategy (exact; the LRU baseline) -------------------------------------
-    def _load_now(self, index: int, experts: list[int]) -> None:
-        """Synchronously make ``experts`` resident, evicting the least recently used others
-        (inside a forward pass, on its thread: the tables change at once)."""
-        with self._state:
-            layer = self.layers[index]
-            pool = layer.pool
-            changed = False
-            for expert in experts:
-                if pool.touch(expert):
-                    continue
-                slot = pool.begin_sync_load(expert, keep=experts)
-                changed = True
-                try:
-                    self._sync.copy(index, expert, layer.experts.slot_tensors(slot), layer.experts.precision)
-                except Exception as error:
-                    pool.cancel_load(expert)  # the slot is free again, and the evicted expert unmapped
-                    if isinstance(error, Corrupted):  # exact: each pass needing it fails; other strategies skip it
-                        pool.set_aside(expert)
-                    self._publish_now(index)
-                    raise
-                pool.finish_sync_load(expert)
-                self.stats.on_demand_loads += 1
-            if changed:
-                self._publish_now(index)
-
+    # --- on-demand strategy (exact; the LRU baseline): executor.on_demand ----------------
     def _publish_now(self, index: int) -> None:
         """Install the layer's tables at once (inside a pass: on-demand loads), superseding any waiting."""
         self._pending.drop(index)

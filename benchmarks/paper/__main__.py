@@ -1,0 +1,66 @@
+"""``python -m benchmarks.paper [--quick] [--out DIR] [--sections a,b]``: measure, then write
+``RESULTS-paper.md``, ``results.json`` and ``figures/`` under DIR."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.paper import report
+from benchmarks.paper.context import OUT, ROOT, Context
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer budgets, texts and tokens: minutes, not an hour")
+    parser.add_argument("--out", type=Path, default=OUT, help=f"where the report goes (default {OUT})")
+    parser.add_argument("--sections", default=",".join(report.SECTIONS),
+                        help=f"comma-separated, of {','.join(report.SECTIONS)} (default: all)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the other core is left to expert loads)")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.sections.split(",") if n.strip()]
+    if unknown := sorted(set(names) - set(report.SECTIONS)):
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(report.SECTIONS)}")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ctx = Context(quick=args.quick, threads=args.threads)
+    started = time.monotonic()
+    run = dict(quick=args.quick, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
+               torch=torch.__version__, git=_git(), started=datetime.datetime.now().isoformat(timespec="seconds"),
+               seconds_per_section={})
+    results = dict(run=run, sections={})
+    for name in names:
+        print(f"[paper] {name} ...", file=sys.stderr, flush=True)
+        began = time.monotonic()
+        results["sections"][name] = report.section(name).measure(ctx)
+        run["seconds_per_section"][name] = round(time.monotonic() - began, 1)
+        print(f"[paper] {name} done in {run['seconds_per_section'][name]:.0f} s", file=sys.stderr, flush=True)
+    run["seconds"] = round(time.monotonic() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    text, figures = report.render(results, args.out)
+    (args.out / "RESULTS-paper.md").write_text(text)
+    print(text)
+    print(f"wrote {args.out / 'RESULTS-paper.md'} and {len(figures)} figures", file=sys.stderr)
+    return 0
+
+
+def _git() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", "executor", "planner_service", "profiler", "core", "benchmarks")
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + (" (uncommitted changes)" if dirty else "")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
