@@ -2,6 +2,8 @@
 
     python -m benchmarks.paper            # everything; writes benchmarks/results/paper/
     python -m benchmarks.paper --quick    # the same tables and figures from fewer tokens, in minutes
+                                          # (into .bench-stores/paper-quick/)
+    python -m benchmarks.paper --render   # the report again from results.json, measuring nothing
 
 Each section module measures (``measure(ctx) -> dict``, plain JSON) and renders
 (``render(results, figures) -> list[str]``, Markdown lines, figures drawn from the results

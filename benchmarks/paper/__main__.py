@@ -1,5 +1,6 @@
 """``python -m benchmarks.paper [--quick] [--out DIR] [--sections a,b]``: measure, then write
-``RESULTS-paper.md``, ``results.json`` and ``figures/`` under DIR."""
+``RESULTS-paper.md``, ``results.json`` and ``figures/`` under DIR (``--render``: only render
+DIR/results.json again)."""
 
 from __future__ import annotations
 
@@ -16,16 +17,27 @@ from pathlib import Path
 from benchmarks.paper import report
 from benchmarks.paper.context import OUT, ROOT, Context
 
+QUICK_OUT = ROOT / ".bench-stores" / "paper-quick"
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.paper", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer budgets, texts and tokens: minutes, not an hour")
-    parser.add_argument("--out", type=Path, default=OUT, help=f"where the report goes (default {OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where the report goes (default {OUT}; with --quick, {QUICK_OUT}, so a quick run "
+                             "never replaces the committed report)")
     parser.add_argument("--sections", default=",".join(report.SECTIONS),
                         help=f"comma-separated, of {','.join(report.SECTIONS)} (default: all)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: the other core is left to expert loads)")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: render the report again from DIR/results.json")
     args = parser.parse_args(argv)
+    args.out = args.out or (QUICK_OUT if args.quick else OUT)
+    if args.render:
+        if not (args.out / "results.json").exists():
+            parser.error(f"no results to render: {args.out / 'results.json'} does not exist")
+        return _write(json.loads((args.out / "results.json").read_text()), args.out, echo=False)
     names = [n.strip() for n in args.sections.split(",") if n.strip()]
     if unknown := sorted(set(names) - set(report.SECTIONS)):
         parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(report.SECTIONS)}")
@@ -48,10 +60,15 @@ def main(argv=None) -> int:
     run["seconds"] = round(time.monotonic() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    text, figures = report.render(results, args.out)
-    (args.out / "RESULTS-paper.md").write_text(text)
-    print(text)
-    print(f"wrote {args.out / 'RESULTS-paper.md'} and {len(figures)} figures", file=sys.stderr)
+    return _write(results, args.out)
+
+
+def _write(results: dict, out: Path, echo: bool = True) -> int:
+    text, figures = report.render(results, out)
+    (out / "RESULTS-paper.md").write_text(text)
+    if echo:
+        print(text)
+    print(f"wrote {out / 'RESULTS-paper.md'} and {len(figures)} figures", file=sys.stderr)
     return 0
 
 

@@ -173,7 +173,7 @@ def render(results: dict, figures: Figures) -> list[str]:
         "## Ablations (paper section 4.5, Fig. 10)",
         "",
         f"SwapMoE on the bundled LM at the planner's plan, with one component replaced at a time; each variant "
-        f"scored for perplexity over {results['texts']:.0f} held-out texts of every domain "
+        f"scored for perplexity over {results['texts']:.0f} held-out texts, every domain's together "
         f"({results['text_tokens']:.0f} tokens, 4 per forward pass with its update turn after each, as serving decodes) "
         f"and timed on {results['prompts']:.0f} prompts x {results['new_tokens']:.0f} greedy tokens through the "
         f"serving step (the median of {results['rounds']:.0f} round(s) that take the variants in turn). Experts load from the store capped at {results['bandwidth_mib_s']:.0f} MiB/s, so loads "

@@ -194,7 +194,7 @@ def render(results: dict, figures: Figures) -> list[str]:
         "## Locality and interchangeability of experts (paper section 2.2)",
         "",
         f"The unmodified bundled LM ({len(layers)} MoE layers, {t['num_experts']:.0f} experts, top-{t['top_k']:.0f}) "
-        f"over {results['texts']:.0f} held-out texts of every domain ({results['tokens']:.0f} tokens), routing "
+        f"over {results['texts']:.0f} held-out texts, every domain's together ({results['tokens']:.0f} tokens), routing "
         "recorded per layer and cut into consecutive windows of w tokens. **Reuse**: the share of the next "
         "window's routed assignments that go to experts the previous window used (a cache holding the last "
         "window's experts hits this often). Baselines: the same tokens shuffled within each text (the text's "
