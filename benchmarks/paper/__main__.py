@@ -46,18 +46,28 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     ctx = Context(quick=args.quick, threads=args.threads)
-    started = time.monotonic()
     run = dict(quick=args.quick, threads=args.threads, machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                torch=torch.__version__, git=_git(), started=datetime.datetime.now().isoformat(timespec="seconds"),
-               seconds_per_section={})
+               seconds_per_section={}, measured_at={})
     results = dict(run=run, sections={})
+    earlier = args.out / "results.json"
+    if set(names) != set(report.SECTIONS) and earlier.exists():  # a partial run replaces only its sections
+        kept = json.loads(earlier.read_text())
+        if kept["run"]["quick"] == args.quick:
+            results["sections"] = kept["sections"]
+            for key in ("seconds_per_section", "measured_at"):
+                run[key] = {n: v for n, v in kept["run"].get(key, {}).items() if n not in names}
+            run["measured_at"] = {n: run["measured_at"].get(n, kept["run"]["git"]) for n in kept["sections"]
+                                  if n not in names}
     for name in names:
         print(f"[paper] {name} ...", file=sys.stderr, flush=True)
         began = time.monotonic()
         results["sections"][name] = report.section(name).measure(ctx)
         run["seconds_per_section"][name] = round(time.monotonic() - began, 1)
+        run["measured_at"][name] = run["git"]
         print(f"[paper] {name} done in {run['seconds_per_section'][name]:.0f} s", file=sys.stderr, flush=True)
-    run["seconds"] = round(time.monotonic() - started, 1)
+    results["sections"] = {n: results["sections"][n] for n in report.SECTIONS if n in results["sections"]}
+    run["seconds"] = round(sum(run["seconds_per_section"].values()), 1)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     return _write(results, args.out)

@@ -12,13 +12,12 @@ load of an update at once, awaited: Fig. 6 (i)). Every variant reads its experts
 
 from __future__ import annotations
 
-import statistics
 import sys
 
 from benchmarks.paper import planned
 from benchmarks.paper.context import Context
 from benchmarks.paper.figures import Figures
-from benchmarks.paper.subjects import Setup, Subject, measure_perplexity, measure_speed
+from benchmarks.paper.subjects import Setup, Subject, interleaved_speed, measure_perplexity
 from benchmarks.paper.tables import num, ratio, share, table
 
 MiB = 2**20
@@ -83,7 +82,8 @@ def measure(ctx: Context) -> dict:
     replace_all = max(planned.capacity())
     full = Subject(Setup("full"), ctx.lm, ctx.store_root)
     try:
-        reference = dict(perplexity=measure_perplexity(full, texts), speed=_speeds({"full": full}, ctx, rounds)["full"])
+        speed = interleaved_speed({"full": full}, ctx.prompt_ids, ctx.new_tokens, rounds)["full"]
+        reference = dict(perplexity=measure_perplexity(full, texts), speed=speed)
     finally:
         full.close()
     budgets = []
@@ -99,7 +99,8 @@ def measure(ctx: Context) -> dict:
             for key in _progress(setups, f"ablations at {fraction:.0%}: perplexity"):
                 subjects[key] = Subject(setups[key], ctx.lm, ctx.store_root)
                 variants[key] = dict(knobs=_knobs(setups[key]), perplexity=measure_perplexity(subjects[key], texts))
-            for key, speed in _speeds(subjects, ctx, rounds, f"ablations at {fraction:.0%}: speed").items():
+            for key, speed in interleaved_speed(subjects, ctx.prompt_ids, ctx.new_tokens, rounds,
+                                                 f"ablations at {fraction:.0%}: speed").items():
                 variants[key]["speed"] = speed
         finally:
             for subject in subjects.values():
@@ -113,16 +114,6 @@ def measure(ctx: Context) -> dict:
 def _progress(items, desc: str):
     from tqdm import tqdm
     return tqdm(items, desc=desc, unit="variant", file=sys.stderr)
-
-
-def _speeds(subjects: dict[str, Subject], ctx: Context, rounds: int, desc: str = "speed") -> dict[str, dict]:
-    runs: dict[str, list[dict]] = {key: [] for key in subjects}
-    for subject in subjects.values():  # a first generation's one-time costs (allocations, caches) not timed
-        measure_speed(subject, ctx.prompt_ids[:1], 2)
-    for _ in range(rounds):
-        for key in _progress(subjects, desc) if len(subjects) > 1 else subjects:
-            runs[key].append(measure_speed(subjects[key], ctx.prompt_ids, ctx.new_tokens))
-    return {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for key, rs in runs.items()}
 
 
 # --- rendering -----------------------------------------------------------------------------------

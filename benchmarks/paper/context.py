@@ -61,6 +61,11 @@ class Context:
         return AutoTokenizer.from_pretrained(self.lm)
 
     @cached_property
+    def switch_tokenizer(self):
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(self.switch)
+
+    @cached_property
     def texts(self) -> dict[str, list[list[int]]]:
         """Held-out texts per domain as token ids (the bundled LM's eval sets, never trained on)."""
         from swapmoe.models.corpus import DOMAINS, load_eval

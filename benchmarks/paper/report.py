@@ -30,8 +30,9 @@ def render(results: dict, directory: Path) -> tuple[str, list[str]]:
         "",
         f"`python -m benchmarks.paper{' --quick' if run['quick'] else ''}` at {run['git']}, {run['started']}: "
         f"{run['machine']}, torch {run['torch']}, {run['threads']} thread(s); "
-        f"{run['seconds']:.0f} s in all. Every number below was measured in that run "
-        "(`results.json` beside this file holds them; the report is rendered from it alone).",
+        f"{run['seconds']:.0f} s of measuring in all. Every number below was measured by it "
+        "(`results.json` beside this file holds them; the report is rendered from it alone)"
+        + _measured_at(run) + ".",
         "",
         "What differs from the paper's setting: a 2-core x86 CPU with no accelerator instead of a Jetson "
         "(so \"fast memory\" is process memory and the slow tier is the expert store on disk, or that store "
@@ -46,3 +47,11 @@ def render(results: dict, directory: Path) -> tuple[str, list[str]]:
     for name in present:
         lines += section(name).render(results["sections"][name], figures)
     return "\n".join(lines) + "\n", figures.made
+
+
+def _measured_at(run: dict) -> str:
+    """Which commit measured each section, where a partial run replaced some of them."""
+    at = run.get("measured_at", {})
+    if len(set(at.values())) <= 1:
+        return ""
+    return "; sections measured at: " + ", ".join(f"{n} {g}" for n, g in at.items())

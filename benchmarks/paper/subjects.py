@@ -9,6 +9,7 @@ plain numbers (JSON), each from this run.
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,11 +60,16 @@ class Subject(runtime.Subject):
         self.runtime.set_strategy(setup.strategy)
         self.model = self.runtime.model
 
+    tokens_per_pass = 1  # a pass of several tokens (perplexity) takes a layer's turn as often per token
+
     def between(self) -> None:
-        """A pass's end: the runtime's update turn (and, synchronous, its loads awaited)."""
-        super().between()
-        if self.runtime and self.setup.synchronous:
-            self.runtime.wait_for_loads()
+        """A pass's end: the runtime's update turn (and, synchronous, its loads awaited). A layer's
+        turn comes every ``update_frequency`` tokens, however many tokens a pass carries."""
+        if self.runtime:
+            f = self.setup.update_frequency
+            self.runtime.between_passes(max(1, round(f / self.tokens_per_pass)) if f else 0)
+            if self.setup.synchronous:
+                self.runtime.wait_for_loads()
 
     def close(self) -> None:
         if self.runtime:
@@ -77,7 +83,7 @@ def measure_speed(subject: Subject, prompts: list[list[int]], new_tokens: int,
     expert I/O it caused."""
     s = subject.setup
     runner = ModelRunner(subject.model, subject.runtime, 1, s.update_frequency, settle_loads=s.synchronous)
-    ttft, gaps, decode_ns, decoded, peak = [], [], 0, 0, 0.0
+    ttft, gaps, decode_ns, decoded, peak, decode_bytes = [], [], 0, 0, 0.0, 0
     before = subject.io()
     for prompt in prompts:
         times, read = [time.perf_counter_ns()], [subject.io().nbytes]
@@ -89,21 +95,42 @@ def measure_speed(subject: Subject, prompts: list[list[int]], new_tokens: int,
         # bytes read in a gap over the gap: the bandwidth a token's updates drew at most
         peak = max([peak] + [(r1 - r0) / (t1 - t0) * 1e9 for r0, r1, t0, t1 in zip(read[1:], read[2:], times[1:], times[2:])])
         decode_ns += times[-1] - times[1]
+        decode_bytes += read[-1] - read[1]  # after the first token: the prefill's loads are not decode's
         decoded += len(times) - 2
     io = subject.io() - before
     tokens = decoded + len(prompts)
     return dict(ttft_ms=statistics.median(ttft) / 1e6, tokens_per_second=decoded / (decode_ns / 1e9),
                 itl_p50_ms=statistics.median(gaps) / 1e6, itl_max_ms=max(gaps) / 1e6,
                 loads_per_token=io.loads / tokens, mib_per_token=io.nbytes / 2**20 / tokens,
-                drawn_mib_per_s=io.nbytes / 2**20 / (decode_ns / 1e9), peak_drawn_mib_per_s=peak / 2**20,
+                drawn_mib_per_s=decode_bytes / 2**20 / (decode_ns / 1e9), peak_drawn_mib_per_s=peak / 2**20,
                 read_mib_per_s=io.nbytes / 2**20 / io.seconds if io.seconds else 0.0,
                 load_seconds=io.seconds, tokens=tokens)
 
 
 def measure_perplexity(subject: Subject, texts: list[list[int]], chunk: int = 4) -> float:
     """Perplexity with the resident set moving as each text streams by, ``chunk`` tokens per
-    forward pass with the runtime's update turn after each (as serving decodes)."""
-    return runtime.streaming_perplexity(subject, texts, chunk)
+    forward pass, a layer's update turn every ``update_frequency`` tokens as in serving."""
+    subject.tokens_per_pass = chunk
+    try:
+        return runtime.streaming_perplexity(subject, texts, chunk)
+    finally:
+        subject.tokens_per_pass = 1
+
+
+def interleaved_speed(subjects: dict[str, Subject], prompts: list[list[int]], new_tokens: int, rounds: int = 3,
+                      desc: str = "speed") -> dict[str, dict]:
+    """``measure_speed`` of each subject, warmed up first (a first generation's one-time costs
+    untimed), in ``rounds`` rounds that take the subjects in turn so load from elsewhere on the
+    machine falls on all alike; per number, the median over rounds."""
+    from tqdm import tqdm
+
+    runs: dict[str, list[dict]] = {key: [] for key in subjects}
+    for subject in subjects.values():
+        measure_speed(subject, prompts[:1], 2)
+    for _ in tqdm(range(rounds), desc=desc, unit="round", file=sys.stderr):
+        for key, subject in subjects.items():
+            runs[key].append(measure_speed(subject, prompts, new_tokens))
+    return {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for key, rs in runs.items()}
 
 
 def measure_rouge2(subject: Subject, tokenizer, pairs: list[dict]) -> float:

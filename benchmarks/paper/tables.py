@@ -3,6 +3,7 @@ passed in from the results (the test re-renders perturbed results to check that)
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Sequence
 
 
@@ -19,12 +20,12 @@ def _cell(value: object) -> str:
 
 
 def num(x: float | None, digits: int = 3) -> str:
-    """``digits`` significant figures, without an exponent for the ranges reported."""
+    """``digits`` significant figures (whole numbers of more digits as they are), no exponent."""
     if x is None:
         return "-"
     if x == 0:
         return "0"
-    magnitude = len(str(int(abs(x)))) if abs(x) >= 1 else 0
+    magnitude = math.floor(math.log10(abs(x))) + 1  # digits before the point (<= 0 below 0.1)
     return f"{x:.{max(0, digits - magnitude)}f}"
 
 
