@@ -101,8 +101,9 @@ def executor(service):
     return executor_pb2_grpc.ExecutorServiceStub(transport.channel(service.address))
 
 
-def acked_search(planner, workload=None, budget=None):
-    """The status once a searched plan (for ``workload``, fitting ``budget``) is ACKed."""
+def acked_search(planner, workload=None, budget=None, after: int = 0):
+    """The status once a searched plan (for ``workload``, fitting ``budget``, newer than version
+    ``after``) is ACKed."""
     def ready():
         s = planner.status()
         if not s or s.state != ppb.PLAN_STATE_ACKED or not s.desired_plan.origin.startswith("planner:search"):
@@ -110,6 +111,8 @@ def acked_search(planner, workload=None, budget=None):
         if workload and f"workload={workload} " not in s.desired_plan.origin:
             return None
         if budget and s.budget_bytes != budget:
+            return None
+        if s.acked_plan.version <= after:  # the status knows the new budget before its plan is ACKed
             return None
         return s
     return wait_until(ready, timeout=120, what=f"a searched plan for {workload or 'any workload'} ACKed")
@@ -143,7 +146,7 @@ def test_a_budget_cut_gets_a_searched_plan_that_fits_and_is_acked(restartable_pl
     model = MemoryModel(convert.layout_from_pb(described.layout), convert.reserve_from_pb(described.reserve))
     budget = (model.smallest_plan_bytes + before.predicted.memory_bytes) // 2  # searched plans leave room for a full batch
     executor(lm).SetBudget(epb.SetBudgetRequest(budget_bytes=budget, reason="thermal"), timeout=30)
-    status = acked_search(restartable_planner, budget=budget)
+    status = acked_search(restartable_planner, budget=budget, after=before.acked_plan.version)
     assert status.acked_plan.version > before.acked_plan.version
     assert status.predicted.memory_bytes <= budget
     assert f"budget change to {format_size(budget)}" in status.reason and "thermal" in status.reason

@@ -32,7 +32,7 @@ class Setup:
     name: str
     experts: tuple[int, ...] | None = None  # resident experts per MoE layer
     strategy: Strategy = MG
-    update_frequency: int = 4  # passes between a layer's updates (0: never: pruning)
+    update_frequency: int = 4  # tokens between a layer's updates (0: never: pruning)
     importance: str = "gate"  # Eq. 1 ("gate"), token counts ("count") or "random"
     loads_per_update: int = 1  # amortized (1) or the whole difference at once (a layer's capacity)
     synchronous: bool = False  # wait for an update's loads before the next pass
@@ -47,6 +47,8 @@ class Setup:
 class Subject(runtime.Subject):
     """A ``Setup`` loaded from ``checkpoint`` (the runtime benchmark's subject, with the knobs)."""
 
+    tokens_per_pass = 1  # a pass of several tokens (perplexity) takes a layer's turn as often per token
+
     def __init__(self, setup: Setup, checkpoint: Path, store_root: Path):
         self.setup = self.config = setup
         self.runtime = None
@@ -59,8 +61,6 @@ class Subject(runtime.Subject):
         self.runtime.resize(list(setup.experts))
         self.runtime.set_strategy(setup.strategy)
         self.model = self.runtime.model
-
-    tokens_per_pass = 1  # a pass of several tokens (perplexity) takes a layer's turn as often per token
 
     def between(self) -> None:
         """A pass's end: the runtime's update turn (and, synchronous, its loads awaited). A layer's
