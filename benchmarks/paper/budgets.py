@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 from benchmarks.paper import planned
-from benchmarks.paper.context import ROOT, Context
+from benchmarks.paper.context import Context
 from benchmarks.paper.subjects import (MG, ON_DEMAND, Setup, Subject, interleaved_speed, measure_perplexity,
                                        measure_rouge2)
 from benchmarks.paper.tables import num, pct, share, table
@@ -114,25 +113,17 @@ def _even(ctx: Context, s: float) -> tuple[int, ...]:
 
 def peak_rss_mib(ctx: Context, setup: Setup) -> float:
     """Peak RSS of a fresh process that loads ``setup`` and generates from one prompt."""
+    from benchmarks.memory import in_fresh_process
+
     fields = {k: (v.value if hasattr(v, "value") else v) for k, v in setup.__dict__.items()}
-    code = ("import json,sys;from pathlib import Path;from swapmoe.core.plan import Strategy;"
+    code = ("import json;from pathlib import Path;from swapmoe.core.plan import Strategy;"
             "from benchmarks.paper.subjects import Setup,Subject,measure_speed;"
             "from swapmoe.executor.memory import process_peak_rss;"
-            "f=json.loads(sys.argv[1]);f['strategy']=Strategy(f['strategy']);"
+            f"f=json.loads({json.dumps(fields)!r});f['strategy']=Strategy(f['strategy']);"
             "f['experts']=tuple(f['experts']) if f['experts'] else None;"
-            "s=Subject(Setup(**f),Path(sys.argv[2]),Path(sys.argv[3]));"
-            "measure_speed(s,[json.loads(sys.argv[4])],8);print(json.dumps(process_peak_rss()))")
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(fields), str(ctx.lm), str(ctx.store_root),
-                           json.dumps(ctx.prompt_ids[0])], capture_output=True, text=True, cwd=ROOT,
-                          env={"TQDM_DISABLE": "1", **_env()})
-    if done.returncode:
-        raise RuntimeError(f"peak memory probe failed: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1]) / 2**20
-
-
-def _env() -> dict:
-    import os
-    return dict(os.environ)
+            f"s=Subject(Setup(**f),Path({str(ctx.lm)!r}),Path({str(ctx.store_root)!r}));"
+            f"measure_speed(s,[{ctx.prompt_ids[0]!r}],8);print(json.dumps(dict(peak=process_peak_rss())))")
+    return in_fresh_process(code, f"peak memory of {setup.name}")["peak"] / 2**20
 
 
 # --- the report ---------------------------------------------------------------------------

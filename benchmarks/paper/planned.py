@@ -46,7 +46,7 @@ def plan(share: float, workload: str = "mix") -> Planned:
     total = max(len(b.capacity), experts_at(share, b.capacity))
     budget = budget_for(b.memory, total)
     objectives = b.objectives[workload]
-    found = search(b.masked() if workload == "mix" else _masked(objectives), budget, b.service)
+    found = search(_masked(objectives), budget, b.service)
     chosen = search(objectives, budget, b.service)
     return Planned(share, total, budget, found.experts_per_layer, found.update_frequency, chosen.strategy.value,
                    float(found.predicted.accuracy))
