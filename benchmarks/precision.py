@@ -8,8 +8,8 @@ experts' intermediate 2304). Each row decodes the same sampled tokens (temperatu
 seed: a random model's greedy decoding loops on one token, sampling spreads the routing) in a
 fresh process, rows alternating round by round so drift on a shared machine hits them alike:
 llama.cpp (``benchmarks.peer_llamacpp``) on GGUF conversions of the same checkpoint, and the
-executor's engine (its serving loop, in-process: no gRPC) started with ``--precision`` under a
-budget: its starting plan keeps as many experts as the budget holds at that precision. "Capped" rows run in a cgroup memory cap that charges every page the
+executor's engine (its serving loop, in-process: no gRPC) started with ``--precision`` (and
+``--dense-precision int4`` in the "int4 dense" rows) under a budget: its starting plan keeps as many experts as the budget holds at that precision. "Capped" rows run in a cgroup memory cap that charges every page the
 process touches, the mapped model file included. Quality comes from the bundled LM (random
 weights have none): held-out perplexity with every expert at each precision.
 """
@@ -41,6 +41,7 @@ class Row:
     system: str  # "llama.cpp" or "executor"
     outtype: str = ""  # llama.cpp's GGUF type
     precision: str = ""  # the executor's experts ("": the checkpoint's)
+    dense_precision: str = ""  # the executor's other weights (``--dense-precision``)
     budget_gib: float = 0.0
     cap_gib: float = 0.0  # 0: no cgroup cap
 
@@ -49,10 +50,14 @@ ROWS = (
     Row("llama.cpp f16", "llama.cpp", outtype="f16"),
     Row("llama.cpp q4_0", "llama.cpp", outtype="q4_0"),
     Row("executor int4, every expert, 1 GiB budget", "executor", precision="int4", budget_gib=1.0),
+    Row("executor int4, int4 dense, every expert, 1 GiB budget", "executor", precision="int4",
+        dense_precision="int4", budget_gib=1.0),
     Row("executor int8, every expert, 1 GiB budget", "executor", precision="int8", budget_gib=1.0),
     Row("llama.cpp f32, 1 GiB cap", "llama.cpp", outtype="f32", cap_gib=1.0),
     Row("llama.cpp f16, 1 GiB cap", "llama.cpp", outtype="f16", cap_gib=1.0),
     Row("executor int4, every expert, 1 GiB cap", "executor", precision="int4", budget_gib=0.6, cap_gib=1.0),
+    Row("executor int4, int4 dense, every expert, 1 GiB cap", "executor", precision="int4",
+        dense_precision="int4", budget_gib=0.6, cap_gib=1.0),
     Row("executor float32, what 0.6 GiB holds, 1 GiB cap", "executor", budget_gib=0.6, cap_gib=1.0),
 )
 
@@ -77,7 +82,8 @@ def child() -> None:
 
     library_rss = process_rss()
     config = EngineConfig(Path(spec["checkpoint"]), budget_bytes=int(spec["budget_gib"] * GiB), node_id="bench",
-                          threads=spec["threads"], store_root=Path(spec["store_root"]), precision=spec["precision"])
+                          threads=spec["threads"], store_root=Path(spec["store_root"]), precision=spec["precision"],
+                          dense_precision=spec["dense_precision"])
     with Engine(config) as engine:
         experts = engine.achieved
         request = GenerationRequest(PROMPT, spec["tokens"], SamplingParams(temperature=1.0, seed=spec["seed"]))
@@ -97,7 +103,7 @@ def run_executor(row: Row, checkpoint: Path, store_root: Path, args) -> dict:
         if row.cap_gib:
             group = cgroup_cap.make(int(row.cap_gib * GiB))
         spec = dict(cgroup=str(group or ""), checkpoint=str(checkpoint), store_root=str(store_root),
-                    budget_gib=row.budget_gib, precision=row.precision,
+                    budget_gib=row.budget_gib, precision=row.precision, dense_precision=row.dense_precision,
                     threads=args.threads, tokens=args.tokens, seed=args.seed)
         done = subprocess.run([sys.executable, "-c", "from benchmarks.precision import child; child()",
                                json.dumps(spec)], capture_output=True, text=True, cwd=HERE.parent)
@@ -120,7 +126,8 @@ def run_row(row: Row, checkpoint: Path, store_root: Path, ggufs: dict, args) -> 
 
 
 def bundled_quality() -> list[dict]:
-    """Held-out perplexity of the bundled LM with every expert resident at each precision."""
+    """Held-out perplexity of the bundled LM with every expert resident at each precision, with the
+    dense weights at the checkpoint's precision and at int4."""
     import math
 
     import torch
@@ -134,22 +141,25 @@ def bundled_quality() -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(BUNDLED_LM)
     texts = [tokenizer(d["text"], add_special_tokens=False)["input_ids"][:256]
              for domain in ("code", "prose", "manual") for d in load_eval(domain)[:20]]
-    runtime = VirtualExperts(BUNDLED_LM, store_root=HERE.parent / ".bench-stores", log=lambda _: None)
     rows = []
-    try:
-        everything = [l.num_experts for l in runtime.layout.layers]
-        for precision in ("", *runtime.layout.precisions):
-            runtime.resize(everything, [precision] * len(everything))
-            nll, count = 0.0, 0
-            with torch.no_grad():
-                for ids in texts:
-                    logits = runtime.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
-                    nll -= torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).sum().item()
-                    count += len(ids) - 1
-            rows.append(dict(precision=precision or runtime.layout.dtype, perplexity=math.exp(nll / count),
-                             bytes_per_expert=runtime.layout.layers[0].bytes_at(precision)))
-    finally:
-        runtime.close()
+    for dense in ("", "int4"):
+        runtime = VirtualExperts(BUNDLED_LM, store_root=HERE.parent / ".bench-stores", log=lambda _: None,
+                                 dense_precision=dense)
+        try:
+            everything = [l.num_experts for l in runtime.layout.layers]
+            for precision in ("", *runtime.layout.precisions) if not dense else ("", "int4"):
+                runtime.resize(everything, [precision] * len(everything))
+                nll, count = 0.0, 0
+                with torch.no_grad():
+                    for ids in texts:
+                        logits = runtime.model(input_ids=torch.tensor([ids])).logits[0, :-1].float()
+                        nll -= torch.log_softmax(logits, -1).gather(-1, torch.tensor(ids[1:])[:, None]).sum().item()
+                        count += len(ids) - 1
+                rows.append(dict(precision=precision or runtime.layout.dtype, dense=dense or runtime.layout.dtype,
+                                 perplexity=math.exp(nll / count), dense_bytes=runtime.layout.dense_bytes,
+                                 bytes_per_expert=runtime.layout.layers[0].bytes_at(precision)))
+        finally:
+            runtime.close()
     return rows
 
 
@@ -220,12 +230,16 @@ def render(results: dict) -> str:
     lines += ["", "GGUF sizes: " + ", ".join(f"{t} {b / 2**20:.0f} MiB" for t, b in results["gguf_bytes"].items()),
               "", "## Against the goals", ""]
     ratio = speed["executor int4, every expert, 1 GiB budget"] / speed["llama.cpp f16"]
-    capped = speed["executor int4, every expert, 1 GiB cap"] / speed["llama.cpp f32, 1 GiB cap"]
-    lines += [f"- Every expert at int4 within a 1 GiB budget: {ratio:.2f}x llama.cpp f16's tokens/s (goal: at least 1x).",
+    dense_too = speed["executor int4, int4 dense, every expert, 1 GiB budget"] / speed["llama.cpp f16"]
+    capped = max(speed[f"executor int4, {dense}every expert, 1 GiB cap"]
+                 for dense in ("", "int4 dense, ")) / speed["llama.cpp f32, 1 GiB cap"]
+    lines += [f"- Every expert at int4 within a 1 GiB budget: {ratio:.2f}x llama.cpp f16's tokens/s (goal: at least "
+              f"1x); with the dense weights at int4 too: {dense_too:.2f}x.",
               f"- Under a 1 GiB cap: {capped:.1f}x llama.cpp f32's tokens/s (goal: at least 5x).",
               "", "## Quality: the bundled LM, every expert resident, held-out perplexity", "",
-              "| precision | bytes per expert | perplexity |", "|---|---|---|"]
-    lines += [f"| {q['precision']} | {q['bytes_per_expert']} | {q['perplexity']:.2f} |" for q in results["quality"]]
+              "| experts | dense weights | bytes per expert | dense MiB | perplexity |", "|---|---|---|---|---|"]
+    lines += [f"| {q['precision']} | {q.get('dense', '-')} | {q['bytes_per_expert']} | "
+              f"{_mib(q.get('dense_bytes', float('nan')))} | {q['perplexity']:.2f} |" for q in results["quality"]]
     return "\n".join(lines) + "\n"
 
 

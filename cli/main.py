@@ -61,7 +61,7 @@ def executor_serve(args) -> None:
 
     config = EngineConfig(args.model, args.budget, device=args.device, max_context=args.max_context,
                           max_queue=args.max_queue, max_batch=args.max_batch, state_dir=args.state_dir,
-                          threads=args.threads, precision=args.precision,
+                          threads=args.threads, precision=args.precision, dense_precision=args.dense_precision,
                           load_bandwidth=args.load_bandwidth)
     if args.node_id:
         config.node_id = args.node_id
@@ -217,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the experts' precision in the starting plan, until a planner's plan says otherwise: "
                         "bfloat16 (float32 checkpoints), int8 or int4 (default: the checkpoint's; a budget too small "
                         "for one expert per layer at it starts at int4)")
+    p.add_argument("--dense-precision", default="", choices=["bfloat16", "int8", "int4"],
+                   help="the weights outside the routed experts (attention, shared experts, dense MLPs; not the "
+                        "routers or embeddings), lowered as they load: bfloat16 (float32 checkpoints), int8 or int4 "
+                        "(default: the checkpoint's). Every token reads them all: on a CPU, int4 decodes faster")
     p.add_argument("--load-bandwidth", type=arg_types.size_or_zero, default=0,
                    help="cap expert reads at this many bytes per second, e.g. 200MiB (default: no cap)")
     p.add_argument("--state-dir", type=Path,

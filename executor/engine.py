@@ -64,6 +64,7 @@ class EngineConfig:
     # torch intra-op threads; 0: by measurement (``executor.intra_op``: the last device profile's choice, else a probe).
     threads: int = 0
     precision: str = ""  # of the experts in the starting plan, until a plan says otherwise ("": the checkpoint's)
+    dense_precision: str = ""  # of the weights outside the routed experts (``executor.lowered_dense``)
 
 
 class Engine:
@@ -72,7 +73,8 @@ class Engine:
         self.hub = hub or TelemetryHub(config.node_id)
         self.experts = VirtualExperts(config.model_dir, config.device, config.store_root,
                                       max_loads_per_update=config.max_loads_per_update,
-                                      load_bandwidth=config.load_bandwidth or None)
+                                      load_bandwidth=config.load_bandwidth or None,
+                                      dense_precision=config.dense_precision)
         try:
             self.text = TextCodec(config.model_dir, self.model)
             limit = self.layout.max_positions or DEFAULT_MAX_CONTEXT
@@ -99,7 +101,7 @@ class Engine:
             self._budget_watchers: list[Callable[[BudgetChange], None]] = []
             self.scheduler = Scheduler(self.runner.capacity, config.max_queue, frozenset(self.text.eos))
             self.loop = ServingLoop(self.scheduler, self.step)
-            self._apply_residency(self.plan)
+            self.loop.call(lambda: self._apply_residency(self.plan))  # see intra_op.single_threaded
             self.threads = IntraOpThreads(config.threads, config.state_dir, self.model_fingerprint, config.device)
             self.loop.call(self.threads.start(measure_threads, self.experts).apply)  # on the forward thread
             self.experts.forget_traffic()  # a start-up probe's passes are not traffic

@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from swapmoe.executor.lean_decode import LeanDecoder
+
 
 def last_logits(model, ids: torch.Tensor, cache: DynamicCache, **inputs) -> torch.Tensor:
     """Last-position logits [B, V] for ids [B, T], appending T columns to ``cache``."""
@@ -84,6 +86,7 @@ class CausalBatch:
         if not _full_attention_only(model.config):
             raise ValueError("CausalBatch needs full-attention cache layers; use make_batch")
         self.model, self.capacity = model, capacity
+        self.lean = LeanDecoder(model) if LeanDecoder.supports(model) else None  # decode passes, when it can
         self.device = next(model.parameters()).device
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [B, L] long, 0 over each row's left pads
@@ -122,7 +125,10 @@ class CausalBatch:
         # A row's next position is its own token count, not the padded width L.
         positions = self.mask.sum(1, keepdim=True)  # [B, 1]
         mask = F.pad(self.mask, (0, 1), value=1)  # [B, L + 1]
-        logits = last_logits(self.model, ids, self.cache, attention_mask=mask, position_ids=positions)
+        if self.lean is not None:
+            logits = self.lean(ids, self.cache, mask, positions)
+        else:
+            logits = last_logits(self.model, ids, self.cache, attention_mask=mask, position_ids=positions)
         self.mask = mask
         return logits
 

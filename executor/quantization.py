@@ -23,6 +23,7 @@ built for another layout is rebuilt rather than misread.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 
@@ -149,18 +150,37 @@ def linear(x: torch.Tensor, stored: list[torch.Tensor], precision: str,
            compute: torch.dtype = COMPUTE) -> torch.Tensor:
     """``x @ W.T`` for ``W`` held as ``stored`` at ``precision``, with activations in ``compute``
     (int8, int4; half weights compute in their own dtype), returned in ``x``'s dtype."""
-    flat = x.reshape(-1, x.shape[-1]).to(compute).contiguous()
+    flat = x.reshape(-1, x.shape[-1]).to(activations(precision, compute, stored)).contiguous()
+    out = matmul(flat, stored, precision)
+    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+
+
+def activations(precision: str, compute: torch.dtype, stored: list[torch.Tensor]) -> torch.dtype:
+    """The dtype a weight held at ``precision`` takes its activations in."""
+    return compute if precision in QUANTIZED else stored[0].dtype
+
+
+def matmul(flat: torch.Tensor, stored: list[torch.Tensor], precision: str) -> torch.Tensor:
+    """``flat @ W.T`` for ``flat`` [M, K] already in ``activations``' dtype; the same dtype out."""
     if precision == "int4":
         packed, scales = stored
-        out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, x.shape[-1] // scales.shape[0],
-                                                         scales.to(compute))
-    elif precision == "int8":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, flat.shape[-1] // scales.shape[0],
+                                                          scales.to(flat.dtype).contiguous())  # views: fused_qkv
+    if precision == "int8":
         q, scale = stored
-        out = torch.ops.aten._weight_int8pack_mm(flat, q, scale.to(compute))
-    else:
-        weight = stored[0]
-        out = F.linear(x.to(weight.dtype), weight)
-    return out.to(x.dtype).reshape(*x.shape[:-1], out.shape[-1])
+        return torch.ops.aten._weight_int8pack_mm(flat, q, scale.to(flat.dtype))
+    return F.linear(flat, stored[0])
+
+
+@functools.lru_cache(maxsize=None)
+def int4_rows_concatenate(rows: tuple[int, ...]) -> bool:
+    """Whether int4 weights of ``rows`` out-features each, packed one by one, concatenate into the
+    packing of their concatenation: the CPU kernel packs blocks of rows (64 here), so only weights
+    whose rows fill whole blocks do (a probe, as ``int4_layout_tag``)."""
+    probes = [(torch.arange(n * 64, dtype=torch.int32).reshape(n, 64) * (7 + 2 * i) + i) % 16
+              for i, n in enumerate(rows)]
+    pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu
+    return torch.equal(pack(torch.cat(probes), 1), torch.cat([pack(p, 1) for p in probes]))
 
 
 def int4_layout_tag() -> str:

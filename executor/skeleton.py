@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
 
+from swapmoe.executor import lowered_dense
 from swapmoe.executor.adapters import ADAPTERS, UnsupportedModel, expert_prefixes, find_moe_blocks
 from swapmoe.executor.checkpoint import auto_class, read_config
 from swapmoe.executor.slot_experts import Packed
@@ -39,15 +41,20 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device: torch.device) -> nn.Module:
-    """The model with dense weights on ``device`` and routed experts still on meta."""
+def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device: torch.device,
+                   dense_precision: str = "") -> nn.Module:
+    """The model with dense weights on ``device`` (at ``dense_precision``, see
+    ``executor.lowered_dense``; "": the checkpoint's) and routed experts still on meta."""
     config = read_config(checkpoint)
     if ADAPTERS[config.model_type].slots is Packed:  # see executor.slot_experts
         config._experts_implementation = "grouped_mm"
     dtype = getattr(torch, manifest.dtype)
+    lowered_dense.check(dense_precision, dtype, device)
     with parameters_on_meta():
         model = auto_class(config).from_config(config, dtype=dtype)
-    dense = _read_dense(store_dir / manifest.dense_file, device)
+    lowered = lowered_dense.lowered_linears(model, dense_precision)
+    dense = {name: tensor for name, tensor in _read_dense(store_dir / manifest.dense_file, device)
+             if not lowered_dense.lower(model, lowered, name, tensor, dense_precision)}
     model.load_state_dict(dense, strict=False, assign=True)
     model.tie_weights()
     experts = expert_prefixes(find_moe_blocks(model))
@@ -62,11 +69,12 @@ def build_skeleton(checkpoint: Path, store_dir: Path, manifest: Manifest, device
     return model.eval()
 
 
-def _read_dense(path: Path, device: torch.device) -> dict[str, torch.Tensor]:
+def _read_dense(path: Path, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """The dense weights, a tensor at a time outside any memory map (``safetensors.load_file``
     maps the file, and the pages it touched count in the resident set beside the copies)."""
     reader = SafetensorsReader(path)
     try:
-        return {name: reader.get(name).to(device) for name in reader.specs}
+        for name in reader.specs:
+            yield name, reader.get(name).to(device)
     finally:
         reader.close()

@@ -30,6 +30,7 @@ from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
 from swapmoe.executor.gating import MaskedRouter
 from swapmoe.executor.importance import Importance
 from swapmoe.executor.on_demand import OnDemand
+from swapmoe.executor.intra_op import single_threaded
 from swapmoe.executor.skeleton import build_skeleton
 from swapmoe.executor.slot_experts import SlotExperts, SlotTable
 from swapmoe.executor.slots import SlotPool
@@ -67,19 +68,27 @@ class VirtualExperts:
     layers their slots and fills them (the model cannot run before that). ``importance``: what
     updates rank experts by ("gate": Eq. 1, "count": tokens routed, "random": seeded noise; see
     ``executor.importance``). ``prefetch``: on demand only, also load the next layer's guessed
-    experts in the background (see ``executor.on_demand``)."""
+    experts in the background (see ``executor.on_demand``). ``dense_precision``: of the weights
+    outside the routed experts (``executor.lowered_dense``)."""
 
     def __init__(self, checkpoint: Path, device: str = "cpu",
                  store_root: Path | None = None, max_loads_per_update: int = 1, decay: float = 0.5,
                  load_bandwidth: float | None = None, log=print, background_updates: bool | None = None,
-                 importance: str = "gate", importance_seed: int = 0, prefetch: bool = False):
+                 importance: str = "gate", importance_seed: int = 0, prefetch: bool = False,
+                 dense_precision: str = ""):
         self._importance = Importance(importance, importance_seed)  # checked before any work
         self.device = torch.device(device)
         memory.return_large_frees_to_the_os()  # else the allocator keeps passes' temporaries: RSS over budget
-        store_dir = ensure_store(checkpoint, store_root, log=log)
-        self.store = ExpertStore(store_dir, bandwidth=load_bandwidth)
+        with single_threaded():  # the caller's thread is not the forward thread (see intra_op.single_threaded)
+            store_dir = ensure_store(checkpoint, store_root, log=log)
+            self.store = ExpertStore(store_dir, bandwidth=load_bandwidth)
+            try:
+                self.model = build_skeleton(Path(checkpoint), store_dir, self.store.manifest, self.device,
+                                            dense_precision)
+            except BaseException:
+                self.store.close()
+                raise
         manifest = self.store.manifest
-        self.model = build_skeleton(Path(checkpoint), store_dir, manifest, self.device)
         norms = [torch.tensor(l.norms) for l in manifest.layers]
         routers = install_masked_routers(self.model, norms)
         self.layout = with_precisions(describe(self.model), self.store, self.device)  # before slots replace the experts
