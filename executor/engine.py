@@ -110,6 +110,7 @@ class Engine:
                            f"{self.threads.setting.reason}", plan_version=self.plan.version)
         except BaseException:
             self.experts.close()  # a budget below the minimum, an unreadable tokenizer: leave no loader thread
+            getattr(self, "loop", None) and self.loop.close()  # nor a forward thread
             raise
 
     # --- what it serves -------------------------------------------------------------

@@ -11,6 +11,7 @@ and the model's own forward (prefills) computes exactly what it did.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Sequence
 
@@ -22,15 +23,23 @@ from swapmoe.executor.lowered_dense import LoweredLinear, part_names
 
 
 _FUSED: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
+_LOCK = threading.Lock()
 
 
 def fuse(attention: nn.Module) -> nn.Module | None:
     """A module computing ``cat(q_proj(x), k_proj(x), v_proj(x), dim=-1)``; None when the three
     are not all ``nn.Linear`` or all ``LoweredLinear`` at one precision, or disagree on biases.
-    Once per attention module: another batch over the same model shares it."""
-    if attention not in _FUSED:
-        _FUSED[attention] = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-    return _FUSED[attention]
+    Once per attention module (another batch over the same model shares it), again if its query
+    projection no longer views the fused weight (its weights were replaced)."""
+    with _LOCK, torch.inference_mode(False), torch.no_grad():  # weights, not inference tensors (first use: in a pass)
+        fused = _FUSED.get(attention, False)
+        if fused is False or (fused is not None and not _views(attention.q_proj, fused)):
+            fused = _FUSED[attention] = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+        return fused
+
+
+def _views(projection: nn.Module, fused: nn.Module) -> bool:
+    return projection.weight.untyped_storage().data_ptr() == fused.weight.untyped_storage().data_ptr()
 
 
 def _fuse(projections: list[nn.Module]) -> nn.Module | None:

@@ -36,7 +36,15 @@ class LeanDecoder:
         attn = self.base.layers[0].self_attn
         family = sys.modules[type(attn).__module__]
         self.rotate, self.rotate_half = family.apply_rotary_pos_emb, family.rotate_half
-        self.qkv = [fused_qkv.fuse(layer.self_attn) for layer in self.base.layers]  # None: three matmuls
+        self._qkv: list[nn.Module | None] | None = None
+
+    @property
+    def qkv(self) -> list[nn.Module | None]:
+        """Each layer's fused q/k/v projection (None: three matmuls), made on first use: by the
+        thread that decodes, not the one that builds the batch (see ``intra_op.single_threaded``)."""
+        if self._qkv is None:
+            self._qkv = [fused_qkv.fuse(layer.self_attn) for layer in self.base.layers]
+        return self._qkv
 
     @staticmethod
     def supports(model: nn.Module) -> bool:

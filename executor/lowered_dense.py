@@ -6,7 +6,8 @@ float32 attention projections of issue 30's 1.8 GiB Mixtral were a quarter of a 
 (``executor.quantization``: the same parts and kernels). Each weight is lowered as it is read
 from the store, so the checkpoint's copy of only one tensor is ever held beside the lowered ones.
 
-What stays at the checkpoint's precision: the routers (a few rows that decide every routing),
+What stays at the checkpoint's precision: the routers and one-row gates (a few rows that decide
+every routing),
 the input and output embeddings (lookups, and the logits' last projection), the routed experts
 (their precision is the plan's), and any weight the precision cannot hold (int4 needs
 in-features in whole groups and out-features in multiples of 16).
@@ -19,6 +20,7 @@ from torch import nn
 
 from swapmoe.executor import quantization
 from swapmoe.executor.adapters import adapter_for, expert_prefixes, find_moe_blocks
+from swapmoe.executor.checkpoint import read_config
 
 
 class LoweredLinear(nn.Module):
@@ -54,6 +56,13 @@ def check(precision: str, native: torch.dtype, device: torch.device) -> None:
         raise ValueError(f"dense precision {precision} has no kernel on {device.type}")
 
 
+def check_checkpoint(precision: str, checkpoint, device: torch.device) -> None:
+    """``check`` against the checkpoint's config, before any store is built for it."""
+    if precision:
+        native = getattr(read_config(checkpoint), "dtype", None) or torch.float32
+        check(precision, getattr(torch, native) if isinstance(native, str) else native, device)
+
+
 def lowered_linears(model: nn.Module, precision: str) -> dict[str, nn.Linear]:
     """The linear modules (by name) whose weights run at ``precision``: see the module docstring."""
     native = next(p.dtype for p in model.parameters())
@@ -67,6 +76,8 @@ def lowered_linears(model: nn.Module, precision: str) -> dict[str, nn.Linear]:
     chosen = {}
     for name, module in model.named_modules():
         if type(module) is not nn.Linear or id(module) in kept or name in routers or name.startswith(skipped):
+            continue
+        if module.out_features == 1:  # a one-row gate (Qwen2-MoE's shared expert's): kept as routers are
             continue
         try:
             quantization.parts("weight", (module.out_features, module.in_features), native, precision)

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from swapmoe.core.errors import Corrupted
 from swapmoe.core.plan import Strategy
-from swapmoe.executor import memory, quantization
+from swapmoe.executor import lowered_dense, memory, quantization
 from swapmoe.executor.adapters import adapter_for, describe, find_moe_blocks, install_masked_routers, with_precisions
 from swapmoe.executor.loader import Copier, ExpertLoader, Load, LoadStats
 from swapmoe.executor.gating import MaskedRouter
@@ -79,6 +79,7 @@ class VirtualExperts:
         self._importance = Importance(importance, importance_seed)  # checked before any work
         self.device = torch.device(device)
         memory.return_large_frees_to_the_os()  # else the allocator keeps passes' temporaries: RSS over budget
+        lowered_dense.check_checkpoint(dense_precision, Path(checkpoint), self.device)  # before a store is built
         with single_threaded():  # the caller's thread is not the forward thread (see intra_op.single_threaded)
             store_dir = ensure_store(checkpoint, store_root, log=log)
             self.store = ExpertStore(store_dir, bandwidth=load_bandwidth)
