@@ -247,12 +247,15 @@ class LlamaProcess:
 
 
 def decode(gguf_path: Path, prompt_ids: list[int], new_tokens: int, threads: int, *, sample: bool = False,
-           seed: int = 0, cap_bytes: int | None = None) -> dict:
-    """One generation in a fresh llama.cpp process: tokens, decode tokens/s, TTFT, token ids, its memory,
-    ``capped`` and ``cap_note``; one that dies under a cap (out of memory) gives ``error``, not an exception."""
-    result = dict(gguf=str(gguf_path), threads=threads, sample=sample, cap_bytes=cap_bytes)
+           seed: int = 0, cap_bytes: int | None = None, warmup: int = 0) -> dict:
+    """One generation in a fresh llama.cpp process (after ``warmup`` tokens of another, as llama-bench
+    warms up, when given): tokens, decode tokens/s, TTFT, token ids, its memory, ``capped`` and
+    ``cap_note``; one that dies under a cap (out of memory) gives ``error``, not an exception."""
+    result = dict(gguf=str(gguf_path), threads=threads, sample=sample, cap_bytes=cap_bytes, warmup=warmup)
     process = LlamaProcess(gguf_path, threads, cap_bytes=cap_bytes)
     try:
+        if warmup:
+            process.generate(prompt_ids, warmup, sample=sample, seed=seed + 1)
         made = process.generate(prompt_ids, new_tokens, sample=sample, seed=seed)
         result |= dict(tokens=len(made.token_ids), decode_tokens_per_second=made.decode_tokens_per_second,
                        ttft_ms=made.times_ns[1] / 1e6, token_ids=made.token_ids, **process.memory())

@@ -6,7 +6,8 @@
 The model is issue 30's: a random Mixtral of 1.8 GiB (8 layers x 8 experts, hidden 1024,
 experts' intermediate 2304). Each row decodes the same sampled tokens (temperature 1, fixed
 seed: a random model's greedy decoding loops on one token, sampling spreads the routing) in a
-fresh process, rows alternating round by round so drift on a shared machine hits them alike:
+fresh process, timed after a warm-up generation of 16 tokens in the same process (both systems,
+as llama-bench warms up), rows alternating round by round so drift on a shared machine hits them alike:
 llama.cpp (``benchmarks.peer_llamacpp``) on GGUF conversions of the same checkpoint, and the
 executor's engine (its serving loop, in-process: no gRPC) started with ``--precision`` (and
 ``--dense-precision int4`` in the "int4 dense" rows) under a budget: its starting plan keeps as many experts as the budget holds at that precision. "Capped" rows run in a cgroup memory cap that charges every page the
@@ -86,6 +87,10 @@ def child() -> None:
                           dense_precision=spec["dense_precision"])
     with Engine(config) as engine:
         experts = engine.achieved
+        if spec["warmup"]:  # as the peer's: a served model has decoded before
+            warmup = GenerationRequest(PROMPT, spec["warmup"], SamplingParams(temperature=1.0, seed=spec["seed"] + 1))
+            for _ in engine.generate(warmup):
+                pass
         request = GenerationRequest(PROMPT, spec["tokens"], SamplingParams(temperature=1.0, seed=spec["seed"]))
         times, count = [time.perf_counter_ns()], 0
         for chunk in engine.generate(request):
@@ -104,7 +109,7 @@ def run_executor(row: Row, checkpoint: Path, store_root: Path, args) -> dict:
             group = cgroup_cap.make(int(row.cap_gib * GiB))
         spec = dict(cgroup=str(group or ""), checkpoint=str(checkpoint), store_root=str(store_root),
                     budget_gib=row.budget_gib, precision=row.precision, dense_precision=row.dense_precision,
-                    threads=args.threads, tokens=args.tokens, seed=args.seed)
+                    threads=args.threads, tokens=args.tokens, seed=args.seed, warmup=args.warmup)
         done = subprocess.run([sys.executable, "-c", "from benchmarks.precision import child; child()",
                                json.dumps(spec)], capture_output=True, text=True, cwd=HERE.parent)
         if done.returncode:
@@ -122,7 +127,7 @@ def run_row(row: Row, checkpoint: Path, store_root: Path, ggufs: dict, args) -> 
     if row.system == "executor":
         return run_executor(row, checkpoint, store_root, args)
     return peer_llamacpp.decode(ggufs[row.outtype], list(PROMPT), args.tokens, args.threads, sample=True,
-                                seed=args.seed, cap_bytes=int(row.cap_gib * GiB) if row.cap_gib else None)
+                                seed=args.seed, warmup=args.warmup, cap_bytes=int(row.cap_gib * GiB) if row.cap_gib else None)
 
 
 def bundled_quality() -> list[dict]:
@@ -169,6 +174,8 @@ def main(argv=None) -> None:
     p.add_argument("--tokens", type=int, default=64, help="sampled tokens per run (default 64)")
     p.add_argument("--threads", type=int, default=2, help="threads for both systems (default 2)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=16,
+                   help="tokens each process generates before the timed run, for both systems (default 16)")
     p.add_argument("--work", type=Path, default=HERE.parent / ".bench-stores" / "precision",
                    help="where the checkpoint, its store and its GGUFs are kept")
     p.add_argument("--report", type=Path, default=REPORT)
@@ -194,7 +201,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     quality = bundled_quality()
     machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-               f"{args.threads} threads for both systems, {args.tokens} sampled tokens per run")
+               f"{args.threads} threads for both systems, {args.tokens} sampled tokens per run after a warm-up "
+               f"generation of {args.warmup}")
     results = dict(machine=machine, args={k: str(v) for k, v in vars(args).items()},
                    rows=[asdict(r) for r in ROWS], runs=runs, quality=quality,
                    gguf_bytes={t: g.stat().st_size for t, g in ggufs.items()})
