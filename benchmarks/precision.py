@@ -6,8 +6,8 @@
 The model is issue 30's: a random Mixtral of 1.8 GiB (8 layers x 8 experts, hidden 1024,
 experts' intermediate 2304). Each row decodes the same sampled tokens (temperature 1, fixed
 seed: a random model's greedy decoding loops on one token, sampling spreads the routing) in a
-fresh process, timed after a warm-up generation of 16 tokens in the same process (both systems,
-as llama-bench warms up), rows alternating round by round so drift on a shared machine hits them alike:
+fresh process, timed after a warm-up generation (``--warmup`` tokens) in the same process (both
+systems, as llama-bench warms up), rows alternating round by round so drift on a shared machine hits them alike:
 llama.cpp (``benchmarks.peer_llamacpp``) on GGUF conversions of the same checkpoint, and the
 executor's engine (its serving loop, in-process: no gRPC) started with ``--precision`` (and
 ``--dense-precision int4`` in the "int4 dense" rows) under a budget: its starting plan keeps as many experts as the budget holds at that precision. "Capped" rows run in a cgroup memory cap that charges every page the

@@ -29,12 +29,13 @@ _LOCK = threading.Lock()
 def fuse(attention: nn.Module) -> nn.Module | None:
     """A module computing ``cat(q_proj(x), k_proj(x), v_proj(x), dim=-1)``; None when the three
     are not all ``nn.Linear`` or all ``LoweredLinear`` at one precision, or disagree on biases.
-    Once per attention module (another batch over the same model shares it), again if its query
-    projection no longer views the fused weight (its weights were replaced)."""
+    Once per attention module (another batch over the same model shares it), again if a projection
+    no longer views the fused weight (its weights were replaced)."""
     with _LOCK, torch.inference_mode(False), torch.no_grad():  # weights, not inference tensors (first use: in a pass)
         fused = _FUSED.get(attention, False)
-        if fused is False or (fused is not None and not _views(attention.q_proj, fused)):
-            fused = _FUSED[attention] = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+        projections = [attention.q_proj, attention.k_proj, attention.v_proj]
+        if fused is False or (fused is not None and not all(_views(p, fused) for p in projections)):
+            fused = _FUSED[attention] = _fuse(projections)
         return fused
 
 
