@@ -7,12 +7,14 @@ The model is issue 30's: a random Mixtral of 1.8 GiB (8 layers x 8 experts, hidd
 experts' intermediate 2304). Each row decodes the same sampled tokens (temperature 1, fixed
 seed: a random model's greedy decoding loops on one token, sampling spreads the routing) in a
 fresh process, timed after a warm-up generation (``--warmup`` tokens) in the same process (both
-systems, as llama-bench warms up), rows alternating round by round so drift on a shared machine hits them alike:
-llama.cpp (``benchmarks.peer_llamacpp``) on GGUF conversions of the same checkpoint, and the
-executor's engine (its serving loop, in-process: no gRPC) started with ``--precision`` (and
-``--dense-precision int4`` in the "int4 dense" rows) under a budget: its starting plan keeps as many experts as the budget holds at that precision. "Capped" rows run in a cgroup memory cap that charges every page the
-process touches, the mapped model file included. Quality comes from the bundled LM (random
-weights have none): held-out perplexity with every expert at each precision.
+systems, as llama-bench warms up), rows alternating round by round so drift on a shared machine
+hits them alike: llama.cpp (``benchmarks.peer_llamacpp``) on GGUF conversions of the same
+checkpoint, and the executor's engine (its serving loop, in-process: no gRPC) started with
+``--precision`` (and ``--dense-precision int4`` in the "int4 dense" rows) under a budget: its
+starting plan keeps as many experts as the budget holds at that precision. "Capped" rows run in
+a cgroup memory cap that charges every page the process touches, the mapped model file included.
+Quality comes from the bundled LM (random weights have none): held-out perplexity with every
+expert at each precision.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ def run_row(row: Row, checkpoint: Path, store_root: Path, ggufs: dict, args) -> 
     if row.system == "executor":
         return run_executor(row, checkpoint, store_root, args)
     return peer_llamacpp.decode(ggufs[row.outtype], list(PROMPT), args.tokens, args.threads, sample=True,
-                                seed=args.seed, warmup=args.warmup, cap_bytes=int(row.cap_gib * GiB) if row.cap_gib else None)
+                                seed=args.seed, warmup=args.warmup,
+                                cap_bytes=int(row.cap_gib * GiB) if row.cap_gib else None)
 
 
 def bundled_quality() -> list[dict]:

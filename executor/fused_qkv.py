@@ -5,8 +5,9 @@ small matmul has a fixed cost (int4 keys at 256 outputs take as long as a fifth 
 1024-output queries), paid three times per layer. ``fuse`` concatenates their weights along the
 out-features, at the precision they are held at (the rows of the int4 kernel's packed layout and
 of every scale are per out-feature, so concatenated parts are what quantizing the concatenated
-weight would give, for int4 where each projection's rows fill whole packed blocks), and leaves the three projections viewing their rows of it: no byte is added,
-and the model's own forward (prefills) computes exactly what it did.
+weight would give, for int4 where each projection's rows fill whole packed blocks), and leaves
+the three projections viewing their rows of it: no byte is added, and the model's own forward
+(prefills) computes exactly what it did.
 """
 
 from __future__ import annotations

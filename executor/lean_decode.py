@@ -8,8 +8,8 @@ runs the same modules in the same order and computes the attention with one
 ``scaled_dot_product_attention`` call and the RMSNorms with one ``rms_norm`` call each: every
 other weight still goes through the model's own modules (projections, the MoE block with its
 masked router and slots). Measured on issue 30's Mixtral in one process, alternating with the
-model's forward: +11% tokens/s, and +13% more with q/k/v fused (``executor.fused_qkv``). Other layouts (MLA,
-per-head norms, sliding windows) keep the model's own forward.
+model's forward: +11% tokens/s, and +13% more with q/k/v fused (``executor.fused_qkv``). Other
+layouts (MLA, per-head norms, sliding windows) keep the model's own forward.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ class LeanDecoder:
         return all(SUPPORTED.get(type(layer).__name__) == type(layer.self_attn).__name__
                    and hasattr(layer.input_layernorm, "variance_epsilon") for layer in layers)
 
-    def __call__(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, cache, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the last position for ids [B, 1]; appends a column to ``cache``."""
         base = self.base
         x = base.embed_tokens(ids)
