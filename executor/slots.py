@@ -161,7 +161,7 @@ class SlotPool:
         least recently used ready expert outside ``keep`` (evicted now). Returns the slot;
         ``finish_sync_load`` or ``cancel_load`` follows."""
         if not self._free:
-            self.evict(next(e for e in self._recency if e not in keep))
+            self.evict(self.least_recent(keep))
         return self._reserve(expert)
 
     def least_recent(self, keep: Sequence[int]) -> int | None:

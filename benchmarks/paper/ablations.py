@@ -82,7 +82,7 @@ def measure(ctx: Context) -> dict:
     replace_all = max(planned.capacity())
     full = Subject(Setup("full"), ctx.lm, ctx.store_root)
     try:
-        speed = interleaved_speed({"full": full}, ctx.prompt_ids, ctx.new_tokens, rounds)["full"]
+        speed = interleaved_speed({"full": full}, ctx.prompt_ids, ctx.sizes.new_tokens, rounds)["full"]
         reference = dict(perplexity=measure_perplexity(full, texts), speed=speed)
     finally:
         full.close()
@@ -99,7 +99,7 @@ def measure(ctx: Context) -> dict:
             for key in _progress(setups, f"ablations at {fraction:.0%}: perplexity"):
                 subjects[key] = Subject(setups[key], ctx.lm, ctx.store_root)
                 variants[key] = dict(knobs=_knobs(setups[key]), perplexity=measure_perplexity(subjects[key], texts))
-            for key, speed in interleaved_speed(subjects, ctx.prompt_ids, ctx.new_tokens, rounds,
+            for key, speed in interleaved_speed(subjects, ctx.prompt_ids, ctx.sizes.new_tokens, rounds,
                                                  f"ablations at {fraction:.0%}: speed").items():
                 variants[key]["speed"] = speed
         finally:
@@ -107,7 +107,7 @@ def measure(ctx: Context) -> dict:
                 subject.close()
         budgets.append(dict(share=fraction, plan=plan.to_json(), even=list(even), variants=variants))
     return dict(bandwidth_mib_s=BANDWIDTH / MiB, texts=len(texts), text_tokens=sum(len(t) for t in texts),
-                prompts=len(ctx.prompt_ids), new_tokens=ctx.new_tokens, rounds=rounds, reference=reference,
+                prompts=len(ctx.prompt_ids), new_tokens=ctx.sizes.new_tokens, rounds=rounds, reference=reference,
                 budgets=budgets)
 
 

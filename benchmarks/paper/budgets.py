@@ -68,8 +68,8 @@ def measure(ctx: Context) -> dict:
             finally:
                 subject.close()
     return dict(lm=rows, switch=switch, summaries=len(ctx.pairs), prompts=len(ctx.prompt_ids),
-                new_tokens=ctx.new_tokens, rounds=rounds, texts={d: len(t) for d, t in ctx.texts.items()},
-                text_tokens=ctx.text_tokens,
+                new_tokens=ctx.sizes.new_tokens, rounds=rounds, texts={d: len(t) for d, t in ctx.texts.items()},
+                text_tokens=ctx.sizes.text_tokens,
                 domain_tokens={d: sum(len(t) - 1 for t in texts) for d, texts in ctx.texts.items()})
 
 
@@ -84,7 +84,7 @@ def _lm_rows(ctx: Context, methods: dict[str, Setup], s: float, rounds: int) -> 
                               update_frequency=setup.update_frequency,
                               accounted_mib=subject.accounted_bytes() / 2**20, store_mib=_store_mib(subject),
                               perplexity={d: measure_perplexity(subject, texts) for d, texts in ctx.texts.items()})
-        for name, speed in interleaved_speed(subjects, ctx.prompt_ids, ctx.new_tokens, rounds,
+        for name, speed in interleaved_speed(subjects, ctx.prompt_ids, ctx.sizes.new_tokens, rounds,
                                              f"budgets at {s:.0%}: speed").items():
             rows[name].update(speed)
     finally:

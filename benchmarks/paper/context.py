@@ -13,6 +13,21 @@ ROOT = HERE.parent.parent
 OUT = ROOT / "benchmarks" / "results" / "paper"
 
 
+@dataclass(frozen=True)
+class Sizes:
+    """How much of each input the sections measure with: a full run's, or a quick one's."""
+
+    prompts: int  # per measurement of speed
+    new_tokens: int  # per prompt
+    text_tokens: int  # of each held-out text scored for perplexity
+    texts_per_domain: int
+    summaries: int  # held-out functions the Switch summarizer summarizes for Rouge-2
+
+
+FULL = Sizes(prompts=6, new_tokens=48, text_tokens=256, texts_per_domain=4, summaries=48)
+QUICK = Sizes(prompts=2, new_tokens=12, text_tokens=64, texts_per_domain=1, summaries=4)
+
+
 @dataclass
 class Context:
     quick: bool = False
@@ -23,27 +38,8 @@ class Context:
     update_frequency: int = 4  # tokens between a layer's updates where a section fixes it
 
     @property
-    def prompts(self) -> int:
-        """Prompts per measurement of speed."""
-        return 2 if self.quick else 6
-
-    @property
-    def new_tokens(self) -> int:
-        return 12 if self.quick else 48
-
-    @property
-    def text_tokens(self) -> int:
-        """Tokens of each held-out text scored for perplexity."""
-        return 64 if self.quick else 256
-
-    @property
-    def texts_per_domain(self) -> int:
-        return 1 if self.quick else 4
-
-    @property
-    def summaries(self) -> int:
-        """Held-out functions the Switch summarizer summarizes for Rouge-2."""
-        return 4 if self.quick else 48
+    def sizes(self) -> Sizes:
+        return QUICK if self.quick else FULL
 
     @cached_property
     def lm(self) -> Path:
@@ -71,8 +67,8 @@ class Context:
         from swapmoe.models.corpus import DOMAINS, load_eval
         out = {}
         for domain in DOMAINS:
-            rows = load_eval(domain)[: self.texts_per_domain]
-            out[domain] = [self.tokenizer(r["text"], add_special_tokens=False)["input_ids"][: self.text_tokens]
+            rows = load_eval(domain)[: self.sizes.texts_per_domain]
+            out[domain] = [self.tokenizer(r["text"], add_special_tokens=False)["input_ids"][: self.sizes.text_tokens]
                            for r in rows]
         return out
 
@@ -80,12 +76,12 @@ class Context:
     def prompt_ids(self) -> list[list[int]]:
         """Prompts for speed: the first 32 tokens of held-out texts, domains taking turns."""
         from swapmoe.models.corpus import DOMAINS, load_eval
-        per = -(-self.prompts // len(DOMAINS))
+        per = -(-self.sizes.prompts // len(DOMAINS))
         rows = [r["text"] for i in range(per) for d in DOMAINS for r in load_eval(d)[-(i + 1):][:1]]
-        return [self.tokenizer(t, add_special_tokens=False)["input_ids"][:32] for t in rows][: self.prompts]
+        return [self.tokenizer(t, add_special_tokens=False)["input_ids"][:32] for t in rows][: self.sizes.prompts]
 
     @cached_property
     def pairs(self) -> list[dict]:
         """Held-out (code, summary) pairs for the Switch summarizer."""
         from swapmoe.models.corpus import load_eval
-        return load_eval("summarization")[: self.summaries]
+        return load_eval("summarization")[: self.sizes.summaries]

@@ -43,7 +43,7 @@ def measure(ctx: Context) -> dict:
             print(f"[paper] served {s:.0%}: budget {budget / 2**20:.1f} MiB", file=sys.stderr, flush=True)
             ttft, rates, tokens = [], [], 0
             for prompt in ctx.prompt_ids:
-                times = _stream(stub, epb, prompt, ctx.new_tokens)
+                times = _stream(stub, epb, prompt, ctx.sizes.new_tokens)
                 tokens += len(times) - 1
                 ttft.append(times[1] - times[0])
                 if len(times) > 2:  # the stream ends at EOS: a one-token answer has no decode rate
@@ -61,7 +61,7 @@ def measure(ctx: Context) -> dict:
     finally:
         channel.close()
         server.stop()
-    return dict(rows=rows, prompts=len(ctx.prompt_ids), new_tokens=ctx.new_tokens)
+    return dict(rows=rows, prompts=len(ctx.prompt_ids), new_tokens=ctx.sizes.new_tokens)
 
 
 def _stream(stub, epb, prompt: list[int], new_tokens: int) -> list[float]:
